@@ -1,0 +1,5 @@
+"""Samples, the embedded ShapesWorld data set, and loaders for native data formats."""
+
+from vislens.data.samples import Instance, Question, Sample
+
+__all__ = ["Instance", "Question", "Sample"]
