@@ -1,0 +1,179 @@
+"""The `vislens` command: one sub-command per experiment, each with --help and --json.
+
+Commands only parse options, call into `experiments` / `data` / `toy`, and
+print; every user-fixable problem ends as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vislens.errors import VislensError
+
+app = typer.Typer(
+    help="Look inside vision-language models. Every command runs offline on the embedded "
+    "toy VLM + ShapesWorld by default.\n\nExample: vislens eval --model toy --n 50",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+MODEL_HELP = '"toy", "toy-qwen" or a local Hugging Face model directory'
+JSON_HELP = "print the summary as JSON on stdout (nothing else goes to stdout)"
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors a user can fix into one line + exit code 2 instead of a traceback."""
+    try:
+        yield
+    except (VislensError, FileNotFoundError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {_one_line(err)}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun the same command to resume where it stopped")
+        raise typer.Exit(130) from None
+    except RuntimeError as err:  # torch raises OOM as RuntimeError subclasses
+        if "out of memory" not in str(err).lower():
+            raise
+        console.print("[bold red]error:[/] out of memory on the chosen device: lower "
+                      "--batch-size, pass --dtype bfloat16, or use --device cpu")
+        raise typer.Exit(2) from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, FileNotFoundError) and err.filename:
+        text = f"no such file or directory: {err.filename}; check the path"
+    return " ".join(text.split())
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise VislensError(f"{name} must be at least 1 (got {value})")
+
+
+def emit(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+@app.command()
+def info(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Describe a model: family, layers, sizes, image-token grid, where the weights live.
+
+    Example: vislens info --model toy-qwen
+    """
+    with user_errors():
+        from vislens.models import load
+
+        vlm = load(model)
+        facts = vlm.describe()
+        if as_json:
+            emit(facts, True)
+            return
+        table = Table(show_header=False)
+        for key, value in facts.items():
+            table.add_row(key, str(value))
+        Console().print(table)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    n: int = typer.Option(50, "--n", help="number of fresh ShapesWorld scenes"),
+    seed: int = typer.Option(1000, help="ShapesWorld seed (the toys were trained on seed 0)"),
+    batch_size: int = typer.Option(32, help="scenes per forward pass"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Measure a model's accuracy on fresh ShapesWorld scenes in each setting.
+
+    Check a model before you interpret it: generative (the target's name appears in
+    the description), polling (yes / no, balanced), VQA (one word after a fixed prefix).
+
+    Example: vislens eval --model toy --n 100 --seed 7 --json
+    """
+    with user_errors():
+        _positive("--n", n)
+        _positive("--batch-size", batch_size)
+        from vislens.data import shapesworld
+        from vislens.experiments.accuracy import evaluate
+        from vislens.models import load
+
+        vlm = load(model, device=device)
+        samples = shapesworld.generate(n, seed=seed)
+        result = evaluate(vlm.model, vlm.processor, samples, batch_size=batch_size)
+        summary = {"model": model, "seed": seed, **result}
+        if as_json:
+            emit(summary, True)
+            return
+        table = Table(title=f"{model}: accuracy on {n} ShapesWorld scenes (seed {seed})")
+        table.add_column("setting")
+        table.add_column("accuracy", justify="right")
+        for setting, acc in result["accuracy"].items():
+            table.add_row(setting, f"{acc:.3f}")
+        Console().print(table)
+
+
+@app.command()
+def world(
+    out: Path = typer.Option(..., help="directory to write (COCO layout)"),
+    n: int = typer.Option(100, "--n", help="number of scenes"),
+    seed: int = typer.Option(0, help="ShapesWorld seed"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Write ShapesWorld scenes as a COCO instances data set plus questions.jsonl.
+
+    Example: vislens world --out data/shapes --n 200 --seed 3
+    """
+    with user_errors():
+        _positive("--n", n)
+        from vislens.data.world import write_world
+
+        summary = write_world(out, n=n, seed=seed)
+        if as_json:
+            emit(summary, True)
+        else:
+            console.print(f"wrote {n} scenes to {out}")
+
+
+@app.command("train-toy")
+def train_toy(
+    out: Path = typer.Option(..., help="directory for the trained model (save_pretrained)"),
+    seed: int = typer.Option(0, help="training seed"),
+    family: str = typer.Option("llava", help="llava (the `toy`) or qwen (the `toy-qwen`)"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Train a toy VLM on ShapesWorld from scratch (reproduces the shipped weights).
+
+    Example: vislens train-toy --out runs/toy --seed 0
+    """
+    with user_errors():
+        if family == "llava":
+            from vislens.toy.train import train
+        elif family == "qwen":
+            from vislens.toy.qwen import train
+        else:
+            raise VislensError(f"unknown toy family {family!r}; choose llava or qwen")
+        summary = train(out, seed=seed)
+        emit(summary, as_json)
+        if not as_json:
+            console.print(f"trained toy saved to {out}")
+
+
+if __name__ == "__main__":
+    app()

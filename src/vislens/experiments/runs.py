@@ -1,0 +1,117 @@
+"""Result directories: config.json, rows.parquet, summary.json, written so a
+crash never leaves half a file and a rerun of the same command resumes.
+
+Rows go to numbered parquet parts (one per flush); a part is written to a
+temporary name and renamed, so a part either exists whole or not at all. A
+rerun reads the keys already present and skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vislens.errors import VislensError
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+class RunDir:
+    """One experiment's output directory.
+
+    `config` must hold everything that changes results; a rerun with a
+    different config in the same directory is refused instead of mixing rows.
+    """
+
+    def __init__(self, out: str | Path, config: dict[str, Any], key: Iterable[str]):
+        self.path = Path(out)
+        self.key = tuple(key)
+        self.config = config
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.path / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if _comparable(old) != _comparable(json.loads(json.dumps(config, default=_jsonable))):
+                raise VislensError(
+                    f"{self.path} holds a run with a different configuration; "
+                    "pass a new --out directory (or delete the old one) to start afresh"
+                )
+        else:
+            write_json_atomic(cfg_path, config)
+        self._pending: list[dict[str, Any]] = []
+        self._done = self._load_keys()
+
+    @property
+    def rows_dir(self) -> Path:
+        return self.path / "rows.parquet"
+
+    def _parts(self) -> list[Path]:
+        if not self.rows_dir.exists():
+            return []
+        return sorted(self.rows_dir.glob("part-*.parquet"))
+
+    def _load_keys(self) -> set[tuple]:
+        done: set[tuple] = set()
+        for part in self._parts():
+            table = pq.read_table(part, columns=list(self.key))
+            done.update(zip(*(table.column(k).to_pylist() for k in self.key), strict=True))
+        return done
+
+    def done(self, **key: Any) -> bool:
+        return tuple(key[k] for k in self.key) in self._done
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._pending.append(row)
+        self._done.add(tuple(row[k] for k in self.key))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        self.rows_dir.mkdir(exist_ok=True)
+        index = len(self._parts())
+        final = self.rows_dir / f"part-{index:05d}.parquet"
+        tmp = self.rows_dir / f".part-{index:05d}.parquet.tmp"
+        pq.write_table(pa.Table.from_pylist(self._pending), tmp)
+        os.replace(tmp, final)
+        self._pending = []
+
+    def rows(self) -> list[dict[str, Any]]:
+        self.flush()
+        out: list[dict[str, Any]] = []
+        for part in self._parts():
+            out.extend(pq.read_table(part).to_pylist())
+        return out
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        self.flush()
+        path = self.path / "summary.json"
+        write_json_atomic(path, summary)
+        return path
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """Fields that do not change results (where output goes, batch size) do not block a resume."""
+    ignored = {"out", "batch_size", "device", "progress"}
+    return {k: v for k, v in config.items() if k not in ignored}

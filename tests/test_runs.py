@@ -1,0 +1,27 @@
+import json
+
+import pytest
+
+from vislens.errors import VislensError
+from vislens.experiments.runs import RunDir
+
+
+def test_rows_resume_and_summary(tmp_path):
+    run = RunDir(tmp_path, {"model": "toy", "seed": 0, "batch_size": 4}, key=["sample", "cond"])
+    run.add({"sample": "a", "cond": "object", "correct": True})
+    run.flush()
+    run.add({"sample": "a", "cond": "random-5", "correct": False})
+    run.write_summary({"drop": 0.5})
+    again = RunDir(tmp_path, {"model": "toy", "seed": 0, "batch_size": 8}, key=["sample", "cond"])
+    assert again.done(sample="a", cond="object")
+    assert again.done(sample="a", cond="random-5")
+    assert not again.done(sample="b", cond="object")
+    assert len(again.rows()) == 2
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"drop": 0.5}
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_refuses_to_mix_configs(tmp_path):
+    RunDir(tmp_path, {"model": "toy", "seed": 0}, key=["sample"])
+    with pytest.raises(VislensError, match="different configuration"):
+        RunDir(tmp_path, {"model": "toy", "seed": 1}, key=["sample"])
