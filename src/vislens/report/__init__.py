@@ -1,0 +1,1 @@
+"""Plots and self-contained HTML (no network: CSS, JS and images inline)."""

@@ -1,0 +1,80 @@
+"""The plots each experiment saves as PNG (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def grouped_bars(values: Mapping[str, Mapping[str, float]], path: Path, title: str,
+                 ylabel: str, errors: Mapping[str, Mapping[str, Sequence[float]]] | None = None
+                 ) -> Path:
+    """values[group][bar] -> height; one bar cluster per group (e.g. setting x condition)."""
+    groups = list(values)
+    bars = list(dict.fromkeys(b for g in groups for b in values[g]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) * len(groups) + 2), 4))
+    width = 0.8 / max(1, len(groups))
+    x = np.arange(len(bars))
+    for i, g in enumerate(groups):
+        h = [values[g].get(b, np.nan) for b in bars]
+        yerr = None
+        if errors is not None and g in errors:
+            lo = [h[j] - errors[g].get(b, (np.nan, np.nan))[0] for j, b in enumerate(bars)]
+            hi = [errors[g].get(b, (np.nan, np.nan))[1] - h[j] for j, b in enumerate(bars)]
+            yerr = np.clip(np.array([lo, hi], dtype=float), 0, None)
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, h, width, label=g, yerr=yerr, capsize=2)
+    ax.set_xticks(x, bars, rotation=45, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str],
+            path: Path, title: str, cbar: str, vmin: float | None = None,
+            vmax: float | None = None) -> Path:
+    data = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(cols) + 3), max(3, 0.45 * len(rows) + 1.5)))
+    im = ax.imshow(data, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for (i, j), v in np.ndenumerate(data):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="w" if v < np.nanmean(data) else "k")
+    fig.colorbar(im, ax=ax, label=cbar)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def layer_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str, ylabel: str,
+                 hlines: Mapping[str, float] | None = None) -> Path:
+    """One line per source over layers; constant baselines (projector, vision) as dashes."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, ys in curves.items():
+        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name)
+    for k, (name, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, ls="--", color=f"C{len(curves) + k}", label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
