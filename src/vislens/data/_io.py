@@ -1,0 +1,59 @@
+"""File-system helpers shared by the writers and loaders of the data layer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir` that becomes `out_dir` only on success.
+
+    Readers therefore see either no dataset or a whole one, never a half-written
+    one; the temporary directory is removed when the body raises.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; "
+                              "remove it or pick a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_image(path: Path, mode: str = "RGB") -> Image.Image:
+    """Open an image fully into memory (no open file handle stays behind)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found; check the images directory")
+    with Image.open(path) as img:
+        img.load()
+        return img.convert(mode) if mode and img.mode != mode else img.copy()
+
+
+def mask_box(mask) -> tuple[int, int, int, int]:
+    """Exclusive pixel bounds of a mask; (0, 0, 0, 0) when it is empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return (0, 0, 0, 0)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
