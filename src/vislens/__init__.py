@@ -1,3 +1,13 @@
 """vislens: look inside vision-language models."""
 
 __version__ = "0.1.0"
+
+
+def load(model="toy", device="cpu", dtype=None):
+    """Load "toy", "toy-qwen" or a local Hugging Face VLM directory (see vislens.models.load)."""
+    from vislens.models import load as _load
+
+    return _load(model, device=device, dtype=dtype)
+
+
+__all__ = ["__version__", "load"]

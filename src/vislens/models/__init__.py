@@ -1,0 +1,7 @@
+"""Loading VLMs and mapping their image tokens to pixels."""
+
+from vislens.models.loading import FAMILIES, SUPPORTED
+from vislens.models.tokenmap import ImageTokenMap
+from vislens.models.vlm import VLM, Batch, load
+
+__all__ = ["FAMILIES", "SUPPORTED", "Batch", "ImageTokenMap", "VLM", "load"]

@@ -1,0 +1,101 @@
+"""Resolve "toy" / "toy-qwen" / a local HF directory to an unmodified transformers model.
+
+The family is read from config.json (model_type), never guessed from names,
+so a renamed directory still loads; anything else fails with one line naming
+the supported families.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = {
+    "llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),
+    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextProcessor"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+}
+TOYS = {"toy": "toy", "toy-qwen": "toy_qwen"}
+SUPPORTED = "LLaVA-1.5 (llava), LLaVA-NeXT (llava_next), LLaVA-OneVision (llava_onevision), " \
+    "Qwen2.5-VL (qwen2_5_vl)"
+
+
+def assets_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets"
+
+
+def resolve(model: str | Path) -> Path:
+    """Directory of a toy name or a local path; clear error when it is not there."""
+    name = str(model)
+    if name in TOYS:
+        path = assets_dir() / TOYS[name]
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the {name!r} model is not installed at {path} (its weights are trained by "
+                "`vislens` toy training and shipped with the package); reinstall vislens or "
+                "pass a local Hugging Face directory")
+        return path
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{name!r} is neither 'toy', 'toy-qwen' nor a local Hugging Face directory with a "
+            f"config.json (vislens never downloads; supported families: {SUPPORTED})")
+    return path
+
+
+def detect_family(path: Path) -> str:
+    config = json.loads((path / "config.json").read_text())
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(f"{path} holds a {family!r} model; vislens supports {SUPPORTED}")
+    return family
+
+
+def load_processor(path: Path, family: str):
+    """AutoProcessor when it works; else the same processor class built from its parts.
+
+    The fallback exists because OneVision / Qwen2.5-VL processors require a
+    video processor, which needs torchvision; images go through the real
+    image processor and tokenizer either way.
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (ImportError, AttributeError, ValueError, TypeError, OSError) as err:
+        if family not in ("llava_onevision", "qwen2_5_vl"):
+            raise ValueError(f"could not load the processor from {path}: {err}") from err
+    from vislens.models.novideo import NoVideoProcessor, images_only
+
+    kwargs: dict = {}
+    cfg_file = path / "processor_config.json"
+    if cfg_file.is_file():
+        kwargs = {k: v for k, v in json.loads(cfg_file.read_text()).items()
+                  if not isinstance(v, dict) and k not in ("processor_class", "auto_map")}
+    template = None
+    for name in ("chat_template.jinja", "chat_template.json"):
+        file = path / name
+        if file.is_file():
+            text = file.read_text()
+            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+            break
+    cls = images_only(getattr(transformers, FAMILIES[family][1]))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    return cls(image_processor=image_processor, tokenizer=tokenizer,
+               video_processor=NoVideoProcessor(), chat_template=template, **kwargs)
+
+
+def load_model(path: Path, family: str, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = None):
+    import transformers
+
+    cls = getattr(transformers, FAMILIES[family][0])
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = cls.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
+    return model.to(device).eval()

@@ -1,0 +1,167 @@
+"""ImageTokenMap: every image token of a batch, tied to its pixels.
+
+This is what turns an instance mask into token positions, grows an object's
+token set by a buffer, and tells the viewer which patch to highlight.
+Positions are always COLUMNS of the prepared (left-padded) batch, so they can
+be used directly to index `input_ids`, hidden states, keys and values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vislens.models.geometry import Layout
+
+
+@dataclass
+class ImageTokenMap:
+    """One row per image patch token; newline tokens are kept apart (`newline_*`)."""
+
+    batch: np.ndarray
+    position: np.ndarray
+    image: np.ndarray
+    tile: np.ndarray  # 0 = base view; 1 = stitched high-res view (NeXT / OneVision)
+    row: np.ndarray
+    col: np.ndarray
+    box: np.ndarray  # [N, 4] x0, y0, x1, y1 in original pixels (x1, y1 exclusive)
+    crop: np.ndarray  # processor crop the token was read from (0 = base / whole image)
+    newline_batch: np.ndarray
+    newline_position: np.ndarray
+    newline_tile: np.ndarray
+    newline_row: np.ndarray
+    grids: list[dict[int, tuple[int, int]]]  # per sample: tile -> (rows, cols)
+    image_sizes: list[tuple[int, int]]  # per sample: (width, height) of the original image
+    _index: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, layouts: list[Layout], positions: list[np.ndarray]) -> ImageTokenMap:
+        """Tie each sample's layout (sequence order) to the columns of its image tokens."""
+        cols: dict[str, list] = {k: [] for k in (
+            "batch", "position", "image", "tile", "row", "col", "box", "crop",
+            "nl_batch", "nl_position", "nl_tile", "nl_row")}
+        for b, (lay, pos) in enumerate(zip(layouts, positions)):
+            if len(lay) != len(pos):
+                raise ValueError(
+                    f"sample {b}: the processor put {len(pos)} image tokens in the sequence but the "
+                    f"geometry replay gives {len(lay)}; this image processor setting is unsupported")
+            for k, p in enumerate(pos):
+                if lay.newline[k]:
+                    cols["nl_batch"].append(b)
+                    cols["nl_position"].append(p)
+                    cols["nl_tile"].append(lay.tile[k])
+                    cols["nl_row"].append(lay.row[k])
+                    continue
+                cols["batch"].append(b)
+                cols["position"].append(p)
+                cols["image"].append(0)
+                cols["tile"].append(lay.tile[k])
+                cols["row"].append(lay.row[k])
+                cols["col"].append(lay.col[k])
+                cols["box"].append(lay.boxes[k])
+                cols["crop"].append(lay.crop[k])
+
+        def arr(key):
+            return np.asarray(cols[key], dtype=np.int64)
+
+        return cls(
+            batch=arr("batch"), position=arr("position"), image=arr("image"), tile=arr("tile"),
+            row=arr("row"), col=arr("col"),
+            box=np.asarray(cols["box"], dtype=np.float64).reshape(-1, 4), crop=arr("crop"),
+            newline_batch=arr("nl_batch"), newline_position=arr("nl_position"),
+            newline_tile=arr("nl_tile"), newline_row=arr("nl_row"),
+            grids=[dict(lay.grids) for lay in layouts],
+            image_sizes=[lay.image_size for lay in layouts],
+        )
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    # ---- lookups -------------------------------------------------------------------------
+    def _rows(self, sample: int) -> np.ndarray:
+        if not 0 <= sample < len(self.grids):
+            raise ValueError(f"sample {sample} is out of range (batch of {len(self.grids)})")
+        return np.flatnonzero(self.batch == sample)
+
+    def _rows_of(self, sample: int, positions) -> np.ndarray:
+        rows = self._rows(sample)
+        lookup = dict(zip(self.position[rows].tolist(), rows.tolist()))
+        try:
+            return np.asarray([lookup[int(p)] for p in np.asarray(positions).ravel()],
+                              dtype=np.int64)
+        except KeyError as err:
+            raise ValueError(f"position {err.args[0]} is not an image patch token of sample "
+                             f"{sample}") from None
+
+    def image_positions(self, sample: int, tile: int | None = None) -> np.ndarray:
+        """Columns of the sample's image patch tokens (newlines excluded), sequence order."""
+        rows = self._rows(sample)
+        if tile is not None:
+            rows = rows[self.tile[rows] == tile]
+        return self.position[rows]
+
+    def newline_positions(self, sample: int) -> np.ndarray:
+        return self.newline_position[self.newline_batch == sample]
+
+    def last_row(self, sample: int) -> np.ndarray:
+        """Patch tokens of the last image row the LM reads (last tile, bottom row)."""
+        rows = self._rows(sample)
+        last_tile = self.tile[rows].max()
+        rows = rows[self.tile[rows] == last_tile]
+        return self.position[rows[self.row[rows] == self.row[rows].max()]]
+
+    def boxes(self, positions, sample: int = 0) -> np.ndarray:
+        """[n, 4] pixel boxes (x0, y0, x1, y1) in the original image, for drawing."""
+        return self.box[self._rows_of(sample, positions)]
+
+    def cells(self, positions, sample: int = 0) -> np.ndarray:
+        """[n, 3] (tile, row, col) of each position."""
+        rows = self._rows_of(sample, positions)
+        return np.stack([self.tile[rows], self.row[rows], self.col[rows]], axis=1)
+
+    # ---- masks -> tokens -------------------------------------------------------------------
+    def coverage(self, sample: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, fraction of each token's pixels inside `mask`), all patch tokens."""
+        mask = np.asarray(mask, dtype=bool)
+        w, h = self.image_sizes[sample]
+        if mask.shape != (h, w):
+            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but sample {sample}'s "
+                             f"image is {w}x{h}; give the mask in ORIGINAL image pixels")
+        rows = self._rows(sample)
+        box = self.box[rows]
+        # a pixel belongs to a box when its centre does: boxes then partition the image
+        x0 = np.clip(np.ceil(box[:, 0] - 0.5), 0, w).astype(int)
+        x1 = np.clip(np.ceil(box[:, 2] - 0.5), 0, w).astype(int)
+        y0 = np.clip(np.ceil(box[:, 1] - 0.5), 0, h).astype(int)
+        y1 = np.clip(np.ceil(box[:, 3] - 0.5), 0, h).astype(int)
+        integral = np.zeros((h + 1, w + 1), dtype=np.int64)
+        integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+        inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        area = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
+        frac = np.where(area > 0, inside / np.maximum(area, 1), 0.0)
+        return self.position[rows], frac
+
+    def positions(self, sample: int, mask: np.ndarray, min_coverage: float = 0.0) -> np.ndarray:
+        """Patch tokens covering `mask`: any overlap when min_coverage is 0, else that fraction."""
+        if not 0.0 <= min_coverage <= 1.0:
+            raise ValueError(f"min_coverage must be in [0, 1], got {min_coverage}")
+        pos, frac = self.coverage(sample, mask)
+        keep = frac > 0 if min_coverage == 0 else frac >= min_coverage
+        return pos[keep]
+
+    def dilate(self, positions, k: int, sample: int = 0) -> np.ndarray:
+        """Grow a token set by k cells (8-neighbour, Chebyshev), staying inside each tile."""
+        if k < 0:
+            raise ValueError(f"dilation k must be >= 0, got {k}")
+        rows = self._rows(sample)
+        grid = {(int(t), int(r), int(c)): int(p) for t, r, c, p in zip(
+            self.tile[rows], self.row[rows], self.col[rows], self.position[rows])}
+        out = set()
+        for t, r, c in self.cells(positions, sample):
+            for dr in range(-k, k + 1):
+                for dc in range(-k, k + 1):
+                    p = grid.get((int(t), int(r) + dr, int(c) + dc))
+                    if p is not None:
+                        out.add(p)
+        return np.asarray(sorted(out), dtype=np.int64)

@@ -1,0 +1,209 @@
+"""VLM: one unmodified transformers model + processor, and the geometry of its image tokens.
+
+Families differ only in `_layouts` (where image tokens come from in the
+image); everything else (prompting, batching, running) is shared, so a new
+family is one more layout function.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vislens.models import geometry
+from vislens.models.loading import detect_family, load_model, load_processor, resolve
+from vislens.models.tokenmap import ImageTokenMap
+
+PIXEL_KEYS = ("pixel_values",)
+
+
+@dataclass
+class Batch:
+    """Model inputs of a left-padded batch plus where its image tokens come from."""
+
+    inputs: dict[str, torch.Tensor]
+    token_map: ImageTokenMap
+    texts: list[str]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.inputs["attention_mask"]
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def model_inputs(self, image_features: list[torch.Tensor] | None = None) -> dict:
+        """Keyword arguments for the model; precomputed features replace the vision pass."""
+        if image_features is None:
+            return dict(self.inputs)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        kwargs = {k: v for k, v in self.inputs.items() if k not in PIXEL_KEYS}
+        kwargs["mm_encoder_outputs"] = {
+            "image": BaseModelOutputWithPooling(pooler_output=list(image_features))}
+        return kwargs
+
+
+class VLM:
+    """A loaded vision-language model. Interventions (vislens.interventions) act on it."""
+
+    def __init__(self, model, processor, family: str, name: str = "") -> None:
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.name = name or str(getattr(model.config, "_name_or_path", ""))
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.image_token_id = int(model.config.image_token_id)
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder (embeddings, layers, final norm), without the LM head."""
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return self.language_model.norm
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of residual-stream vectors: final norm applied once, then the LM head."""
+        return self.lm_head(self.final_norm(hidden))
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def chat_text(self, prompt: str, answer_prefix: str | None = None) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        return text + (" " + answer_prefix if answer_prefix else "")
+
+    def prepare(self, images, prompts, answer_prefixes=None) -> Batch:
+        """Tokenise one image + prompt per sample (left padded) and map its image tokens."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        images = [im.convert("RGB") for im in images]
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; give one each")
+        if answer_prefixes is None:
+            answer_prefixes = [None] * len(prompts)
+        if len(answer_prefixes) != len(prompts):
+            raise ValueError("answer_prefixes must have one entry per prompt (None for none)")
+        texts = [self.chat_text(p, a) for p, a in zip(prompts, answer_prefixes)]
+        enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        layouts = self._layouts(images, inputs)
+        ids = inputs["input_ids"].numpy()
+        positions = [np.flatnonzero(row == self.image_token_id) for row in ids]
+        token_map = ImageTokenMap.build(layouts, positions)
+        for key, value in inputs.items():
+            value = value.to(self.device)
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            inputs[key] = value
+        return Batch(inputs=inputs, token_map=token_map, texts=texts)
+
+    def _layouts(self, images: list[Image.Image], inputs: dict) -> list[geometry.Layout]:
+        ip = self.processor.image_processor
+        cfg = self.config
+        if self.family == "llava":
+            hw = tuple(inputs["pixel_values"].shape[-2:])
+            patch = cfg.vision_config.patch_size
+            return [geometry.llava_layout(ip, im.size, patch, hw) for im in images]
+        if self.family in ("llava_next", "llava_onevision"):
+            onevision = self.family == "llava_onevision"
+            return [geometry.anyres_layout(ip, cfg, im.size, onevision) for im in images]
+        if self.family == "qwen2_5_vl":
+            grids = inputs["image_grid_thw"]
+            vc = cfg.vision_config
+            return [geometry.qwen_layout(im.size, grids[i].tolist(), vc.patch_size,
+                                         vc.spatial_merge_size) for i, im in enumerate(images)]
+        raise ValueError(f"no image-token geometry for family {self.family!r}")
+
+    # ---- running ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_embeddings(self, batch: Batch) -> list[torch.Tensor]:
+        """Post-projector features per image, in LM sequence order (newline slots included).
+
+        Pass them back as `image_features=` to skip the vision tower in later
+        runs that only change the LM's inputs or attention.
+        """
+        fn = self.model.model.get_image_features
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in batch.inputs.items()
+                  if k in params and k not in ("input_ids", "attention_mask")}
+        out = fn(**kwargs, return_dict=True)
+        return [f.detach() for f in out.pooler_output]
+
+    def forward(self, batch: Batch, image_features: list[torch.Tensor] | None = None,
+                grad: bool = False, **kwargs):
+        """One forward pass of the whole model (logits for every position unless limited)."""
+        with torch.set_grad_enabled(grad):
+            return self.model(**batch.model_inputs(image_features), use_cache=False, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 20,
+                 image_features: list[torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+        """Greedy continuation; returns only the new tokens [batch, new]."""
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        out = self.model.generate(**batch.model_inputs(image_features),
+                                  max_new_tokens=max_new_tokens, **kwargs)
+        return out[:, batch.seq_len:]
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
+def load(model: str | Path = "toy", device: str | torch.device = "cpu",
+         dtype: torch.dtype | str | None = None) -> VLM:
+    """Load "toy", "toy-qwen" or a local Hugging Face directory (family read from config.json)."""
+    path = resolve(model)
+    family = detect_family(path)
+    processor = load_processor(path, family)
+    hf_model = load_model(path, family, device=device, dtype=dtype)
+    return VLM(hf_model, processor, family, name=str(model))
