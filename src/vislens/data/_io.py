@@ -57,3 +57,22 @@ def mask_box(mask) -> tuple[int, int, int, int]:
     if len(xs) == 0:
         return (0, 0, 0, 0)
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """Palette indices of a label PNG (mode P or L), as VOC and DAVIS store them."""
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation {path} not found")
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L"):
+            raise ValueError(f"{path} is a {img.mode} image; expected a palette (P) or "
+                             "grey (L) label PNG")
+        return np.array(img)
+
+
+def sorted_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files of `folder` with one of `suffixes` (case-insensitive), in name order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

@@ -94,7 +94,7 @@ def load_coco(path: str | Path, images_dir: str | Path | None = None,
         if limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
         image_ids = image_ids[:limit]
-    img_root = _images_root(ann_file, images_dir, coco.imgs[image_ids[0]]["file_name"])
+    img_root = find_images_dir(ann_file, images_dir, coco.imgs[image_ids[0]]["file_name"])
     return [coco_sample(coco, i, img_root, include_crowd) for i in image_ids]
 
 
@@ -167,7 +167,9 @@ def coco_sample(coco: COCO, image_id: int, img_root: Path, include_crowd: bool =
                   instances=instances, meta=meta)
 
 
-def _images_root(ann_file: Path, images_dir: str | Path | None, probe: str) -> Path:
+def find_images_dir(ann_file: Path, images_dir: str | Path | None, probe: str,
+                    extra: tuple[Path, ...] = ()) -> Path:
+    """`images_dir` if given, else the first usual place next to `ann_file` holding `probe`."""
     if images_dir is not None:
         root = Path(images_dir)
         if not root.is_dir():
@@ -178,6 +180,7 @@ def _images_root(ann_file: Path, images_dir: str | Path | None, probe: str) -> P
     if ann_file.stem.startswith("instances_"):
         split = ann_file.stem.removeprefix("instances_")
         candidates += [base / split, base.parent / split, base.parent / IMAGES / split]
+    candidates += list(extra)
     for root in candidates:
         if (root / probe).is_file():
             return root
