@@ -329,3 +329,25 @@ def test_blink(tmp_path):
     pq.write_table(pa.table({"idx": ["1"], "question": ["q"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="lacks BLINK column"):
         load_blink(tmp_path / "bad.parquet")
+
+
+def test_open_task_reads_native_specs(tmp_path):
+    from vislens.data import open_dataset, open_task
+
+    root = tmp_path / "VOC2012"
+    _write_voc(root, tasks.semantic_maps(12, seed=1))
+    classes = ["background", *SHAPES]
+    maps = open_task("semantic", f"voc:{root}", n=3, classes=classes)
+    assert len(maps) == 3 and maps[0].classes == classes
+    eps = open_task("fewshot", f"voc:{root}", n=2, shots=2, queries=1, classes=classes)
+    assert len(eps) == 2 and len(eps[0].support) == 2
+    vids = tasks.videos(2, seed=3, frames=3)
+    _write_davis(tmp_path / "DAVIS", vids)
+    assert [v.id for v in open_task("video", f"davis:{tmp_path / 'DAVIS'}", n=1)] == [vids[0].id]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(3):
+        maps[k].sample.image.save(flat / f"{k}.png")
+    ref = open_dataset(f"imagenet:{flat}", n=2)
+    assert [s.id for s in ref] == ["0", "1"]
+    assert np.array_equal(np.asarray(ref[0].image), np.asarray(maps[0].sample.image))

@@ -202,3 +202,47 @@ def test_bad_arguments():
     bad = MultipleChoice("x", "q", [], ["a", "b"], "(C)")
     with pytest.raises(ValueError):
         _ = bad.answer_index
+
+
+def test_episodes_from_semantic_maps():
+    maps = tasks.semantic_maps(60, seed=9)
+    eps = tasks.episodes_from_maps(maps, 8, seed=1, shots=5, queries=1)
+    assert [e.name for e in eps[:6]] == list(SHAPES)
+    for e in eps:
+        ids = [s.id for s in e.support + e.query]
+        assert len(set(ids)) == 6
+        for s, m in zip(e.support + e.query, e.support_masks + e.query_masks, strict=True):
+            assert np.array_equal(m, s.meta["labels"] == SHAPES.index(e.name) + 1)
+            assert m.any()
+    fold1 = tasks.episodes_from_maps(maps, 4, fold=1, folds=3)  # 6 classes, 2 per fold
+    assert {e.name for e in fold1} == {"triangle", "star"}
+    co = tasks.cosegmentation_from_maps(maps, 3, size=3)
+    assert all(len(c.samples) == 3 and all(m.any() for m in c.masks) for c in co)
+    with pytest.raises(ValueError, match="no class"):
+        tasks.episodes_from_maps(maps[:3], 2, shots=5)
+
+
+def test_open_task_builds_every_shapesworld_task():
+    from vislens.data import TASKS, open_task
+    from vislens.data.samples import (
+        CorrespondencePair,
+        CoSegmentationSet,
+        FewShotEpisode,
+        ReferringExpression,
+        SemanticMap,
+        Video,
+    )
+
+    types = {"fewshot": FewShotEpisode, "coseg": CoSegmentationSet, "semantic": SemanticMap,
+             "referring": ReferringExpression, "correspondence": CorrespondencePair,
+             "video": Video, "multiple-choice": MultipleChoice}
+    assert set(types) == set(TASKS)
+    for task, cls in types.items():
+        items = open_task(task, "shapesworld:4", n=2)
+        assert len(items) == 2 and all(isinstance(x, cls) for x in items)
+    shots = open_task("fewshot", "shapesworld", n=1, shots=2)[0]
+    assert len(shots.support) == 2
+    with pytest.raises(ValueError, match="unknown task"):
+        open_task("depth")
+    with pytest.raises(ValueError, match="reads shapesworld"):
+        open_task("video", "blink:/x")

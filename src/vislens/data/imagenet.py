@@ -34,7 +34,7 @@ def read_synset_names(path: str | Path) -> dict[str, str]:
 
 def load_image_folder(root: str | Path, per_class: int | None = None, limit: int | None = None,
                       names: dict[str, str] | str | Path | None = None) -> list[Sample]:
-    """Images of `<root>/<class>/*`, classes and files in name order.
+    """Images of `<root>/<class>/*` (or of a flat `<root>/*`), classes and files in name order.
 
     meta: label (the folder name, e.g. a synset), class_name (from `names`, a
     dict or a synset mapping file, else the folder name). `per_class` keeps the
@@ -47,17 +47,19 @@ def load_image_folder(root: str | Path, per_class: int | None = None, limit: int
         names = read_synset_names(names)
     names = names or {}
     out: list[Sample] = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted_files(class_dir, IMAGE_SUFFIXES)[:per_class]
-        for path in files:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    for class_dir in class_dirs or [root]:  # a flat folder is one unlabeled class
+        label = class_dir.name if class_dirs else ""
+        for path in sorted_files(class_dir, IMAGE_SUFFIXES)[:per_class]:
             if limit is not None and len(out) >= limit:
                 return out
-            out.append(Sample(id=f"{class_dir.name}/{path.stem}", image=read_image(path),
-                              meta={"label": class_dir.name, "file": str(path),
-                                    "class_name": names.get(class_dir.name, class_dir.name),
+            out.append(Sample(id=f"{label}/{path.stem}" if label else path.stem,
+                              image=read_image(path),
+                              meta={"label": label, "file": str(path),
+                                    "class_name": names.get(label, label),
                                     "source": "imagenet"}))
     if not out:
-        raise ValueError(f"no images in class folders under {root}; expected <root>/<class>/*.jpg")
+        raise ValueError(f"no images under {root}; expected <root>/<class>/*.jpg or <root>/*.jpg")
     return out
 
 

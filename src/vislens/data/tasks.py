@@ -321,3 +321,54 @@ def _check_by(by: str) -> None:
 def _check_n(n: int) -> None:
     if n < 1:
         raise ValueError(f"need at least one item, got n={n}")
+
+
+def episodes_from_maps(maps: list[SemanticMap], n: int, seed: int = 0, shots: int = 5,
+                       queries: int = 1, fold: int | None = None, folds: int = 4
+                       ) -> list[FewShotEpisode]:
+    """Pascal-5i style episodes from real semantic maps (e.g. `load_voc`).
+
+    With `fold` f, only the f-th block of len(classes-1)/folds classes is used (the
+    Pascal-5i test split of fold f). Classes cycle in id order; images are drawn
+    without replacement inside an episode with a generator seeded by (seed, e).
+    Masks are the class's pixels; ignore pixels count as background here, and
+    each record's sample keeps the map's labels in meta["labels"] for scoring.
+    """
+    _check_n(n)
+    by_class: dict[str, list[SemanticMap]] = {}
+    for sm in maps:
+        for name in sm.present():
+            by_class.setdefault(name, []).append(sm)
+    names = list(maps[0].classes[1:]) if maps else []
+    if fold is not None:
+        per = len(names) // folds
+        if not 0 <= fold < folds:
+            raise ValueError(f"fold must be in 0..{folds - 1}, got {fold}")
+        names = names[fold * per:(fold + 1) * per]
+    names = [c for c in names if len(by_class.get(c, [])) >= shots + queries]
+    if not names:
+        raise ValueError(f"no class has {shots + queries} images; use fewer shots or more data")
+    episodes = []
+    for e in range(n):
+        name = names[e % len(names)]
+        rng = np.random.default_rng([seed, e, 71])
+        pool = by_class[name]
+        picked = [pool[int(i)] for i in rng.choice(len(pool), shots + queries, replace=False)]
+        samples = [_with_labels(sm) for sm in picked]
+        masks = [sm.mask(name) for sm in picked]
+        episodes.append(FewShotEpisode(name, samples[:shots], masks[:shots],
+                                       samples[shots:], masks[shots:]))
+    return episodes
+
+
+def cosegmentation_from_maps(maps: list[SemanticMap], n: int, seed: int = 0,
+                             size: int = 4) -> list[CoSegmentationSet]:
+    """Co-segmentation sets from real semantic maps: `size` images sharing a class."""
+    eps = episodes_from_maps(maps, n, seed=seed, shots=size, queries=0)
+    return [CoSegmentationSet(e.name, e.support, e.support_masks) for e in eps]
+
+
+def _with_labels(sm: SemanticMap) -> Sample:
+    sm.sample.meta.setdefault("labels", sm.labels)
+    sm.sample.meta.setdefault("ignore_index", sm.ignore_index)
+    return sm.sample
