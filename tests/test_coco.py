@@ -171,3 +171,24 @@ def test_open_dataset(tmp_path):
     for spec in ("imagenet21k", "shapesworld:abc", "coco:"):
         with pytest.raises(ValueError):
             open_dataset(spec)
+
+
+def test_select_filters_before_reading_pixels(tmp_path):
+    from vislens.data.coco import large_object, single_target, small_target
+
+    path, _, _ = _real_coco(tmp_path)
+    (tmp_path / "val2017" / "000000000007.jpg").unlink()  # never read when not selected
+    # image 42: a 200 px^2 dog (unique class) and a crowd region: crowds disqualify
+    with pytest.raises(ValueError, match="passes the selection"):
+        load_coco(path, select=single_target(3, (100, 300)))
+    kept = load_coco(path, include_crowd=False,
+                     select=lambda info, anns: info["id"] == 42)
+    assert [s.meta["image_id"] for s in kept] == [42]
+    dog = {"id": 1, "category_id": 18, "area": 1500.0, "iscrowd": 0}
+    cat = {"id": 2, "category_id": 17, "area": 5000.0, "iscrowd": 0}
+    assert small_target()({}, [dog, cat])
+    assert not small_target()({}, [dog, dict(dog, id=3)])  # not the only dog
+    assert not small_target()({}, [dog, cat, cat, cat])  # too many objects
+    assert not small_target()({}, [cat])  # too large
+    assert large_object()({}, [dict(cat, area=25000.0)])
+    assert not large_object()({}, [dict(cat, area=25000.0), dog])

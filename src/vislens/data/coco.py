@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,12 @@ def write_coco(samples: list[Sample], root: Path) -> dict:
     return dataset
 
 
+Selector = Callable[[dict, list[dict]], bool]
+
+
 def load_coco(path: str | Path, images_dir: str | Path | None = None,
-              limit: int | None = None, include_crowd: bool = True) -> list[Sample]:
+              limit: int | None = None, include_crowd: bool = True,
+              select: Selector | None = None) -> list[Sample]:
     """Samples from a COCO instances file (ours or real: polygons, RLE, crowds).
 
     `path` is the annotations JSON or a directory holding `annotations.json`
@@ -84,16 +89,22 @@ def load_coco(path: str | Path, images_dir: str | Path | None = None,
     attribute iscrowd="1" (drop them with include_crowd=False).
     Each sample's meta holds `image_id`, `file_name` and `ann_ids` (the COCO
     annotation id of every instance, in order: what RefCOCO refers to).
+    `select(image_info, annotations) -> bool` filters images on their raw COCO
+    records BEFORE any pixel is read (see `small_target` / `large_object`), so
+    picking 40 images out of COCO train stays cheap; `limit` counts kept images.
     """
     ann_file = find_annotations(Path(path))
     coco = read_instances(ann_file)
     image_ids = sorted(coco.imgs)
     if not image_ids:
         raise ValueError(f"{ann_file} lists no images; it is an empty dataset")
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be positive, got {limit}")
-        image_ids = image_ids[:limit]
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    if select is not None:
+        image_ids = [i for i in image_ids if select(coco.imgs[i], coco.imgToAnns.get(i, []))]
+        if not image_ids:
+            raise ValueError(f"no image of {ann_file.name} passes the selection")
+    image_ids = image_ids[:limit] if limit is not None else image_ids
     img_root = find_images_dir(ann_file, images_dir, coco.imgs[image_ids[0]]["file_name"])
     return [coco_sample(coco, i, img_root, include_crowd) for i in image_ids]
 
@@ -206,3 +217,31 @@ def _jsonable(meta: dict) -> dict:
             continue  # arrays / images in meta stay in memory only
         out[str(k)] = v
     return out
+
+
+
+def single_target(max_annotations: int, area: tuple[float, float]) -> Selector:
+    """Images with <= max_annotations non-crowd objects, one of which is the only
+    instance of its class and has a COCO area in [lo, hi] px^2."""
+    lo, hi = area
+
+    def select(info: dict, anns: list[dict]) -> bool:
+        if not anns or len(anns) > max_annotations or any(a.get("iscrowd", 0) for a in anns):
+            return False
+        counts: dict[int, int] = {}
+        for a in anns:
+            counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+        return any(counts[a["category_id"]] == 1 and lo <= a["area"] <= hi for a in anns)
+
+    return select
+
+
+def small_target(max_annotations: int = 3, area: tuple[float, float] = (1000, 2000)) -> Selector:
+    """Neo et al.'s ablation set (A1): small targets, so their object tokens are few."""
+    return single_target(max_annotations, area)
+
+
+def large_object(max_annotations: int = 1, area: tuple[float, float] = (20000, 30000)
+                 ) -> Selector:
+    """Neo et al.'s logit-lens set (A2): one large object."""
+    return single_target(max_annotations, area)
