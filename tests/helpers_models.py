@@ -146,7 +146,8 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
         model = LlavaOnevisionForConditionalGeneration(cfg)
         ip = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
                                              image_grid_pinpoints=pins)
-        proc = _images_only(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, video_processor=_video(),
+        proc = _images_only(LlavaOnevisionProcessor)(
+            image_processor=ip, tokenizer=tok, video_processor=_video(),
                                        num_image_tokens=729,
                                        vision_feature_select_strategy="full",
                                        vision_aspect_ratio="anyres_max_9",
@@ -166,7 +167,8 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
         model = Qwen2_5_VLForConditionalGeneration(cfg)
         ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56,
                                             "longest_edge": 28 * 28 * 256})
-        proc = _images_only(Qwen2_5_VLProcessor)(image_processor=ip, tokenizer=tok, video_processor=_video(),
+        proc = _images_only(Qwen2_5_VLProcessor)(
+            image_processor=ip, tokenizer=tok, video_processor=_video(),
                                    chat_template=QWEN_TEMPLATE)
     else:
         raise ValueError(family)

@@ -104,7 +104,8 @@ def resize_output(hw: tuple[int, int], size) -> tuple[int, int]:
                                                   input_data_format="channels_first"))
     if s.get("height") and s.get("width"):
         return (s["height"], s["width"])
-    raise ValueError(f"unsupported image processor size {s}; expected height/width or shortest_edge")
+    raise ValueError(f"unsupported image processor size {s}; expected height/width or "
+                     "shortest_edge")
 
 
 def crop_offset(orig: int, crop: int) -> int:
@@ -199,7 +200,7 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
     kr, kc = kept.shape
     fr, fc = kr, kc
     if onevision:
-        max_patches = int(config.vision_aspect_ratio.strip("anyres_max_"))
+        max_patches = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
         ratio = math.sqrt(kr * kc / (max_patches * g**2))
         if ratio > 1.1:
             fr, fc = int(kr // ratio), int(kc // ratio)

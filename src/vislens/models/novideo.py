@@ -44,4 +44,5 @@ def images_only(processor_cls: type) -> type:
             return NoVideoProcessor
         return processor_cls.check_argument_for_proper_class(self, name, arg)
 
-    return type(processor_cls.__name__, (processor_cls,), {"check_argument_for_proper_class": check})
+    attrs = {"check_argument_for_proper_class": check}
+    return type(processor_cls.__name__, (processor_cls,), attrs)

@@ -8,7 +8,7 @@ be used directly to index `input_ids`, hidden states, keys and values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,7 +33,6 @@ class ImageTokenMap:
     newline_row: np.ndarray
     grids: list[dict[int, tuple[int, int]]]  # per sample: tile -> (rows, cols)
     image_sizes: list[tuple[int, int]]  # per sample: (width, height) of the original image
-    _index: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, layouts: list[Layout], positions: list[np.ndarray]) -> ImageTokenMap:
@@ -41,11 +40,11 @@ class ImageTokenMap:
         cols: dict[str, list] = {k: [] for k in (
             "batch", "position", "image", "tile", "row", "col", "box", "crop",
             "nl_batch", "nl_position", "nl_tile", "nl_row")}
-        for b, (lay, pos) in enumerate(zip(layouts, positions)):
+        for b, (lay, pos) in enumerate(zip(layouts, positions, strict=True)):
             if len(lay) != len(pos):
                 raise ValueError(
-                    f"sample {b}: the processor put {len(pos)} image tokens in the sequence but the "
-                    f"geometry replay gives {len(lay)}; this image processor setting is unsupported")
+                    f"sample {b}: the processor put {len(pos)} image tokens in the sequence but "
+                    f"the geometry replay gives {len(lay)}; unsupported image processor setting")
             for k, p in enumerate(pos):
                 if lay.newline[k]:
                     cols["nl_batch"].append(b)
@@ -86,7 +85,7 @@ class ImageTokenMap:
 
     def _rows_of(self, sample: int, positions) -> np.ndarray:
         rows = self._rows(sample)
-        lookup = dict(zip(self.position[rows].tolist(), rows.tolist()))
+        lookup = dict(zip(self.position[rows].tolist(), rows.tolist(), strict=True))
         try:
             return np.asarray([lookup[int(p)] for p in np.asarray(positions).ravel()],
                               dtype=np.int64)
@@ -155,8 +154,9 @@ class ImageTokenMap:
         if k < 0:
             raise ValueError(f"dilation k must be >= 0, got {k}")
         rows = self._rows(sample)
-        grid = {(int(t), int(r), int(c)): int(p) for t, r, c, p in zip(
-            self.tile[rows], self.row[rows], self.col[rows], self.position[rows])}
+        cells = zip(self.tile[rows], self.row[rows], self.col[rows], self.position[rows],
+                    strict=True)
+        grid = {(int(t), int(r), int(c)): int(p) for t, r, c, p in cells}
         out = set()
         for t, r, c in self.cells(positions, sample):
             for dr in range(-k, k + 1):

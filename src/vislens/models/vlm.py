@@ -115,7 +115,8 @@ class VLM:
 
     # ---- inputs ----------------------------------------------------------------------------
     def chat_text(self, prompt: str, answer_prefix: str | None = None) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
         return text + (" " + answer_prefix if answer_prefix else "")
@@ -133,7 +134,7 @@ class VLM:
             answer_prefixes = [None] * len(prompts)
         if len(answer_prefixes) != len(prompts):
             raise ValueError("answer_prefixes must have one entry per prompt (None for none)")
-        texts = [self.chat_text(p, a) for p, a in zip(prompts, answer_prefixes)]
+        texts = [self.chat_text(p, a) for p, a in zip(prompts, answer_prefixes, strict=True)]
         enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
         layouts = self._layouts(images, inputs)

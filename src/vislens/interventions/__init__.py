@@ -1,0 +1,10 @@
+"""Composable, batched interventions on a loaded VLM (forward and generate alike)."""
+
+from vislens.interventions.ablate import ablate
+from vislens.interventions.capture import Captured, capture
+from vislens.interventions.hub import attach, set_inner
+from vislens.interventions.knockout import LAST, knockout
+from vislens.interventions.reference import mean_image_embedding
+
+__all__ = ["LAST", "Captured", "ablate", "attach", "capture", "knockout",
+           "mean_image_embedding", "set_inner"]

@@ -1,0 +1,146 @@
+"""Capture residual streams, keys / values (pre- and post-RoPE) and attention rows.
+
+Only the requested positions are kept (gathered inside the hooks), so memory
+grows with what was asked, not with layers x sequence. Capture records the
+prompt pass (under generate: the prefill); generated tokens are not recorded.
+
+Residual index l is the input of decoder layer l (0 = LM input embeddings,
+after any ablation); index num_layers is the last layer's output, before the
+final norm, so `vlm.unembed(residual[num_layers])` gives the model's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vislens.interventions.ablate import _past_length
+from vislens.interventions.hub import attach
+
+
+def _rows(positions) -> np.ndarray:
+    rows = [(b, int(p)) for b, ps in enumerate(positions)
+            for p in np.asarray(ps, dtype=np.int64).ravel()]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+@dataclass
+class Captured:
+    """Gathered tensors; row i of each [N, ...] tensor is (sample, column) = rows[i]."""
+
+    rows: np.ndarray
+    attention_rows: np.ndarray
+    residual: dict[int, torch.Tensor] = field(default_factory=dict)  # [N, hidden]
+    keys_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # [N, kv_heads, head_dim]
+    keys_post: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)  # [Nq, heads, keys]
+
+    def of(self, kind: str, layer: int, sample: int) -> torch.Tensor:
+        """The rows of one sample (in the order its positions were given)."""
+        table = getattr(self, kind)[layer]
+        rows = self.attention_rows if kind == "attention" else self.rows
+        return table[torch.as_tensor(np.flatnonzero(rows[:, 0] == sample), device=table.device)]
+
+
+class Capture:
+    def __init__(self, vlm, positions, layers, residual, keys, values, attention_queries):
+        self.num_layers = vlm.num_layers
+        self.layers = set(range(self.num_layers)) if layers is None else {int(x) for x in layers}
+        self.out = Captured(rows=_rows(positions),
+                            attention_rows=_rows(attention_queries or []))
+        self.want_residual, self.want_keys, self.want_values = residual, keys, values
+        self.recording = False
+        self.heads = vlm.language_model.config.num_attention_heads
+        b, p = self.out.rows[:, 0], self.out.rows[:, 1]
+        self._b, self._p = torch.as_tensor(b), torch.as_tensor(p)
+        self._qb = torch.as_tensor(self.out.attention_rows[:, 0])
+        self._qp = torch.as_tensor(self.out.attention_rows[:, 1])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] -> [N, ...] at the requested (sample, column) rows."""
+        return x[self._b.to(x.device), self._p.to(x.device)].detach()
+
+    def wants_attention(self, layer: int, q_len: int) -> bool:
+        return self.recording and len(self._qb) > 0 and layer in self.layers
+
+    def on_attention(self, module, layer, query, key, mask, scaling) -> None:
+        if not self.recording or layer not in self.layers:
+            return
+        if self.want_keys:
+            self.out.keys_post[layer] = self.gather(key.transpose(1, 2))
+        if len(self._qb) == 0:
+            return
+        n_rep = query.shape[1] // key.shape[1]
+        keys = key.repeat_interleave(n_rep, dim=1)  # [B, H, K, d]
+        qb, qp = self._qb.to(query.device), self._qp.to(query.device)
+        q = query[qb, :, qp]  # [Nq, H, d]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        rows = []
+        for b in torch.unique(qb).tolist():
+            sel = (qb == b).nonzero().flatten()
+            scores = torch.einsum("nhd,hkd->nhk", q[sel].float(), keys[b].float()) * scale
+            if mask is not None:
+                m = mask[b if mask.shape[0] > 1 else 0, 0][qp[sel]]  # [n, K]
+                scores = scores + m[:, None, :].float()
+            rows.append((sel, torch.softmax(scores, dim=-1)))
+        att = torch.empty(len(qb), query.shape[1], key.shape[2], device=query.device)
+        for sel, probs in rows:
+            att[sel] = probs
+        self.out.attention[layer] = att.detach()
+
+
+@contextmanager
+def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool = True,
+            keys: bool = False, values: bool = False, attention_queries=None):
+    """Record what the LM computes at chosen positions while the context is open.
+
+    positions: one sequence of prompt columns per sample (residual, keys, values).
+    layers: which layers (None = all); residual[l] is recorded for l in layers
+    and residual[num_layers] when the last layer is included.
+    attention_queries: one sequence of query columns per sample; their
+    attention rows over all keys ([Nq, heads, keys], post-softmax, including
+    any active knockout) are recorded per layer.
+    """
+    state = attach(vlm)
+    cap = Capture(vlm, positions, layers, residual, keys, values, attention_queries)
+    handles = []
+
+    def start(module, args, kwargs):
+        cap.recording = _past_length(kwargs) == 0
+        if cap.recording and residual and 0 in cap.layers:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cap.out.residual[0] = cap.gather(hidden)
+
+    handles.append(vlm.layers[0].register_forward_pre_hook(start, with_kwargs=True))
+    wanted = set(cap.layers) | ({cap.num_layers} if cap.num_layers - 1 in cap.layers else set())
+    for idx, layer in enumerate(vlm.layers):
+        if residual and idx + 1 in wanted:
+            def after(module, args, output, idx=idx):
+                if cap.recording:
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    cap.out.residual[idx + 1] = cap.gather(hidden)
+            handles.append(layer.register_forward_hook(after))
+        if idx not in cap.layers:
+            continue
+        attn = layer.self_attn
+        head_dim = getattr(attn, "head_dim", None)
+        for want, proj, table in ((keys, attn.k_proj, cap.out.keys_pre),
+                                  (values, attn.v_proj, cap.out.values)):
+            if want:
+                def hook(module, args, output, idx=idx, table=table, head_dim=head_dim):
+                    if cap.recording:
+                        got = cap.gather(output)
+                        table[idx] = got.view(got.shape[0], -1, head_dim)
+                handles.append(proj.register_forward_hook(hook))
+    state.captures.append(cap)
+    try:
+        yield cap.out
+    finally:
+        state.captures.remove(cap)
+        for h in handles:
+            h.remove()

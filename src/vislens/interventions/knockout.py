@@ -1,0 +1,126 @@
+"""Attention knockout: block chosen (query -> key) edges in chosen layers.
+
+Blocking is an additive -inf on exactly those pairs, applied inside the
+registered attention function on top of whatever mask transformers built
+(None/bool for sdpa, float for eager), so both implementations give the same
+numbers; a layer with nothing blocked calls the original function untouched.
+
+Edges are given per sample as (queries, keys) pairs of prompt COLUMNS
+(ImageTokenMap positions). Under generate, queries="last" means the last
+prompt position AND every generated position; explicit query columns only
+ever refer to prompt positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from vislens.interventions.hub import attach
+
+LAST = "last"
+
+
+class Knockout:
+    """Blocked pairs of one batch, materialised once as boolean matrices."""
+
+    def __init__(self, edges, layers: Iterable[int] | None, num_layers: int,
+                 seq_len: int | None = None) -> None:
+        self.layers = set(range(num_layers)) if layers is None else {int(x) for x in layers}
+        bad = [x for x in self.layers if not 0 <= x < num_layers]
+        if bad:
+            raise ValueError(f"knockout layers {sorted(bad)} out of range 0..{num_layers - 1}")
+        self.edges = [_groups(g) for g in edges]
+        self.batch = len(self.edges)
+        self.empty = all(len(_columns(k, None, "key")) == 0 for g in self.edges for _, k in g)
+        self.seq_len = None
+        self._device = None
+        if seq_len is not None:
+            self._build(seq_len, torch.device("cpu"))
+
+    def _build(self, seq_len: int, device) -> None:
+        """Materialise [B, S, S] prompt pairs and [B, S] keys blocked for generated queries."""
+        prompt = torch.zeros(self.batch, seq_len, seq_len, dtype=torch.bool)
+        generated = torch.zeros(self.batch, seq_len, dtype=torch.bool)
+        for b, groups in enumerate(self.edges):
+            for queries, keys in groups:
+                k = _columns(keys, seq_len, "key")
+                if isinstance(queries, str):
+                    prompt[b, seq_len - 1, k] = True
+                    generated[b, k] = True
+                else:
+                    q = _columns(queries, seq_len, "query")
+                    prompt[b, q[:, None], k[None, :]] = True
+        self.seq_len = seq_len
+        self.prompt = prompt.to(device)
+        self.generated = generated.to(device)
+        self._device = device
+
+    def blocked(self, layer: int, q_len: int, k_len: int, batch: int, device
+                ) -> torch.Tensor | None:
+        """[B, 1, q_len, k_len] pairs to block in this call, or None when nothing is."""
+        if self.empty or layer not in self.layers:
+            return None
+        if batch != self.batch:
+            raise ValueError(f"knockout was built for {self.batch} samples, model got {batch}")
+        if q_len == k_len and self.seq_len != k_len:  # a prefill: positions are its columns
+            self._build(k_len, device)
+        elif self.seq_len is None:
+            raise ValueError("knockout saw no prompt pass; run a forward or generate from scratch")
+        elif self._device != device:
+            self.prompt, self.generated = self.prompt.to(device), self.generated.to(device)
+            self._device = device
+        q_start = k_len - q_len
+        out = torch.zeros(batch, q_len, k_len, dtype=torch.bool, device=device)
+        kp = min(k_len, self.seq_len)
+        n_prompt_q = max(0, min(self.seq_len, k_len) - q_start)
+        if n_prompt_q > 0:
+            out[:, :n_prompt_q, :kp] = self.prompt[:, q_start:q_start + n_prompt_q, :kp]
+        if q_len > n_prompt_q:
+            out[:, n_prompt_q:, :kp] = self.generated[:, None, :kp]
+        if not bool(out.any()):
+            return None
+        return out[:, None]
+
+
+def _groups(groups) -> list:
+    """A sample's edges as a list of (queries, keys) pairs."""
+    if isinstance(groups, tuple) and len(groups) == 2 and (
+            isinstance(groups[0], str) or not isinstance(groups[0], tuple)):
+        groups = [groups]
+    out = []
+    for queries, keys in groups:
+        if isinstance(queries, str) and queries != LAST:
+            raise ValueError(f"queries must be prompt columns or 'last', got {queries!r}")
+        out.append((queries, keys))
+    return out
+
+
+def _columns(values, seq_len: int | None, what: str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    idx = torch.as_tensor(np.asarray(values, dtype=np.int64).ravel())
+    if seq_len is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= seq_len):
+        raise ValueError(f"{what} column out of range 0..{seq_len - 1}")
+    return idx
+
+
+@contextmanager
+def knockout(vlm, edges, layers: Iterable[int] | None = None):
+    """Block attention edges while the context is open (forward and generate).
+
+    edges: one entry per sample of the batch that will run; each a
+    (queries, keys) pair or a list of them. queries: prompt columns or "last";
+    keys: prompt columns. layers: None = every layer. An empty edge set is
+    exactly the clean run.
+    """
+    state = attach(vlm)
+    ko = Knockout(edges, layers, vlm.num_layers)
+    state.knockouts.append(ko)
+    try:
+        yield ko
+    finally:
+        state.knockouts.remove(ko)
