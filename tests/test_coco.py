@@ -139,7 +139,9 @@ def test_clear_errors(tmp_path, scenes):
 
 
 def test_write_world(tmp_path):
-    out = write_world(tmp_path / "world", n=6, seed=2)
+    summary = write_world(tmp_path / "world", n=6, seed=2)
+    out = tmp_path / "world"
+    assert summary["out"] == str(out) and summary["scenes"] == 6 and summary["questions"] == 30
     samples = load_coco(out)
     fresh = shapesworld.generate(6, seed=2)
     for a, b in zip(fresh, samples, strict=True):

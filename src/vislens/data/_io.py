@@ -13,6 +13,11 @@ import numpy as np
 from PIL import Image
 
 
+class OutputExistsError(FileExistsError, ValueError):
+    """The output directory is taken: a FileExistsError that `except ValueError`
+    (the CLI's one-line user errors) also catches."""
+
+
 @contextmanager
 def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir` that becomes `out_dir` only on success.
@@ -22,9 +27,9 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+        raise OutputExistsError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; "
+        raise OutputExistsError(f"{out} already exists and is not empty; "
                               "remove it or pick a new --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

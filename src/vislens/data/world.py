@@ -17,18 +17,20 @@ from vislens.data.samples import SETTINGS
 QUESTIONS = "questions.jsonl"
 
 
-def write_world(out_dir: str | Path, n: int, seed: int = 0, overwrite: bool = False) -> Path:
+def write_world(out_dir: str | Path, n: int, seed: int = 0, overwrite: bool = False) -> dict:
     """Scenes 0..n-1 of world `seed` as COCO + `questions.jsonl`, all or nothing.
 
     Each question line: sample_id, image (path relative to out_dir), setting,
     prompt, answer_prefix, answer, target (instance index), target_name, kind.
     The questions are the ones `shapesworld.questions` gives with its default
     per-scene generator, so they are the same every time.
+    Returns a summary (out, scenes, seed, instances, categories, questions).
     """
     samples = shapesworld.generate(n, seed=seed)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         dataset = write_coco(samples, tmp)
         files = {img["vislens_id"]: img["file_name"] for img in dataset["images"]}
+        n_questions = 0
         with open(tmp / QUESTIONS, "w") as fh:
             for sample in samples:
                 for setting in SETTINGS:
@@ -39,4 +41,7 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, overwrite: bool = Fa
                             "answer_prefix": q.answer_prefix, "answer": q.answer,
                             "target": q.target, "target_name": q.target_name, "kind": q.kind,
                         }) + "\n")
-    return Path(out_dir)
+                        n_questions += 1
+    return {"out": str(out_dir), "scenes": len(samples), "seed": seed,
+            "instances": len(dataset["annotations"]),
+            "categories": len(dataset["categories"]), "questions": n_questions}
