@@ -6,17 +6,13 @@ print; every user-fixable problem ends as one line on stderr with exit code 2.
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from vislens.cli_common import JSON_HELP, MODEL_HELP, console, emit, positive, user_errors
 from vislens.errors import VislensError
 
 app = typer.Typer(
@@ -26,46 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-
-MODEL_HELP = '"toy", "toy-qwen" or a local Hugging Face model directory'
-JSON_HELP = "print the summary as JSON on stdout (nothing else goes to stdout)"
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn errors a user can fix into one line + exit code 2 instead of a traceback."""
-    try:
-        yield
-    except (VislensError, FileNotFoundError, ValueError) as err:
-        console.print(f"[bold red]error:[/] {_one_line(err)}", highlight=False)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        console.print("interrupted: rerun the same command to resume where it stopped")
-        raise typer.Exit(130) from None
-    except RuntimeError as err:  # torch raises OOM as RuntimeError subclasses
-        if "out of memory" not in str(err).lower():
-            raise
-        console.print("[bold red]error:[/] out of memory on the chosen device: lower "
-                      "--batch-size, pass --dtype bfloat16, or use --device cpu")
-        raise typer.Exit(2) from None
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
-    if isinstance(err, FileNotFoundError) and err.filename:
-        text = f"no such file or directory: {err.filename}; check the path"
-    return " ".join(text.split())
-
-
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise VislensError(f"{name} must be at least 1 (got {value})")
-
-
-def emit(summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 @app.command()
@@ -108,8 +64,8 @@ def eval_(
     Example: vislens eval --model toy --n 100 --seed 7 --json
     """
     with user_errors():
-        _positive("--n", n)
-        _positive("--batch-size", batch_size)
+        positive("--n", n)
+        positive("--batch-size", batch_size)
         from vislens.data import shapesworld
         from vislens.experiments.accuracy import evaluate
         from vislens.models import load
@@ -141,7 +97,7 @@ def world(
     Example: vislens world --out data/shapes --n 200 --seed 3
     """
     with user_errors():
-        _positive("--n", n)
+        positive("--n", n)
         from vislens.data.world import write_world
 
         summary = write_world(out, n=n, seed=seed)

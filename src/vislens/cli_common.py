@@ -1,0 +1,91 @@
+"""What every command shares: one-line errors, --json output, progress bars, option help."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from vislens.errors import VislensError
+
+console = Console(stderr=True)
+
+MODEL_HELP = '"toy", "toy-qwen" or a local Hugging Face model directory'
+JSON_HELP = "print the summary as JSON on stdout (nothing else goes to stdout)"
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors a user can fix into one line + exit code 2 instead of a traceback."""
+    try:
+        yield
+    except (VislensError, FileNotFoundError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {one_line(err)}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun the same command to resume where it stopped")
+        raise typer.Exit(130) from None
+    except RuntimeError as err:  # torch raises OOM as RuntimeError subclasses
+        if "out of memory" not in str(err).lower():
+            raise
+        console.print("[bold red]error:[/] out of memory on the chosen device: lower "
+                      "--batch-size, pass --dtype bfloat16, or use --device cpu")
+        raise typer.Exit(2) from None
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, FileNotFoundError) and err.filename:
+        text = f"no such file or directory: {err.filename}; check the path"
+    return " ".join(text.split())
+
+
+def positive(name: str, value: int) -> None:
+    if value < 1:
+        raise VislensError(f"{name} must be at least 1 (got {value})")
+
+
+def emit(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+
+
+def progress(items: Iterable, label: str) -> Iterator:
+    """A rich progress bar on stderr around any iterable (quiet when stderr is no terminal)."""
+    items = list(items)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                  transient=False) as bar:
+        task = bar.add_task(label, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def parse_area(text: str | None) -> tuple[float, float] | None:
+    """--area "MIN:MAX" (either side may be empty) -> (min, max) in original pixels."""
+    if not text:
+        return None
+    lo, sep, hi = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return (float(lo) if lo else 0.0, float(hi) if hi else float("inf"))
+    except ValueError:
+        raise VislensError(
+            f"--area must look like MIN:MAX in pixels (e.g. 50:300), got {text!r}") from None

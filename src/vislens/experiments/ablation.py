@@ -1,0 +1,217 @@
+"""Neo et al. A1: which image tokens carry an object? Ablate them and see the answer break.
+
+Per kept sample and setting, every condition replaces the LM input
+embeddings of one token set with the ablation vector (mean post-projector
+image embedding, or zeros) and re-asks the question; the metric is the % of
+initially-correct samples that become incorrect. All conditions of a sample
+run as one batch over one vision pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from vislens.data.samples import Question, Sample, normalise
+from vislens.experiments.batching import extend_batch, repeat_batch
+from vislens.experiments.prompts import MAX_NEW_TOKENS, question
+from vislens.experiments.runs import RunDir
+from vislens.experiments.selection import choose_target, noise_object
+from vislens.experiments.stats import bootstrap_ci
+from vislens.interventions import ablate, mean_image_embedding
+
+RANDOM_KS = (5, 10, 20, 40, 60, 100, 250)
+FIXED_CONDITIONS = ("object", "object+1", "object+2", "register", "random-matched",
+                    "ig-matched", "all-but-object+1")
+SETTINGS = ("generative", "polling", "vqa")
+PAPER = {  # Neo et al. 2024, LLaVA-1.5-7B, % of correct samples that become incorrect
+    "generative": {"object": 33, "object+1": 72, "random-40": 2},
+    "polling": {"object": 15, "object+1": 51, "random-40": 0},
+    "vqa": {"object": 33, "object+1": 87, "random-40": 0},
+}
+
+
+@dataclass
+class AblationConfig:
+    settings: Sequence[str] = SETTINGS
+    conditions: Sequence[str] | None = None  # None = every condition
+    random_ks: Sequence[int] = RANDOM_KS
+    vector: str = "mean"  # "mean" | "zeros"
+    area: tuple[float, float] | None = None  # target area range in original pixels
+    ig_steps: int = 16
+    reference: str = "same"  # mean-embedding images: "same" = the experiment's own images
+    seed: int = 0
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: dict(MAX_NEW_TOKENS))
+
+    def condition_names(self, n_image_tokens: int) -> list[str]:
+        names = list(FIXED_CONDITIONS) + [f"random-{k}" for k in self.random_ks
+                                          if k <= n_image_tokens]
+        if self.conditions is not None:
+            unknown = set(self.conditions) - set(FIXED_CONDITIONS) - {
+                f"random-{k}" for k in self.random_ks}
+            if unknown:
+                raise ValueError(f"unknown ablation conditions {sorted(unknown)}; choose from "
+                                 f"{', '.join(FIXED_CONDITIONS)}, random-K")
+            names = [c for c in names if c in self.conditions]
+        return names
+
+
+def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
+        reference_images=None, progress=None) -> dict:
+    """Rows go to `out` as they are made (resumable); returns the summary."""
+    for s in config.settings:
+        if s not in SETTINGS:
+            raise ValueError(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
+    if not samples:
+        raise ValueError("no samples to ablate; check --data / --n")
+    vector = _vector(vlm, config, reference_images or [s.image for s in samples])
+    rng = np.random.default_rng(config.seed)
+    targets = [choose_target(s, config.area, rng) for s in samples]
+    for idx in _progress(progress, range(len(samples)), "ablation"):
+        sample, target = samples[idx], targets[idx]
+        if target is None:
+            continue
+        for setting in config.settings:
+            if out.done(sample=sample.id, setting=setting, condition="clean"):
+                continue
+            for row in _sample_rows(vlm, sample, target, setting, vector, config, idx):
+                out.add(row)
+        out.flush()
+    return summarise(out.rows(), vlm, config)
+
+
+def _progress(progress, items, label):
+    return progress(items, label) if progress is not None else items
+
+
+def _vector(vlm, config: AblationConfig, images) -> torch.Tensor | str:
+    if config.vector == "zeros":
+        return "zeros"
+    if config.vector != "mean":
+        raise ValueError(f"unknown ablation vector {config.vector!r}; choose mean or zeros")
+    return mean_image_embedding(vlm, list(images))
+
+
+def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, config: AblationConfig,
+                 idx: int) -> Iterator[dict]:
+    q = question(sample, target, setting)
+    max_new = config.max_new_tokens[setting]
+    inst = sample.instances[target]
+    base = {"sample": sample.id, "setting": setting, "target": inst.name,
+            "target_area": inst.area}
+    noised = noise_object(sample.image, inst.mask, seed=config.seed + idx)
+    batch = vlm.prepare([sample.image, noised], [q.prompt] * 2, [q.answer_prefix or None] * 2)
+    texts = vlm.decode(vlm.generate(batch, max_new_tokens=max_new))
+    clean_ok, noised_ok = q.is_correct(texts[0]), q.is_correct(texts[1])
+    kept = clean_ok and not noised_ok
+    yield {**base, "condition": "clean", "n_tokens": 0, "correct": clean_ok, "text": texts[0],
+           "kept": kept}
+    yield {**base, "condition": "noised", "n_tokens": 0, "correct": noised_ok,
+           "text": texts[1], "kept": kept}
+    if not kept:
+        return
+    one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
+    feats = vlm.image_embeddings(one)
+    sets = token_sets(vlm, one, feats, inst.mask, config, idx, q, vector, max_new)
+    names = [n for n in config.condition_names(len(one.token_map)) if n in sets]
+    rows = repeat_batch(one, len(names))
+    with ablate(vlm, [sets[n] for n in names], vector):
+        gen = vlm.generate(rows, max_new_tokens=max_new, image_features=feats * len(names))
+    for name, text in zip(names, vlm.decode(gen), strict=True):
+        yield {**base, "condition": name, "n_tokens": len(sets[name]),
+               "correct": q.is_correct(text), "text": text, "kept": True}
+
+
+def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx: int,
+               q: Question, vector, max_new: int) -> dict[str, np.ndarray]:
+    """Every condition's token positions for the one-sample `batch`."""
+    tm = batch.token_map
+    image = tm.image_positions(0)
+    obj = tm.positions(0, mask)
+    obj1 = tm.dilate(obj, 1)
+    sets = {"object": obj, "object+1": obj1, "object+2": tm.dilate(obj, 2),
+            "all-but-object+1": np.setdiff1d(image, obj1)}
+    norms = _patch_features(vlm, batch, feats).norm(dim=-1).float().cpu().numpy()
+    sets["register"] = image[norms > norms.mean() + 2 * norms.std()]
+    rng = np.random.default_rng([config.seed, idx])
+    for k in config.random_ks:
+        if k <= len(image):
+            sets[f"random-{k}"] = np.sort(rng.choice(image, size=k, replace=False))
+    sets["random-matched"] = np.sort(rng.choice(image, size=len(obj1), replace=False))
+    wanted = config.conditions is None or "ig-matched" in config.conditions
+    if wanted:
+        scores = integrated_gradients(vlm, batch, feats, q, vector, config.ig_steps, max_new)
+        sets["ig-matched"] = np.sort(image[np.argsort(-scores, kind="stable")[:len(obj1)]])
+    return sets
+
+
+def _patch_features(vlm, batch, feats) -> torch.Tensor:
+    """Post-projector features of the image PATCH tokens, in image_positions order."""
+    tm = batch.token_map
+    columns = np.flatnonzero(batch.input_ids[0].cpu().numpy() == vlm.image_token_id)
+    keep = np.isin(columns, tm.image_positions(0))
+    return feats[0][torch.as_tensor(keep, device=feats[0].device)]
+
+
+def answer_token(vlm, batch, q: Question, max_new: int) -> tuple[torch.Tensor, int]:
+    """The clean generation up to the answer word, and that word's last token id.
+
+    Integrated gradients explain this token (the answer, e.g. "yes" or the
+    class noun), never the BOS token (the original code's bug).
+    """
+    gen = vlm.generate(batch, max_new_tokens=max_new)[0]
+    want = normalise(q.target_name if q.setting == "generative" else q.answer)
+    for j in range(len(gen)):
+        if want in normalise(vlm.decode(gen[None, : j + 1])[0]):
+            return gen[:j], int(gen[j])
+    raise ValueError("the clean answer does not contain the expected word")
+
+
+def integrated_gradients(vlm, batch, feats, q: Question, vector, steps: int,
+                         max_new: int) -> np.ndarray:
+    """IG attribution of each image patch token to the answer-token logit.
+
+    Path from the ablation baseline (mean embedding, or zeros) to the clean
+    embeddings, `ig_steps` points, run as one batch.
+    """
+    prefix, target_id = answer_token(vlm, batch, q, max_new)
+    forced = extend_batch(batch, prefix)
+    image = batch.token_map.image_positions(0)
+    x = _patch_features(vlm, batch, feats).float()
+    base = torch.zeros_like(x) if isinstance(vector, str) else \
+        vector.float().to(x.device)[None].expand_as(x)
+    alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps
+    path = (base[None] + alphas[:, None, None] * (x - base)[None]).to(vlm.dtype)
+    path.requires_grad_(True)
+    rows = repeat_batch(forced, steps)
+    with ablate(vlm, [image] * steps, list(path.unbind(0))):
+        logits = vlm.forward(rows, image_features=feats * steps, grad=True,
+                             logits_to_keep=1).logits
+    logits[:, -1, target_id].sum().backward()
+    grads = path.grad.float().mean(0)
+    return ((x - base) * grads).sum(-1).detach().cpu().numpy()
+
+
+def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> dict:
+    """The paper's table: % of kept samples each condition breaks, with 95% bootstrap CIs."""
+    kept_rows = [r for r in rows if r["kept"] and r["condition"] not in ("clean", "noised")]
+    n_kept, drop, ci95, tokens = {}, {}, {}, {}
+    for setting in config.settings:
+        clean = [r for r in rows if r["setting"] == setting and r["condition"] == "clean"]
+        n_kept[setting] = sum(r["kept"] for r in clean)
+        drop[setting], ci95[setting], tokens[setting] = {}, {}, {}
+        names = list(dict.fromkeys(r["condition"] for r in kept_rows if r["setting"] == setting))
+        for name in names:
+            broke = [0.0 if r["correct"] else 100.0 for r in kept_rows
+                     if r["setting"] == setting and r["condition"] == name]
+            drop[setting][name] = float(np.mean(broke))
+            ci95[setting][name] = list(bootstrap_ci(broke, seed=config.seed))
+            tokens[setting][name] = float(np.mean([r["n_tokens"] for r in kept_rows
+                                                   if r["setting"] == setting
+                                                   and r["condition"] == name]))
+    return {"model": getattr(vlm, "name", ""), "data": data, "n_kept": n_kept, "drop": drop,
+            "ci95": ci95, "mean_tokens": tokens, "paper": PAPER,
+            "config": {k: v for k, v in asdict(config).items() if k != "max_new_tokens"}}

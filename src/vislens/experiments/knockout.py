@@ -1,0 +1,142 @@
+"""Neo et al. A3: how does the answer read the image? Block attention edges in
+windows of layers and measure what is left of the clean answer.
+
+Every (condition, window) of a sample is one row of a single batch: one
+knockout context per window, each blocking only its own rows, so a whole
+sweep costs one forward per sample (plus the vision pass, done once).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from vislens.data.samples import Sample
+from vislens.experiments.batching import repeat_batch
+from vislens.experiments.prompts import question
+from vislens.experiments.runs import RunDir
+from vislens.experiments.selection import choose_target
+from vislens.experiments.stats import layer_windows
+from vislens.interventions import LAST, knockout
+
+CONDITIONS = ("object->last", "object+1->last", "object+2->last", "image-but-object+1->last",
+              "object+1->last-row", "rest->last-row", "image->question")
+SETTINGS = ("polling", "vqa")
+PAPER = {"object+1->last": {"mid-late": 0.82, "all": 0.67}, "object+1->last-row": {"all": 1.0}}
+
+
+@dataclass
+class KnockoutConfig:
+    settings: tuple[str, ...] = SETTINGS
+    conditions: tuple[str, ...] = CONDITIONS
+    window: int | None = None  # layers per window (default: 10/32 of the depth)
+    stride: int | None = None  # default: 5/32 of the depth
+    area: tuple[float, float] | None = None
+    seed: int = 0
+
+
+def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None) -> dict:
+    """(queries, keys) per condition for one sample; LAST = the answer position."""
+    image = tm.image_positions(sample)
+    obj = tm.positions(sample, mask)
+    obj1, obj2 = tm.dilate(obj, 1, sample), tm.dilate(obj, 2, sample)
+    last_row = tm.last_row(sample)
+    seq = batch.input_ids.shape[1]
+    valid = np.flatnonzero(batch.attention_mask[sample].cpu().numpy() > 0)
+    after_image = valid[valid > max(image.max(), *tm.newline_positions(sample), 0)]
+    question_cols = after_image[after_image < seq - 1]
+    return {
+        "object->last": (LAST, obj),
+        "object+1->last": (LAST, obj1),
+        "object+2->last": (LAST, obj2),
+        "image-but-object+1->last": (LAST, np.setdiff1d(image, obj1)),
+        "object+1->last-row": (last_row, np.setdiff1d(obj1, last_row)),
+        "rest->last-row": (last_row, np.setdiff1d(image, np.union1d(obj1, last_row))),
+        "image->question": (question_cols, image),
+    }
+
+
+def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progress=None) -> dict:
+    if not samples:
+        raise ValueError("no samples for knockout; check --data / --n")
+    unknown = set(config.conditions) - set(CONDITIONS)
+    if unknown:
+        raise ValueError(f"unknown knockout conditions {sorted(unknown)}; choose from "
+                         f"{', '.join(CONDITIONS)}")
+    windows = layer_windows(vlm.num_layers, config.window, config.stride)
+    windows.append((0, vlm.num_layers - 1))  # "all"
+    rng = np.random.default_rng(config.seed)
+    targets = [choose_target(s, config.area, rng) for s in samples]
+    items = [(s, t) for s, t in zip(samples, targets) if t is not None]
+    for sample, target in (progress(items, "knockout") if progress else items):
+        for setting in config.settings:
+            if not out.done(sample=sample.id, setting=setting, condition="clean", window=-1):
+                for row in _sample_rows(vlm, sample, target, setting, config, windows):
+                    out.add(row)
+        out.flush()
+    return summarise(out.rows(), config, windows)
+
+
+@torch.no_grad()
+def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
+    q = question(sample, target, setting)
+    one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
+    feats = vlm.image_embeddings(one)
+    probs = torch.softmax(vlm.forward(one, image_features=feats, logits_to_keep=1)
+                          .logits[0, -1].float(), -1)
+    answer = int(probs.argmax())
+    correct = q.is_correct(vlm.decode(torch.tensor([[answer]]))[0])
+    base = {"sample": sample.id, "setting": setting, "target": sample.instances[target].name}
+    yield {**base, "condition": "clean", "window": -1, "start": 0, "end": vlm.num_layers - 1,
+           "p_answer": float(probs[answer]), "correct": correct, "kept": correct,
+           "p_clean": float(probs[answer])}
+    if not correct:
+        return
+    edges = edge_sets(one.token_map, one, 0, sample.instances[target].mask)
+    grid = [(c, w) for c in config.conditions for w in range(len(windows))]
+    rows = repeat_batch(one, len(grid))
+    empty = (LAST, np.zeros(0, dtype=np.int64))
+    with ExitStack() as stack:
+        for w, (start, end) in enumerate(windows):
+            per_row = [edges[c] if wi == w else empty for c, wi in grid]
+            stack.enter_context(knockout(vlm, per_row, range(start, end + 1)))
+        logits = vlm.forward(rows, image_features=feats * len(grid), logits_to_keep=1).logits
+    after = torch.softmax(logits[:, -1].float(), -1)
+    top = after.argmax(-1)
+    for i, (c, w) in enumerate(grid):
+        yield {**base, "condition": c, "window": w, "start": windows[w][0], "end": windows[w][1],
+               "p_answer": float(after[i, answer]), "correct": bool(top[i] == answer),
+               "kept": True, "p_clean": float(probs[answer])}
+
+
+def summarise(rows: list[dict], config: KnockoutConfig, windows) -> dict:
+    """Relative accuracy (share of clean-correct answers kept) and mean change in p(answer)."""
+    ko = [r for r in rows if r["condition"] != "clean"]
+    rel, dp, by_setting = {}, {}, {}
+    for c in config.conditions:
+        rel[c], dp[c] = [], []
+        for w in range(len(windows)):
+            sel = [r for r in ko if r["condition"] == c and r["window"] == w]
+            rel[c].append(float(np.mean([r["correct"] for r in sel])) if sel else None)
+            dp[c].append(float(np.mean([r["p_answer"] - r["p_clean"] for r in sel]))
+                         if sel else None)
+    for s in config.settings:
+        by_setting[s] = {c: [float(np.mean(v)) if (v := [r["correct"] for r in ko
+                                                         if r["setting"] == s
+                                                         and r["condition"] == c
+                                                         and r["window"] == w]) else None
+                             for w in range(len(windows))] for c in config.conditions}
+    clean = [r for r in rows if r["condition"] == "clean"]
+    return {
+        "windows": [list(w) for w in windows],
+        "window_labels": [f"{s}-{e}" for s, e in windows[:-1]] + ["all"],
+        "relative_accuracy": rel,
+        "prob_change": dp,
+        "relative_accuracy_by_setting": by_setting,
+        "n_kept": {s: sum(r["kept"] for r in clean if r["setting"] == s) for s in config.settings},
+        "paper": PAPER,
+        "config": asdict(config),
+    }
