@@ -178,10 +178,26 @@ def build(family: str, seed: int = 0, attn: str = "sdpa"):
 
 
 def save(family: str, path: Path, seed: int = 0) -> Path:
-    """Write a tiny model + processor as a local HF directory (what `vislens.load` reads)."""
+    """Write a tiny model + processor as a local HF directory (what `vislens.load` reads).
+
+    Video-capable processors cannot save their (torchvision-only) video part
+    here, so their pieces are written one by one, as a checkpoint ships them.
+    """
+    import json
+
     model, proc = build(family, seed)
     model.save_pretrained(path)
-    proc.save_pretrained(path)
+    if family in ("llava", "llava_next"):
+        proc.save_pretrained(path)
+        return path
+    proc.image_processor.save_pretrained(path)
+    proc.tokenizer.save_pretrained(path)
+    (Path(path) / "chat_template.jinja").write_text(proc.chat_template)
+    extra = {"processor_class": type(proc).__name__}
+    if family == "llava_onevision":
+        extra.update(num_image_tokens=729, vision_feature_select_strategy="full",
+                     vision_aspect_ratio="anyres_max_9")
+    (Path(path) / "processor_config.json").write_text(json.dumps(extra))
     return path
 
 
