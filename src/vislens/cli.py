@@ -37,7 +37,7 @@ def info(
         from vislens.models import load
 
         vlm = load(model)
-        facts = vlm.describe()
+        facts = _describe(vlm, model)
         if as_json:
             emit(facts, True)
             return
@@ -45,6 +45,33 @@ def info(
         for key, value in facts.items():
             table.add_row(key, str(value))
         Console().print(table)
+
+
+def _describe(vlm, model: str) -> dict:
+    """Facts a researcher checks before trusting a run, read from the loaded model itself."""
+    from PIL import Image
+
+    from vislens.models.loading import resolve
+
+    text = vlm.language_model.config
+    vision = vlm.config.vision_config
+    size = getattr(vision, "image_size", None) or 448
+    batch = vlm.prepare([Image.new("RGB", (size, size))], ["describe this image ."])
+    grids = batch.token_map.grids[0]
+    return {
+        "model": model,
+        "family": vlm.family,
+        "layers": vlm.num_layers,
+        "hidden_size": text.hidden_size,
+        "attention_heads": text.num_attention_heads,
+        "vocab_size": text.vocab_size,
+        "image_size": size,
+        "image_token_grid": {str(tile): list(rc) for tile, rc in grids.items()},
+        "image_tokens": len(batch.token_map),
+        "parameters": sum(p.numel() for p in vlm.model.parameters()),
+        "dtype": str(vlm.dtype).replace("torch.", ""),
+        "weights": str(resolve(model).resolve()),
+    }
 
 
 @app.command("eval")
@@ -130,6 +157,16 @@ def train_toy(
         if not as_json:
             console.print(f"trained toy saved to {out}")
 
+
+def _register() -> None:
+    from vislens import cli_part_a
+
+    app.command("ablate")(cli_part_a.ablate)
+    app.command("logit-lens")(cli_part_a.logit_lens)
+    app.command("knockout")(cli_part_a.knockout)
+
+
+_register()
 
 if __name__ == "__main__":
     app()

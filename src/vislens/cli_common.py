@@ -21,7 +21,7 @@ from rich.progress import (
 
 from vislens.errors import VislensError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = '"toy", "toy-qwen" or a local Hugging Face model directory'
 JSON_HELP = "print the summary as JSON on stdout (nothing else goes to stdout)"
