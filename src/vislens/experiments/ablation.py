@@ -143,7 +143,9 @@ def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx:
     sets["random-matched"] = np.sort(rng.choice(image, size=len(obj1), replace=False))
     wanted = config.conditions is None or "ig-matched" in config.conditions
     if wanted:
-        scores = integrated_gradients(vlm, batch, feats, q, vector, config.ig_steps, max_new)
+        prefix, target_id = answer_token(vlm, batch, q, max_new)
+        scores = integrated_gradients(vlm, extend_batch(batch, prefix), feats, target_id,
+                                      vector, config.ig_steps)
         sets["ig-matched"] = np.sort(image[np.argsort(-scores, kind="stable")[:len(obj1)]])
     return sets
 
@@ -170,15 +172,13 @@ def answer_token(vlm, batch, q: Question, max_new: int) -> tuple[torch.Tensor, i
     raise ValueError("the clean answer does not contain the expected word")
 
 
-def integrated_gradients(vlm, batch, feats, q: Question, vector, steps: int,
-                         max_new: int) -> np.ndarray:
-    """IG attribution of each image patch token to the answer-token logit.
+def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int) -> np.ndarray:
+    """IG attribution of each image patch token to the `target_id` logit at the last position.
 
-    Path from the ablation baseline (mean embedding, or zeros) to the clean
-    embeddings, `ig_steps` points, run as one batch.
+    The path runs from the ablation baseline (mean embedding, or zeros) to the
+    clean embeddings in `steps` midpoint steps, all in one batch; attributions
+    sum to logit(clean) - logit(baseline) up to the quadrature error.
     """
-    prefix, target_id = answer_token(vlm, batch, q, max_new)
-    forced = extend_batch(batch, prefix)
     image = batch.token_map.image_positions(0)
     x = _patch_features(vlm, batch, feats).float()
     base = torch.zeros_like(x) if isinstance(vector, str) else \
@@ -186,14 +186,13 @@ def integrated_gradients(vlm, batch, feats, q: Question, vector, steps: int,
     alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps
     path = (base[None] + alphas[:, None, None] * (x - base)[None]).to(vlm.dtype)
     path.requires_grad_(True)
-    rows = repeat_batch(forced, steps)
+    rows = repeat_batch(batch, steps)
     with ablate(vlm, [image] * steps, list(path.unbind(0))):
         logits = vlm.forward(rows, image_features=feats * steps, grad=True,
                              logits_to_keep=1).logits
     logits[:, -1, target_id].sum().backward()
     grads = path.grad.float().mean(0)
     return ((x - base) * grads).sum(-1).detach().cpu().numpy()
-
 
 def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> dict:
     """The paper's table: % of kept samples each condition breaks, with 95% bootstrap CIs."""
