@@ -1,0 +1,229 @@
+"""One batched pass that returns, per image, the features each perception task compares.
+
+Sources: "keys/L" (post-RoPE, as attention sees them) and "values/L" for every
+requested LM layer L, with kv heads flattened; "projector" (the LM input at the image
+positions = projector output); "vision" (the vision encoder output the projector read).
+Text spans of the prompt get the same LM sources (mean over the span's tokens;
+"projector" = their input embeddings); the vision encoder has no text side.
+
+Only image positions and the requested text tokens are captured, so memory grows
+with images x layers x image tokens, never with the sequence or the vocabulary.
+A text prefix (placed BEFORE the image in the user turn) and attention knockouts
+of flagged image keys are options, for the `prefix` and `artifacts` experiments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vislens.interventions import capture, knockout
+from vislens.interventions.knockout import LAST
+from vislens.interventions.vision import record_projector, vision_rows
+
+SOURCES = ("keys", "values", "projector", "vision")
+PREFIX_SEP = "\x00"  # "prefix\x00prompt": the prefix goes before the image
+
+
+@dataclass
+class ImageFeatures:
+    """Features of one image's tokens plus where each token sits in the image."""
+
+    sources: dict[str, torch.Tensor]  # name -> [n_tokens, dim] float32, cpu
+    boxes: np.ndarray  # [n_tokens, 4] x0, y0, x1, y1 original pixels
+    rows: np.ndarray  # grid row of each token
+    cols: np.ndarray
+    tiles: np.ndarray
+    token_map: object  # the batch's ImageTokenMap (coverage of masks)
+    index: int  # this image's sample index in token_map
+    text: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per span: name -> [dim]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.boxes)
+
+    def coverage(self, mask: np.ndarray) -> np.ndarray:
+        """Fraction of each token's pixels inside `mask` (token order of `sources`)."""
+        return self.token_map.coverage(self.index, mask)[1]
+
+    def token_at(self, points: np.ndarray) -> np.ndarray:
+        """Index of the token whose box holds each (x, y) point (nearest centre otherwise)."""
+        centres = self.centres()
+        pts = np.asarray(points, dtype=float).reshape(-1, 2)
+        d = ((pts[:, None, :] - centres[None]) ** 2).sum(-1)
+        inside = ((pts[:, None, 0] >= self.boxes[None, :, 0]) & (pts[:, None, 0] < self.boxes[None, :, 2])
+                  & (pts[:, None, 1] >= self.boxes[None, :, 1])
+                  & (pts[:, None, 1] < self.boxes[None, :, 3]))
+        d = np.where(inside, -1.0, d)
+        return d.argmin(1)
+
+    def centres(self) -> np.ndarray:
+        return np.stack([(self.boxes[:, 0] + self.boxes[:, 2]) / 2,
+                         (self.boxes[:, 1] + self.boxes[:, 3]) / 2], axis=1)
+
+
+def source_names(num_layers: int, layers: Sequence[int] | None, sources=SOURCES) -> list[str]:
+    layers = range(num_layers) if layers is None else layers
+    names = [f"{kind}/{layer}" for kind in ("keys", "values") if kind in sources for layer in layers]
+    return names + [s for s in ("projector", "vision") if s in sources]
+
+
+@contextmanager
+def prefixed(vlm):
+    """Let prompts carry a prefix ("prefix\\x00prompt") rendered before the image.
+
+    Shadows vlm.chat_text on the instance while open, so `vlm.prepare` (tokenising,
+    padding, the image-token map) is reused unchanged.
+    """
+    original = vlm.chat_text
+
+    def chat_text(prompt: str, answer_prefix: str | None = None) -> str:
+        if PREFIX_SEP not in prompt:
+            return original(prompt, answer_prefix)
+        before, prompt = prompt.split(PREFIX_SEP, 1)
+        content = [{"type": "text", "text": before}, {"type": "image"},
+                   {"type": "text", "text": prompt}]
+        text = vlm.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                 add_generation_prompt=True, tokenize=False)
+        return text + (" " + answer_prefix if answer_prefix else "")
+
+    vlm.chat_text = chat_text
+    try:
+        yield
+    finally:
+        del vlm.chat_text
+
+
+def prepare(vlm, images, prompts: Sequence[str], prefixes: Sequence[str | None] | None = None):
+    """vlm.prepare with an optional text prefix per sample placed before the image."""
+    if prefixes is None or not any(prefixes):
+        return vlm.prepare(list(images), list(prompts))
+    joined = [f"{p}{PREFIX_SEP}{q}" if p else q for p, q in zip(prefixes, prompts, strict=True)]
+    with prefixed(vlm):
+        batch = vlm.prepare(list(images), joined)
+    for text, p in zip(batch.texts, prefixes, strict=True):
+        if p and p.split()[0] not in text:
+            raise ValueError("the chat template dropped the text prefix; this model's template "
+                             "cannot put text before the image")
+    return batch
+
+
+def text_columns(vlm, batch, sample: int, text: str, span: tuple[int, int]) -> np.ndarray:
+    """Columns of the tokens of text[span[0]:span[1]], `text` being the end of the prompt.
+
+    The chat text is tokenised without image expansion; tokens after the last image
+    placeholder keep their distance to the end of the sequence (left padding), so
+    they map to batch columns exactly. Each mapped id is checked.
+    """
+    full = batch.texts[sample]
+    base = full.rfind(text)
+    if base < 0:
+        raise ValueError(f"prompt {text!r} not found in the rendered chat text")
+    start, end = base + span[0], base + span[1]
+    enc = vlm.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    picked = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not picked:
+        raise ValueError(f"no token covers {full[start:end]!r}")
+    seq = batch.input_ids[sample].tolist()
+    cols = [len(seq) - (len(ids) - i) for i in picked]
+    for c, i in zip(cols, picked, strict=True):
+        if c < 0 or seq[c] != ids[i]:
+            raise ValueError("could not align prompt tokens with the model's input ids "
+                             "(the processor tokenises the text differently)")
+    return np.asarray(cols, dtype=np.int64)
+
+
+def after_image(batch, sample: int) -> np.ndarray:
+    """Text columns after the sample's last image token (the queries knockouts block)."""
+    tm = batch.token_map
+    last = max(int(tm.image_positions(sample).max()),
+               int(tm.newline_positions(sample).max()) if len(tm.newline_positions(sample)) else 0)
+    valid = np.flatnonzero(batch.attention_mask[sample].cpu().numpy() > 0)
+    return valid[valid > last]
+
+
+@torch.no_grad()
+def extract(vlm, images, prompts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]
+            | None = None, layers: Sequence[int] | None = None, sources=SOURCES,
+            prefixes: Sequence[str | None] | None = None,
+            blocked: dict[int, np.ndarray] | None = None, batch_size: int = 8
+            ) -> list[ImageFeatures]:
+    """Features of each image (one prompt each) for every source, in batches.
+
+    spans: per image, (start, end) character spans of its prompt whose text
+    features are wanted (e.g. class names). blocked: layer -> indices (in image
+    token order) of keys that text positions may not attend to in that layer.
+    """
+    images, prompts = list(images), list(prompts)
+    spans = [list(s) for s in spans] if spans is not None else [[] for _ in images]
+    prefixes = list(prefixes) if prefixes is not None else [None] * len(images)
+    out: list[ImageFeatures] = []
+    for i in range(0, len(images), batch_size):
+        sl = slice(i, i + batch_size)
+        out.extend(_extract_batch(vlm, images[sl], prompts[sl], spans[sl], layers, sources,
+                                  prefixes[sl], blocked))
+    return out
+
+
+def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, blocked):
+    batch = prepare(vlm, images, prompts, prefixes)
+    tm = batch.token_map
+    n = batch.size
+    image_pos = [tm.image_positions(b) for b in range(n)]
+    text_pos = [[text_columns(vlm, batch, b, prompts[b], s) for s in spans[b]] for b in range(n)]
+    positions = [np.concatenate([image_pos[b], *text_pos[b]]) if text_pos[b] else image_pos[b]
+                 for b in range(n)]
+    want_kv = any(s in sources for s in ("keys", "values"))
+    lm_layers = list(range(vlm.num_layers)) if layers is None else [int(x) for x in layers]
+    with ExitStack() as stack:
+        rec = stack.enter_context(record_projector(vlm)) if "vision" in sources else None
+        for layer, keys_idx in (blocked or {}).items():
+            if len(keys_idx) == 0:
+                continue
+            edges = []
+            for b in range(n):
+                k = image_pos[b][np.asarray(keys_idx, dtype=np.int64)]
+                edges.append([(after_image(batch, b), k), (LAST, k)])
+            stack.enter_context(knockout(vlm, edges, layers=[layer]))
+        kv = stack.enter_context(capture(vlm, positions, layers=lm_layers, residual=False,
+                                         keys="keys" in sources, values="values" in sources)) \
+            if want_kv else None
+        emb = stack.enter_context(capture(vlm, positions, layers=[0], residual=True))
+        vlm.forward(batch, logits_to_keep=1)
+    vision = None
+    if rec is not None:
+        lm_in = [emb.of("residual", 0, b)[:len(image_pos[b])] for b in range(n)]
+        vision = torch.split(vision_rows(torch.cat(lm_in), rec).float().cpu(),
+                             [len(p) for p in image_pos])
+    feats = []
+    for b in range(n):
+        n_img = len(image_pos[b])
+        per: dict[str, torch.Tensor] = {}
+        if kv is not None:
+            for layer in lm_layers:
+                for kind, table in (("keys", "keys_post"), ("values", "values")):
+                    if kind in sources:
+                        x = kv.of(table, layer, b)
+                        per[f"{kind}/{layer}"] = x.reshape(x.shape[0], -1).float().cpu()
+        per["projector"] = emb.of("residual", 0, b).float().cpu()
+        if vision is not None:
+            per["vision"] = vision[b]
+        texts = []
+        start = n_img
+        for cols in text_pos[b]:
+            texts.append({k: v[start:start + len(cols)].mean(0) for k, v in per.items()
+                          if k != "vision"})
+            start += len(cols)
+        image = {k: v[:n_img] for k, v in per.items()}
+        if "projector" not in sources:
+            image.pop("projector")
+        rows = tm._rows(b)
+        feats.append(ImageFeatures(sources=image, boxes=tm.box[rows], rows=tm.row[rows],
+                                   cols=tm.col[rows], tiles=tm.tile[rows], token_map=tm,
+                                   index=b, text=texts))
+    return feats

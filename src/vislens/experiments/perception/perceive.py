@@ -1,0 +1,289 @@
+"""Liu et al. B1: zero-shot perception from image keys / values in each LM layer,
+against the projector output (LM input) and the vision encoder output.
+
+Each task item is one row (condition, task, item) holding, for every source, the
+statistics its score needs (intersections and unions, matched points, ...), so a
+rerun resumes and the summary is recomputed from rows. The image-only tasks use a
+neutral prompt: image tokens come before the text, so their keys / values depend on
+the text only through a prefix (see prefix.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from vislens.data.resolve import open_task
+from vislens.experiments.perception import metrics as M
+from vislens.experiments.perception.features import SOURCES, ImageFeatures, extract
+
+# task -> (data task of open_task, metric name)
+TASKS: dict[str, tuple[str, str]] = {
+    "fg-seg": ("fewshot", "miou"),
+    "co-seg": ("coseg", "iou"),
+    "sem-seg": ("semantic", "miou"),
+    "ref-seg": ("referring", "miou"),
+    "sem-corr": ("correspondence", "pck@0.1"),
+    "temp-corr": ("video", "j&f"),
+}
+TEXT_TASKS = ("sem-seg", "ref-seg")  # scored against text features (no vision-encoder side)
+PROMPT = "describe this image ."
+TASK_PREFIX = {  # the "task" prefix: what the user would ask for
+    "fg-seg": "segment the {name} .",
+    "co-seg": "find the {name} in each image .",
+    "sem-seg": "segment the image into : {names} .",
+    "ref-seg": "find {expression} .",
+    "sem-corr": "match the parts of the {name} .",
+    "temp-corr": "track the objects .",
+}
+
+
+@dataclass
+class PerceiveConfig:
+    tasks: tuple[str, ...] = tuple(TASKS)
+    data: dict[str, str] = field(default_factory=dict)  # task -> spec ("shapesworld:0", ...)
+    n: int = 20  # items per task
+    layers: tuple[int, ...] | None = None  # None = every LM layer
+    sources: tuple[str, ...] = SOURCES
+    prompt: str = PROMPT
+    prefix: str | None = None  # None | "task" | "classes" | literal text before the image
+    clusters: int = 3  # co-seg k-means clusters (object, background, other objects)
+    top_k: int = 5  # temp-corr label propagation
+    temperature: float = 0.1
+    seed: int = 0
+    batch_size: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}")
+    if not tasks:
+        raise ValueError("no task selected; choose from " + ", ".join(TASKS))
+    return tuple(dict.fromkeys(tasks))
+
+
+def load_items(task: str, config: PerceiveConfig) -> list:
+    spec = config.data.get(task, config.data.get("*", "shapesworld"))
+    items = open_task(TASKS[task][0], spec, config.n)
+    return items[:config.n]
+
+
+def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
+        condition: str = "clean", blocked: dict[int, np.ndarray] | None = None,
+        items: dict[str, list] | None = None) -> dict:
+    """Score every task item not yet in `out` (a RunDir keyed condition/task/item)."""
+    tasks = check_tasks(config.tasks)
+    for task in tasks:
+        todo = items[task] if items and task in items else load_items(task, config)
+        if not todo:
+            raise ValueError(f"no items for {task}; check --data / --n")
+        pending = [(i, it) for i, it in enumerate(todo)
+                   if not out.done(condition=condition, task=task, item=str(i))]
+        label = f"{condition} {task}"
+        for i, item in (progress(pending, label) if progress else pending):
+            cls, stats = SCORERS[task](vlm, item, config, blocked)
+            out.add({"condition": condition, "task": task, "item": str(i), "class": cls,
+                     "stats": json.dumps(stats)})
+            if len(out._pending) >= 16:
+                out.flush()
+        out.flush()
+    return summarise(out.rows(), condition, tasks, vlm.num_layers, config)
+
+
+# ---- per-task scoring --------------------------------------------------------------------------
+def _extract(vlm, images, config, prompts=None, spans=None, prefix=None, blocked=None):
+    prompts = prompts or [config.prompt] * len(images)
+    return extract(vlm, images, prompts, spans=spans, layers=config.layers,
+                   sources=config.sources, prefixes=[prefix] * len(images), blocked=blocked,
+                   batch_size=config.batch_size)
+
+
+def prefix_text(config: PerceiveConfig, task: str, **fields) -> str | None:
+    """The text put before the image under --prefix (None = no prefix)."""
+    if not config.prefix:
+        return None
+    if config.prefix == "task":
+        return TASK_PREFIX[task].format(**{k: fields.get(k, "object") for k in
+                                           ("name", "names", "expression")})
+    if config.prefix == "classes":
+        return fields.get("names") or fields.get("name") or fields.get("expression") or "object"
+    return config.prefix
+
+
+def _labels(f: ImageFeatures, mask: np.ndarray) -> np.ndarray:
+    return M.token_labels(f.coverage(mask))
+
+
+def score_fg_seg(vlm, ep, config, blocked):
+    images = [s.image for s in ep.support + ep.query]
+    feats = _extract(vlm, images, config, blocked=blocked,
+                     prefix=prefix_text(config, "fg-seg", name=ep.name))
+    masks = ep.support_masks + ep.query_masks
+    labels = [_labels(f, m) for f, m in zip(feats, masks, strict=True)]
+    k = len(ep.support)
+    stats = {src: M.fg_seg_stats([f.sources[src] for f in feats[:k]], labels[:k],
+                                 [f.sources[src] for f in feats[k:]], labels[k:])
+             for src in feats[0].sources}
+    return ep.name, stats
+
+
+def score_co_seg(vlm, cs, config, blocked):
+    feats = _extract(vlm, [s.image for s in cs.samples], config, blocked=blocked,
+                     prefix=prefix_text(config, "co-seg", name=cs.name))
+    labels = [_labels(f, m) for f, m in zip(feats, cs.masks, strict=True)]
+    stats = {src: M.coseg_iou([f.sources[src] for f in feats], labels, k=config.clusters,
+                              seed=config.seed) for src in feats[0].sources}
+    return cs.name, stats
+
+
+def score_sem_seg(vlm, sm, config, blocked):
+    names = [sm.classes[0], *sm.present()]
+    ids = [sm.classes.index(n) for n in names]
+    prompt, spans = _join_spans(names)
+    feats = _extract(vlm, [sm.sample.image], config, prompts=[prompt], spans=[spans],
+                     blocked=blocked, prefix=prefix_text(config, "sem-seg", names=" ".join(names)))
+    f = feats[0]
+    cover = np.stack([f.coverage(sm.labels == i) for i in ids]
+                     + [f.coverage(sm.labels == sm.ignore_index)], axis=1)
+    gt = cover.argmax(1)
+    gt[gt == len(ids)] = -1  # mostly ignore pixels: not scored
+    stats = {}
+    for src, x in f.sources.items():
+        if src == "vision":
+            continue
+        text = np.stack([t[src].numpy() for t in f.text])
+        stats[src] = M.semseg_stats(M.semseg_predict(x, text), gt, names)
+    return ",".join(names[1:]), stats
+
+
+def score_ref_seg(vlm, ref, config, blocked):
+    expr = ref.expression
+    feats = _extract(vlm, [ref.sample.image], config, prompts=[expr], spans=[[(0, len(expr))]],
+                     blocked=blocked, prefix=prefix_text(config, "ref-seg", expression=expr))
+    f = feats[0]
+    cov = f.coverage(ref.mask)
+    gt = M.token_labels(cov)
+    if not gt.any():  # an object smaller than half a token: its best-covered token
+        gt = cov >= cov.max() if cov.max() > 0 else gt
+    stats = {src: M.refseg_iou(x, f.text[0][src], gt) for src, x in f.sources.items()
+             if src != "vision"}
+    return ref.kind, stats
+
+
+def score_sem_corr(vlm, pair, config, blocked):
+    feats = _extract(vlm, [pair.source.image, pair.target.image], config, blocked=blocked,
+                     prefix=prefix_text(config, "sem-corr", name=pair.category or "object"))
+    src, trg = feats
+    k = len(pair.source_points)
+    if k == 0:
+        return pair.category, {s: [0, 0] for s in src.sources} | {"oracle": [0, 0]}
+    tokens = src.token_at(pair.source_points)
+    centres = trg.centres()
+    stats = {}
+    for name in src.sources:
+        match = M.nearest_tokens(src.sources[name], trg.sources[name], tokens)
+        stats[name] = [round(pair.pck(centres[match]) * k), k]
+    stats["oracle"] = [round(pair.pck(centres[trg.token_at(pair.target_points)]) * k), k]
+    return pair.category, stats
+
+
+def score_temp_corr(vlm, video, config, blocked):
+    feats = _extract(vlm, [fr.image for fr in video.frames], config, blocked=blocked,
+                     prefix=prefix_text(config, "temp-corr"))
+    base = [f.tiles == 0 for f in feats]
+    grids = []
+    for t, f in enumerate(feats):
+        lab = video.label_map(t)
+        ids = [int(v) for v in np.unique(lab) if v > 0]
+        cover = np.stack([f.coverage(lab == 0)] + [f.coverage(lab == i) for i in ids], 1)
+        best = cover.argmax(1)
+        tok = np.where(cover.max(1) >= M.COVERAGE, np.asarray([0, *ids])[best], 0)
+        grids.append(_grid(f, tok, base[t]))
+    stats = {}
+    for name in feats[0].sources:
+        x = [f.sources[name].numpy()[b] for f, b in zip(feats, base, strict=True)]
+        first = grids[0][feats[0].rows[base[0]], feats[0].cols[base[0]]]
+        preds = M.propagate(x, first, top_k=config.top_k, temperature=config.temperature)
+        pred_grids = [_grid(f, p, b, full=True) for f, p, b in zip(feats, preds, base,
+                                                                    strict=True)]
+        stats[name] = M.j_and_f(pred_grids, grids)
+    return video.id, stats
+
+
+def _grid(f: ImageFeatures, values: np.ndarray, keep: np.ndarray, full: bool = False
+          ) -> np.ndarray:
+    rows, cols = f.rows[keep], f.cols[keep]
+    grid = np.zeros((rows.max() + 1, cols.max() + 1), dtype=np.int64)
+    grid[rows, cols] = values if full else np.asarray(values)[keep]
+    return grid
+
+
+def _join_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    spans, pos = [], 0
+    for w in words:
+        spans.append((pos, pos + len(w)))
+        pos += len(w) + 1
+    return " ".join(words), spans
+
+
+SCORERS = {"fg-seg": score_fg_seg, "co-seg": score_co_seg, "sem-seg": score_sem_seg,
+           "ref-seg": score_ref_seg, "sem-corr": score_sem_corr, "temp-corr": score_temp_corr}
+
+
+# ---- summary -----------------------------------------------------------------------------------
+def aggregate(task: str, stats: list, classes: list[str]) -> float:
+    """One source's score over all items of a task."""
+    stats = [s for s in stats if s is not None]
+    if not stats:
+        return float("nan")
+    if task == "fg-seg":
+        return M.fg_seg_score(stats, classes)
+    if task == "sem-seg":
+        return M.semseg_score(stats)
+    if task == "sem-corr":
+        total = sum(s[1] for s in stats)
+        return sum(s[0] for s in stats) / total if total else float("nan")
+    if task == "temp-corr":
+        return float(np.nanmean([s["jf"] for s in stats]))
+    return float(np.nanmean(stats))  # co-seg IoU, ref-seg IoU: mean over items
+
+
+def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers: int,
+              config: PerceiveConfig) -> dict:
+    layers = list(range(num_layers)) if config.layers is None else list(config.layers)
+    out: dict = {}
+    for task in tasks:
+        mine = [r for r in rows if r["condition"] == condition and r["task"] == task]
+        if not mine:
+            continue
+        parsed = [json.loads(r["stats"]) for r in mine]
+        classes = [r["class"] for r in mine]
+
+        def score(src: str, parsed=parsed, classes=classes, task=task) -> float | None:
+            got = [p.get(src) for p in parsed]
+            if all(g is None for g in got):
+                return None
+            return _clean(aggregate(task, got, classes))
+
+        entry = {"metric": TASKS[task][1], "n": len(mine), "layers": layers,
+                 "keys": [score(f"keys/{ly}") for ly in layers],
+                 "values": [score(f"values/{ly}") for ly in layers],
+                 "projector": score("projector"), "vision": score("vision")}
+        for kind in ("keys", "values"):
+            curve = [(v, ly) for v, ly in zip(entry[kind], layers, strict=True) if v is not None]
+            entry[f"best_{kind}_layer"] = max(curve)[1] if curve else None
+        if task == "sem-corr":
+            entry["oracle"] = score("oracle")
+        out[task] = entry
+    return out
+
+
+def _clean(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)

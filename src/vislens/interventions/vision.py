@@ -1,0 +1,113 @@
+"""The two baselines of Liu et al.: what the vision encoder hands the projector, and
+what the projector hands the LM, both tied to the LM's image-token positions.
+
+One forward hook on the projector records its input (vision features) and output
+(LM-input image features). The projector output is then matched row by row to the
+LM input embeddings at the image positions (exact copies for every supported family:
+LLaVA-1.5 feeds the rows in order, NeXT/OneVision select and reorder tiles, Qwen2.5-VL
+undoes its window order), so the same matching gives each image token its vision
+feature without knowing how a family packs its tiles. Where a family changes the
+projected rows (e.g. OneVision interpolating very large images) no exact match
+exists and a clear error says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+PROJECTORS = {  # family -> attribute path of the projector under model.model
+    "llava": "multi_modal_projector",
+    "llava_next": "multi_modal_projector",
+    "llava_onevision": "multi_modal_projector",
+    "qwen2_5_vl": "visual.merger",
+}
+
+
+def projector_module(vlm) -> torch.nn.Module:
+    """The module whose input is the vision encoder output and whose output feeds the LM."""
+    path = PROJECTORS.get(vlm.family)
+    if path is None:
+        raise ValueError(f"no projector known for family {vlm.family!r}; "
+                         f"supported: {', '.join(PROJECTORS)}")
+    module = vlm.model.model
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+@dataclass
+class ProjectorRecord:
+    """Inputs and outputs of every projector call while the context was open."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vision rows [M, r * d_vision], projector rows [M, d_lm]), one row per output row.
+
+        A projector that merges r consecutive input rows into one output row (Qwen's
+        2x2 merger) gets those r rows concatenated, as the merger itself reads them.
+        """
+        if not self.outputs:
+            raise ValueError("the projector never ran; capture the vision pass inside the context")
+        ins, outs = [], []
+        for x, y in zip(self.inputs, self.outputs, strict=True):
+            y = y.reshape(-1, y.shape[-1])
+            x = x.reshape(-1, x.shape[-1])
+            if x.shape[0] % y.shape[0]:
+                raise ValueError(f"projector maps {x.shape[0]} rows to {y.shape[0]}; "
+                                 "cannot tie its inputs to its outputs")
+            ins.append(x.reshape(y.shape[0], -1))
+            outs.append(y)
+        return torch.cat(ins), torch.cat(outs)
+
+
+@contextmanager
+def record_projector(vlm):
+    """Record the projector's input and output on every call inside the context."""
+    rec = ProjectorRecord()
+
+    def hook(module, args, output):
+        x = args[0] if args else None
+        if x is None:
+            raise ValueError("the projector was called without a positional input")
+        out = output[0] if isinstance(output, tuple) else output
+        rec.inputs.append(x.detach())
+        rec.outputs.append(out.detach())
+
+    handle = projector_module(vlm).register_forward_hook(hook)
+    try:
+        yield rec
+    finally:
+        handle.remove()
+
+
+def match_rows(lm_input: torch.Tensor, projected: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    """Index into `projected` of each LM input row (they must be copies of projector rows)."""
+    if len(lm_input) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    a = lm_input.float()
+    b = projected.to(a.device).float()
+    if a.shape == b.shape and torch.equal(a, b):  # LLaVA-1.5: the rows go in as they are
+        return torch.arange(len(a), device=a.device)
+    idx, err = [], []
+    for chunk in torch.split(a, 1024):
+        dist = torch.cdist(chunk, b)
+        d, i = dist.min(dim=1)
+        idx.append(i)
+        err.append(d / chunk.norm(dim=1).clamp_min(1e-6))
+    idx_t, err_t = torch.cat(idx), torch.cat(err)
+    if float(err_t.max()) > tol:
+        raise ValueError("the LM's image inputs are not copies of projector outputs for this "
+                         "model (the family resamples them); the vision-encoder baseline is "
+                         "unavailable here: drop 'vision' from the sources")
+    return idx_t
+
+
+def vision_rows(lm_input: torch.Tensor, record: ProjectorRecord) -> torch.Tensor:
+    """Vision-encoder features of the image tokens whose LM input rows are `lm_input`."""
+    vision, projected = record.rows()
+    return vision[match_rows(lm_input, projected).to(vision.device)]
