@@ -1,0 +1,63 @@
+"""Bad input ends in one line that says what to do, exit code 2, nothing half-written."""
+
+import json
+
+from typer.testing import CliRunner
+
+from vislens.cli import app
+
+runner = CliRunner()
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_every_command_has_help_with_an_example_and_json():
+    for command in ("info", "eval", "world", "train-toy", "ablate", "logit-lens", "knockout"):
+        result = runner.invoke(app, [command, "--help"], terminal_width=200)
+        assert result.exit_code == 0, command
+        assert "Example: vislens" in result.output, command
+        assert "--json" in result.output, command
+
+
+def test_missing_model_directory(tmp_path):
+    line = _one_line_error(runner.invoke(app, ["eval", "--model", str(tmp_path / "nope")]))
+    assert "config.json" in line and "llava" in line
+
+
+def test_unsupported_family(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    line = _one_line_error(runner.invoke(app, ["info", "--model", str(tmp_path)]))
+    assert "'bert'" in line and "qwen2_5_vl" in line
+
+
+def test_zero_samples():
+    line = _one_line_error(runner.invoke(app, ["eval", "--n", "0"]))
+    assert "--n" in line
+
+
+def test_missing_coco_file(tmp_path):
+    out = tmp_path / "run"
+    line = _one_line_error(runner.invoke(app, ["ablate", "--data", f"coco:{tmp_path / 'x'}",
+                                               "--out", str(out)]))
+    assert "x" in line
+    assert not out.exists()
+
+
+def test_bad_area_option():
+    line = _one_line_error(runner.invoke(app, ["knockout", "--area", "big"]))
+    assert "MIN:MAX" in line
+
+
+def test_world_writes_coco_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "world"
+    result = runner.invoke(app, ["world", "--out", str(out), "--n", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["scenes"] == 3
+    assert (out / "annotations.json").is_file()
+    _one_line_error(runner.invoke(app, ["world", "--out", str(out), "--n", "3"]))
