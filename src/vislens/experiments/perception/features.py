@@ -55,9 +55,8 @@ class ImageFeatures:
         centres = self.centres()
         pts = np.asarray(points, dtype=float).reshape(-1, 2)
         d = ((pts[:, None, :] - centres[None]) ** 2).sum(-1)
-        inside = ((pts[:, None, 0] >= self.boxes[None, :, 0]) & (pts[:, None, 0] < self.boxes[None, :, 2])
-                  & (pts[:, None, 1] >= self.boxes[None, :, 1])
-                  & (pts[:, None, 1] < self.boxes[None, :, 3]))
+        x, y, box = pts[:, None, 0], pts[:, None, 1], self.boxes[None]
+        inside = ((x >= box[..., 0]) & (x < box[..., 2]) & (y >= box[..., 1]) & (y < box[..., 3]))
         d = np.where(inside, -1.0, d)
         return d.argmin(1)
 
@@ -68,7 +67,8 @@ class ImageFeatures:
 
 def source_names(num_layers: int, layers: Sequence[int] | None, sources=SOURCES) -> list[str]:
     layers = range(num_layers) if layers is None else layers
-    names = [f"{kind}/{layer}" for kind in ("keys", "values") if kind in sources for layer in layers]
+    names = [f"{kind}/{layer}" for kind in ("keys", "values") if kind in sources
+             for layer in layers]
     return names + [s for s in ("projector", "vision") if s in sources]
 
 
@@ -147,6 +147,22 @@ def after_image(batch, sample: int) -> np.ndarray:
     return valid[valid > last]
 
 
+@contextmanager
+def block_keys(vlm, batch, blocked: dict[int, np.ndarray] | None):
+    """Knock out attention from every text position after the image (and generated
+    tokens) to chosen image keys; blocked: layer -> indices in image-token order."""
+    with ExitStack() as stack:
+        for layer, keys_idx in (blocked or {}).items():
+            if len(keys_idx) == 0:
+                continue
+            edges = []
+            for b in range(batch.size):
+                k = batch.token_map.image_positions(b)[np.asarray(keys_idx, dtype=np.int64)]
+                edges.append([(after_image(batch, b), k), (LAST, k)])
+            stack.enter_context(knockout(vlm, edges, layers=[int(layer)]))
+        yield
+
+
 @torch.no_grad()
 def extract(vlm, images, prompts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]
             | None = None, layers: Sequence[int] | None = None, sources=SOURCES,
@@ -182,14 +198,7 @@ def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, block
     lm_layers = list(range(vlm.num_layers)) if layers is None else [int(x) for x in layers]
     with ExitStack() as stack:
         rec = stack.enter_context(record_projector(vlm)) if "vision" in sources else None
-        for layer, keys_idx in (blocked or {}).items():
-            if len(keys_idx) == 0:
-                continue
-            edges = []
-            for b in range(n):
-                k = image_pos[b][np.asarray(keys_idx, dtype=np.int64)]
-                edges.append([(after_image(batch, b), k), (LAST, k)])
-            stack.enter_context(knockout(vlm, edges, layers=[layer]))
+        stack.enter_context(block_keys(vlm, batch, blocked))
         kv = stack.enter_context(capture(vlm, positions, layers=lm_layers, residual=False,
                                          keys="keys" in sources, values="values" in sources)) \
             if want_kv else None

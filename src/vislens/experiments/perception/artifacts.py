@@ -1,0 +1,154 @@
+"""Liu et al. B2: input-agnostic image keys, and what blocking them does.
+
+Score of image-token position p in layer l: the mean cosine similarity of each
+image's key at p to the mean key direction at p, which equals the length of the
+mean of the unit keys (1 = the same key for every image, ~0 = unrelated). It is
+accumulated in one streaming pass (a running sum of unit keys), so memory does
+not grow with the number of images. A position is flagged in layer l when its
+score exceeds that layer's mean + z * std over positions (z = 2 by default) AND
+`min_score` (default 0.9: nearly the same key whatever the image).
+
+Intervention: attention from every text position after the image (and generated
+tokens) to the flagged keys is knocked out in the layers where they are flagged;
+perception is re-measured (the text-reading tasks sem-seg / ref-seg, whose text
+values change when they cannot read the artifacts; image-only tasks cannot change
+because image tokens precede the text) and so is the model's multiple-choice
+accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vislens.data.resolve import open_dataset
+from vislens.experiments.perception import perceive, surface
+from vislens.experiments.perception.features import extract
+
+TEXT_TASKS = perceive.TEXT_TASKS
+
+
+@dataclass
+class ArtifactsConfig:
+    data: str = "shapesworld"
+    n_images: int = 32  # images the scores are computed on
+    z: float = 2.0
+    min_score: float = 0.9
+    layers: tuple[int, ...] | None = None
+    prompt: str = perceive.PROMPT
+    perceive: perceive.PerceiveConfig = field(
+        default_factory=lambda: perceive.PerceiveConfig(tasks=TEXT_TASKS))
+    mc: surface.SurfaceConfig = field(default_factory=surface.SurfaceConfig)
+    batch_size: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ArtifactScores:
+    scores: dict[int, np.ndarray]  # layer -> [n_positions]
+    flagged: dict[int, np.ndarray]  # layer -> indices in image-token order
+    rows: np.ndarray  # grid (row, col) of each position, for the plot
+    cols: np.ndarray
+    n_images: int
+
+    def to_dict(self) -> dict:
+        return {"scores": {str(k): np.round(v, 4).tolist() for k, v in self.scores.items()},
+                "flagged": {str(k): v.tolist() for k, v in self.flagged.items()},
+                "rows": self.rows.tolist(), "cols": self.cols.tolist(),
+                "n_images": self.n_images}
+
+
+def flag(scores: np.ndarray, z: float = 2.0, min_score: float = 0.9) -> np.ndarray:
+    """Positions whose score is an outlier (> mean + z std) and high in absolute terms."""
+    scores = np.asarray(scores, dtype=float)
+    cut = max(scores.mean() + z * scores.std(), min_score)
+    return np.flatnonzero(scores > cut)
+
+
+def same_size(images: list[Image.Image]) -> list[Image.Image]:
+    """All images at the first one's size, so every image has the same token grid."""
+    size = images[0].size
+    return [im if im.size == size else im.resize(size) for im in images]
+
+
+def agnostic_scores(vlm, images: list[Image.Image], config: ArtifactsConfig,
+                    progress: Callable | None = None) -> ArtifactScores:
+    images = same_size(images)
+    sums: dict[int, torch.Tensor] = {}
+    rows = cols = None
+    chunks = [images[i:i + config.batch_size] for i in range(0, len(images), config.batch_size)]
+    for chunk in (progress(chunks, "artifact scores") if progress else chunks):
+        feats = extract(vlm, chunk, [config.prompt] * len(chunk), layers=config.layers,
+                        sources=("keys",), batch_size=config.batch_size)
+        for f in feats:
+            for name, k in f.sources.items():
+                layer = int(name.split("/")[1])
+                unit = k / k.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                sums[layer] = sums.get(layer, 0) + unit
+            rows, cols = f.rows, f.cols
+    scores = {ly: (s / len(images)).norm(dim=1).numpy() for ly, s in sorted(sums.items())}
+    flagged = {ly: flag(s, config.z, config.min_score) for ly, s in scores.items()}
+    return ArtifactScores(scores, flagged, rows, cols, len(images))
+
+
+def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
+        ) -> tuple[dict, ArtifactScores]:
+    images = [s.image for s in open_dataset(config.data, config.n_images)][:config.n_images]
+    if len(images) < 2:
+        raise ValueError("artifact scores need at least 2 images; raise --n-images")
+    art = agnostic_scores(vlm, images, config, progress)
+    blocked = {ly: idx for ly, idx in art.flagged.items() if len(idx)}
+    pcfg = config.perceive
+    items = {t: perceive.load_items(t, pcfg) for t in pcfg.tasks}
+    clean = perceive.run(vlm, pcfg, out, progress, condition="clean", items=items)
+    knocked = perceive.run(vlm, pcfg, out, progress, condition="knockout", blocked=blocked,
+                           items=items) if blocked else clean
+    mc_items = surface.load_items(config.mc)
+    mc_clean = surface.model_answers(vlm, mc_items, config.batch_size)
+    mc_knock = surface.model_answers(vlm, mc_items, config.batch_size, blocked=blocked) \
+        if blocked else mc_clean
+    truth = [it.answer_index for it in mc_items]
+
+    def acc(answers):
+        return round(float(np.mean([a["choice"] == t for a, t in zip(answers, truth,
+                                                                      strict=True)])), 4)
+
+    summary = {
+        "n_images": art.n_images, "z": config.z, "min_score": config.min_score,
+        "flagged": {str(ly): idx.tolist() for ly, idx in art.flagged.items()},
+        "n_flagged": {str(ly): int(len(idx)) for ly, idx in art.flagged.items()},
+        "score_max": {str(ly): round(float(s.max()), 4) for ly, s in art.scores.items()},
+        "score_mean": {str(ly): round(float(s.mean()), 4) for ly, s in art.scores.items()},
+        "perceive": {"clean": clean, "knockout": knocked, "delta": delta(clean, knocked)},
+        "multiple_choice": {"n": len(mc_items), "kind": config.mc.kind,
+                            "clean_accuracy": acc(mc_clean), "knockout_accuracy": acc(mc_knock),
+                            "delta": round(acc(mc_knock) - acc(mc_clean), 4),
+                            "answer_mode": mc_clean[0]["mode"] if mc_clean else ""},
+    }
+    return summary, art
+
+
+def delta(before: dict, after: dict) -> dict:
+    """after - before per task: per-layer keys / values curves and the baselines."""
+    out = {}
+    for task, b in before.items():
+        a = after.get(task)
+        if a is None:
+            continue
+
+        def diff(x, y):
+            return None if x is None or y is None else round(y - x, 4)
+
+        out[task] = {"metric": b["metric"], "layers": b["layers"],
+                     "keys": [diff(x, y) for x, y in zip(b["keys"], a["keys"], strict=True)],
+                     "values": [diff(x, y) for x, y in zip(b["values"], a["values"],
+                                                           strict=True)],
+                     "projector": diff(b["projector"], a["projector"]),
+                     "vision": diff(b["vision"], a["vision"])}
+    return out

@@ -1,0 +1,74 @@
+"""Figures of the perception experiments: per-task layer curves and the artifact grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vislens.report.plots import layer_curves  # noqa: E402
+
+
+def task_curves(summary: dict, out_dir: Path, suffix: str = "") -> list[Path]:
+    """One line plot per task: keys / values over layers, projector / vision as dashes."""
+    paths = []
+    for task, entry in summary.items():
+        curves = {kind: [np.nan if v is None else v for v in entry[kind]]
+                  for kind in ("keys", "values")}
+        hlines = {name: entry[name] for name in ("projector", "vision")
+                  if entry.get(name) is not None}
+        paths.append(layer_curves(curves, Path(out_dir) / f"{task}{suffix}.png",
+                                  title=f"{task}{suffix.replace('-', ' ')}",
+                                  ylabel=entry["metric"], hlines=hlines))
+    return paths
+
+
+def compare_curves(before: dict, after: dict, out_dir: Path, labels: tuple[str, str]
+                   ) -> list[Path]:
+    """Per task: values and keys curves of two conditions (e.g. clean vs prefix)."""
+    paths = []
+    for task, b in before.items():
+        a = after.get(task)
+        if a is None:
+            continue
+        curves = {}
+        for kind in ("values", "keys"):
+            for label, entry in zip(labels, (b, a), strict=True):
+                curves[f"{kind} ({label})"] = [np.nan if v is None else v for v in entry[kind]]
+        hlines = {n: b[n] for n in ("projector", "vision") if b.get(n) is not None}
+        paths.append(layer_curves(curves, Path(out_dir) / f"{task}-{labels[1]}.png",
+                                  title=f"{task}: {labels[0]} vs {labels[1]}",
+                                  ylabel=b["metric"], hlines=hlines))
+    return paths
+
+
+def artifact_grid(art, path: Path) -> Path:
+    """Scores per position on the image-token grid, one panel per layer; flagged = x."""
+    layers = sorted(art.scores)
+    cols_n = min(4, len(layers))
+    rows_n = (len(layers) + cols_n - 1) // cols_n
+    fig, axes = plt.subplots(rows_n, cols_n, figsize=(3.2 * cols_n, 3 * rows_n), squeeze=False)
+    h, w = int(art.rows.max()) + 1, int(art.cols.max()) + 1
+    for ax, layer in zip(axes.ravel(), layers, strict=False):
+        grid = np.full((h, w), np.nan)
+        grid[art.rows, art.cols] = art.scores[layer]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
+        idx = art.flagged[layer]
+        ax.scatter(art.cols[idx], art.rows[idx], marker="x", c="cyan", s=18)
+        ax.set_title(f"layer {layer}: {len(idx)} flagged", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.ravel()[len(layers):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="similarity to the mean key")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
