@@ -135,7 +135,7 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
                 def hook(module, args, output, idx=idx, table=table, head_dim=head_dim):
                     if cap.recording:
                         got = cap.gather(output)
-                        table[idx] = got.view(got.shape[0], -1, head_dim)
+                        table[idx] = got.view(got.shape[0], got.shape[-1] // head_dim, head_dim)
                 handles.append(proj.register_forward_hook(hook))
     state.captures.append(cap)
     try:
