@@ -46,14 +46,11 @@ def _setup(model: str, data: str, n: int, device: str, dtype: str | None, batch_
     return vlm, samples, chosen
 
 
-def _run_dir(out: Path, config: dict, key: list[str]):
-    from vislens.experiments.runs import RunDir
-
-    return RunDir(out, config, key=key)
-
-
-def _area_text(area) -> list[float] | None:
-    return None if area is None else [area[0], area[1]]
+def _meta(model: str, data: str, n: int, device: str, dtype: str | None, batch_size: int,
+          **extra) -> dict:
+    """What a run directory records besides the experiment's own config."""
+    return {"model": model, "data": data, "n": n, "device": device, "dtype": dtype,
+            "batch_size": batch_size, **extra}
 
 
 def ablate(
@@ -97,23 +94,9 @@ def ablate(
             from vislens.data import open_dataset
 
             ref_images = [s.image for s in open_dataset(reference)]
-        run = _run_dir(out, {"command": "ablate", "model": model, "data": data, "n": n,
-                             "settings": list(config.settings), "vector": vector,
-                             "conditions": list(config.conditions or []),
-                             "reference": reference, "area": _area_text(chosen),
-                             "ig_steps": ig_steps, "seed": seed, "batch_size": batch_size,
-                             "device": device, "dtype": dtype},
-                       key=["sample", "setting", "condition"])
-        summary = ablation.run(vlm, samples, config, run, reference_images=ref_images,
-                               progress=progress)
-        summary["data"] = data
-        from vislens.report.plots import grouped_bars
-
-        plot = grouped_bars(summary["drop"], run.path / "ablation.png",
-                            f"Token ablation ({model}): % of correct answers broken",
-                            "% broken", errors=summary["ci95"])
-        summary["plot"] = str(plot)
-        run.write_summary(summary)
+        meta = _meta(model, data, n, device, dtype, batch_size, reference=reference)
+        summary = ablation.execute(vlm, samples, config, out, meta, reference_images=ref_images,
+                                   progress=progress)
         if as_json:
             emit(summary, True)
             return
@@ -125,7 +108,7 @@ def ablate(
         for c in names:
             table.add_row(c, *[_fmt(summary["drop"][s].get(c)) for s in config.settings])
         Console().print(table)
-        console.print(f"rows, summary and plot in {run.path}")
+        console.print(f"rows, summary and plot in {out}")
 
 
 def logit_lens(
@@ -159,18 +142,9 @@ def logit_lens(
                                       "large")
         config = lens.LensConfig(top_k=top_k, area=chosen, viewers=viewers, seed=seed,
                                  batch_size=batch_size)
-        run = _run_dir(out, {"command": "logit-lens", "model": model, "data": data, "n": n,
-                             "top_k": top_k, "area": _area_text(chosen), "seed": seed,
-                             "viewers": viewers, "batch_size": batch_size, "device": device,
-                             "dtype": dtype}, key=["sample"])
-        summary = lens.run(vlm, samples, config, run, progress=progress)
-        from vislens.report.plots import layer_curves
-
-        summary["plot"] = str(layer_curves({"object patches": summary["per_layer"]},
-                                           run.path / "logit_lens.png",
-                                           f"Logit lens ({model}): object word in top-{top_k}",
-                                           "share of object patches"))
-        run.write_summary(summary)
+        summary = lens.execute(vlm, samples, config, out,
+                               _meta(model, data, n, device, dtype, batch_size),
+                               progress=progress)
         if as_json:
             emit(summary, True)
             return
@@ -212,20 +186,9 @@ def knockout(
         config = ko.KnockoutConfig(
             settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
             window=window, stride=stride, area=chosen, seed=seed)
-        run = _run_dir(out, {"command": "knockout", "model": model, "data": data, "n": n,
-                             "settings": list(config.settings), "window": window,
-                             "stride": stride, "area": _area_text(chosen), "seed": seed,
-                             "batch_size": batch_size, "device": device, "dtype": dtype},
-                       key=["sample", "setting", "condition", "window"])
-        summary = ko.run(vlm, samples, config, run, progress=progress)
-        from vislens.report.plots import heatmap
-
+        summary = ko.execute(vlm, samples, config, out,
+                             _meta(model, data, n, device, dtype, batch_size), progress=progress)
         rel = summary["relative_accuracy"]
-        summary["plot"] = str(heatmap(
-            [[v if v is not None else float("nan") for v in rel[c]] for c in rel], list(rel),
-            summary["window_labels"], run.path / "knockout.png",
-            f"Attention knockout ({model}): relative accuracy", "relative accuracy", 0, 1))
-        run.write_summary(summary)
         if as_json:
             emit(summary, True)
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_target, noise_object
 from vislens.experiments.stats import bootstrap_ci
 from vislens.interventions import ablate, mean_image_embedding
+from vislens.report.plots import grouped_bars
 
 RANDOM_KS = (5, 10, 20, 40, 60, 100, 250)
 FIXED_CONDITIONS = ("object", "object+1", "object+2", "register", "random-matched",
@@ -57,6 +59,25 @@ class AblationConfig:
                                  f"{', '.join(FIXED_CONDITIONS)}, random-K")
             names = [c for c in names if c in self.conditions]
         return names
+
+
+def execute(vlm, samples: list[Sample], config: AblationConfig, out: Path, meta: dict,
+            reference_images=None, progress=None) -> dict:
+    """Run into directory `out` (resuming), plot, and write summary.json."""
+    run_dir = RunDir(out, {"experiment": "ablate", **meta, **_jsonable(asdict(config))},
+                     key=["sample", "setting", "condition"])
+    summary = run(vlm, samples, config, run_dir, reference_images, progress)
+    summary.update(model=meta.get("model", summary["model"]), data=meta.get("data", ""))
+    summary["plot"] = str(grouped_bars(
+        summary["drop"], run_dir.path / "ablation.png",
+        f"Token ablation ({summary['model']}): % of correct answers broken", "% broken",
+        errors=summary["ci95"]))
+    run_dir.write_summary(summary)
+    return summary
+
+
+def _jsonable(config: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
 def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_target
 from vislens.experiments.stats import layer_windows
 from vislens.interventions import LAST, knockout
+from vislens.report.plots import heatmap
 
 CONDITIONS = ("object->last", "object+1->last", "object+2->last", "image-but-object+1->last",
               "object+1->last-row", "rest->last-row", "image->question")
@@ -57,6 +59,24 @@ def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None) -> dic
         "rest->last-row": (last_row, np.setdiff1d(image, np.union1d(obj1, last_row))),
         "image->question": (question_cols, image),
     }
+
+
+def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta: dict,
+            progress=None) -> dict:
+    """Run into directory `out` (resuming), plot, and write summary.json."""
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    run_dir = RunDir(out, {"experiment": "knockout", **meta, **cfg},
+                     key=["sample", "setting", "condition", "window"])
+    summary = run(vlm, samples, config, run_dir, progress)
+    summary["model"] = meta.get("model", "")
+    rel = summary["relative_accuracy"]
+    summary["plot"] = str(heatmap(
+        [[v if v is not None else float("nan") for v in rel[c]] for c in rel], list(rel),
+        summary["window_labels"], run_dir.path / "knockout.png",
+        f"Attention knockout ({summary['model']}): relative accuracy", "relative accuracy",
+        0, 1))
+    run_dir.write_summary(summary)
+    return summary
 
 
 def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progress=None) -> dict:

@@ -18,6 +18,7 @@ from vislens.data.samples import Sample
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_target
 from vislens.interventions import capture
+from vislens.report.plots import layer_curves
 from vislens.report.viewer import LensToken, render_viewer
 
 PROMPT = "describe this image ."
@@ -52,6 +53,21 @@ def _display(token: str | None) -> str:
     """A vocabulary entry as a word: sub-word space markers (SentencePiece, GPT-2) dropped."""
     token = token or ""
     return token.replace("\u2581", " ").replace("\u0120", " ").strip() or token
+
+
+def execute(vlm, samples: list[Sample], config: LensConfig, out: Path, meta: dict,
+            progress=None) -> dict:
+    """Run into directory `out` (resuming), plot, and write summary.json."""
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    run_dir = RunDir(out, {"experiment": "logit-lens", **meta, **cfg}, key=["sample"])
+    summary = run(vlm, samples, config, run_dir, progress)
+    summary["model"] = meta.get("model", summary["model"])
+    summary["plot"] = str(layer_curves(
+        {"object patches": summary["per_layer"]}, run_dir.path / "logit_lens.png",
+        f"Logit lens ({summary['model']}): object word in top-{config.top_k}",
+        "share of object patches"))
+    run_dir.write_summary(summary)
+    return summary
 
 
 def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=None) -> dict:
