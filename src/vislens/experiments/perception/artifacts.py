@@ -1,12 +1,14 @@
 """Liu et al. B2: input-agnostic image keys, and what blocking them does.
 
-Score of image-token position p in layer l: the mean cosine similarity of each
-image's key at p to the mean key direction at p, which equals the length of the
-mean of the unit keys (1 = the same key for every image, ~0 = unrelated). It is
-accumulated in one streaming pass (a running sum of unit keys), so memory does
-not grow with the number of images. A position is flagged in layer l when its
-score exceeds that layer's mean + z * std over positions (z = 2 by default) AND
-`min_score` (default 0.9: nearly the same key whatever the image).
+Score of image-token position p in layer l: 1 - (variance of p's key across
+images) / (variance of all image keys of layer l, over images and positions).
+1 = the same key whatever the image; ~0 = varies as much as keys in general. (The
+plain cosine to the mean key is not used: keys share a large common direction, so
+it is near 1 at every position and cannot single anything out.) It streams: per
+position, the sum of keys and of their squared norms, so memory does not grow with
+the number of images. A position is flagged in layer l when its score exceeds
+that layer's mean + z * std over positions (z = 2 by default) AND `min_score`
+(default 0.9: less than a tenth of the usual variation).
 
 Intervention: attention from every text position after the image (and generated
 tokens) to the flagged keys is knocked out in the layers where they are flagged;
@@ -71,6 +73,19 @@ def flag(scores: np.ndarray, z: float = 2.0, min_score: float = 0.9) -> np.ndarr
     return np.flatnonzero(scores > cut)
 
 
+def input_agnostic(sums: torch.Tensor, squares: torch.Tensor, n: int) -> np.ndarray:
+    """1 - per-position variance across images / variance of all keys of the layer.
+
+    sums: [positions, dim] sum of keys over n images; squares: [positions] sum of
+    their squared norms.
+    """
+    mean = sums / n
+    var_p = squares / n - (mean ** 2).sum(1)
+    grand = mean.mean(0)
+    total = squares.sum() / (n * len(squares)) - (grand ** 2).sum()
+    return (1 - var_p / total.clamp_min(1e-12)).clamp(max=1.0).numpy()
+
+
 def same_size(images: list[Image.Image]) -> list[Image.Image]:
     """All images at the first one's size, so every image has the same token grid."""
     size = images[0].size
@@ -81,6 +96,7 @@ def agnostic_scores(vlm, images: list[Image.Image], config: ArtifactsConfig,
                     progress: Callable | None = None) -> ArtifactScores:
     images = same_size(images)
     sums: dict[int, torch.Tensor] = {}
+    squares: dict[int, torch.Tensor] = {}
     rows = cols = None
     chunks = [images[i:i + config.batch_size] for i in range(0, len(images), config.batch_size)]
     for chunk in (progress(chunks, "artifact scores") if progress else chunks):
@@ -89,10 +105,11 @@ def agnostic_scores(vlm, images: list[Image.Image], config: ArtifactsConfig,
         for f in feats:
             for name, k in f.sources.items():
                 layer = int(name.split("/")[1])
-                unit = k / k.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                sums[layer] = sums.get(layer, 0) + unit
+                k = k.double()
+                sums[layer] = sums.get(layer, 0) + k
+                squares[layer] = squares.get(layer, 0) + (k ** 2).sum(1)
             rows, cols = f.rows, f.cols
-    scores = {ly: (s / len(images)).norm(dim=1).numpy() for ly, s in sorted(sums.items())}
+    scores = {ly: input_agnostic(sums[ly], squares[ly], len(images)) for ly in sorted(sums)}
     flagged = {ly: flag(s, config.z, config.min_score) for ly, s in scores.items()}
     return ArtifactScores(scores, flagged, rows, cols, len(images))
 

@@ -1,0 +1,312 @@
+"""Commands of the Liu et al. experiments: perceive, artifacts, prefix, surface.
+
+Plain functions with typer options; cli.py registers them
+(`app.command("perceive")(perceive)`, ...). Each writes a resumable run directory
+(config.json, rows.parquet, summary.json, PNG plots) and prints a table, or the
+summary as JSON with --json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vislens.cli_common import JSON_HELP, MODEL_HELP, console, emit, positive, progress, user_errors
+from vislens.errors import VislensError
+
+DATA_HELP = ("data spec for every task (shapesworld, shapesworld:SEED) or TASK=SPEC for one "
+             "task in its native format (fg-seg=voc:DIR, co-seg=voc:DIR, sem-seg=imagenet-s:DIR, "
+             "ref-seg=refcoco:DIR, sem-corr=spair:DIR, temp-corr=davis:DIR, mc=blink:FILE, "
+             "images=coco:DIR); repeat the option for several")
+LAYERS_HELP = "LM layers to read: all, or a comma list like 0,8,16 (fewer layers = less memory)"
+TASKS_HELP = "comma list of tasks: fg-seg, co-seg, sem-seg, ref-seg, sem-corr, temp-corr"
+
+
+def _layers(text: str) -> tuple[int, ...] | None:
+    if text.strip().lower() in ("", "all"):
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise VislensError(f"--layers must be 'all' or integers like 0,4,8; got {text!r}") from None
+
+
+def _data(specs: list[str] | None, seed: int) -> dict[str, str]:
+    """--data entries -> {task or "*": spec}; a bare "shapesworld" gets --seed."""
+    out: dict[str, str] = {"*": f"shapesworld:{seed}"}
+    for spec in specs or []:
+        key, sep, value = spec.partition("=")
+        key, value = (key.strip(), value.strip()) if sep else ("*", spec.strip())
+        if value == "shapesworld":
+            value = f"shapesworld:{seed}"
+        out[key] = value
+    return out
+
+
+def _load(model: str, device: str, dtype: str | None):
+    from vislens.models import load
+
+    return load(model, device=device, dtype=dtype)
+
+
+def _check_layers(vlm, layers) -> None:
+    if layers is not None:
+        bad = [x for x in layers if not 0 <= x < vlm.num_layers]
+        if bad:
+            raise VislensError(f"--layers {bad} out of range 0..{vlm.num_layers - 1}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _curve(xs) -> str:
+    return " ".join(_fmt(x) for x in xs)
+
+
+def perception_table(summary: dict, title: str) -> Table:
+    """Task x source: per-layer curves of keys and values, best layer, baselines."""
+    table = Table(title=title)
+    for col in ("task", "metric", "keys per layer", "best keys", "values per layer",
+                "best values", "projector", "vision"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task, e in summary.items():
+        bk, bv = e.get("best_keys_layer"), e.get("best_values_layer")
+        best_k = "-" if bk is None else f"{_fmt(e['keys'][e['layers'].index(bk)])} (L{bk})"
+        best_v = "-" if bv is None else f"{_fmt(e['values'][e['layers'].index(bv)])} (L{bv})"
+        table.add_row(task, e["metric"], _curve(e["keys"]), best_k, _curve(e["values"]),
+                      best_v, _fmt(e["projector"]), _fmt(e["vision"]))
+    return table
+
+
+def delta_table(delta: dict, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("task", "metric", "keys change per layer", "values change per layer"):
+        table.add_column(col)
+    for task, e in delta.items():
+        table.add_row(task, e["metric"], _curve(e["keys"]), _curve(e["values"]))
+    return table
+
+
+def _perceive_config(tasks: str, data, seed: int, n: int, layers: str, batch_size: int,
+                     prefix: str | None = None):
+    from vislens.experiments.perception.perceive import PerceiveConfig, check_tasks
+
+    positive("--n", n)
+    positive("--batch-size", batch_size)
+    return PerceiveConfig(tasks=check_tasks([t.strip() for t in tasks.split(",") if t.strip()]),
+                          data=_data(data, seed), n=n, layers=_layers(layers), seed=seed,
+                          batch_size=batch_size, prefix=prefix)
+
+
+def _meta(experiment: str, model: str, vlm, config) -> dict:
+    return {"experiment": experiment, "model": model, "num_layers": vlm.num_layers,
+            **asdict(config)}
+
+
+def perceive(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    data: list[str] = typer.Option(None, help=DATA_HELP),
+    tasks: str = typer.Option("fg-seg,co-seg,sem-seg,ref-seg,sem-corr,temp-corr",
+                              help=TASKS_HELP),
+    n: int = typer.Option(20, "--n", help="items per task (episodes, sets, images, pairs, videos)"),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
+    out: Path = typer.Option(Path("runs/perceive"), help="run directory (resumable)"),
+    seed: int = typer.Option(0, help="ShapesWorld seed and clustering seed"),
+    batch_size: int = typer.Option(8, help="images per forward pass"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+    dtype: str = typer.Option(None, help="model dtype, e.g. bfloat16 (default: as saved)"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Zero-shot perception from image keys / values in every LM layer (Liu et al. B1).
+
+    Six tasks, each scored for keys and values per layer and for the projector
+    output and the vision encoder output: fg-seg (5-shot linear probe, mIoU),
+    co-seg (k-means, IoU), sem-seg (class-name text values, mIoU), ref-seg
+    (expression text values, mIoU), sem-corr (nearest neighbour, PCK@0.1),
+    temp-corr (label propagation, J&F). Scored at image-token level.
+
+    Example: vislens perceive --model toy --out runs/perceive
+    """
+    with user_errors():
+        from vislens.experiments.perception import perceive as exp
+        from vislens.experiments.perception.plots import task_curves
+        from vislens.experiments.runs import RunDir
+
+        config = _perceive_config(tasks, data, seed, n, layers, batch_size)
+        vlm = _load(model, device, dtype)
+        _check_layers(vlm, config.layers)
+        run_dir = RunDir(out, _meta("perceive", model, vlm, config),
+                         key=["condition", "task", "item"])
+        result = exp.run(vlm, config, run_dir, progress)
+        summary = {"tasks": result}
+        run_dir.write_summary(summary)
+        task_curves(result, run_dir.path)
+        if as_json:
+            emit(summary, True)
+            return
+        Console().print(perception_table(result, f"{model}: perception per source"))
+        console.print(f"plots and summary.json in {run_dir.path}")
+
+
+def prefix(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    text: str = typer.Option("task", "--prefix",
+                             help="text before the image: 'task' (the task in words), "
+                                  "'classes' (the class names) or any text"),
+    data: list[str] = typer.Option(None, help=DATA_HELP),
+    tasks: str = typer.Option("fg-seg,co-seg,sem-seg,ref-seg,sem-corr,temp-corr",
+                              help=TASKS_HELP),
+    n: int = typer.Option(20, "--n", help="items per task"),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
+    out: Path = typer.Option(Path("runs/prefix"), help="run directory (resumable)"),
+    seed: int = typer.Option(0, help="ShapesWorld seed"),
+    batch_size: int = typer.Option(8, help="images per forward pass"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+    dtype: str = typer.Option(None, help="model dtype, e.g. bfloat16"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Re-run perceive with a text prefix before the image; report the change (Liu et al. B3).
+
+    Example: vislens prefix --model toy --prefix classes --out runs/prefix
+    """
+    with user_errors():
+        from vislens.experiments.perception import prefix as exp
+        from vislens.experiments.perception.plots import compare_curves
+        from vislens.experiments.runs import RunDir
+
+        if not text.strip():
+            raise VislensError("--prefix is empty; give 'task', 'classes' or some text")
+        config = _perceive_config(tasks, data, seed, n, layers, batch_size, prefix=text)
+        vlm = _load(model, device, dtype)
+        _check_layers(vlm, config.layers)
+        run_dir = RunDir(out, _meta("prefix", model, vlm, config),
+                         key=["condition", "task", "item"])
+        summary = exp.run(vlm, config, run_dir, progress)
+        run_dir.write_summary(summary)
+        compare_curves(summary["clean"], summary["prefixed"], run_dir.path, ("clean", "prefix"))
+        if as_json:
+            emit(summary, True)
+            return
+        Console().print(perception_table(summary["prefixed"], f"{model}: with prefix {text!r}"))
+        Console().print(delta_table(summary["delta"], "change with the prefix (prefix - clean)"))
+
+
+def artifacts(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    data: list[str] = typer.Option(None, help=DATA_HELP),
+    n_images: int = typer.Option(32, help="images the artifact scores are computed on"),
+    z: float = typer.Option(2.0, help="flag positions scoring above mean + z * std of the layer"),
+    min_score: float = typer.Option(0.9, help="... and above this similarity to the mean key"),
+    n: int = typer.Option(20, "--n", help="items per re-measured task and multiple-choice items"),
+    kind: str = typer.Option("fill", help="ShapesWorld multiple-choice attribute: shape, color, "
+                                          "fill"),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
+    out: Path = typer.Option(Path("runs/artifacts"), help="run directory (resumable)"),
+    seed: int = typer.Option(0, help="ShapesWorld seed"),
+    batch_size: int = typer.Option(8, help="images per forward pass"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+    dtype: str = typer.Option(None, help="model dtype, e.g. bfloat16"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Find input-agnostic image keys per layer, block text from reading them, re-measure
+    perception (sem-seg, ref-seg) and multiple-choice accuracy (Liu et al. B2).
+
+    Example: vislens artifacts --model toy --out runs/artifacts
+    """
+    with user_errors():
+        from vislens.experiments.perception import artifacts as exp
+        from vislens.experiments.perception.plots import artifact_grid, compare_curves
+        from vislens.experiments.perception.surface import SurfaceConfig
+        from vislens.experiments.runs import RunDir, write_json_atomic
+
+        positive("--n-images", n_images)
+        specs = _data(data, seed)
+        pcfg = _perceive_config("sem-seg,ref-seg", data, seed, n, layers, batch_size)
+        config = exp.ArtifactsConfig(
+            data=specs.get("images", specs["*"]), n_images=n_images, z=z, min_score=min_score,
+            layers=pcfg.layers, perceive=pcfg, batch_size=batch_size,
+            mc=SurfaceConfig(data=specs.get("mc", specs["*"]), n=n, kind=kind,
+                             batch_size=batch_size))
+        vlm = _load(model, device, dtype)
+        _check_layers(vlm, config.layers)
+        run_dir = RunDir(out, _meta("artifacts", model, vlm, config),
+                         key=["condition", "task", "item"])
+        summary, art = exp.run(vlm, config, run_dir, progress)
+        write_json_atomic(run_dir.path / "scores.json", art.to_dict())
+        artifact_grid(art, run_dir.path / "artifacts.png")
+        p = summary["perceive"]
+        compare_curves(p["clean"], p["knockout"], run_dir.path, ("clean", "knockout"))
+        run_dir.write_summary(summary)
+        if as_json:
+            emit(summary, True)
+            return
+        table = Table(title=f"{model}: input-agnostic keys ({n_images} images)")
+        for col in ("layer", "flagged", "max score", "mean score"):
+            table.add_column(col, justify="right")
+        for layer, count in summary["n_flagged"].items():
+            table.add_row(layer, str(count), f"{summary['score_max'][layer]:.3f}",
+                          f"{summary['score_mean'][layer]:.3f}")
+        Console().print(table)
+        Console().print(delta_table(p["delta"], "perception change when text cannot read them"))
+        mc = summary["multiple_choice"]
+        console.print(f"multiple choice ({mc['kind']}, n={mc['n']}): "
+                      f"{mc['clean_accuracy']:.3f} -> {mc['knockout_accuracy']:.3f}")
+
+
+def surface(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    data: str = typer.Option("shapesworld", help="multiple-choice items: shapesworld[:SEED] "
+                                                  "or blink:PARQUET"),
+    kind: str = typer.Option("fill", help="ShapesWorld attribute asked about: shape, color, "
+                                          "fill (the 'style' analogue)"),
+    n: int = typer.Option(40, "--n", help="items (even ones choose the layer, odd ones score)"),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
+    out: Path = typer.Option(Path("runs/surface"), help="run directory (resumable)"),
+    seed: int = typer.Option(0, help="ShapesWorld seed"),
+    batch_size: int = typer.Option(8, help="items per forward pass"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+    dtype: str = typer.Option(None, help="model dtype, e.g. bfloat16"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Is the answer in the image values but not in the model's output? (Liu et al. B4)
+
+    Compares the model's own choice (on a 2x2 composite image) with a readout from
+    image values (the candidate whose mean value is closest to the reference's).
+
+    Example: vislens surface --model toy --n 40 --out runs/surface
+    """
+    with user_errors():
+        from vislens.experiments.perception import surface as exp
+        from vislens.experiments.runs import RunDir
+
+        positive("--n", n)
+        positive("--batch-size", batch_size)
+        if kind not in ("shape", "color", "fill"):
+            raise VislensError(f"--kind must be shape, color or fill, got {kind!r}")
+        spec = f"shapesworld:{seed}" if data == "shapesworld" else data
+        config = exp.SurfaceConfig(data=spec, n=n, kind=kind, layers=_layers(layers),
+                                   batch_size=batch_size)
+        vlm = _load(model, device, dtype)
+        _check_layers(vlm, config.layers)
+        run_dir = RunDir(out, _meta("surface", model, vlm, config), key=["item"])
+        summary = exp.run(vlm, config, run_dir, progress)
+        run_dir.write_summary(summary)
+        if as_json:
+            emit(summary, True)
+            return
+        table = Table(title=f"{model}: model answer vs image-value readout "
+                            f"({summary['n_scored']} scored items, layer {summary['best_layer']})")
+        for col in ("", "count"):
+            table.add_column(col)
+        for key in ("solved_by_values_not_model", "solved_by_model_not_values", "both",
+                    "neither"):
+            table.add_row(key.replace("_", " "), str(summary[key]))
+        Console().print(table)
+        console.print(f"values {summary['values_accuracy']:.3f}, model "
+                      f"{summary['model_accuracy']:.3f}; present but not surfaced: "
+                      f"{summary['present_not_surfaced']:.3f} (paper, BLINK Art Style: 0.333)")

@@ -1,0 +1,156 @@
+"""Each perception score on hand-built features with known answers: perfect
+features score 1, shuffled (uninformative) features score near chance."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vislens.data.samples import CorrespondencePair, Sample
+from vislens.experiments.perception import metrics as M
+from vislens.experiments.perception.artifacts import flag
+
+RNG = np.random.default_rng(0)
+
+
+def onehot(labels, n, noise=0.0, dim=16):
+    x = np.zeros((len(labels), dim))
+    x[np.arange(len(labels)), labels] = 1.0
+    return x + noise * RNG.normal(size=x.shape)
+
+
+def blob(n=144, fg=0.1):
+    y = np.zeros(n, bool)
+    y[RNG.choice(n, int(n * fg), replace=False)] = True
+    return y
+
+
+def test_linear_probe_perfect_and_shuffled():
+    support_y = [blob() for _ in range(5)]
+    query_y = [blob()]
+    perfect = M.fg_seg_stats([onehot(y.astype(int), 2, 0.05) for y in support_y], support_y,
+                             [onehot(y.astype(int), 2, 0.05) for y in query_y], query_y)
+    assert M.fg_seg_score([perfect], ["a"]) == 1.0
+    shuffled = [M.fg_seg_stats([RNG.normal(size=(144, 16)) for _ in support_y], support_y,
+                               [RNG.normal(size=(144, 16))], query_y) for _ in range(5)]
+    # chance: fg predicted at random; its IoU with a 10% object stays far below 1
+    assert M.fg_seg_score(shuffled, ["a"] * 5) < 0.25
+
+
+def test_probe_balances_rare_foreground():
+    y = np.zeros(400, bool)
+    y[:8] = True  # 2% foreground, separable along one axis
+    x = RNG.normal(size=(400, 8))
+    x[:, 0] += 3 * y
+    assert M.linear_probe(x, y, x)[:8].all()
+
+
+def test_fg_seg_score_is_per_class_mean():
+    stats = [{"fg_i": 1, "fg_u": 2, "bg_i": 0, "bg_u": 0}, {"fg_i": 3, "fg_u": 4, "bg_i": 0,
+                                                            "bg_u": 0},
+             {"fg_i": 0, "fg_u": 4, "bg_i": 0, "bg_u": 0}]
+    # class a: (1 + 3) / (2 + 4); class b: 0
+    assert M.fg_seg_score(stats, ["a", "a", "b"]) == pytest.approx((4 / 6 + 0) / 2)
+
+
+def test_coseg():
+    labels = [blob(fg=0.2) for _ in range(4)]
+    perfect = [onehot(y.astype(int), 2) for y in labels]
+    assert M.coseg_iou(perfect, labels, k=2) == 1.0
+    shuffled = np.mean([M.coseg_iou([RNG.normal(size=(144, 16)) for _ in labels], labels, k=3,
+                                    seed=s) for s in range(3)])
+    assert shuffled < 0.35  # a random cluster of ~1/3 of the tokens vs a 20% object
+
+
+def test_semseg():
+    gt = RNG.integers(0, 3, 144)
+    text = np.eye(16)[:3]
+    stats = M.semseg_stats(M.semseg_predict(onehot(gt, 3), text), gt, ["bg", "a", "b"])
+    assert M.semseg_score([stats]) == 1.0
+    shuffled = M.semseg_stats(M.semseg_predict(onehot(RNG.permutation(gt), 3), text), gt,
+                              ["bg", "a", "b"])
+    assert M.semseg_score([shuffled]) < 0.4  # chance for 3 balanced classes is 1/5
+    ignored = gt.copy()
+    ignored[:10] = -1
+    assert M.semseg_stats(np.zeros(144, int), ignored, ["bg", "a", "b"])["bg"][1] == 134
+
+
+def test_refseg():
+    gt = blob(fg=0.1)
+    text = np.eye(16)[1]
+    assert M.refseg_iou(onehot(gt.astype(int), 2, 0.01), text, gt) == 1.0
+    shuffled = np.mean([M.refseg_iou(RNG.normal(size=(144, 16)), text, gt) for _ in range(10)])
+    assert shuffled < 0.2  # k random of 144 tokens vs a 10% object: about 0.05
+
+
+def _grid_centres(n=12, cell=8):
+    r, c = np.divmod(np.arange(n * n), n)
+    return np.stack([c * cell + cell / 2, r * cell + cell / 2], 1)
+
+
+def test_correspondence_pck():
+    centres = _grid_centres()
+    src_tokens = np.array([13, 40, 77, 100])
+    shift = 2 * 12 + 1  # the object moved 1 cell right, 2 down
+    im = Sample("x", Image.new("RGB", (96, 96)))
+    pair = CorrespondencePair("p", im, im, centres[src_tokens], centres[src_tokens + shift],
+                              (0, 0, 40, 40), (0, 0, 40, 40))
+    feats = RNG.normal(size=(144, 32))
+    target = np.zeros_like(feats)
+    target[src_tokens + shift] = feats[src_tokens]
+    others = np.setdiff1d(np.arange(144), src_tokens + shift)
+    target[others] = RNG.normal(size=(len(others), 32))
+    match = M.nearest_tokens(feats, target, src_tokens)
+    assert pair.pck(centres[match]) == 1.0
+    shuffled = np.mean([pair.pck(centres[M.nearest_tokens(feats, RNG.normal(size=(144, 32)),
+                                                           src_tokens)]) for _ in range(10)])
+    assert shuffled < 0.1  # 1 of 144 tokens is within 4 px
+
+
+def test_label_propagation_j_and_f():
+    grids = []
+    for t in range(4):  # a 3x3 object moving one cell per frame on a 12x12 grid
+        g = np.zeros((12, 12), int)
+        g[2 + t:5 + t, 3:6] = 1
+        grids.append(g)
+    perfect = [onehot(g.ravel(), 2) for g in grids]
+    preds = M.propagate(perfect, grids[0].ravel())
+    out = M.j_and_f([p.reshape(12, 12) for p in preds], grids)
+    assert out == {"j": 1.0, "f": 1.0, "jf": 1.0}
+    noise = [RNG.normal(size=(144, 16)) for _ in grids]
+    preds = M.propagate(noise, grids[0].ravel())
+    assert M.j_and_f([p.reshape(12, 12) for p in preds], grids)["jf"] < 0.5
+
+
+def test_boundary_f():
+    a = np.zeros((12, 12), bool)
+    a[2:6, 2:6] = True
+    assert M.f_measure(a, a) == 1.0
+    b = np.zeros_like(a)
+    b[8:11, 8:11] = True
+    assert M.f_measure(a, b) == 0.0
+    shifted = np.roll(a, 1, axis=1)  # one cell off: inside the 1-cell tolerance
+    assert M.f_measure(shifted, a) == 1.0
+
+
+def test_token_labels_threshold():
+    assert M.token_labels(np.array([0.49, 0.5, 1.0])).tolist() == [False, True, True]
+
+
+def test_artifact_flagging():
+    scores = np.full(144, 0.3) + RNG.normal(scale=0.02, size=144)
+    scores[[5, 77]] = 0.97
+    assert flag(scores, z=2.0, min_score=0.9).tolist() == [5, 77]
+    assert flag(scores, z=2.0, min_score=0.99).tolist() == []
+
+
+def test_input_agnostic_score():
+    import torch
+
+    from vislens.experiments.perception.artifacts import input_agnostic
+
+    keys = torch.randn(10, 144, 8, dtype=torch.float64) + 5.0  # shared offset, as real keys
+    keys[:, 7] = torch.randn(8, dtype=torch.float64)  # position 7: the same key in every image
+    score = input_agnostic(keys.sum(0), (keys ** 2).sum((0, 2)), 10)
+    assert score[7] == pytest.approx(1.0)
+    assert np.median(score) < 0.2
+    assert flag(score).tolist() == [7]
