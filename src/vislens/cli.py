@@ -158,6 +158,38 @@ def train_toy(
             console.print(f"trained toy saved to {out}")
 
 
+@app.command()
+def study(
+    out: Path = typer.Option(Path("runs/study"), help="study directory (rerun to resume)"),
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    data: str = typer.Option("shapesworld:1000", help='"shapesworld[:SEED]"'),
+    scale: float = typer.Option(1.0, help="multiply every step's number of images"),
+    seed: int = typer.Option(0, help="seed for targets and random token sets"),
+    device: str = typer.Option("cpu", help="torch device"),
+    dtype: str = typer.Option(None, help="float32 / bfloat16 / float16 (default: model's)"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Run every experiment with sensible defaults and write one self-contained report.
+
+    Example: vislens study --out runs/demo   (then open runs/demo/report.html)
+    """
+    with user_errors():
+        if scale <= 0:
+            raise VislensError(f"--scale must be positive (got {scale})")
+        from vislens.cli_common import progress
+        from vislens.experiments.study import StudyConfig, run_study
+
+        config = StudyConfig(model=model, data=data, scale=scale, seed=seed, device=device,
+                             dtype=dtype)
+        result = run_study(config, out, progress=progress,
+                           log=lambda m: console.print(m, highlight=False))
+        if as_json:
+            emit(result, True)
+            return
+        console.print(f"study took {result['seconds']['total']:.0f} s; report: "
+                      f"{result['report']}")
+
+
 def _register() -> None:
     from vislens import cli_part_a
 

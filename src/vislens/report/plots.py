@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -73,6 +74,7 @@ def layer_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str, 
     for k, (name, y) in enumerate((hlines or {}).items()):
         ax.axhline(y, ls="--", color=f"C{len(curves) + k}", label=name)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -1,0 +1,110 @@
+"""`vislens study`: every experiment with sensible defaults, one report.
+
+Each step writes its own run directory under the study directory (so a rerun
+resumes every step), and the report is rebuilt from their summaries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vislens.report.page import Section, render_page
+from vislens.report.sections import (
+    ablation_section,
+    accuracy_section,
+    knockout_section,
+    logit_lens_section,
+    timing_section,
+)
+
+
+@dataclass
+class StudyConfig:
+    model: str = "toy"
+    data: str = "shapesworld:1000"
+    scale: float = 1.0  # multiplies every step's sample count
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+
+    def n(self, base: int) -> int:
+        return max(2, round(base * self.scale))
+
+
+def run_study(config: StudyConfig, out: Path, progress=None,
+              log: Callable[[str], None] = print) -> dict:
+    from vislens.data import open_dataset, shapesworld
+    from vislens.experiments import ablation, knockout, logit_lens
+    from vislens.experiments.accuracy import evaluate
+    from vislens.models import load
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = config.data.partition(":")[0]
+    if kind != "shapesworld":
+        raise ValueError("study runs on ShapesWorld (questions need its ground truth); run "
+                         "ablate / logit-lens / knockout with --data coco:DIR for COCO")
+    start = time.perf_counter()
+    times: dict[str, float] = {}
+    vlm = load(config.model, device=config.device, dtype=config.dtype)
+    times["load model"] = time.perf_counter() - start
+    meta = {"model": config.model, "data": config.data, "device": config.device,
+            "dtype": config.dtype, "batch_size": 0}
+    summaries: dict[str, dict] = {}
+
+    def step(name: str, fn: Callable[[], dict]) -> None:
+        log(f"study: {name} ...")
+        t = time.perf_counter()
+        summaries[name] = fn()
+        times[name] = time.perf_counter() - t
+        log(f"study: {name} done in {times[name]:.0f} s")
+
+    seed = int(config.data.partition(":")[2] or 1000)
+    step("accuracy", lambda: {"seed": seed, **evaluate(
+        vlm.model, vlm.processor, shapesworld.generate(config.n(60), seed=seed))})
+    small, large = (0.0, 350.0), (350.0, float("inf"))
+    samples = open_dataset(config.data, n=config.n(120))
+    step("ablation", lambda: ablation.execute(
+        vlm, samples, ablation.AblationConfig(area=small, seed=config.seed),
+        out / "ablate", {**meta, "n": len(samples)}, progress=progress))
+    step("logit lens", lambda: logit_lens.execute(
+        vlm, samples[: config.n(40)], logit_lens.LensConfig(area=large, seed=config.seed),
+        out / "logit-lens", {**meta, "n": config.n(40)}, progress=progress))
+    step("knockout", lambda: knockout.execute(
+        vlm, samples[: config.n(80)], knockout.KnockoutConfig(area=small, seed=config.seed),
+        out / "knockout", {**meta, "n": config.n(80)}, progress=progress))
+    times["total"] = time.perf_counter() - start
+    sections: list[Section] = [
+        accuracy_section(summaries["accuracy"]),
+        ablation_section(summaries["ablation"]),
+        logit_lens_section(summaries["logit lens"]),
+        knockout_section(summaries["knockout"]),
+        timing_section(times),
+    ]
+    facts = {"model": config.model, "data": config.data, "family": vlm.family,
+             "LM layers": vlm.num_layers, "device": config.device,
+             "total time (s)": round(times["total"], 1)}
+    page = render_page(f"vislens study: {config.model}", facts, sections)
+    report = out / "report.html"
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(page)
+    tmp.replace(report)
+    return {"report": str(report), "seconds": times, "sections": [s.key for s in sections],
+            "summaries": {k: _headline(k, v) for k, v in summaries.items()}}
+
+
+def _headline(name: str, summary: dict) -> dict:
+    """The few numbers a person looks at first (the full summaries are in each run dir)."""
+    if name == "accuracy":
+        return summary["accuracy"]
+    if name == "ablation":
+        return {"n_kept": summary["n_kept"], "drop": summary["drop"]}
+    if name == "logit lens":
+        return {k: summary[k] for k in ("hit_rate", "peak_layer_mean", "background_rate")}
+    if name == "knockout":
+        return {"windows": summary["window_labels"],
+                "relative_accuracy": summary["relative_accuracy"]}
+    return summary
