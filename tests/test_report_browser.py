@@ -8,7 +8,6 @@ import torch
 
 from vislens.data import shapesworld
 from vislens.experiments import logit_lens
-from vislens.experiments.runs import RunDir
 from vislens.models.vlm import VLM
 from vislens.report.page import render_page
 from vislens.report.plots import grouped_bars, heatmap
