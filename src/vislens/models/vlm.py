@@ -29,6 +29,7 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     token_map: ImageTokenMap
     texts: list[str]
+    features: list[torch.Tensor] | None = None  # cached by VLM.image_embeddings
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -51,6 +52,8 @@ class Batch:
 
     def model_inputs(self, image_features: list[torch.Tensor] | None = None) -> dict:
         """Keyword arguments for the model; precomputed features replace the vision pass."""
+        if image_features is None:
+            image_features = self.features
         if image_features is None:
             return dict(self.inputs)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -170,15 +173,19 @@ class VLM:
     def image_embeddings(self, batch: Batch) -> list[torch.Tensor]:
         """Post-projector features per image, in LM sequence order (newline slots included).
 
-        Pass them back as `image_features=` to skip the vision tower in later
-        runs that only change the LM's inputs or attention.
+        They are cached on the batch, and every later `forward` / `generate` of
+        that batch reuses them: one vision pass per image whatever the number
+        of conditions that only change the LM's inputs or attention.
         """
+        if batch.features is not None:
+            return batch.features
         fn = self.model.model.get_image_features
         params = inspect.signature(fn).parameters
         kwargs = {k: v for k, v in batch.inputs.items()
                   if k in params and k not in ("input_ids", "attention_mask")}
         out = fn(**kwargs, return_dict=True)
-        return [f.detach() for f in out.pooler_output]
+        batch.features = [f.detach() for f in out.pooler_output]
+        return batch.features
 
     def forward(self, batch: Batch, image_features: list[torch.Tensor] | None = None,
                 grad: bool = False, **kwargs):
