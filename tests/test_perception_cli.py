@@ -1,0 +1,114 @@
+"""The four part-B commands end to end on a tiny untrained toy: JSON shape, files,
+resume, one-line errors, and a native-format data set (a VOC fixture)."""
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from vislens import cli_part_b
+from vislens.data import tasks as shapes_tasks
+from vislens.data.voc import voc_palette
+from vislens.models.vlm import VLM
+from vislens.toy.build import ToySpec, build_model, build_processor
+
+TINY = ToySpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, lm_hidden=32,
+               lm_layers=2, lm_heads=2, lm_mlp=64)
+TASK_NAMES = ["fg-seg", "co-seg", "sem-seg", "ref-seg", "sem-corr", "temp-corr"]
+
+
+@pytest.fixture()
+def app(monkeypatch):
+    tiny = VLM(build_model(TINY).eval(), build_processor(TINY), "llava", name="tiny")
+    monkeypatch.setattr(cli_part_b, "_load", lambda model, device, dtype: tiny)
+    app = typer.Typer(pretty_exceptions_enable=False)
+    for name in ("perceive", "prefix", "artifacts", "surface"):
+        app.command(name)(getattr(cli_part_b, name))
+    return app
+
+
+def invoke(app, *args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_perceive_json_files_and_resume(app, tmp_path):
+    out = tmp_path / "run"
+    r = invoke(app, "perceive", "--n", 1, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert list(summary["tasks"]) == TASK_NAMES
+    for task, entry in summary["tasks"].items():
+        assert len(entry["keys"]) == len(entry["values"]) == 2
+        assert set(entry) >= {"metric", "keys", "values", "projector", "vision"}
+        assert (out / f"{task}.png").is_file()
+        vals = [v for v in entry["keys"] + entry["values"] + [entry["projector"]]
+                if v is not None]
+        assert all(0.0 <= v <= 1.0 for v in vals)
+    assert summary["tasks"]["sem-seg"]["vision"] is None  # no text side in the vision tower
+    assert json.loads((out / "summary.json").read_text()) == summary
+    again = invoke(app, "perceive", "--n", 1, "--out", out, "--json")
+    assert json.loads(again.stdout) == summary  # resumed: nothing recomputed, same numbers
+
+
+def test_perceive_errors_are_one_line(app, tmp_path):
+    r = invoke(app, "perceive", "--tasks", "fg-seg,nope", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "unknown task" in r.output
+    r = invoke(app, "perceive", "--layers", "0,9", "--out", tmp_path / "y")
+    assert r.exit_code == 2 and "out of range" in r.output
+
+
+def _write_voc(root, maps):
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    names = []
+    for k, sm in enumerate(maps):
+        name = f"2007_{k:06d}"
+        sm.sample.image.save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+        mask = Image.fromarray(sm.labels.astype(np.uint8), "P")
+        mask.putpalette(voc_palette())
+        mask.save(root / "SegmentationClass" / f"{name}.png")
+        names.append(name)
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(names) + "\n")
+
+
+def test_perceive_reads_a_native_voc_fixture(app, tmp_path):
+    root = tmp_path / "VOC2012"
+    _write_voc(root, shapes_tasks.semantic_maps(2, seed=3))
+    r = invoke(app, "perceive", "--tasks", "sem-seg", "--data", f"sem-seg=voc:{root}",
+               "--n", 2, "--layers", "1", "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.output
+    entry = json.loads(r.stdout)["tasks"]["sem-seg"]
+    assert entry["n"] == 2 and entry["layers"] == [1] and entry["values"][0] is not None
+
+
+def test_prefix_reports_change(app, tmp_path):
+    r = invoke(app, "prefix", "--prefix", "classes", "--tasks", "ref-seg,sem-corr", "--n", 1,
+               "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert set(s["delta"]) == {"ref-seg", "sem-corr"}
+    d = s["delta"]["sem-corr"]
+    assert d["projector"] == 0 and d["vision"] == 0  # baselines never see the text
+    assert (tmp_path / "run" / "sem-corr-prefix.png").is_file()
+
+
+def test_artifacts_and_surface(app, tmp_path):
+    r = invoke(app, "artifacts", "--n", 1, "--n-images", 3, "--z", 0, "--min-score", 0.0,
+               "--out", tmp_path / "art", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert set(s["perceive"]["delta"]) == {"sem-seg", "ref-seg"}
+    assert sum(s["n_flagged"].values()) > 0  # z 0, min-score 0: above-mean positions
+    assert (tmp_path / "art" / "artifacts.png").is_file()
+    scores = json.loads((tmp_path / "art" / "scores.json").read_text())
+    assert len(scores["scores"]["0"]) == 144
+    r = invoke(app, "surface", "--n", 4, "--out", tmp_path / "surf", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["n_scored"] == 2
+    assert sum(s[k] for k in ("solved_by_values_not_model", "solved_by_model_not_values",
+                              "both", "neither")) == 2
