@@ -132,3 +132,17 @@ def test_qwen_vision_rows_follow_window_order():
     with record_projector(qwen) as rec:
         qwen.image_embeddings(qwen.prepare([image], ["describe"]))
     assert not torch.allclose(rec.rows()[1].float(), f.sources["projector"], atol=1e-5)
+
+
+def test_text_tasks_batched_equal_one_by_one(vlm):
+    """Left padding in a shared batch must not change any item's scores."""
+    from vislens.data.tasks import referring_expressions
+    from vislens.experiments.perception.perceive import PerceiveConfig, score_text_items
+
+    refs = referring_expressions(3, seed=4)
+    assert len({len(r.expression.split()) for r in refs}) > 1  # different lengths: padding
+    config = PerceiveConfig(batch_size=3)
+    together = score_text_items("ref-seg", vlm, refs, config, None)
+    alone = [score_text_items("ref-seg", vlm, [r], config, None)[0] for r in refs]
+    for (_, a), (_, b) in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)

@@ -86,14 +86,19 @@ def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
             raise ValueError(f"no items for {task}; check --data / --n")
         pending = [(i, it) for i, it in enumerate(todo)
                    if not out.done(condition=condition, task=task, item=str(i))]
-        label = f"{condition} {task}"
-        for i, item in (progress(pending, label) if progress else pending):
-            cls, stats = SCORERS[task](vlm, item, config, blocked)
-            out.add({"condition": condition, "task": task, "item": str(i), "class": cls,
-                     "stats": json.dumps(stats)})
-            if len(out._pending) >= 16:
-                out.flush()
-        out.flush()
+        # text tasks: one image per item, so items share a batch; the others batch
+        # the images of one item (an episode, a set, a pair, a video)
+        step = config.batch_size if task in TEXT_TASKS else 1
+        chunks = [pending[k:k + step] for k in range(0, len(pending), step)]
+        for chunk in (progress(chunks, f"{condition} {task}") if progress else chunks):
+            if task in TEXT_TASKS:
+                results = score_text_items(task, vlm, [it for _, it in chunk], config, blocked)
+            else:
+                results = [SCORERS[task](vlm, chunk[0][1], config, blocked)]
+            for (i, _), (cls, stats) in zip(chunk, results, strict=True):
+                out.add({"condition": condition, "task": task, "item": str(i), "class": cls,
+                         "stats": json.dumps(stats)})
+            out.flush()
     return summarise(out.rows(), condition, tasks, vlm.num_layers, config)
 
 
@@ -143,13 +148,32 @@ def score_co_seg(vlm, cs, config, blocked):
     return cs.name, stats
 
 
-def score_sem_seg(vlm, sm, config, blocked):
+def _text_request(task: str, item, config) -> tuple:
+    """(image, prompt, spans, prefix) of one sem-seg / ref-seg item."""
+    if task == "sem-seg":
+        names = [item.classes[0], *item.present()]
+        prompt, spans = _join_spans(names)
+        return (item.sample.image, prompt, spans,
+                prefix_text(config, task, names=" ".join(names)))
+    expr = item.expression
+    return item.sample.image, expr, [(0, len(expr))], prefix_text(config, task, expression=expr)
+
+
+def score_text_items(task: str, vlm, items: list, config, blocked) -> list[tuple[str, dict]]:
+    """Score several sem-seg / ref-seg items with one batched pass."""
+    reqs = [_text_request(task, it, config) for it in items]
+    feats = extract(vlm, [r[0] for r in reqs], [r[1] for r in reqs], spans=[r[2] for r in reqs],
+                    layers=config.layers, sources=config.sources, prefixes=[r[3] for r in reqs],
+                    blocked=blocked, batch_size=config.batch_size)
+    score = _sem_seg_stats if task == "sem-seg" else _ref_seg_stats
+    return [score(it, f) for it, f in zip(items, feats, strict=True)]
+
+
+def _sem_seg_stats(sm, f: ImageFeatures) -> tuple[str, dict]:
+    """Each token -> the class name (background first, then the present classes) whose
+    text feature is most similar; a token's truth is its majority class by coverage."""
     names = [sm.classes[0], *sm.present()]
     ids = [sm.classes.index(n) for n in names]
-    prompt, spans = _join_spans(names)
-    feats = _extract(vlm, [sm.sample.image], config, prompts=[prompt], spans=[spans],
-                     blocked=blocked, prefix=prefix_text(config, "sem-seg", names=" ".join(names)))
-    f = feats[0]
     cover = np.stack([f.coverage(sm.labels == i) for i in ids]
                      + [f.coverage(sm.labels == sm.ignore_index)], axis=1)
     gt = cover.argmax(1)
@@ -163,11 +187,8 @@ def score_sem_seg(vlm, sm, config, blocked):
     return ",".join(names[1:]), stats
 
 
-def score_ref_seg(vlm, ref, config, blocked):
-    expr = ref.expression
-    feats = _extract(vlm, [ref.sample.image], config, prompts=[expr], spans=[[(0, len(expr))]],
-                     blocked=blocked, prefix=prefix_text(config, "ref-seg", expression=expr))
-    f = feats[0]
+def _ref_seg_stats(ref, f: ImageFeatures) -> tuple[str, dict]:
+    """Mean text feature of the whole expression vs each image token (top-k = mask size)."""
     cov = f.coverage(ref.mask)
     gt = M.token_labels(cov)
     if not gt.any():  # an object smaller than half a token: its best-covered token
@@ -175,6 +196,14 @@ def score_ref_seg(vlm, ref, config, blocked):
     stats = {src: M.refseg_iou(x, f.text[0][src], gt) for src, x in f.sources.items()
              if src != "vision"}
     return ref.kind, stats
+
+
+def score_sem_seg(vlm, sm, config, blocked):
+    return score_text_items("sem-seg", vlm, [sm], config, blocked)[0]
+
+
+def score_ref_seg(vlm, ref, config, blocked):
+    return score_text_items("ref-seg", vlm, [ref], config, blocked)[0]
 
 
 def score_sem_corr(vlm, pair, config, blocked):
