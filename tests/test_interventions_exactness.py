@@ -291,3 +291,28 @@ def test_mean_embedding_cached_by_model_and_data(tmp_path):
         mean_image_embedding(vlm, images, cache_dir=tmp_path)
     mean_image_embedding(vlm, images[:1], cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_resume_from_cached_residual_equals_full_run(family):
+    from vislens.interventions import residual_streams, resume
+
+    vlm = make(family)
+    images = [Image.new("RGB", s, (200, 40 * i, 90)) for i, s in enumerate(SIZES[family])]
+    batch = vlm.prepare(images, PROMPTS)
+    tm = batch.token_map
+    edges = [("last", tm.image_positions(b)) for b in range(batch.size)]
+    with torch.no_grad():
+        clean = vlm.forward(batch).logits
+        with knockout(vlm, edges, layers=[1]):
+            full = vlm.forward(batch).logits
+    cached = residual_streams(vlm, batch, [1])
+    with resume(vlm, 1, cached[1]), torch.no_grad():
+        close(vlm.forward(batch).logits[real(batch)], clean[real(batch)], atol=1e-5)
+        with knockout(vlm, edges, layers=[1]):
+            resumed = vlm.forward(batch).logits
+    close(resumed[real(batch)], full[real(batch)], atol=1e-5)
+    wrong = torch.zeros_like(cached[1])
+    with resume(vlm, 1, wrong), torch.no_grad():
+        assert (vlm.forward(batch).logits - clean).abs().max() > 1e-3  # the cache is what runs
+    close(vlm.forward(batch).logits, clean, atol=1e-6)  # layers restored after the context

@@ -5,6 +5,7 @@ from vislens.interventions.capture import Captured, capture
 from vislens.interventions.hub import attach, set_inner
 from vislens.interventions.knockout import LAST, knockout
 from vislens.interventions.reference import mean_image_embedding
+from vislens.interventions.resume import residual_streams, resume
 
 __all__ = ["LAST", "Captured", "ablate", "attach", "capture", "knockout",
-           "mean_image_embedding", "set_inner"]
+           "mean_image_embedding", "residual_streams", "resume", "set_inner"]
