@@ -316,3 +316,18 @@ def test_resume_from_cached_residual_equals_full_run(family):
     with resume(vlm, 1, wrong), torch.no_grad():
         assert (vlm.forward(batch).logits - clean).abs().max() > 1e-3  # the cache is what runs
     close(vlm.forward(batch).logits, clean, atol=1e-6)  # layers restored after the context
+
+
+def test_capture_under_generate_keeps_each_step():
+    vlm = make("qwen2_5_vl")
+    batch = vlm.prepare([Image.new("RGB", s) for s in SIZES["qwen2_5_vl"]], PROMPTS)
+    opts = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=vlm.tokenizer.pad_token_id)
+    cols = [[batch.seq_len - 1]] * batch.size
+    with capture(vlm, cols, generated=True) as cap, torch.no_grad():
+        out = vlm.model.generate(**batch.model_inputs(), **opts)
+    last = cap.generated[vlm.num_layers]
+    assert last.shape[:2] == (batch.size, 3)
+    for t in range(3):
+        close(vlm.unembed(last[:, t]), out.logits[t], atol=1e-5)
+    close(cap.residual[vlm.num_layers], last[:, 0], atol=1e-6)  # prefill row == step 0

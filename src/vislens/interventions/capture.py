@@ -2,7 +2,8 @@
 
 Only the requested positions are kept (gathered inside the hooks), so memory
 grows with what was asked, not with layers x sequence. Capture records the
-prompt pass (under generate: the prefill); generated tokens are not recorded.
+prompt pass (under generate: the prefill); with generated=True it also keeps
+the residual stream of every generated token ([B, steps, hidden] per layer).
 
 Residual index l is the input of decoder layer l (0 = LM input embeddings,
 after any ablation); index num_layers is the last layer's output, before the
@@ -39,6 +40,7 @@ class Captured:
     keys_post: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # [Nq, heads, keys]
+    generated: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, steps, hidden]
 
     def of(self, kind: str, layer: int, sample: int) -> torch.Tensor:
         """The rows of one sample (in the order its positions were given)."""
@@ -55,6 +57,8 @@ class Capture:
                             attention_rows=_rows(attention_queries or []))
         self.want_residual, self.want_keys, self.want_values = residual, keys, values
         self.recording = False
+        self.decoding = False
+        self.steps: dict[int, list[torch.Tensor]] = {}
         self.heads = vlm.language_model.config.num_attention_heads
         b, p = self.out.rows[:, 0], self.out.rows[:, 1]
         self._b, self._p = torch.as_tensor(b), torch.as_tensor(p)
@@ -96,7 +100,8 @@ class Capture:
 
 @contextmanager
 def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool = True,
-            keys: bool = False, values: bool = False, attention_queries=None):
+            keys: bool = False, values: bool = False, attention_queries=None,
+            generated: bool = False):
     """Record what the LM computes at chosen positions while the context is open.
 
     positions: one sequence of prompt columns per sample (residual, keys, values).
@@ -105,25 +110,35 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
     attention_queries: one sequence of query columns per sample; their
     attention rows over all keys ([Nq, heads, keys], post-softmax, including
     any active knockout) are recorded per layer.
+    generated: also keep the residual of each token generate produces
+    (`generated[l]` is [B, steps, hidden]; its logits are vlm.unembed of the last).
     """
     state = attach(vlm)
     cap = Capture(vlm, positions, layers, residual, keys, values, attention_queries)
     handles = []
 
+    def keep_step(idx, hidden):
+        cap.steps.setdefault(idx, []).append(hidden[:, -1].detach())
+
     def start(module, args, kwargs):
         cap.recording = _past_length(kwargs) == 0
+        cap.decoding = generated and not cap.recording
+        hidden = args[0] if args else kwargs["hidden_states"]
         if cap.recording and residual and 0 in cap.layers:
-            hidden = args[0] if args else kwargs["hidden_states"]
             cap.out.residual[0] = cap.gather(hidden)
+        if generated and residual and 0 in cap.layers:
+            keep_step(0, hidden)
 
     handles.append(vlm.layers[0].register_forward_pre_hook(start, with_kwargs=True))
     wanted = set(cap.layers) | ({cap.num_layers} if cap.num_layers - 1 in cap.layers else set())
     for idx, layer in enumerate(vlm.layers):
         if residual and idx + 1 in wanted:
             def after(module, args, output, idx=idx):
+                hidden = output[0] if isinstance(output, tuple) else output
                 if cap.recording:
-                    hidden = output[0] if isinstance(output, tuple) else output
                     cap.out.residual[idx + 1] = cap.gather(hidden)
+                if generated:
+                    keep_step(idx + 1, hidden)
             handles.append(layer.register_forward_hook(after))
         if idx not in cap.layers:
             continue
@@ -144,3 +159,6 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
         state.captures.remove(cap)
         for h in handles:
             h.remove()
+        if generated:
+            # step 0 is the prefill's last position: it produced the first new token
+            cap.out.generated = {k: torch.stack(v, 1) for k, v in cap.steps.items()}
