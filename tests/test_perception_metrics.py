@@ -154,3 +154,15 @@ def test_input_agnostic_score():
     assert score[7] == pytest.approx(1.0)
     assert np.median(score) < 0.2
     assert flag(score).tolist() == [7]
+
+
+def test_agnostic_means_stable_key_of_a_varying_input():
+    from vislens.experiments.perception.artifacts import relative
+
+    key = np.array([0.95, 0.95, 0.1])  # stability of the key at three positions
+    inp = np.array([0.95, 0.1, 0.1])  # ... and of the LM input there
+    score = relative(key, inp)
+    # position 0: stable because its input is (a plain background): not agnostic
+    assert score[0] == pytest.approx(0.0)
+    assert score[1] == pytest.approx(1 - 0.05 / 0.9)  # ignores a varying input
+    assert score[2] == pytest.approx(0.0)

@@ -1,14 +1,21 @@
 """Liu et al. B2: input-agnostic image keys, and what blocking them does.
 
-Score of image-token position p in layer l: 1 - (variance of p's key across
-images) / (variance of all image keys of layer l, over images and positions).
-1 = the same key whatever the image; ~0 = varies as much as keys in general. (The
-plain cosine to the mean key is not used: keys share a large common direction, so
-it is near 1 at every position and cannot single anything out.) It streams: per
-position, the sum of keys and of their squared norms, so memory does not grow with
-the number of images. A position is flagged in layer l when its score exceeds
-that layer's mean + z * std over positions (z = 2 by default) AND `min_score`
-(default 0.9: less than a tenth of the usual variation).
+Stability of image-token position p in layer l: 1 - (variance of p's key across
+images) / (variance of all image keys of layer l, over images and positions);
+1 = the same key whatever the image. (The plain cosine to the mean key is not
+used: keys share a large common direction, so it is near 1 everywhere.)
+A key is only input-AGNOSTIC if it is stable although its input is not: plain
+backgrounds (ShapesWorld's, or a sky) give stable keys because the input is stable.
+So the score divides out the input's own variation, measured the same way on the
+LM input at p (the projector output):
+
+    score(p, l) = 1 - key_var_ratio(p, l) / input_var_ratio(p)
+
+(~0 = the key varies as much as its input, 1 = it ignores its input). Both
+variances stream (per position, a sum of vectors and of squared norms), so memory
+does not grow with the number of images. A position is flagged in layer l when its
+score exceeds that layer's mean + z * std over positions (z = 2 by default) AND
+`min_score` (default 0.9: the key keeps under a tenth of its input's variation).
 
 Intervention: attention from every text position after the image (and generated
 tokens) to the flagged keys is knocked out in the layers where they are flagged;
@@ -53,7 +60,8 @@ class ArtifactsConfig:
 
 @dataclass
 class ArtifactScores:
-    scores: dict[int, np.ndarray]  # layer -> [n_positions]
+    scores: dict[int, np.ndarray]  # layer -> [n_positions], input-normalised
+    stability: dict[int, np.ndarray]  # layer -> [n_positions], 1 - key variance ratio
     flagged: dict[int, np.ndarray]  # layer -> indices in image-token order
     rows: np.ndarray  # grid (row, col) of each position, for the plot
     cols: np.ndarray
@@ -61,6 +69,8 @@ class ArtifactScores:
 
     def to_dict(self) -> dict:
         return {"scores": {str(k): np.round(v, 4).tolist() for k, v in self.scores.items()},
+                "stability": {str(k): np.round(v, 4).tolist()
+                              for k, v in self.stability.items()},
                 "flagged": {str(k): v.tolist() for k, v in self.flagged.items()},
                 "rows": self.rows.tolist(), "cols": self.cols.tolist(),
                 "n_images": self.n_images}
@@ -86,6 +96,11 @@ def input_agnostic(sums: torch.Tensor, squares: torch.Tensor, n: int) -> np.ndar
     return (1 - var_p / total.clamp_min(1e-12)).clamp(max=1.0).numpy()
 
 
+def relative(key_stability: np.ndarray, input_stability: np.ndarray) -> np.ndarray:
+    """1 - key variance ratio / input variance ratio (stable keys of stable inputs ~ 0)."""
+    return 1 - (1 - key_stability) / np.maximum(1 - input_stability, 1e-3)
+
+
 def same_size(images: list[Image.Image]) -> list[Image.Image]:
     """All images at the first one's size, so every image has the same token grid."""
     size = images[0].size
@@ -101,17 +116,20 @@ def agnostic_scores(vlm, images: list[Image.Image], config: ArtifactsConfig,
     chunks = [images[i:i + config.batch_size] for i in range(0, len(images), config.batch_size)]
     for chunk in (progress(chunks, "artifact scores") if progress else chunks):
         feats = extract(vlm, chunk, [config.prompt] * len(chunk), layers=config.layers,
-                        sources=("keys",), batch_size=config.batch_size)
+                        sources=("keys", "projector"), batch_size=config.batch_size)
         for f in feats:
             for name, k in f.sources.items():
-                layer = int(name.split("/")[1])
+                layer = -1 if name == "projector" else int(name.split("/")[1])
                 k = k.double()
                 sums[layer] = sums.get(layer, 0) + k
                 squares[layer] = squares.get(layer, 0) + (k ** 2).sum(1)
             rows, cols = f.rows, f.cols
-    scores = {ly: input_agnostic(sums[ly], squares[ly], len(images)) for ly in sorted(sums)}
+    n = len(images)
+    inputs = input_agnostic(sums.pop(-1), squares.pop(-1), n)
+    stability = {ly: input_agnostic(sums[ly], squares[ly], n) for ly in sorted(sums)}
+    scores = {ly: relative(st, inputs) for ly, st in stability.items()}
     flagged = {ly: flag(s, config.z, config.min_score) for ly, s in scores.items()}
-    return ArtifactScores(scores, flagged, rows, cols, len(images))
+    return ArtifactScores(scores, stability, flagged, rows, cols, n)
 
 
 def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
@@ -142,6 +160,8 @@ def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
         "n_flagged": {str(ly): int(len(idx)) for ly, idx in art.flagged.items()},
         "score_max": {str(ly): round(float(s.max()), 4) for ly, s in art.scores.items()},
         "score_mean": {str(ly): round(float(s.mean()), 4) for ly, s in art.scores.items()},
+        "stability_mean": {str(ly): round(float(s.mean()), 4)
+                           for ly, s in art.stability.items()},
         "perceive": {"clean": clean, "knockout": knocked, "delta": delta(clean, knocked)},
         "multiple_choice": {"n": len(mc_items), "kind": config.mc.kind,
                             "clean_accuracy": acc(mc_clean), "knockout_accuracy": acc(mc_knock),

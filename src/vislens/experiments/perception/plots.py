@@ -56,7 +56,7 @@ def artifact_grid(art, path: Path) -> Path:
     for ax, layer in zip(axes.ravel(), layers, strict=False):
         grid = np.full((h, w), np.nan)
         grid[art.rows, art.cols] = art.scores[layer]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
+        im = ax.imshow(np.clip(grid, 0, 1), vmin=0, vmax=1, cmap="magma")
         idx = art.flagged[layer]
         ax.scatter(art.cols[idx], art.rows[idx], marker="x", c="cyan", s=18)
         ax.set_title(f"layer {layer}: {len(idx)} flagged", fontsize=9)
@@ -64,7 +64,7 @@ def artifact_grid(art, path: Path) -> Path:
         ax.set_yticks([])
     for ax in axes.ravel()[len(layers):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="similarity to the mean key")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="input-agnostic score")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
