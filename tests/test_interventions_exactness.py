@@ -171,8 +171,9 @@ def test_knockout_matches_handwritten_eager(family, inner):
     clean = reference_logits(vlm, batch, {})
     for layers in ([0], [0, 1]):
         edges, blocked = random_edges(batch, rng, layers)
-        with knockout(vlm, edges, layers=layers), torch.no_grad():
+        with knockout(vlm, edges, layers=layers) as ko, torch.no_grad():
             out = vlm.forward(batch).logits
+        assert ko.applied == len(layers)
         ref = reference_logits(vlm, batch, blocked)
         close(out[real(batch)], ref[real(batch)], atol=2e-5)
         assert (ref[:, -1] - clean[:, -1]).abs().max() > 1e-4  # the edges mattered

@@ -44,6 +44,8 @@ class Ablation:
             if len(self.values) != len(self.positions):
                 raise ValueError("give one value tensor per sample")
 
+    applied = 0  # prompt passes this ablation replaced embeddings in
+
     def apply(self, embeds: torch.Tensor) -> torch.Tensor:
         if embeds.shape[0] != len(self.positions):
             raise ValueError(f"ablation was given positions for {len(self.positions)} samples, "
@@ -54,6 +56,7 @@ class Ablation:
                 if int(pos.max()) >= embeds.shape[1] or int(pos.min()) < 0:
                     raise ValueError(f"ablation position out of range 0..{embeds.shape[1] - 1}")
                 out[b, pos.to(out.device)] = val.to(out.device, out.dtype)
+        self.applied += 1
         return out
 
 

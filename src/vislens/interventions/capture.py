@@ -57,7 +57,6 @@ class Capture:
                             attention_rows=_rows(attention_queries or []))
         self.want_residual, self.want_keys, self.want_values = residual, keys, values
         self.recording = False
-        self.decoding = False
         self.steps: dict[int, list[torch.Tensor]] = {}
         self.heads = vlm.language_model.config.num_attention_heads
         b, p = self.out.rows[:, 0], self.out.rows[:, 1]
@@ -122,7 +121,6 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
 
     def start(module, args, kwargs):
         cap.recording = _past_length(kwargs) == 0
-        cap.decoding = generated and not cap.recording
         hidden = args[0] if args else kwargs["hidden_states"]
         if cap.recording and residual and 0 in cap.layers:
             cap.out.residual[0] = cap.gather(hidden)

@@ -38,6 +38,7 @@ class Knockout:
         self.empty = all(len(_columns(k, None, "key")) == 0 for g in self.edges for _, k in g)
         self.seq_len = None
         self._device = None
+        self.applied = 0  # attention calls that really blocked something (a silent no-op shows)
         if seq_len is not None:
             self._build(seq_len, torch.device("cpu"))
 
@@ -83,6 +84,7 @@ class Knockout:
             out[:, n_prompt_q:, :kp] = self.generated[:, None, :kp]
         if not bool(out.any()):
             return None
+        self.applied += 1
         return out[:, None]
 
 
