@@ -191,11 +191,15 @@ def study(
 
 
 def _register() -> None:
-    from vislens import cli_part_a
+    from vislens import cli_part_a, cli_part_b
 
     app.command("ablate")(cli_part_a.ablate)
     app.command("logit-lens")(cli_part_a.logit_lens)
     app.command("knockout")(cli_part_a.knockout)
+    app.command("perceive")(cli_part_b.perceive)
+    app.command("artifacts")(cli_part_b.artifacts)
+    app.command("prefix")(cli_part_b.prefix)
+    app.command("surface")(cli_part_b.surface)
 
 
 _register()
