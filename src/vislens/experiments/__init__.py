@@ -1,0 +1,1 @@
+"""One module per experiment; each composes interventions on a loaded model."""

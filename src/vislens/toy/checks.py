@@ -1,0 +1,56 @@
+"""The toy's "does it really look?" check: ablate every image token with the mean one.
+
+A forward pre-hook on the language model replaces the merged input embeddings
+at image-token positions (as Neo et al.'s ablation does), leaving input ids,
+pixels and positions untouched. Kept here, small and LLaVA-only, so training can
+verify its own result without depending on the interventions package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+
+@torch.no_grad()
+def mean_image_embedding(model, processor, images: Sequence) -> torch.Tensor:
+    """Mean projector output (post-adapter image token) over reference images: [D]."""
+    pixels = processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    feats = model.model.get_image_features(pixel_values=pixels.to(model.device))
+    feats = getattr(feats, "pooler_output", feats)
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    return feats.reshape(-1, feats.shape[-1]).mean(0)
+
+
+@contextmanager
+def replace_image_tokens(model, vector: torch.Tensor) -> Iterator[None]:
+    """Inside the block, every image token reaches the LM as `vector`."""
+    image_id = model.config.image_token_id
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab_ids(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            seen["ids"] = ids
+
+    def swap(_module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        ids = seen.get("ids")
+        if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
+            return None  # cached decoding steps carry no image tokens
+        where = (ids == image_id)[..., None]
+        kwargs["inputs_embeds"] = torch.where(where, vector.to(embeds.dtype), embeds)
+        return args, kwargs
+
+    handles = [
+        model.model.register_forward_pre_hook(grab_ids, with_kwargs=True),
+        model.model.language_model.register_forward_pre_hook(swap, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

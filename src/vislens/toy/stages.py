@@ -1,0 +1,183 @@
+"""The three training stages, written against a small interface so other toys reuse them.
+
+A: the language model alone learns to answer from oracle image tokens (its own
+   word embeddings placed at the objects' patches), which removes the hard,
+   slow part of VLM training: the route from question words to image tokens.
+B: the vision side (tower + projector) regresses those oracle tokens per patch
+   with the LM frozen; a dense target converges in a few hundred steps.
+C: everything is fine-tuned end to end on the questions, the dense loss kept
+   as an auxiliary so image tokens stay in the LM's word space.
+
+`Parts` is all a stage needs from a family: the LM body and head, the image
+token id, and a function from pixels to one feature per oracle patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vislens.toy.data import IGNORE, Encoder, Pool, qa_batch
+from vislens.toy.oracle import oracle_tokens
+
+
+class AttentionGuide:
+    """Auxiliary loss that teaches one head where to look: the object an answer is about.
+
+    Without it the route from the answer position to the right image tokens forms
+    far too slowly on a CPU budget (attention starts uniform over ~144 tokens and
+    each token gets a tiny share of the gradient). A pre-hook keeps the chosen
+    layer's attention inputs; the loss is -log(attention mass that the guided heads,
+    at positions predicting an answer word, put on that object's patches).
+    """
+
+    def __init__(self, attention: torch.nn.Module, heads: int = 1):
+        self.attention = attention
+        self.heads = heads
+        self.saved: dict = {}
+        self.handle = attention.register_forward_pre_hook(self._grab, with_kwargs=True)
+
+    def _grab(self, _module, args, kwargs):
+        self.saved = dict(kwargs)
+        if args:
+            self.saved["hidden_states"] = args[0]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        hidden = self.saved["hidden_states"]
+        cos, sin = self.saved["position_embeddings"]
+        focus = batch["focus"]
+        bi, ti = torch.nonzero(focus >= 0, as_tuple=True)
+        if len(bi) == 0:
+            return hidden.new_zeros(())
+        att = self.attention
+        dh, h = att.head_dim, self.heads
+        b, t, _ = hidden.shape
+        q = att.q_proj(hidden[bi, ti]).view(len(bi), -1, dh)[:, :h]
+        k = att.k_proj(hidden).view(b, t, -1, dh)[:, :, :h]
+        q = q * cos[bi, ti][:, None] + _rotate_half(q) * sin[bi, ti][:, None]
+        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+        scores = torch.einsum("nhd,nthd->nht", q, k[bi]) * att.scaling
+        visible = batch["attention_mask"][:, 0][bi, ti]  # [N, T]
+        probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+        obj = batch["cov"][bi, focus[bi, ti]] > 0  # [N, M] over the image tokens
+        where = torch.zeros(len(bi), t, dtype=probs.dtype)
+        where[:, 1:1 + obj.shape[1]] = obj.to(probs.dtype)
+        mass = (probs * where[:, None]).sum(-1)
+        return -(mass + 1e-6).log().mean()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class Parts:
+    lm: torch.nn.Module  # decoder body: (inputs_embeds, attention_mask, position_ids) -> hidden
+    head: torch.nn.Module  # hidden -> vocabulary logits
+    embed: torch.nn.Embedding  # the LM's input embeddings (tied to `head` in the toy)
+    image_features: Callable[[torch.Tensor], torch.Tensor]  # uint8 pixels -> [B, P, D]
+    vision_params: list[torch.nn.Parameter]
+
+
+class OracleHead(torch.nn.Module):
+    """Learned pieces of the oracle tokens: background vector and an overall scale."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.background = torch.nn.Parameter(torch.randn(dim) * 0.02)
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, batch: dict, embed: torch.Tensor) -> torch.Tensor:
+        return oracle_tokens(batch["cov"], batch["colors"], batch["shapes"], embed,
+                             self.background, self.scale)
+
+
+def answer_logits(parts: Parts, batch: dict, image_tokens: torch.Tensor, image_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at labelled positions only (the head is the cost we can skip elsewhere)."""
+    ids = batch["input_ids"]
+    emb = parts.embed(ids)
+    where = (ids == image_id)[..., None]
+    emb = emb.masked_scatter(where, image_tokens.to(emb.dtype))
+    hidden = parts.lm(inputs_embeds=emb, attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"]).last_hidden_state
+    sel = batch["labels"] != IGNORE
+    return parts.head(hidden[sel]), batch["labels"][sel], sel
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor, sel: torch.Tensor,
+                batch: dict) -> float:
+    """Share of question blocks whose every answer token is the argmax (teacher forced)."""
+    blocks = batch["block"][sel]
+    wrong = set(blocks[logits.argmax(-1) != labels].tolist())
+    total = set(blocks.tolist())
+    return 1.0 - len(wrong) / max(1, len(total))
+
+
+def schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """Linear warm-up then cosine decay to 10%: fast early progress, a quiet finish."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def probe(parts: Parts, oracle: OracleHead, pool: Pool, encoder: Encoder, image_id: int,
+          use_vision: bool, n: int = 48, seed: int = 1) -> dict[str, float]:
+    """Teacher-forced exact match per setting on a fixed slice of a held-out pool."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(min(n, len(pool.samples)))
+    out = {}
+    with torch.no_grad():
+        for setting in ("generative", "polling", "vqa"):
+            batch = qa_batch(pool, idx, encoder, rng, settings=(setting,))
+            tokens = (parts.image_features(batch["pixels"]) if use_vision
+                      else oracle(batch, parts.embed.weight))
+            logits, labels, sel = answer_logits(parts, batch, tokens, image_id)
+            out[setting] = round(exact_match(logits, labels, sel, batch), 4)
+    return out
+
+
+def stage_a_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int,
+                 guide: AttentionGuide | None = None, guide_weight: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tokens = oracle(batch, parts.embed.weight)
+    logits, labels, _ = answer_logits(parts, batch, tokens, image_id)
+    loss = F.cross_entropy(logits, labels)
+    if guide is None or guide_weight <= 0:
+        return loss, None
+    g = guide.loss(batch)
+    return loss + guide_weight * g, g
+
+
+def dense_loss(parts: Parts, oracle: OracleHead, batch: dict) -> torch.Tensor:
+    """Per-patch regression of the oracle tokens (targets detached: the LM defines them)."""
+    with torch.no_grad():
+        target = oracle(batch, parts.embed.weight)
+    pred = parts.image_features(batch["pixels"])
+    return F.mse_loss(pred, target) / target.pow(2).mean().clamp(min=1e-8)
+
+
+def stage_c_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int,
+                 aux_weight: float, guide: AttentionGuide | None = None,
+                 guide_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = parts.image_features(batch["pixels"])
+    logits, labels, _ = answer_logits(parts, batch, tokens, image_id)
+    loss = F.cross_entropy(logits, labels)
+    with torch.no_grad():
+        target = oracle(batch, parts.embed.weight)
+    aux = F.mse_loss(tokens, target) / target.pow(2).mean().clamp(min=1e-8)
+    loss = loss + aux_weight * aux
+    if guide is not None and guide_weight > 0:
+        loss = loss + guide_weight * guide.loss(batch)
+    return loss, aux

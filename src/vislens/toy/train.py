@@ -1,0 +1,231 @@
+"""Reproduce the shipped toy VLM from scratch on a CPU: `train(out_dir, seed)`.
+
+Recipe (see `stages.py` for why): A) LM on oracle image tokens, B) vision tower
++ projector regress the oracle tokens, C) end-to-end fine-tune on the questions.
+Training scenes come from world seed `seed`; the held-out score uses world seed
+`EVAL_SEED + seed`, so no evaluated scene was ever trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vislens.data import shapesworld
+from vislens.toy.build import IMAGE, ToySpec, build_model, build_processor
+from vislens.toy.data import Encoder, make_pool, normalise_pixels, qa_batch
+from vislens.toy.stages import (
+    OracleHead,
+    Parts,
+    dense_loss,
+    probe,
+    schedule,
+    stage_a_step,
+    stage_c_step,
+)
+
+EVAL_SEED = 100_000
+
+
+@dataclass
+class Recipe:
+    """Every knob of a training run; saved in the log so a run can be repeated."""
+
+    spec: ToySpec = field(default_factory=ToySpec)
+    pool_size: int = 3000
+    images_per_step: int = 16
+    targets_per_image: int = 2
+    background_a: int | None = 8  # stage A keeps object patches + this many background ones
+    steps_a: int = 600
+    lr_a: float = 3e-3
+    steps_b: int = 300
+    lr_b: float = 2e-3
+    steps_c: int = 200
+    lr_c: float = 5e-4
+    aux_weight: float = 1.0
+    warmup: int = 50
+    probe_every: int = 100
+    eval_scenes: int = 100
+    threads: int = 1  # one thread: on a shared 2-core CPU two threads run ~5x slower
+
+
+def llava_parts(model, processor) -> Parts:
+    """The stage interface for a `LlavaForConditionalGeneration` (CLS dropped, as LLaVA does)."""
+    ip = processor.image_processor
+    mean, std = list(ip.image_mean), list(ip.image_std)
+
+    def image_features(pixels: torch.Tensor) -> torch.Tensor:
+        feats = model.model.get_image_features(pixel_values=normalise_pixels(pixels, mean, std))
+        feats = getattr(feats, "pooler_output", feats)
+        if isinstance(feats, (list, tuple)):
+            feats = torch.stack(list(feats))
+        return feats
+
+    vision = list(model.model.vision_tower.parameters())
+    vision += list(model.model.multi_modal_projector.parameters())
+    return Parts(lm=model.model.language_model, head=model.lm_head,
+                 embed=model.model.language_model.embed_tokens,
+                 image_features=image_features, vision_params=vision)
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
+          progress: bool = True) -> dict:
+    """Train a toy from scratch into `out_dir`; returns the training summary (also saved)."""
+    recipe = recipe or Recipe()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; pass a new --out directory")
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    spec = recipe.spec
+    processor = build_processor(spec)
+    model = build_model(spec, seed=seed)
+    parts = llava_parts(model, processor)
+    vocab = processor.tokenizer.get_vocab()
+    image_id = vocab[IMAGE]
+    encoder = Encoder(processor.tokenizer, spec.grid ** 2)
+    oracle = OracleHead(spec.lm_hidden)
+    started = time.time()
+    pool = make_pool(recipe.pool_size, seed, spec.grid, vocab)
+    held = make_pool(64, EVAL_SEED + seed, spec.grid, vocab)
+    log: dict = {"seed": seed, "recipe": asdict(recipe), "steps": [], "probes": []}
+
+    def draw(background: int | None = None):
+        idx = rng.integers(len(pool.samples), size=recipe.images_per_step)
+        return qa_batch(pool, idx, encoder, rng, targets=recipe.targets_per_image,
+                        background=background)
+
+    lm_params = list(parts.lm.parameters()) + list(oracle.parameters())
+    stages = [
+        ("A", recipe.steps_a, lm_params, recipe.lr_a),
+        ("B", recipe.steps_b, parts.vision_params, recipe.lr_b),
+        ("C", recipe.steps_c, lm_params + parts.vision_params, recipe.lr_c),
+    ]
+    bar = _progress() if progress else None
+    if bar:
+        bar.start()
+    try:
+        for name, steps, params, lr in stages:
+            if steps <= 0:
+                continue
+            _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
+                         held, encoder, log, bar)
+    finally:
+        if bar:
+            bar.stop()
+    train_seconds = time.time() - started
+    model.eval()
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    scenes = shapesworld.generate(recipe.eval_scenes, seed=EVAL_SEED + seed)
+    summary = final_checks(model, processor, scenes)
+    log.update(summary)
+    log["train_seconds"] = round(train_seconds, 1)
+    log["parameters"] = sum(p.numel() for p in model.parameters())
+    (tmp / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    plot_losses(log, tmp / "loss.png")
+    os.replace(tmp, out) if not out.exists() else _move_into(tmp, out)
+    return log
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+
+
+def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id, held,
+                 encoder, log, bar) -> None:
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
+    task = bar.add_task(f"stage {name}", total=steps, info="") if bar else None
+    use_vision = name != "A"
+    for step in range(steps):
+        batch = draw(recipe.background_a if name == "A" else None)
+        aux = None
+        if name == "A":
+            loss = stage_a_step(parts, oracle, batch, image_id)
+        elif name == "B":
+            loss = dense_loss(parts, oracle, batch)
+        else:
+            loss, aux = stage_c_step(parts, oracle, batch, image_id, recipe.aux_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sched.step()
+        row = {"stage": name, "step": step, "loss": round(float(loss), 5)}
+        if aux is not None:
+            row["dense"] = round(float(aux), 5)
+        log["steps"].append(row)
+        info = f"loss {float(loss):.3f}"
+        if (step + 1) % recipe.probe_every == 0 or step + 1 == steps:
+            acc = probe(parts, oracle, held, encoder, image_id, use_vision)
+            log["probes"].append({"stage": name, "step": step + 1, **acc})
+            info += " | " + " ".join(f"{k[:4]} {v:.2f}" for k, v in acc.items())
+        if bar:
+            bar.update(task, advance=1, info=info)
+
+
+def final_checks(model, processor, scenes) -> dict:
+    """Held-out accuracy by generation, and the same with every image token ablated."""
+    from vislens.experiments.accuracy import evaluate
+    from vislens.toy.checks import mean_image_embedding, replace_image_tokens
+
+    clean = evaluate(model, processor, scenes)
+    reference = shapesworld.generate(64, seed=EVAL_SEED + 7_777)
+    mean = mean_image_embedding(model, processor, [s.image for s in reference])
+    with replace_image_tokens(model, mean):
+        ablated = evaluate(model, processor, scenes)
+    return {"held_out": {"scenes": len(scenes), "accuracy": clean["accuracy"]},
+            "ablated_all_image_tokens": {"accuracy": ablated["accuracy"]}}
+
+
+def plot_losses(log: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    offset = 0
+    for stage in ("A", "B", "C"):
+        rows = [r for r in log["steps"] if r["stage"] == stage]
+        if not rows:
+            continue
+        x = np.arange(offset, offset + len(rows))
+        y = np.array([r["loss"] for r in rows])
+        k = min(20, len(y))
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(x, y, alpha=0.25)
+        ax.plot(x[k - 1:], smooth, label=f"stage {stage}")
+        offset += len(rows)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("toy VLM training (A: LM on oracle tokens, B: vision, C: joint)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
