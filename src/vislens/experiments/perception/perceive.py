@@ -243,6 +243,7 @@ def score_temp_corr(vlm, video, config, blocked):
         pred_grids = [_grid(f, p, b, full=True) for f, p, b in zip(feats, preds, base,
                                                                     strict=True)]
         stats[name] = M.j_and_f(pred_grids, grids)
+    stats["static"] = M.j_and_f([grids[0]] * len(grids), grids)  # no tracking at all
     return video.id, stats
 
 
@@ -308,8 +309,10 @@ def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers
         for kind in ("keys", "values"):
             curve = [(v, ly) for v, ly in zip(entry[kind], layers, strict=True) if v is not None]
             entry[f"best_{kind}_layer"] = max(curve)[1] if curve else None
-        if task == "sem-corr":
+        if task == "sem-corr":  # upper bound: the right token every time (token-level grid)
             entry["oracle"] = score("oracle")
+        if task == "temp-corr":  # floor: frame 0's labels copied to every frame
+            entry["static"] = score("static")
         out[task] = entry
     return out
 
