@@ -1,9 +1,10 @@
 """Liu et al. B2: input-agnostic image keys, and what blocking them does.
 
 Stability of image-token position p in layer l: 1 - (variance of p's key across
-images) / (variance of all image keys of layer l, over images and positions);
-1 = the same key whatever the image. (The plain cosine to the mean key is not
-used: keys share a large common direction, so it is near 1 everywhere.)
+images) / (the same variance averaged over all positions of layer l); 1 = the same
+key whatever the image, ~0 = a typical position. (The plain cosine to the mean key
+is not used: keys share a large common direction, so it is near 1 everywhere; nor
+is the variance over all keys, which RoPE inflates with position differences.)
 A key is only input-AGNOSTIC if it is stable although its input is not: plain
 backgrounds (ShapesWorld's, or a sky) give stable keys because the input is stable.
 So the score divides out the input's own variation, measured the same way on the
@@ -84,16 +85,14 @@ def flag(scores: np.ndarray, z: float = 2.0, min_score: float = 0.9) -> np.ndarr
 
 
 def input_agnostic(sums: torch.Tensor, squares: torch.Tensor, n: int) -> np.ndarray:
-    """1 - per-position variance across images / variance of all keys of the layer.
+    """1 - each position's variance across images / the mean of that over positions.
 
     sums: [positions, dim] sum of keys over n images; squares: [positions] sum of
     their squared norms.
     """
     mean = sums / n
-    var_p = squares / n - (mean ** 2).sum(1)
-    grand = mean.mean(0)
-    total = squares.sum() / (n * len(squares)) - (grand ** 2).sum()
-    return (1 - var_p / total.clamp_min(1e-12)).clamp(max=1.0).numpy()
+    var_p = (squares / n - (mean ** 2).sum(1)).clamp_min(0)
+    return (1 - var_p / var_p.mean().clamp_min(1e-12)).numpy()
 
 
 def relative(key_stability: np.ndarray, input_stability: np.ndarray) -> np.ndarray:
