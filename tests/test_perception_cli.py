@@ -59,6 +59,8 @@ def test_perceive_errors_are_one_line(app, tmp_path):
     assert r.exit_code == 2 and "unknown task" in r.output
     r = invoke(app, "perceive", "--layers", "0,9", "--out", tmp_path / "y")
     assert r.exit_code == 2 and "out of range" in r.output
+    r = invoke(app, "perceive", "--data", "segm=voc:/x", "--out", tmp_path / "z")
+    assert r.exit_code == 2 and "unknown part" in r.output
 
 
 def _write_voc(root, maps):

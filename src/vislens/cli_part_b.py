@@ -41,6 +41,11 @@ def _data(specs: list[str] | None, seed: int) -> dict[str, str]:
     for spec in specs or []:
         key, sep, value = spec.partition("=")
         key, value = (key.strip(), value.strip()) if sep else ("*", spec.strip())
+        known = ("fg-seg", "co-seg", "sem-seg", "ref-seg", "sem-corr", "temp-corr", "images",
+                 "mc", "*")
+        if key not in known:
+            raise VislensError(f"--data {spec!r}: unknown part {key!r}; use SPEC or TASK=SPEC "
+                               f"with TASK one of {', '.join(known[:-1])}")
         if value == "shapesworld":
             value = f"shapesworld:{seed}"
         out[key] = value
