@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): vislens against a plain forward, nnsight and TransformerLens."""
