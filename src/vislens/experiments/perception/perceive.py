@@ -90,7 +90,8 @@ def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
         # the images of one item (an episode, a set, a pair, a video)
         step = config.batch_size if task in TEXT_TASKS else 1
         chunks = [pending[k:k + step] for k in range(0, len(pending), step)]
-        for chunk in (progress(chunks, f"{condition} {task}") if progress else chunks):
+        for chunk in (progress(chunks, f"{condition} {task}") if progress and chunks
+                      else chunks):
             if task in TEXT_TASKS:
                 results = score_text_items(task, vlm, [it for _, it in chunk], config, blocked)
             else:
