@@ -146,3 +146,21 @@ def test_text_tasks_batched_equal_one_by_one(vlm):
     alone = [score_text_items("ref-seg", vlm, [r], config, None)[0] for r in refs]
     for (_, a), (_, b) in zip(together, alone, strict=True):
         assert a == pytest.approx(b, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_families_get_vision_rows(family):
+    """Tiles, unpadding and newline slots: every patch token still finds its vision row."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers_models import build
+
+    model, proc = build(family)
+    vlm = VLM(model.eval(), proc, family)
+    image = shapesworld.generate(1, seed=1)[0].image.resize((200, 150))
+    f = extract(vlm, [image], ["describe this image ."], layers=[0])[0]
+    assert set(f.tiles.tolist()) == {0, 1}
+    again = projector_module(vlm)(f.sources["vision"][None].to(model.dtype))[0].float()
+    assert torch.allclose(again, f.sources["projector"], atol=1e-5)
