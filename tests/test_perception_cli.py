@@ -114,3 +114,33 @@ def test_artifacts_and_surface(app, tmp_path):
     assert s["n_scored"] == 2
     assert sum(s[k] for k in ("solved_by_values_not_model", "solved_by_model_not_values",
                               "both", "neither")) == 2
+
+
+def test_surface_reads_a_blink_fixture(app, tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    items = shapes_tasks.multiple_choice(4, seed=9, kind="fill")
+    rows = [{"idx": f"val_Art_Style_{k}", "question": it.question, "choices": it.choices,
+             "answer": it.answer,
+             **{f"image_{j + 1}": ({"bytes": png(it.images[j]), "path": None}
+                                   if j < len(it.images) else None) for j in range(4)}}
+            for k, it in enumerate(items)]
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("idx", pa.string()), ("question", pa.string()),
+                        ("choices", pa.list_(pa.string())), ("answer", pa.string()),
+                        *[(f"image_{j}", image) for j in range(1, 5)]])
+    path = tmp_path / "art_style.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    r = invoke(app, "surface", "--data", f"blink:{path}", "--n", 4, "--layers", "1",
+               "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["n_items"] == 4 and s["best_layer"] == 1

@@ -117,6 +117,10 @@ def model_answers(vlm, items, batch_size: int = 8, blocked: dict | None = None,
 def readout(vlm, item, config: SurfaceConfig) -> dict[str, list[int]]:
     """Per source (values/L, projector, vision): the candidate most similar to the
     reference by mean image feature."""
+    if len(item.images) != len(item.choices) + 1:
+        raise ValueError(f"item {item.id}: surface reads a reference image plus one image per "
+                         f"choice (BLINK Art Style / Visual Similarity); it has "
+                         f"{len(item.images)} images for {len(item.choices)} choices")
     feats = extract(vlm, item.images, [config.prompt] * len(item.images), layers=config.layers,
                     sources=("values", "projector", "vision"), batch_size=config.batch_size)
     out = {}
