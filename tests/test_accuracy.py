@@ -31,6 +31,11 @@ def test_prompt_is_the_chat_template_plus_answer_prefix(processor):
     assert words[-5:] == ["circle", "?", "<sep>", "it", "is"]
 
 
+def _checksum(pixels: torch.Tensor) -> int:
+    """Which scene a processed image is (questions repeat across scenes)."""
+    return int(pixels.double().abs().sum().item() * 100)
+
+
 class Scripted(torch.nn.Module):
     """A model whose `generate` answers from a script keyed by the prompt's last words.
 
@@ -39,7 +44,7 @@ class Scripted(torch.nn.Module):
     after the prompt before being judged.
     """
 
-    def __init__(self, processor, answers: dict[str, str]):
+    def __init__(self, processor, answers: dict[tuple[int, str], str]):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.tok = processor.tokenizer
@@ -50,11 +55,11 @@ class Scripted(torch.nn.Module):
         assert pixel_values.shape[0] == input_ids.shape[0]
         assert (attention_mask[:, -1] == 1).all()  # left padding
         rows = []
-        for ids, mask in zip(input_ids, attention_mask, strict=True):
+        for ids, mask, pixels in zip(input_ids, attention_mask, pixel_values, strict=True):
             text = self.tok.decode(ids[mask.bool()], skip_special_tokens=False)
             self.prompts.append(text)
             question = " ".join(text.split("<image>")[-1].replace("<sep>", "").split())
-            answer = self.answers.get(question, "no")
+            answer = self.answers.get((_checksum(pixels), question), "no")
             new = self.tok(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
             rows.append(ids.tolist() + new + [self.tok.eos_token_id] * (max_new_tokens - len(new)))
         return torch.tensor(rows)
@@ -67,6 +72,8 @@ def test_evaluate_judges_each_setting(processor):
     expected = {"generative": [], "polling": [], "vqa": []}
     for setting in expected:  # the order evaluate draws questions in
         for s in scenes:
+            pixels = processor.image_processor(images=[s.image], return_tensors="pt")
+            scene = _checksum(pixels["pixel_values"][0])
             for q in shapesworld.questions(s, setting, rng=rng):
                 key = " ".join((q.prompt + " " + q.answer_prefix).split())
                 right = s.id != scenes[0].id  # every question on scene 0 answered wrong
@@ -76,7 +83,7 @@ def test_evaluate_judges_each_setting(processor):
                     reply = q.answer if right else ("no" if q.answer == "yes" else "yes")
                 else:
                     reply = q.answer if right else "star"
-                answers[key] = reply
+                answers[(scene, key)] = reply
                 expected[setting].append(q.is_correct(reply))
     model = Scripted(processor, answers)
     result = evaluate(model, processor, scenes, batch_size=4, seed=0)
@@ -85,7 +92,9 @@ def test_evaluate_judges_each_setting(processor):
     for setting, verdicts in expected.items():
         assert result["accuracy"][setting] == pytest.approx(np.mean(verdicts))
     assert result["accuracy"]["polling"] == pytest.approx(4 / 6)
-    assert all(p.startswith("<s><image>") for p in model.prompts)
+    for prompt in model.prompts:  # what the model got: the template's words, 144 image tokens
+        words = prompt.split()
+        assert words[:2] == ["<s>", "<image>"] and words.count("<image>") == 144
 
 
 def test_generate_answers_on_a_real_model(processor):

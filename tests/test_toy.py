@@ -132,3 +132,33 @@ def test_shipped_toy_perceives_and_needs_the_image(toy):
                            batch_size=30)
     assert ablated["accuracy"]["polling"] <= 0.7, ablated
     assert ablated["accuracy"]["vqa"] <= 0.5, ablated
+
+
+def test_attention_guide_scores_the_real_attention():
+    """The guide recomputes one layer's attention; it must equal what the layer computes."""
+    from vislens.toy.stages import AttentionGuide
+
+    torch.manual_seed(0)
+    spec = ToySpec(lm_hidden=64, lm_layers=2, lm_heads=2, lm_mlp=64, vision_hidden=32,
+                   vision_layers=1, vision_heads=2, vision_mlp=32)
+    processor = build_processor(spec)
+    lm = build_model(spec).model.language_model.eval()
+    lm.config._attn_implementation = "eager"
+    enc = Encoder(processor.tokenizer, 144)
+    pool = make_pool(2, 0, 12, processor.tokenizer.get_vocab())
+    batch = qa_batch(pool, np.arange(2), enc, np.random.default_rng(0), background=4)
+    guide = AttentionGuide(lm.layers[1].self_attn, heads=1, key="focus")
+    emb = torch.randn(*batch["input_ids"].shape, spec.lm_hidden)
+    with torch.no_grad():
+        additive = torch.zeros(batch["attention_mask"].shape).masked_fill(
+            ~batch["attention_mask"], float("-inf"))  # eager adds masks; sdpa takes bools
+        out = lm(inputs_embeds=emb, attention_mask=additive,
+                 position_ids=batch["position_ids"], output_attentions=True)
+        got = guide.loss(batch)
+    probs = out.attentions[1][:, 0]  # [B, T, T], head 0
+    focus = batch["focus"]
+    bi, ti = torch.nonzero(focus >= 0, as_tuple=True)
+    obj = batch["cov"][bi, focus[bi, ti]] > 0
+    mass = (probs[bi, ti, 1:1 + obj.shape[1]] * obj).sum(-1)
+    torch.testing.assert_close(got, -(mass + 1e-6).log().mean(), atol=1e-4, rtol=1e-4)
+    guide.remove()

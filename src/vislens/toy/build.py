@@ -62,10 +62,10 @@ class ToySpec:
     vision_layers: int = 3
     vision_heads: int = 4
     vision_mlp: int = 256
-    lm_hidden: int = 192
+    lm_hidden: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
-    lm_mlp: int = 512
+    lm_mlp: int = 256
 
     @property
     def grid(self) -> int:

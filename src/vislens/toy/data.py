@@ -75,12 +75,16 @@ class Encoder:
         return [self.bos] + [self.image] * self.n_image
 
     def block(self, prompt: str, answer_prefix: str, answer: str,
-              focus: list[int] | None = None) -> tuple[list[int], list[int], list[int]]:
-        """Ids, labels (labels[t] is the token after t) and focus of one question block.
+              focus: list[int] | None = None, owners: dict[str, int] | None = None
+              ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Ids, labels (labels[t] is the token after t), answer focus and word focus.
 
         `focus[j]` names the instance answer word j is about (-1: none); it is placed at
-        the position that predicts the word, for the attention auxiliary loss.
+        the position that predicts the word. `owners` maps a color / shape word to the
+        instance that has it; each such word in the block is marked at its own position.
+        Both feed the attention auxiliary losses.
         """
+        ctx_words = prompt.split() + ["<sep>"] + answer_prefix.split()
         ctx = self.words(prompt) + [self.sep] + self.words(answer_prefix)
         words = self.words(answer)
         target = words + [self.eos]
@@ -88,7 +92,9 @@ class Encoder:
         labels = [IGNORE] * (len(ctx) - 1) + target + [IGNORE]
         about = list(focus or []) + [-1] * (len(words) + 1 - len(focus or []))
         focus_row = [-1] * (len(ctx) - 1) + about + [-1]
-        return ids, labels, focus_row
+        owners = owners or {}
+        word_row = [owners.get(w, -1) for w in ctx_words + answer.split()] + [-1]
+        return ids, labels, focus_row, word_row
 
     def pack(self, blocks_per_image: list[list[tuple[list[int], list[int], list[int]]]],
              patches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -109,6 +115,7 @@ class Encoder:
         pos = torch.zeros((b, n), dtype=torch.long)
         block = torch.full((b, n), -1, dtype=torch.long)  # running block number, for scoring
         focus = torch.full((b, n), -1, dtype=torch.long)
+        word_focus = torch.full((b, n), -1, dtype=torch.long)
         mask = torch.eye(n, dtype=torch.bool).repeat(b, 1, 1)
         causal_head = torch.ones(n_head, n_head, dtype=torch.bool).tril()
         for i, blocks in enumerate(blocks_per_image):
@@ -117,19 +124,20 @@ class Encoder:
                                else torch.cat([torch.zeros(1, dtype=torch.long), patches[i] + 1]))
             mask[i, :n_head, :n_head] = causal_head
             at = n_head
-            for k, (block_ids, block_labels, block_focus) in enumerate(blocks):
+            for k, (block_ids, block_labels, block_focus, block_words) in enumerate(blocks):
                 block[i, at:at + len(block_ids)] = k + i * 1000
                 m = len(block_ids)
                 ids[i, at:at + m] = torch.tensor(block_ids)
                 labels[i, at:at + m] = torch.tensor(block_labels)
                 focus[i, at:at + m] = torch.tensor(block_focus)
+                word_focus[i, at:at + m] = torch.tensor(block_words)
                 pos[i, at:at + m] = torch.arange(n_full, n_full + m)
                 mask[i, at:at + m, :n_head] = True
                 mask[i, at:at + m, at:at + m] = torch.ones(m, m, dtype=torch.bool).tril()
                 at += m
         return {"input_ids": ids, "labels": labels, "position_ids": pos,
                 "attention_mask": mask[:, None], "block": block,
-                "focus": focus}
+                "focus": focus, "word_focus": word_focus}
 
 
 def scene_questions(sample: Sample, rng: np.random.Generator, targets: int = 2,
@@ -147,22 +155,28 @@ def scene_questions(sample: Sample, rng: np.random.Generator, targets: int = 2,
 
 def qa_batch(pool: Pool, idx: np.ndarray, encoder: Encoder, rng: np.random.Generator,
              targets: int = 2, settings: tuple[str, ...] = SETTINGS,
-             background: int | None = None) -> dict[str, torch.Tensor]:
+             background: int | None = None, peaks_only: bool = False
+             ) -> dict[str, torch.Tensor]:
     """Packed batch of all questions about the scenes `idx`, with their oracle inputs.
 
     `background=k` keeps only object patches plus k random background patches per
-    image (a cheap stage-A batch: empty background tokens carry nothing to learn).
+    image (a cheap stage-A batch: empty background tokens carry nothing to learn);
+    with `peaks_only` each object keeps only its most covered patch (the curriculum's
+    first step: one candidate token per object makes the lookup easy to find).
     """
     blocks = []
     for i in idx:
-        qs = scene_questions(pool.samples[int(i)], rng, targets, settings)
+        sample = pool.samples[int(i)]
+        qs = scene_questions(sample, rng, targets, settings)
+        owners = {inst.attributes[a]: k for k, inst in enumerate(sample.instances)
+                  for a in ("color", "shape")}
         blocks.append([encoder.block(q.prompt, q.answer_prefix, q.answer,
-                                     answer_focus(pool.samples[int(i)], q)) for q in qs])
+                                     answer_focus(sample, q), owners) for q in qs])
     t = torch.as_tensor(idx, dtype=torch.long)
     cov = pool.cov[t]
     patches = None
     if background is not None:
-        patches = _keep_patches(cov, background, rng)
+        patches = _keep_patches(cov, background, rng, peaks_only)
         cov = torch.gather(cov, 2, patches[:, None, :].expand(-1, cov.shape[1], -1))
     out = encoder.pack(blocks, patches)
     out.update(cov=cov, colors=pool.colors[t], shapes=pool.shapes[t], pixels=pool.pixels[t])
@@ -182,14 +196,29 @@ def answer_focus(sample: Sample, q: Question) -> list[int]:
     return out
 
 
-def _keep_patches(cov: torch.Tensor, background: int, rng: np.random.Generator) -> torch.Tensor:
-    """[B, M] sorted patch indices: every object patch, then background up to a shared M."""
+def _keep_patches(cov: torch.Tensor, background: int, rng: np.random.Generator,
+                  peaks_only: bool = False) -> torch.Tensor:
+    """[B, M] sorted patch indices: object patches, then background up to a shared M."""
     covered = (cov.sum(1) > 0).numpy()
-    m = min(cov.shape[2], int(covered.sum(1).max()) + background)
+    if peaks_only:
+        peaks = np.zeros_like(covered)
+        for i, c in enumerate(cov.numpy()):
+            for k in np.flatnonzero(c.sum(1) > 0):
+                peaks[i, int(c[k].argmax())] = True
+        background_mask = ~covered
+        covered = peaks
+        return _fill(covered, background_mask, background, rng)
+    return _fill(covered, ~covered, background, rng)
+
+
+def _fill(keep: np.ndarray, background_mask: np.ndarray, background: int,
+          rng: np.random.Generator) -> torch.Tensor:
+    covered = keep
+    m = min(covered.shape[1], int(covered.sum(1).max()) + background)
     rows = []
-    for c in covered:
+    for c, free in zip(covered, background_mask, strict=True):
         obj = np.flatnonzero(c)
-        bg = np.flatnonzero(~c)
+        bg = np.flatnonzero(free)
         extra = rng.choice(bg, size=min(len(bg), m - len(obj)), replace=False)
         rows.append(np.sort(np.concatenate([obj, extra])))
     return torch.as_tensor(np.stack(rows), dtype=torch.long)

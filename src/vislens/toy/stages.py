@@ -35,9 +35,10 @@ class AttentionGuide:
     at positions predicting an answer word, put on that object's patches).
     """
 
-    def __init__(self, attention: torch.nn.Module, heads: int = 1):
+    def __init__(self, attention: torch.nn.Module, heads: int = 1, key: str = "focus"):
         self.attention = attention
         self.heads = heads
+        self.key = key  # which batch field names the positions and their objects
         self.saved: dict = {}
         self.handle = attention.register_forward_pre_hook(self._grab, with_kwargs=True)
 
@@ -52,7 +53,7 @@ class AttentionGuide:
     def loss(self, batch: dict) -> torch.Tensor:
         hidden = self.saved["hidden_states"]
         cos, sin = self.saved["position_embeddings"]
-        focus = batch["focus"]
+        focus = batch[self.key]
         bi, ti = torch.nonzero(focus >= 0, as_tuple=True)
         if len(bi) == 0:
             return hidden.new_zeros(())
@@ -148,16 +149,10 @@ def probe(parts: Parts, oracle: OracleHead, pool: Pool, encoder: Encoder, image_
     return out
 
 
-def stage_a_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int,
-                 guide: AttentionGuide | None = None, guide_weight: float = 0.0
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stage_a_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int) -> torch.Tensor:
     tokens = oracle(batch, parts.embed.weight)
     logits, labels, _ = answer_logits(parts, batch, tokens, image_id)
-    loss = F.cross_entropy(logits, labels)
-    if guide is None or guide_weight <= 0:
-        return loss, None
-    g = guide.loss(batch)
-    return loss + guide_weight * g, g
+    return F.cross_entropy(logits, labels)
 
 
 def dense_loss(parts: Parts, oracle: OracleHead, batch: dict) -> torch.Tensor:
@@ -169,15 +164,11 @@ def dense_loss(parts: Parts, oracle: OracleHead, batch: dict) -> torch.Tensor:
 
 
 def stage_c_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int,
-                 aux_weight: float, guide: AttentionGuide | None = None,
-                 guide_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = parts.image_features(batch["pixels"])
     logits, labels, _ = answer_logits(parts, batch, tokens, image_id)
     loss = F.cross_entropy(logits, labels)
     with torch.no_grad():
         target = oracle(batch, parts.embed.weight)
     aux = F.mse_loss(tokens, target) / target.pow(2).mean().clamp(min=1e-8)
-    loss = loss + aux_weight * aux
-    if guide is not None and guide_weight > 0:
-        loss = loss + guide_weight * guide.loss(batch)
-    return loss, aux
+    return loss + aux_weight * aux, aux

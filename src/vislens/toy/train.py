@@ -21,6 +21,7 @@ from vislens.data import shapesworld
 from vislens.toy.build import IMAGE, ToySpec, build_model, build_processor
 from vislens.toy.data import Encoder, make_pool, normalise_pixels, qa_batch
 from vislens.toy.stages import (
+    AttentionGuide,
     OracleHead,
     Parts,
     dense_loss,
@@ -41,7 +42,11 @@ class Recipe:
     pool_size: int = 3000
     images_per_step: int = 16
     targets_per_image: int = 2
-    background_a: int | None = 8  # stage A keeps object patches + this many background ones
+    # stage A curriculum, as fractions of steps_a: one patch per object (+2 background),
+    # then every object patch (+8 background), then the full grid
+    curriculum_a: tuple[float, float] = (0.5, 0.8)
+    guide_weight: float = 1.0  # attention auxiliary losses (stages A and C)
+    guide_layer: int = 2  # where the answer position is taught to look at the object
     steps_a: int = 600
     lr_a: float = 3e-3
     steps_b: int = 300
@@ -88,8 +93,12 @@ def _progress():
 
 
 def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
-          progress: bool = True) -> dict:
-    """Train a toy from scratch into `out_dir`; returns the training summary (also saved)."""
+          progress: bool = True, resume: str | Path | None = None) -> dict:
+    """Train a toy from scratch into `out_dir`; returns the training summary (also saved).
+
+    Each stage leaves `stage_<X>.pt` (model + oracle state) in the work directory;
+    `resume=<that file>` restarts from it and runs only the stages after X.
+    """
     recipe = recipe or Recipe()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -110,33 +119,53 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
     held = make_pool(64, EVAL_SEED + seed, spec.grid, vocab)
     log: dict = {"seed": seed, "recipe": asdict(recipe), "steps": [], "probes": []}
 
-    def draw(background: int | None = None):
+    def draw(stage: str, step: int, steps: int):
         idx = rng.integers(len(pool.samples), size=recipe.images_per_step)
+        background, peaks = None, False
+        if stage == "A":
+            frac = step / max(1, steps)
+            if frac < recipe.curriculum_a[0]:
+                background, peaks = 2, True
+            elif frac < recipe.curriculum_a[1]:
+                background = 8
         return qa_batch(pool, idx, encoder, rng, targets=recipe.targets_per_image,
-                        background=background)
+                        background=background, peaks_only=peaks)
 
+    guides = [AttentionGuide(parts.lm.layers[0].self_attn, key="word_focus"),
+              AttentionGuide(parts.lm.layers[recipe.guide_layer].self_attn, key="focus")]
     lm_params = list(parts.lm.parameters()) + list(oracle.parameters())
     stages = [
         ("A", recipe.steps_a, lm_params, recipe.lr_a),
         ("B", recipe.steps_b, parts.vision_params, recipe.lr_b),
         ("C", recipe.steps_c, lm_params + parts.vision_params, recipe.lr_c),
     ]
+    done: set[str] = set()
+    if resume is not None:
+        state = torch.load(resume, map_location="cpu")
+        model.load_state_dict(state["model"])
+        oracle.load_state_dict(state["oracle"])
+        done = set(state["stages"])
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
     bar = _progress() if progress else None
     if bar:
         bar.start()
     try:
         for name, steps, params, lr in stages:
-            if steps <= 0:
+            if steps <= 0 or name in done:
                 continue
             _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
-                         held, encoder, log, bar)
+                         held, encoder, log, bar, guides, tmp / "probes.jsonl")
+            done.add(name)
+            torch.save({"model": model.state_dict(), "oracle": oracle.state_dict(),
+                        "stages": sorted(done)}, tmp / f"stage_{name}.pt")
     finally:
         if bar:
             bar.stop()
+        for guide in guides:
+            guide.remove()
     train_seconds = time.time() - started
     model.eval()
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     scenes = shapesworld.generate(recipe.eval_scenes, seed=EVAL_SEED + seed)
@@ -146,6 +175,8 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
     log["parameters"] = sum(p.numel() for p in model.parameters())
     (tmp / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
     plot_losses(log, tmp / "loss.png")
+    for leftover in tmp.glob("stage_*.pt"):
+        leftover.unlink()
     os.replace(tmp, out) if not out.exists() else _move_into(tmp, out)
     return log
 
@@ -157,13 +188,13 @@ def _move_into(tmp: Path, out: Path) -> None:
 
 
 def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id, held,
-                 encoder, log, bar) -> None:
+                 encoder, log, bar, guides, log_file: Path | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
     task = bar.add_task(f"stage {name}", total=steps, info="") if bar else None
     use_vision = name != "A"
     for step in range(steps):
-        batch = draw(recipe.background_a if name == "A" else None)
+        batch = draw(name, step, steps)
         aux = None
         if name == "A":
             loss = stage_a_step(parts, oracle, batch, image_id)
@@ -171,12 +202,14 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
             loss = dense_loss(parts, oracle, batch)
         else:
             loss, aux = stage_c_step(parts, oracle, batch, image_id, recipe.aux_weight)
+        if name != "B" and recipe.guide_weight > 0:
+            loss = loss + recipe.guide_weight * sum(g.loss(batch) for g in guides)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         sched.step()
-        row = {"stage": name, "step": step, "loss": round(float(loss), 5)}
+        row = {"stage": name, "step": step, "loss": round(loss.item(), 5)}
         if aux is not None:
             row["dense"] = round(float(aux), 5)
         log["steps"].append(row)
@@ -184,6 +217,9 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
         if (step + 1) % recipe.probe_every == 0 or step + 1 == steps:
             acc = probe(parts, oracle, held, encoder, image_id, use_vision)
             log["probes"].append({"stage": name, "step": step + 1, **acc})
+            if log_file is not None:
+                with open(log_file, "a") as f:
+                    f.write(json.dumps(log["probes"][-1]) + "\n")
             info += " | " + " ".join(f"{k[:4]} {v:.2f}" for k, v in acc.items())
         if bar:
             bar.update(task, advance=1, info=info)
