@@ -112,6 +112,7 @@ def test_artifacts_and_surface(app, tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["n_scored"] == 2
+    assert (tmp_path / "surf" / "surface.png").is_file()
     assert sum(s[k] for k in ("solved_by_values_not_model", "solved_by_model_not_values",
                               "both", "neither")) == 2
 

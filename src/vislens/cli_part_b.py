@@ -287,6 +287,7 @@ def surface(
     """
     with user_errors():
         from vislens.experiments.perception import surface as exp
+        from vislens.experiments.perception.plots import surface_plot
         from vislens.experiments.runs import RunDir
 
         positive("--n", n)
@@ -301,6 +302,7 @@ def surface(
         run_dir = RunDir(out, _meta("surface", model, vlm, config), key=["item"])
         summary = exp.run(vlm, config, run_dir, progress)
         run_dir.write_summary(summary)
+        surface_plot(summary, run_dir.path / "surface.png")
         if as_json:
             emit(summary, True)
             return
