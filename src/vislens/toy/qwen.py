@@ -73,6 +73,7 @@ class QwenToySpec:
     lm_heads: int = 4
     lm_mlp: int = 512
     mrope_section: tuple[int, int, int] = (8, 8, 8)  # sums to head_dim / 2 = 24
+    tie_word_embeddings: bool = True  # as Qwen2.5-VL-3B; lets answers copy image-token words
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +146,7 @@ def build_config(spec: QwenToySpec | None = None) -> Qwen2_5_VLConfig:
         num_key_value_heads=spec.lm_heads, max_position_embeddings=1024,
         rope_scaling={"type": "mrope", "mrope_section": list(spec.mrope_section)},
         rope_theta=10000.0, bos_token_id=None, eos_token_id=ids[IM_END],
-        pad_token_id=ids[PAD], tie_word_embeddings=False,
+        pad_token_id=ids[PAD], tie_word_embeddings=spec.tie_word_embeddings,
     )
     vision = dict(
         depth=spec.vision_layers, hidden_size=spec.vision_hidden,
@@ -157,7 +158,7 @@ def build_config(spec: QwenToySpec | None = None) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids[IMAGE_PAD],
         video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END], tie_word_embeddings=False,
+        vision_end_token_id=ids[VISION_END], tie_word_embeddings=spec.tie_word_embeddings,
     )
 
 

@@ -11,9 +11,12 @@ gets (tests check both the layout and the positions against the processor).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from vislens.toy.data import IGNORE, Encoder
+from vislens.data.samples import SETTINGS, Question, Sample
+from vislens.toy.data import IGNORE, Encoder, Pool, scene_questions
+from vislens.toy.oracle import shape_order_key
 from vislens.toy.qwen import (
     IM_END,
     IM_START,
@@ -44,16 +47,36 @@ class QwenEncoder(Encoder):
         return [v[IM_START], v["user"], v[VISION_START]] + [self.image] * self.n_image + [
             v[VISION_END]]
 
-    def block(self, prompt: str, answer_prefix: str, answer: str) -> tuple[list[int], list[int]]:
+    def block(self, prompt: str, answer_prefix: str, answer: str,
+              focus: list[int] | None = None) -> tuple[list[int], list[int], list[int]]:
+        """Ids, labels (labels[t] is the token after t) and focus of one question block.
+
+        `focus[j]` names the instance answer word j is about (-1: none); it sits at
+        the position that predicts that word, where the attention guide reads it.
+        """
         v = self.vocab
         ctx = self.words(prompt) + [v[IM_END], v[IM_START], v["assistant"]] \
             + self.words(answer_prefix)
         target = self.words(answer) + [self.eos]
         ids = ctx + target
         labels = [IGNORE] * (len(ctx) - 1) + target + [IGNORE]
-        return ids, labels
+        about = list(focus or [])[:len(target)]
+        about += [-1] * (len(target) - len(about))
+        return ids, labels, [-1] * (len(ctx) - 1) + about + [-1]
 
-    def pack(self, blocks_per_image: list[list[tuple[list[int], list[int]]]],
+    def keywords(self, block_ids: list[int]) -> list[int]:
+        """Offsets of the question's attribute words (colors, shapes) inside a block."""
+        attrs = self.attribute_ids
+        end = block_ids.index(self.eos)
+        return [j for j in range(end) if block_ids[j] in attrs]
+
+    @property
+    def attribute_ids(self) -> set[int]:
+        from vislens.data import shapesworld
+
+        return {self.vocab[w] for w in (*shapesworld.SHAPES, *shapesworld.COLORS)}
+
+    def pack(self, blocks_per_image: list[list[tuple[list[int], list[int], list[int]]]],
              patches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Right-padded packed batch: mRoPE `position_ids` [3, B, L], boolean 4-D mask.
 
@@ -66,11 +89,13 @@ class QwenEncoder(Encoder):
         head = [v[IM_START], v["user"], v[VISION_START]] + [self.image] * n_keep + [v[VISION_END]]
         n_head = len(head)
         b = len(blocks_per_image)
-        n = n_head + max(sum(len(ids) for ids, _ in blocks) for blocks in blocks_per_image)
+        n = n_head + max(sum(len(blk[0]) for blk in blocks) for blocks in blocks_per_image)
         ids = torch.full((b, n), self.pad, dtype=torch.long)
         labels = torch.full((b, n), IGNORE, dtype=torch.long)
         pos = torch.zeros((3, b, n), dtype=torch.long)
         block = torch.full((b, n), -1, dtype=torch.long)  # running block number, for scoring
+        focus = torch.full((b, n), -1, dtype=torch.long)
+        keyword = torch.zeros((b, n, n), dtype=torch.bool)  # [query, key]: question words
         mask = torch.eye(n, dtype=torch.bool).repeat(b, 1, 1)
         causal_head = torch.ones(n_head, n_head, dtype=torch.bool).tril()
         full = torch.arange(self.n_image)
@@ -81,8 +106,13 @@ class QwenEncoder(Encoder):
             pos[:, i, :n_head] = self.head_positions[:, take]
             mask[i, :n_head, :n_head] = causal_head
             at = n_head
-            for k, (block_ids, block_labels) in enumerate(blocks):
+            for k, (block_ids, block_labels, block_focus) in enumerate(blocks):
                 m = len(block_ids)
+                focus[i, at:at + m] = torch.tensor(block_focus)
+                asks = [at + j for j in self.keywords(block_ids)]
+                if asks and block_ids[0] != self.vocab.get("describe"):
+                    rows = at + torch.nonzero(torch.tensor(block_focus) >= 0).flatten()
+                    keyword[i, rows[:, None], torch.tensor(asks)[None, :]] = True
                 block[i, at:at + m] = k + i * 1000
                 ids[i, at:at + m] = torch.tensor(block_ids)
                 labels[i, at:at + m] = torch.tensor(block_labels)
@@ -91,7 +121,8 @@ class QwenEncoder(Encoder):
                 mask[i, at:at + m, at:at + m] = torch.ones(m, m, dtype=torch.bool).tril()
                 at += m
         return {"input_ids": ids, "labels": labels, "position_ids": pos,
-                "attention_mask": mask[:, None], "block": block,
+                "attention_mask": mask[:, None], "block": block, "focus": focus,
+                "keyword": keyword,
                 "mm_token_type_ids": (ids == self.image).long()}
 
 
@@ -129,3 +160,51 @@ def patchify(pixels: torch.Tensor, image_processor) -> torch.Tensor:
 
 def grid_thw(n: int, height: int, width: int, patch: int) -> torch.Tensor:
     return torch.tensor([[1, height // patch, width // patch]] * n, dtype=torch.long)
+
+
+def answer_focus(sample: Sample, q: Question) -> list[int]:
+    """Which instance each answer word is about: a caption names objects in shape order
+    ("a <color> <shape> and ..."); a short answer is about the question's target."""
+    if q.setting != "generative":
+        return [q.target if q.target is not None else -1]
+    out: list[int] = []
+    for k in shape_order_key(sample):
+        out += [-1, k, k, -1]
+    return out
+
+
+def keep_patches(cov: torch.Tensor, background: int, rng: np.random.Generator) -> torch.Tensor:
+    """[B, M] sorted image-token indices: every object token, then background up to M."""
+    covered = (cov.sum(1) > 0).numpy()
+    m = min(cov.shape[2], int(covered.sum(1).max()) + background)
+    rows = []
+    for c in covered:
+        obj, bg = np.flatnonzero(c), np.flatnonzero(~c)
+        extra = rng.choice(bg, size=min(len(bg), m - len(obj)), replace=False)
+        rows.append(np.sort(np.concatenate([obj, extra])))
+    return torch.as_tensor(np.stack(rows), dtype=torch.long)
+
+
+def qa_batch(pool: Pool, idx: np.ndarray, encoder: QwenEncoder, rng: np.random.Generator,
+             targets: int = 2, settings: tuple[str, ...] = SETTINGS,
+             background: int | None = None) -> dict[str, torch.Tensor]:
+    """Packed batch of all questions about scenes `idx`, with their oracle inputs.
+
+    `background=k` keeps only object tokens plus k random background ones per
+    image (stage A: empty background carries nothing to learn).
+    """
+    blocks = []
+    for i in idx:
+        sample = pool.samples[int(i)]
+        qs = scene_questions(sample, rng, targets, settings)
+        blocks.append([encoder.block(q.prompt, q.answer_prefix, q.answer,
+                                     answer_focus(sample, q)) for q in qs])
+    t = torch.as_tensor(idx, dtype=torch.long)
+    cov = pool.cov[t]
+    patches = None
+    if background is not None:
+        patches = keep_patches(cov, background, rng)
+        cov = torch.gather(cov, 2, patches[:, None, :].expand(-1, cov.shape[1], -1))
+    out = encoder.pack(blocks, patches)
+    out.update(cov=cov, colors=pool.colors[t], shapes=pool.shapes[t], pixels=pool.pixels[t])
+    return out

@@ -19,21 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vislens.data import shapesworld
+from vislens.data.samples import SETTINGS
 from vislens.toy import qwen
-from vislens.toy.data import make_pool, qa_batch
+from vislens.toy.data import IGNORE, Pool, make_pool
+from vislens.toy.oracle import oracle_tokens
 from vislens.toy.qwen_attention import packed_vision_attention
-from vislens.toy.qwen_data import QwenEncoder, grid_thw, head_positions, patchify
-from vislens.toy.stages import (
-    OracleHead,
-    Parts,
-    dense_loss,
-    probe,
-    schedule,
-    stage_a_step,
-    stage_c_step,
-)
+from vislens.toy.qwen_data import QwenEncoder, grid_thw, head_positions, patchify, qa_batch
 
 EVAL_SEED = 100_000
 IMAGE_SIZE = 96
@@ -55,10 +49,152 @@ class QwenRecipe:
     steps_c: int = 200
     lr_c: float = 5e-4
     aux_weight: float = 1.0
+    guide_layer: int | None = 1  # object guide on this LM layer (A and C); None: off
+    keyword_layer: int | None = 0  # question-word guide on this layer; None: off
+    guide_heads: int = 1
+    guide_weight: float = 1.0
     warmup: int = 50
     probe_every: int = 100
     eval_scenes: int = 100
     threads: int = 1  # on the shared 2-core CPU one thread is faster than two
+
+
+@dataclass
+class Parts:
+    """What a stage needs from the model (the LLaVA toy's interface, for Qwen)."""
+
+    lm: torch.nn.Module  # decoder body: (inputs_embeds, attention_mask, position_ids) -> hidden
+    head: torch.nn.Module  # hidden -> vocabulary logits
+    embed: torch.nn.Embedding
+    image_features: object  # uint8 pixels [B,3,H,W] -> [B, P, D]
+    vision_params: list[torch.nn.Parameter]
+
+
+class OracleHead(torch.nn.Module):
+    """Learned pieces of the oracle tokens: background vector and an overall scale."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.background = torch.nn.Parameter(torch.randn(dim) * 0.02)
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, batch: dict, embed: torch.Tensor) -> torch.Tensor:
+        return oracle_tokens(batch["cov"], batch["colors"], batch["shapes"], embed,
+                             self.background, self.scale)
+
+
+class AttentionGuide:
+    """Auxiliary loss teaching `heads` heads of one layer where to look.
+
+    The LLaVA toy's idea, written for any token layout and both hops of the
+    lookup: with `target="object"`, every position that predicts an answer word
+    about object k should attend to k's image tokens (found by id, not by
+    offset); with `target="keyword"`, it should attend to the question's own
+    attribute words (the query the next layer needs). Without it the route
+    from the answer to the right image tokens forms far too slowly for a CPU
+    budget. Queries and keys are recomputed from the layer's saved inputs with
+    the model's own rotary tables, so mRoPE is respected.
+    """
+
+    def __init__(self, attention: torch.nn.Module, image_id: int, heads: int = 1,
+                 target: str = "object"):
+        if target not in ("object", "keyword"):
+            raise ValueError(f"target must be 'object' or 'keyword', not {target!r}")
+        self.attention, self.image_id, self.heads, self.target = attention, image_id, heads, target
+        self.saved: dict = {}
+        self.handle = attention.register_forward_pre_hook(self._grab, with_kwargs=True)
+
+    def _grab(self, _module, args, kwargs):
+        self.saved = {"hidden": kwargs.get("hidden_states", args[0] if args else None),
+                      "rope": kwargs["position_embeddings"]}
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def _where(self, batch: dict, bi: torch.Tensor, ti: torch.Tensor, t: int) -> torch.Tensor:
+        if self.target == "keyword":
+            return batch["keyword"][bi, ti].float()
+        image = batch["input_ids"] == self.image_id  # [B, T]
+        obj = (batch["cov"][bi, batch["focus"][bi, ti]] > 0).float()  # [N, M]
+        where = torch.zeros(len(bi), t)
+        where[image[bi]] = obj.reshape(-1)
+        return where
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        hidden, (cos, sin) = self.saved["hidden"], self.saved["rope"]
+        want = batch["focus"] >= 0
+        if self.target == "keyword":
+            want &= batch["keyword"].any(-1)
+        bi, ti = torch.nonzero(want, as_tuple=True)
+        if len(bi) == 0:
+            return hidden.new_zeros(())
+        att, h = self.attention, self.heads
+        b, t, _ = hidden.shape
+        dh = att.head_dim
+        q = att.q_proj(hidden[bi, ti]).view(len(bi), -1, dh)[:, :h]
+        k = att.k_proj(hidden).view(b, t, -1, dh)[:, :, :h]
+        q = q * cos[bi, ti][:, None] + _rotate_half(q) * sin[bi, ti][:, None]
+        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+        scores = torch.einsum("nhd,nthd->nht", q, k[bi]) * att.scaling
+        visible = batch["attention_mask"][:, 0][bi, ti]
+        probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+        mass = (probs * self._where(batch, bi, ti, t).to(probs.dtype)[:, None]).sum(-1)
+        return -(mass + 1e-6).log().mean()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def answer_logits(parts: Parts, batch: dict, image_tokens: torch.Tensor, image_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at labelled positions only, image tokens put where the placeholders are."""
+    ids = batch["input_ids"]
+    emb = parts.embed(ids)
+    emb = emb.masked_scatter((ids == image_id)[..., None], image_tokens.to(emb.dtype))
+    hidden = parts.lm(inputs_embeds=emb, attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"]).last_hidden_state
+    sel = batch["labels"] != IGNORE
+    return parts.head(hidden[sel]), batch["labels"][sel], sel
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor, sel: torch.Tensor,
+                batch: dict) -> float:
+    """Share of question blocks whose every answer token is the argmax (teacher forced)."""
+    blocks = batch["block"][sel]
+    wrong = set(blocks[logits.argmax(-1) != labels].tolist())
+    return 1.0 - len(wrong) / max(1, len(set(blocks.tolist())))
+
+
+def schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """Linear warm-up then cosine decay to 10%."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def dense_loss(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(tokens, target) / target.pow(2).mean().clamp(min=1e-8)
+
+
+@torch.no_grad()
+def probe(parts: Parts, oracle: OracleHead, pool: Pool, encoder: QwenEncoder, image_id: int,
+          use_vision: bool, n: int = 48, seed: int = 1) -> dict[str, float]:
+    """Teacher-forced exact match per setting on a fixed slice of the held-out pool."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(min(n, len(pool.samples)))
+    out = {}
+    for setting in SETTINGS:
+        batch = qa_batch(pool, idx, encoder, rng, settings=(setting,))
+        tokens = (parts.image_features(batch["pixels"]) if use_vision
+                  else oracle(batch, parts.embed.weight))
+        logits, labels, sel = answer_logits(parts, batch, tokens, image_id)
+        out[setting] = round(exact_match(logits, labels, sel, batch), 4)
+    return out
 
 
 def qwen_parts(model, processor) -> Parts:
@@ -121,6 +257,11 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     encoder = build_encoder(model, processor, spec)
     image_id = model.config.image_token_id
     oracle = OracleHead(spec.lm_hidden)
+    guides = []
+    for layer, target in ((recipe.keyword_layer, "keyword"), (recipe.guide_layer, "object")):
+        if layer is not None and recipe.guide_weight > 0:
+            guides.append(AttentionGuide(parts.lm.layers[layer].self_attn, image_id,
+                                         recipe.guide_heads, target))
     vocab = processor.tokenizer.get_vocab()
     cells = IMAGE_SIZE // (spec.patch_size * spec.merge_size)
     started = time.time()
@@ -134,7 +275,7 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
         return qa_batch(pool, idx, encoder, rng, targets=recipe.targets_per_image,
                         background=background)
 
-    lm_params = list(parts.lm.parameters()) + list(parts.head.parameters())
+    lm_params = list(dict.fromkeys([*parts.lm.parameters(), *parts.head.parameters()]))
     stages = [
         ("A", recipe.steps_a, lm_params + list(oracle.parameters()), recipe.lr_a),
         ("B", recipe.steps_b, parts.vision_params, recipe.lr_b),
@@ -148,8 +289,10 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
         for name, steps, params, lr in stages:
             if steps > 0:
                 _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
-                             held, encoder, log, bar, stream)
+                             held, encoder, log, bar, stream, guides)
     finally:
+        for guide in guides:
+            guide.remove()
         if bar:
             bar.stop()
         if stream:
@@ -167,40 +310,47 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
 
 
 def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id, held,
-                 encoder, log, bar, stream) -> None:
-    for p in parts.vision_params:  # B trains only the vision side; A never touches it
+                 encoder, log, bar, stream, guides) -> None:
+    for p in parts.vision_params:  # A never touches the vision side
         p.requires_grad_(name != "A")
-    frozen_lm = name == "B"
     for p in list(parts.lm.parameters()) + list(parts.head.parameters()):
-        p.requires_grad_(not frozen_lm)
+        p.requires_grad_(name != "B")  # B trains the vision side only
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
     task = bar.add_task(f"stage {name}", total=steps, info="") if bar else None
-    use_vision = name != "A"
     for step in range(steps):
         tick = time.time()
         batch = draw(recipe.background_a if name == "A" else None)
-        aux = None
-        if name == "A":
-            loss = stage_a_step(parts, oracle, batch, image_id)
-        elif name == "B":
-            loss = dense_loss(parts, oracle, batch)
+        terms: dict[str, torch.Tensor] = {}
+        if name == "B":
+            with torch.no_grad():
+                target = oracle(batch, parts.embed.weight)
+            terms["dense"] = dense_loss(parts.image_features(batch["pixels"]), target)
         else:
-            loss, aux = stage_c_step(parts, oracle, batch, image_id, recipe.aux_weight)
+            if name == "A":
+                tokens = oracle(batch, parts.embed.weight)
+            else:
+                tokens = parts.image_features(batch["pixels"])
+                with torch.no_grad():
+                    target = oracle(batch, parts.embed.weight)
+                terms["dense"] = recipe.aux_weight * dense_loss(tokens, target)
+            logits, labels, _ = answer_logits(parts, batch, tokens, image_id)
+            terms["qa"] = F.cross_entropy(logits, labels)
+            for guide in guides:
+                terms[f"guide_{guide.target}"] = recipe.guide_weight * guide.loss(batch)
+        loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         sched.step()
-        row = {"stage": name, "step": step, "loss": round(float(loss), 5),
+        row = {"stage": name, "step": step, "loss": round(loss.item(), 5),
+               **{k: round(v.item(), 5) for k, v in terms.items()},
                "seconds": round(time.time() - tick, 3)}
-        if aux is not None:
-            row["dense"] = round(float(aux), 5)
         log["steps"].append(row)
-        info = f"loss {float(loss):.3f}"
+        info = " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
         if (step + 1) % recipe.probe_every == 0 or step + 1 == steps:
-            with torch.no_grad():
-                acc = probe(parts, oracle, held, encoder, image_id, use_vision)
+            acc = probe(parts, oracle, held, encoder, image_id, use_vision=name != "A")
             log["probes"].append({"stage": name, "step": step + 1, **acc})
             row = {**row, "probe": acc}
             info += " | " + " ".join(f"{k[:4]} {v:.2f}" for k, v in acc.items())
@@ -238,6 +388,37 @@ def final_checks(model, processor, scenes) -> dict:
 
 
 def _plot(log: dict, path: Path) -> None:
-    from vislens.toy.train import plot_losses
+    """Loss per stage (smoothed) and the held-out probe accuracy per setting."""
+    import matplotlib
 
-    plot_losses(log, path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
+    offset = 0
+    for stage in ("A", "B", "C"):
+        rows = [r for r in log["steps"] if r["stage"] == stage]
+        if not rows:
+            continue
+        x = np.arange(offset, offset + len(rows))
+        y = np.array([r["loss"] for r in rows])
+        k = min(20, len(y))
+        ax.plot(x, y, alpha=0.25)
+        ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), label=f"stage {stage}")
+        probes = [p for p in log["probes"] if p["stage"] == stage]
+        for setting in SETTINGS:
+            ax_acc.plot([offset + p["step"] for p in probes], [p[setting] for p in probes],
+                        marker="o", ms=3, label=f"{stage} {setting}")
+        offset += len(rows)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("toy-qwen (A: LM on oracle tokens, B: vision, C: joint)")
+    ax.legend()
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_title("held-out exact match (teacher forced)")
+    ax_acc.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
