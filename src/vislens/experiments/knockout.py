@@ -1,9 +1,11 @@
 """Neo et al. A3: how does the answer read the image? Block attention edges in
 windows of layers and measure what is left of the clean answer.
 
-Every (condition, window) of a sample is one row of a single batch: one
-knockout context per window, each blocking only its own rows, so a whole
-sweep costs one forward per sample (plus the vision pass, done once).
+Every (condition, window) of a sample is a row of a batch: one knockout
+context per window, each blocking only its own rows. Rows are grouped by
+their window's first layer s, and each group resumes from the clean residual
+entering layer s (recorded by the clean pass the sweep needs anyway), so
+layers below s are never recomputed; the vision pass runs once per sample.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from vislens.experiments.prompts import question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_target
 from vislens.experiments.stats import layer_windows
-from vislens.interventions import LAST, knockout
+from vislens.interventions import LAST, capture, knockout, resume
 from vislens.report.plots import heatmap
 
 CONDITIONS = ("object->last", "object+1->last", "object+2->last", "image-but-object+1->last",
@@ -105,8 +107,8 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     q = question(sample, target, setting)
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
     feats = vlm.image_embeddings(one)
-    probs = torch.softmax(vlm.forward(one, image_features=feats, logits_to_keep=1)
-                          .logits[0, -1].float(), -1)
+    probs, cached = clean_pass(vlm, one, feats, [s for s, _ in windows])
+    probs = probs[0]
     answer = int(probs.argmax())
     correct = q.is_correct(vlm.decode(torch.tensor([[answer]]))[0])
     base = {"sample": sample.id, "setting": setting, "target": sample.instances[target].name}
@@ -117,19 +119,52 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
         return
     edges = edge_sets(one.token_map, one, 0, sample.instances[target].mask)
     grid = [(c, w) for c in config.conditions for w in range(len(windows))]
-    rows = repeat_batch(one, len(grid))
-    empty = (LAST, np.zeros(0, dtype=np.int64))
-    with ExitStack() as stack:
-        for w, (start, end) in enumerate(windows):
-            per_row = [edges[c] if wi == w else empty for c, wi in grid]
-            stack.enter_context(knockout(vlm, per_row, range(start, end + 1)))
-        logits = vlm.forward(rows, image_features=feats * len(grid), logits_to_keep=1).logits
-    after = torch.softmax(logits[:, -1].float(), -1)
+    after = sweep(vlm, one, feats, edges, grid, windows, cached)
     top = after.argmax(-1)
     for i, (c, w) in enumerate(grid):
         yield {**base, "condition": c, "window": w, "start": windows[w][0], "end": windows[w][1],
                "p_answer": float(after[i, answer]), "correct": bool(top[i] == answer),
                "kept": True, "p_clean": float(probs[answer])}
+
+
+@torch.no_grad()
+def clean_pass(vlm, one, feats, starts) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Clean answer distribution [B, vocab] and the residual [B, S, hidden] entering each
+    layer in `starts` (what a knockout window starting there resumes from)."""
+    starts = sorted({int(s) for s in starts})
+    cols = [np.arange(one.seq_len)] * one.size
+    with capture(vlm, cols, layers=starts) as cap:
+        logits = vlm.forward(one, image_features=feats, logits_to_keep=1).logits
+    cached = {s: cap.residual[s].view(one.size, one.seq_len, -1) for s in starts}
+    return torch.softmax(logits[:, -1].float(), -1), cached
+
+
+@torch.no_grad()
+def sweep(vlm, one, feats, edges: dict, grid: list[tuple[str, int]], windows,
+          cached: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Answer distributions [len(grid), vocab] of every (condition, window) of a one-sample
+    batch: one forward per distinct window start, each from the cached clean residual."""
+    empty = (LAST, np.zeros(0, dtype=np.int64))
+    out = None
+    for start in sorted({windows[w][0] for _, w in grid}):
+        idx = [i for i, (_, w) in enumerate(grid) if windows[w][0] == start]
+        group = [grid[i] for i in idx]
+        rows = repeat_batch(one, len(group))
+        with ExitStack() as stack:
+            if start > 0:
+                hidden = cached[start].expand(len(group), -1, -1)
+                stack.enter_context(resume(vlm, start, hidden))
+            for w in sorted({w for _, w in group}):
+                per_row = [edges[c] if wi == w else empty for c, wi in group]
+                stack.enter_context(knockout(vlm, per_row, range(windows[w][0],
+                                                                 windows[w][1] + 1)))
+            logits = vlm.forward(rows, image_features=feats * len(group),
+                                 logits_to_keep=1).logits
+        probs = torch.softmax(logits[:, -1].float(), -1)
+        if out is None:
+            out = probs.new_empty(len(grid), probs.shape[-1])
+        out[torch.as_tensor(idx, device=out.device)] = probs
+    return out
 
 
 def summarise(rows: list[dict], config: KnockoutConfig, windows) -> dict:
