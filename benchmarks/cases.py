@@ -18,7 +18,7 @@ from vislens.experiments.ablation import AblationConfig, token_sets
 from vislens.experiments.batching import repeat_batch
 from vislens.experiments.knockout import edge_sets
 from vislens.experiments.stats import layer_windows
-from vislens.interventions import LAST, capture, knockout, resume
+from vislens.interventions import LAST, capture, knockout
 from vislens.interventions.hub import PREFIX
 from vislens.models.vlm import Batch
 
@@ -35,6 +35,7 @@ class Context:
     nn: object | None = None
     tl: object | None = None
     knockout_conditions: tuple[str, ...] | None = None
+    ablation_conditions: tuple[str, ...] | None = None
     windows: list = field(default_factory=list)
 
     def fresh(self) -> Batch:
@@ -114,7 +115,9 @@ def ablation_sets(ctx: Context) -> tuple[list[str], list[np.ndarray], torch.Tens
     vlm = ctx.vlm
     one = ctx.fresh()
     feats = vlm.image_embeddings(one)
-    names = [n for n in AblationConfig().condition_names(len(one.token_map)) if n != "ig-matched"]
+    names = [n for n in AblationConfig().condition_names(len(one.token_map))
+             if n != "ig-matched" and (ctx.ablation_conditions is None
+                                       or n in ctx.ablation_conditions)]
     cfg = AblationConfig(conditions=names)
     vector = feats[0].float().mean(0).to(vlm.dtype)  # mean post-projector embedding
     sets = token_sets(vlm, one, feats, ctx.mask, cfg, 0, None, vector, 1)
@@ -189,7 +192,7 @@ EMPTY = (LAST, np.zeros(0, dtype=np.int64))
 
 @torch.no_grad()
 def knockout_batched(ctx: Context, grid, edges) -> torch.Tensor:
-    """As experiments/knockout today: every (condition, window) a row of one batch."""
+    """Every (condition, window) a row of one batch, no resume (the sweep before resume)."""
     vlm = ctx.vlm
     one = ctx.fresh()
     feats = vlm.image_embeddings(one)
@@ -204,34 +207,15 @@ def knockout_batched(ctx: Context, grid, edges) -> torch.Tensor:
 
 @torch.no_grad()
 def knockout_resumed(ctx: Context, grid, edges) -> torch.Tensor:
-    """Rows grouped by window start; each group resumes from the clean residual there.
+    """experiments/knockout as it runs: the clean pass caches the residual entering each
+    window's first layer; rows grouped by window start resume from it."""
+    from vislens.experiments import knockout as experiment
 
-    The clean pass (needed anyway for the clean answer) records the residual
-    entering every window's first layer; layers below it are skipped.
-    """
     vlm = ctx.vlm
     one = ctx.fresh()
     feats = vlm.image_embeddings(one)
-    starts = sorted({s for s, _ in ctx.windows})
-    cols = [np.arange(one.seq_len)]
-    with capture(vlm, cols, layers=starts) as cap:
-        vlm.forward(one, image_features=feats, logits_to_keep=1)
-    out = torch.empty(len(grid), vlm.model.config.text_config.vocab_size)
-    for start in starts:
-        idx = [i for i, (_, w) in enumerate(grid) if ctx.windows[w][0] == start]
-        group = [grid[i] for i in idx]
-        rows = repeat_batch(one, len(group))
-        hidden = cap.residual[start].view(1, one.seq_len, -1).expand(len(group), -1, -1)
-        with ExitStack() as stack:
-            stack.enter_context(resume(vlm, start, hidden))
-            for w in sorted({w for _, w in group}):
-                s, e = ctx.windows[w]
-                per_row = [edges[c] if wi == w else EMPTY for c, wi in group]
-                stack.enter_context(knockout(vlm, per_row, range(s, e + 1)))
-            logits = vlm.forward(rows, image_features=feats * len(group),
-                                 logits_to_keep=1).logits
-        out[idx] = torch.softmax(logits[:, -1].float(), -1).cpu()
-    return out
+    _, cached = experiment.clean_pass(vlm, one, feats, [s for s, _ in ctx.windows])
+    return experiment.sweep(vlm, one, feats, edges, grid, ctx.windows, cached)
 
 
 @torch.no_grad()

@@ -2,9 +2,10 @@
 
 Methods of one case are timed round-robin (A, B, C, A, B, C, ...) so that a
 change in machine load hits all of them alike; the median and the spread
-(min, max) are reported. Peak memory is the growth of the process RSS over
-its level at the start of the call (CPU; sampled by a thread every ms), or
-torch's peak allocated bytes on CUDA.
+(min, max) are reported. Peak memory is measured in one extra call per
+method (a sampling thread would slow the timed calls): the growth of the
+process RSS over its level at the start of the call (CPU; sampled every ms),
+or torch's peak allocated bytes on CUDA.
 """
 
 from __future__ import annotations
@@ -72,29 +73,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_once(fn: Callable[[], object], device: torch.device) -> tuple[float, float, object]:
-    """(seconds, peak MB, result) of one call."""
+def run_once(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of one call, nothing else running in the process."""
+    gc.collect()
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def peak_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory growth (MB) of one call; its own run, as the sampler slows Python down."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+        fn()
         _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        return seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**20, out
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     with _RssPeak() as rss:
-        t0 = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - t0
-    return seconds, rss.growth_mb, out
+        fn()
+    return rss.growth_mb
 
 
 def compare(methods: dict[str, Callable[[], object]], repeats: int, device: torch.device,
             warmup: int = 1) -> tuple[dict[str, Timing], dict[str, object]]:
-    """Time every method `repeats` times, interleaved; also return each one's last result."""
+    """Time every method `repeats` times, interleaved, then measure each one's peak memory
+    once; also return each one's last result."""
     results: dict[str, object] = {}
     for _ in range(warmup):
         for name, fn in methods.items():
@@ -102,7 +109,8 @@ def compare(methods: dict[str, Callable[[], object]], repeats: int, device: torc
     timings = {name: Timing() for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
-            seconds, peak, results[name] = run_once(fn, device)
+            seconds, results[name] = run_once(fn, device)
             timings[name].seconds.append(seconds)
-            timings[name].peak_mb.append(peak)
+    for name, fn in methods.items():
+        timings[name].peak_mb.append(peak_once(fn, device))
     return timings, results

@@ -64,12 +64,21 @@ def _llava(name: str, text: dict, vision: dict, device: str, dtype: torch.dtype)
 
 
 def mid() -> VLM:
-    """Mid-size CPU model: LLaVA geometry, Llama d=1024 x 8 layers, 32k vocabulary."""
-    text = dict(vocab_size=32064, hidden_size=1024, intermediate_size=2816,
-                num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16)
+    """Mid-size CPU model: LLaVA-1.5 geometry (576 image tokens), Llama d=512 x 6 layers.
+
+    The vocabulary (4,000) is scaled with the width so that one unembedding
+    costs what it costs relative to one decoder layer in LLaVA-1.5-7B
+    (V / 12d = 32,000 / (12 x 4,096) = 0.65): the logit lens' share of the
+    work is then the real model's, which a 32k vocabulary on d=512 would
+    overstate eightfold. (d=1024 x 8 layers took ~10 s per forward on this
+    shared 2-core CPU: too slow for a sweep timed several times.)
+    """
+    text = dict(vocab_size=4000, hidden_size=512, intermediate_size=1376,
+                num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8)
     vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                   num_attention_heads=4, projection_dim=256)
-    return _llava("mid (random, d=1024 x 8, fp32)", text, vision, "cpu", torch.float32)
+    return _llava("mid (random, LLaVA-1.5 geometry, Llama d=512 x 6, fp32)", text, vision,
+                  "cpu", torch.float32)
 
 
 def llava7b() -> VLM:

@@ -49,10 +49,14 @@ def build_context(vlm, args) -> C.Context:
         tl = rivals.transformer_lens_bridge(vlm.model, vlm.tokenizer)
     except Exception as exc:  # reported, never fatal: the other rivals still run
         print(f"TransformerLens bridge unavailable: {exc}", file=sys.stderr)
-    windows = C.knockout_windows(vlm.num_layers, args.window, args.stride)
-    conds = None if vlm.num_layers <= 4 else ("object+1->last", "image-but-object+1->last",
-                                              "object+1->last-row")
-    return C.Context(vlm, batch, inst.mask, nn, tl, conds, windows)
+    size, stride = args.window, args.stride
+    if size is None and vlm.num_layers > 4:  # the protocol's 10/32-of-depth windows, >= 2 wide
+        size = stride = max(2, round(vlm.num_layers * 10 / 32))
+    windows = C.knockout_windows(vlm.num_layers, size, stride)
+    conds = None if vlm.num_layers <= 4 else ("object+1->last", "object+1->last-row")
+    ablations = None if vlm.num_layers <= 4 else ("object", "object+1", "object+2", "register",
+                                                  "random-matched", "all-but-object+1")
+    return C.Context(vlm, batch, inst.mask, nn, tl, conds, ablations, windows)
 
 
 def _max_diff(a, b) -> float:
@@ -114,13 +118,14 @@ def bench_model(name: str, args) -> dict:
     print(f"== {name}", file=sys.stderr)
     vlm = models.BUILDERS[name]()
     ctx = build_context(vlm, args)
-    repeats = args.repeats if args.repeats else (3 if args.quick else 5)
+    repeats = args.repeats if args.repeats else (3 if args.quick or name != "toy" else 5)
+    warmup = 1 if name == "toy" else 0  # big models: the first of the timed runs is kept
     device = vlm.device
     out = {"model": vlm.name, "device": str(device), "dtype": str(vlm.dtype).replace("torch.", ""),
            "seq": ctx.batch.seq_len, "experiments": []}
     for title, methods, check in suites(ctx):
         print(f"   {title}", file=sys.stderr)
-        timings, results = compare(methods, repeats, device)
+        timings, results = compare(methods, repeats, device, warmup)
         ref_name = next(iter(methods))
         rows = []
         for m, t in timings.items():
@@ -130,7 +135,7 @@ def bench_model(name: str, args) -> dict:
             rows.append({"method": m, "median": t.median, "spread": t.spread, "peak": t.peak,
                          "equal": ok, "note": note})
         out["experiments"].append({"title": title, "reference": ref_name, "rows": rows,
-                                   "repeats": repeats})
+                                   "repeats": repeats, "warmup": warmup})
     if ctx.tl is None:
         out["tl_missing"] = True
     return out
@@ -177,7 +182,7 @@ def render(results: list[dict], info: dict, load_after, args, seconds: float) ->
              f"- {versions()}, Python {info['python']}", "",
              "Each method is timed round-robin with the others (one warm-up call each), "
              "median and [min, max] over the runs. Peak = growth of the process RSS during "
-             "the call (CPU) or of allocated memory (CUDA), median over runs. "
+             "one extra call (CPU, sampled every ms) or of allocated memory (CUDA). "
              "`ratio` = median / median of the first row of its table (a plain transformers "
              "forward of the same model on the one-sample batch). `vs vislens` = rival median "
              "/ vislens median (above 1: vislens is faster). `equal`: the rival's result "
@@ -191,6 +196,7 @@ def render(results: list[dict], info: dict, load_after, args, seconds: float) ->
             ref = rows[0]["median"]
             ours = next(r for r in rows if r["method"] == "vislens")
             lines += [f"### {exp['title']}", "",
+                      f"{exp['repeats']} timed runs per method, {exp['warmup']} warm-up.", "",
                       "| method | median s | [min, max] | ratio | vs vislens | peak MB | equal |",
                       "|---|---|---|---|---|---|---|"]
             for r in rows:
