@@ -31,7 +31,7 @@ def test_training_layout_equals_the_chat_template():
     processor = build_processor()
     enc = Encoder(processor.tokenizer, 144)
     q = shapesworld.questions(shapesworld.make_scene(0, 3), "vqa")[0]
-    ids, labels = enc.block(q.prompt, q.answer_prefix, q.answer)
+    ids, labels, _, _ = enc.block(q.prompt, q.answer_prefix, q.answer)
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": q.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

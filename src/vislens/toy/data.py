@@ -141,8 +141,12 @@ class Encoder:
 
 
 def scene_questions(sample: Sample, rng: np.random.Generator, targets: int = 2,
-                    settings: tuple[str, ...] = SETTINGS) -> list[Question]:
-    """The caption plus every polling and VQA question about `targets` random objects."""
+                    settings: tuple[str, ...] = SETTINGS,
+                    keep: dict[str, float] | None = None) -> list[Question]:
+    """The caption plus every polling and VQA question about `targets` random objects.
+
+    `keep` thins question kinds (kind -> probability of keeping each question).
+    """
     out: list[Question] = []
     if "generative" in settings:
         out += shapesworld.questions(sample, "generative", rng=rng)
@@ -150,13 +154,15 @@ def scene_questions(sample: Sample, rng: np.random.Generator, targets: int = 2,
         for setting in ("polling", "vqa"):
             if setting in settings:
                 out += shapesworld.questions(sample, setting, rng=rng)
+    if keep:
+        out = [q for q in out if rng.random() < keep.get(q.kind, 1.0)]
     return out
 
 
 def qa_batch(pool: Pool, idx: np.ndarray, encoder: Encoder, rng: np.random.Generator,
              targets: int = 2, settings: tuple[str, ...] = SETTINGS,
-             background: int | None = None, peaks_only: bool = False
-             ) -> dict[str, torch.Tensor]:
+             background: int | None = None, peaks_only: bool = False,
+             keep: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Packed batch of all questions about the scenes `idx`, with their oracle inputs.
 
     `background=k` keeps only object patches plus k random background patches per
@@ -167,7 +173,8 @@ def qa_batch(pool: Pool, idx: np.ndarray, encoder: Encoder, rng: np.random.Gener
     blocks = []
     for i in idx:
         sample = pool.samples[int(i)]
-        qs = scene_questions(sample, rng, targets, settings)
+        qs = scene_questions(sample, rng, targets, settings, keep) or \
+            scene_questions(sample, rng, targets, settings)
         owners = {inst.attributes[a]: k for k, inst in enumerate(sample.instances)
                   for a in ("color", "shape")}
         blocks.append([encoder.block(q.prompt, q.answer_prefix, q.answer,

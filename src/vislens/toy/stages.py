@@ -35,10 +35,15 @@ class AttentionGuide:
     at positions predicting an answer word, put on that object's patches).
     """
 
-    def __init__(self, attention: torch.nn.Module, heads: int = 1, key: str = "focus"):
+    def __init__(self, attention: torch.nn.Module, heads: int = 1, key: str = "focus",
+                 head: int = 0, answers: list[int] | None = None):
         self.attention = attention
         self.heads = heads
+        self.head = head  # first guided head
         self.key = key  # which batch field names the positions and their objects
+        # only positions whose label is one of these ids (e.g. color words: one head per
+        # attribute, so reading a color and reading a shape do not compete for one head)
+        self.answers = None if answers is None else torch.tensor(sorted(answers))
         self.saved: dict = {}
         self.handle = attention.register_forward_pre_hook(self._grab, with_kwargs=True)
 
@@ -54,14 +59,17 @@ class AttentionGuide:
         hidden = self.saved["hidden_states"]
         cos, sin = self.saved["position_embeddings"]
         focus = batch[self.key]
-        bi, ti = torch.nonzero(focus >= 0, as_tuple=True)
+        chosen = focus >= 0
+        if self.answers is not None:
+            chosen &= torch.isin(batch["labels"], self.answers)
+        bi, ti = torch.nonzero(chosen, as_tuple=True)
         if len(bi) == 0:
             return hidden.new_zeros(())
         att = self.attention
-        dh, h = att.head_dim, self.heads
+        dh, h0, h1 = att.head_dim, self.head, self.head + self.heads
         b, t, _ = hidden.shape
-        q = att.q_proj(hidden[bi, ti]).view(len(bi), -1, dh)[:, :h]
-        k = att.k_proj(hidden).view(b, t, -1, dh)[:, :, :h]
+        q = att.q_proj(hidden[bi, ti]).view(len(bi), -1, dh)[:, h0:h1]
+        k = att.k_proj(hidden).view(b, t, -1, dh)[:, :, h0:h1]
         q = q * cos[bi, ti][:, None] + _rotate_half(q) * sin[bi, ti][:, None]
         k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
         scores = torch.einsum("nhd,nthd->nht", q, k[bi]) * att.scaling

@@ -41,6 +41,7 @@ class Recipe:
     spec: ToySpec = field(default_factory=ToySpec)
     pool_size: int = 3000
     images_per_step: int = 16
+    images_per_step_b: int = 32  # stage B is vision only: cheap, so larger batches
     targets_per_image: int = 2
     # stage A curriculum, as fractions of steps_a: one patch per object (+2 background),
     # then every object patch (+8 background), then the full grid
@@ -49,6 +50,11 @@ class Recipe:
     guide_layer: int = 2  # where the answer position is taught to look at the object
     steps_a: int = 600
     lr_a: float = 3e-3
+    # A2: more LM steps with most shape questions left out: a model that has learned to
+    # read shapes is otherwise slow to learn to read colors from the same tokens
+    steps_a2: int = 300
+    lr_a2: float = 1e-3
+    keep_a2: dict = field(default_factory=lambda: {"vqa-shape": 0.3})
     steps_b: int = 300
     lr_b: float = 2e-3
     steps_c: int = 200
@@ -120,8 +126,11 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
     log: dict = {"seed": seed, "recipe": asdict(recipe), "steps": [], "probes": []}
 
     def draw(stage: str, step: int, steps: int):
-        idx = rng.integers(len(pool.samples), size=recipe.images_per_step)
-        background, peaks = None, False
+        size = recipe.images_per_step_b if stage == "B" else recipe.images_per_step
+        idx = rng.integers(len(pool.samples), size=size)
+        background, peaks, keep = None, False, None
+        if stage == "A2":
+            background, keep = 8, recipe.keep_a2
         if stage == "A":
             frac = step / max(1, steps)
             if frac < recipe.curriculum_a[0]:
@@ -129,13 +138,14 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
             elif frac < recipe.curriculum_a[1]:
                 background = 8
         return qa_batch(pool, idx, encoder, rng, targets=recipe.targets_per_image,
-                        background=background, peaks_only=peaks)
+                        background=background, peaks_only=peaks, keep=keep)
 
     guides = [AttentionGuide(parts.lm.layers[0].self_attn, key="word_focus"),
               AttentionGuide(parts.lm.layers[recipe.guide_layer].self_attn, key="focus")]
     lm_params = list(parts.lm.parameters()) + list(oracle.parameters())
     stages = [
         ("A", recipe.steps_a, lm_params, recipe.lr_a),
+        ("A2", recipe.steps_a2, lm_params, recipe.lr_a2),
         ("B", recipe.steps_b, parts.vision_params, recipe.lr_b),
         ("C", recipe.steps_c, lm_params + parts.vision_params, recipe.lr_c),
     ]
@@ -192,11 +202,11 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
     task = bar.add_task(f"stage {name}", total=steps, info="") if bar else None
-    use_vision = name != "A"
+    use_vision = name not in ("A", "A2")
     for step in range(steps):
         batch = draw(name, step, steps)
         aux = None
-        if name == "A":
+        if name in ("A", "A2"):
             loss = stage_a_step(parts, oracle, batch, image_id)
         elif name == "B":
             loss = dense_loss(parts, oracle, batch)
@@ -246,7 +256,7 @@ def plot_losses(log: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     offset = 0
-    for stage in ("A", "B", "C"):
+    for stage in ("A", "A2", "B", "C"):
         rows = [r for r in log["steps"] if r["stage"] == stage]
         if not rows:
             continue
