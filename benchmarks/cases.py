@@ -176,6 +176,7 @@ def ablate_tl(ctx: Context, sets, vector) -> torch.Tensor:
 
 
 # ---- knockout sweep -----------------------------------------------------------------------
+# Every method runs the clean pass a sweep needs (the clean answer) plus all conditions.
 def knockout_grid(ctx: Context) -> tuple[list[tuple[str, int]], dict]:
     edges = edge_sets(ctx.batch.token_map, ctx.batch, 0, ctx.mask)
     conds = ctx.knockout_conditions or tuple(edges)
@@ -196,6 +197,7 @@ def knockout_batched(ctx: Context, grid, edges) -> torch.Tensor:
     vlm = ctx.vlm
     one = ctx.fresh()
     feats = vlm.image_embeddings(one)
+    vlm.forward(one, image_features=feats, logits_to_keep=1)  # the clean answer
     rows = repeat_batch(one, len(grid))
     with ExitStack() as stack:
         for w, (start, end) in enumerate(ctx.windows):
@@ -221,6 +223,7 @@ def knockout_resumed(ctx: Context, grid, edges) -> torch.Tensor:
 @torch.no_grad()
 def knockout_each(ctx: Context, grid, edges) -> torch.Tensor:
     """vislens, one full forward (vision included) per (condition, window): the naive sweep."""
+    ctx.vlm.forward(ctx.fresh(), logits_to_keep=1)  # the clean answer
     out = []
     for c, w in grid:
         s, e = ctx.windows[w]
@@ -259,6 +262,8 @@ def knockout_nnsight(ctx: Context, grid, edges) -> torch.Tensor:
         blocked = _blocked(ctx, grid, edges, layer)
         if blocked is not None:
             masks[layer] = (causal[None] & ~blocked)[:, None].to(ctx.batch.input_ids.device)
+    with nn.trace(**ctx.inputs(), use_cache=False, logits_to_keep=1):  # the clean answer
+        nn.output.logits.save()
     with nn.trace(**ctx.inputs(n), use_cache=False, logits_to_keep=1):
         for layer, module in enumerate(nn.model.language_model.layers):
             if layer in masks:
@@ -280,6 +285,9 @@ def knockout_tl(ctx: Context, grid, edges) -> torch.Tensor:
         def hook(scores, hook, blocked=blocked):
             return scores.masked_fill(blocked[:, None].to(scores.device), float("-inf"))
         hooks.append((f"blocks.{layer}.attn.hook_attn_scores", hook))
+    clean = ctx.batch.inputs  # the clean answer
+    ctx.tl(clean["input_ids"], pixel_values=clean["pixel_values"],
+           attention_mask=clean["attention_mask"])
     b = ctx.inputs(len(grid))
     logits = ctx.tl.run_with_hooks(b["input_ids"], pixel_values=b["pixel_values"],
                                    attention_mask=b["attention_mask"], fwd_hooks=hooks)
