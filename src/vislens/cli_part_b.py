@@ -8,7 +8,6 @@ summary as JSON with --json.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -108,9 +107,8 @@ def _perceive_config(tasks: str, data, seed: int, n: int, layers: str, batch_siz
                           batch_size=batch_size, prefix=prefix)
 
 
-def _meta(experiment: str, model: str, vlm, config) -> dict:
-    return {"experiment": experiment, "model": model, "num_layers": vlm.num_layers,
-            **asdict(config)}
+def _meta(model: str, vlm) -> dict:
+    return {"model": model, "num_layers": vlm.num_layers}
 
 
 def perceive(
@@ -139,23 +137,17 @@ def perceive(
     """
     with user_errors():
         from vislens.experiments.perception import perceive as exp
-        from vislens.experiments.perception.plots import task_curves
-        from vislens.experiments.runs import RunDir
 
         config = _perceive_config(tasks, data, seed, n, layers, batch_size)
         vlm = _load(model, device, dtype)
         _check_layers(vlm, config.layers)
-        run_dir = RunDir(out, _meta("perceive", model, vlm, config),
-                         key=["condition", "task", "item"])
-        result = exp.run(vlm, config, run_dir, progress)
-        summary = {"tasks": result}
-        run_dir.write_summary(summary)
-        task_curves(result, run_dir.path)
+        summary = exp.execute(vlm, config, out, _meta(model, vlm), progress)
+        result = summary["tasks"]
         if as_json:
             emit(summary, True)
             return
         Console().print(perception_table(result, f"{model}: perception per source"))
-        console.print(f"plots and summary.json in {run_dir.path}")
+        console.print(f"plots and summary.json in {out}")
 
 
 def prefix(
@@ -181,19 +173,13 @@ def prefix(
     """
     with user_errors():
         from vislens.experiments.perception import prefix as exp
-        from vislens.experiments.perception.plots import compare_curves
-        from vislens.experiments.runs import RunDir
 
         if not text.strip():
             raise VislensError("--prefix is empty; give 'task', 'classes' or some text")
         config = _perceive_config(tasks, data, seed, n, layers, batch_size, prefix=text)
         vlm = _load(model, device, dtype)
         _check_layers(vlm, config.layers)
-        run_dir = RunDir(out, _meta("prefix", model, vlm, config),
-                         key=["condition", "task", "item"])
-        summary = exp.run(vlm, config, run_dir, progress)
-        run_dir.write_summary(summary)
-        compare_curves(summary["clean"], summary["prefixed"], run_dir.path, ("clean", "prefix"))
+        summary = exp.execute(vlm, config, out, _meta(model, vlm), progress)
         if as_json:
             emit(summary, True)
             return
@@ -225,9 +211,7 @@ def artifacts(
     """
     with user_errors():
         from vislens.experiments.perception import artifacts as exp
-        from vislens.experiments.perception.plots import artifact_grid, compare_curves
         from vislens.experiments.perception.surface import SurfaceConfig
-        from vislens.experiments.runs import RunDir, write_json_atomic
 
         positive("--n-images", n_images)
         specs = _data(data, seed)
@@ -239,14 +223,8 @@ def artifacts(
                              batch_size=batch_size))
         vlm = _load(model, device, dtype)
         _check_layers(vlm, config.layers)
-        run_dir = RunDir(out, _meta("artifacts", model, vlm, config),
-                         key=["condition", "task", "item"])
-        summary, art = exp.run(vlm, config, run_dir, progress)
-        write_json_atomic(run_dir.path / "scores.json", art.to_dict())
-        artifact_grid(art, run_dir.path / "artifacts.png")
+        summary = exp.execute(vlm, config, out, _meta(model, vlm), progress)
         p = summary["perceive"]
-        compare_curves(p["clean"], p["knockout"], run_dir.path, ("clean", "knockout"))
-        run_dir.write_summary(summary)
         if as_json:
             emit(summary, True)
             return
@@ -287,8 +265,6 @@ def surface(
     """
     with user_errors():
         from vislens.experiments.perception import surface as exp
-        from vislens.experiments.perception.plots import surface_plot
-        from vislens.experiments.runs import RunDir
 
         positive("--n", n)
         positive("--batch-size", batch_size)
@@ -299,10 +275,7 @@ def surface(
                                    batch_size=batch_size)
         vlm = _load(model, device, dtype)
         _check_layers(vlm, config.layers)
-        run_dir = RunDir(out, _meta("surface", model, vlm, config), key=["item"])
-        summary = exp.run(vlm, config, run_dir, progress)
-        run_dir.write_summary(summary)
-        surface_plot(summary, run_dir.path / "surface.png")
+        summary = exp.execute(vlm, config, out, _meta(model, vlm), progress)
         if as_json:
             emit(summary, True)
             return

@@ -188,3 +188,22 @@ def delta(before: dict, after: dict) -> dict:
                      "projector": diff(b["projector"], a["projector"]),
                      "vision": diff(b["vision"], a["vision"])}
     return out
+
+
+def execute(vlm, config: ArtifactsConfig, out, meta: dict, progress: Callable | None = None
+            ) -> dict:
+    """Run into directory `out` (resuming): scores.json, the artifact grid, clean vs
+    knockout curves, summary.json."""
+    from vislens.experiments.perception.plots import artifact_grid, compare_curves
+    from vislens.experiments.runs import RunDir, write_json_atomic
+
+    run_dir = RunDir(out, {"experiment": "artifacts", **meta, **asdict(config)},
+                     key=["condition", "task", "item"])
+    summary, art = run(vlm, config, run_dir, progress)
+    write_json_atomic(run_dir.path / "scores.json", art.to_dict())
+    summary["grid_plot"] = str(artifact_grid(art, run_dir.path / "artifacts.png"))
+    p = summary["perceive"]
+    summary["plots"] = [str(x) for x in compare_curves(
+        p["clean"], p["knockout"], run_dir.path, ("clean", "knockout"))]
+    run_dir.write_summary(summary)
+    return summary

@@ -320,3 +320,17 @@ def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers
 
 def _clean(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
+def execute(vlm, config: PerceiveConfig, out, meta: dict, progress: Callable | None = None
+            ) -> dict:
+    """Run into directory `out` (resuming), plot one curve per task, write summary.json."""
+    from vislens.experiments.perception.plots import task_curves
+    from vislens.experiments.runs import RunDir
+
+    run_dir = RunDir(out, {"experiment": "perceive", **meta, **asdict(config)},
+                     key=["condition", "task", "item"])
+    summary = {"tasks": run(vlm, config, run_dir, progress)}
+    summary["plots"] = [str(p) for p in task_curves(summary["tasks"], run_dir.path)]
+    run_dir.write_summary(summary)
+    return summary

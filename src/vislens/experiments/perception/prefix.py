@@ -10,7 +10,7 @@ projector and vision-encoder baselines cannot change (they never see the text).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from vislens.experiments.perception import perceive
 from vislens.experiments.perception.artifacts import delta
@@ -25,3 +25,18 @@ def run(vlm, config: perceive.PerceiveConfig, out, progress: Callable | None = N
     prefixed = perceive.run(vlm, config, out, progress, condition="prefix", items=items)
     return {"prefix": config.prefix, "clean": clean, "prefixed": prefixed,
             "delta": delta(clean, prefixed)}
+
+
+def execute(vlm, config: perceive.PerceiveConfig, out, meta: dict,
+            progress: Callable | None = None) -> dict:
+    """Run into directory `out` (resuming), plot clean vs prefixed, write summary.json."""
+    from vislens.experiments.perception.plots import compare_curves
+    from vislens.experiments.runs import RunDir
+
+    run_dir = RunDir(out, {"experiment": "prefix", **meta, **asdict(config)},
+                     key=["condition", "task", "item"])
+    summary = run(vlm, config, run_dir, progress)
+    summary["plots"] = [str(p) for p in compare_curves(
+        summary["clean"], summary["prefixed"], run_dir.path, ("clean", "prefix"))]
+    run_dir.write_summary(summary)
+    return summary

@@ -181,3 +181,16 @@ def summarise(rows: list[dict], num_layers: int, config: SurfaceConfig) -> dict:
         "present_not_surfaced": round(counts["solved_by_values_not_model"] / n, 4) if n else None,
         "paper": PAPER,
     }
+
+
+def execute(vlm, config: SurfaceConfig, out, meta: dict, progress: Callable | None = None
+            ) -> dict:
+    """Run into directory `out` (resuming), plot, write summary.json."""
+    from vislens.experiments.perception.plots import surface_plot
+    from vislens.experiments.runs import RunDir
+
+    run_dir = RunDir(out, {"experiment": "surface", **meta, **asdict(config)}, key=["item"])
+    summary = run(vlm, config, run_dir, progress)
+    summary["plot"] = str(surface_plot(summary, run_dir.path / "surface.png"))
+    run_dir.write_summary(summary)
+    return summary
