@@ -15,8 +15,12 @@ from vislens.report.page import Section, render_page
 from vislens.report.sections import (
     ablation_section,
     accuracy_section,
+    artifacts_section,
     knockout_section,
     logit_lens_section,
+    perceive_section,
+    prefix_section,
+    surface_section,
     timing_section,
 )
 
@@ -76,12 +80,17 @@ def run_study(config: StudyConfig, out: Path, progress=None,
     step("knockout", lambda: knockout.execute(
         vlm, samples[: config.n(80)], knockout.KnockoutConfig(area=small, seed=config.seed),
         out / "knockout", {**meta, "n": config.n(80)}, progress=progress))
+    part_b(vlm, config, out, step, progress)
     times["total"] = time.perf_counter() - start
     sections: list[Section] = [
         accuracy_section(summaries["accuracy"]),
         ablation_section(summaries["ablation"]),
         logit_lens_section(summaries["logit lens"]),
         knockout_section(summaries["knockout"]),
+        perceive_section(summaries["perceive"]),
+        artifacts_section(summaries["artifacts"]),
+        prefix_section(summaries["prefix"]),
+        surface_section(summaries["surface"]),
         timing_section(times),
     ]
     facts = {"model": config.model, "data": config.data, "family": vlm.family,
@@ -96,6 +105,26 @@ def run_study(config: StudyConfig, out: Path, progress=None,
             "summaries": {k: _headline(k, v) for k, v in summaries.items()}}
 
 
+def part_b(vlm, config: StudyConfig, out: Path, step, progress) -> None:
+    """Liu et al.'s experiments on ShapesWorld task variants (their own seed: config.seed)."""
+    from vislens.experiments.perception import artifacts, perceive, prefix, surface
+
+    data = {"*": f"shapesworld:{config.seed}"}
+    meta = {"model": config.model, "num_layers": vlm.num_layers}
+    pcfg = perceive.PerceiveConfig(data=data, n=config.n(8), seed=config.seed)
+    step("perceive", lambda: perceive.execute(vlm, pcfg, out / "perceive", meta, progress))
+    mc = surface.SurfaceConfig(data=data["*"], n=config.n(24), kind="fill")
+    acfg = artifacts.ArtifactsConfig(
+        data=data["*"], n_images=config.n(24), perceive=perceive.PerceiveConfig(
+            tasks=("sem-seg", "ref-seg"), data=data, n=config.n(6), seed=config.seed),
+        mc=surface.SurfaceConfig(data=data["*"], n=config.n(12), kind="fill"))
+    step("artifacts", lambda: artifacts.execute(vlm, acfg, out / "artifacts", meta, progress))
+    xcfg = perceive.PerceiveConfig(data=data, n=config.n(6), seed=config.seed,
+                                   prefix="classes")
+    step("prefix", lambda: prefix.execute(vlm, xcfg, out / "prefix", meta, progress))
+    step("surface", lambda: surface.execute(vlm, mc, out / "surface", meta, progress))
+
+
 def _headline(name: str, summary: dict) -> dict:
     """The few numbers a person looks at first (the full summaries are in each run dir)."""
     if name == "accuracy":
@@ -107,4 +136,12 @@ def _headline(name: str, summary: dict) -> dict:
     if name == "knockout":
         return {"windows": summary["window_labels"],
                 "relative_accuracy": summary["relative_accuracy"]}
-    return summary
+    if name == "perceive":
+        return {t: {"metric": e["metric"], "best_values": max(
+            [v for v in e["values"] if v is not None], default=None),
+            "projector": e.get("projector"), "vision": e.get("vision")}
+            for t, e in summary["tasks"].items()}
+    if name == "surface":
+        return {k: summary[k] for k in ("values_accuracy", "model_accuracy",
+                                        "present_not_surfaced")}
+    return {}

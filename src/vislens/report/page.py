@@ -64,9 +64,10 @@ def _section(s: Section) -> str:
                        for r in t.rows)
         parts.append(f'<table class="result"><caption>{esc(t.caption)}</caption>'
                      f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    grid = " grid" if len(s.images) > 2 else ""  # many small plots: three to a row
     for caption, path in s.images:
-        parts.append(f'<figure><img src="{png_file_data_uri(path)}" alt="{esc(caption)}">'
-                     f"<figcaption>{esc(caption)}</figcaption></figure>")
+        parts.append(f'<figure class="plot{grid}"><img src="{png_file_data_uri(path)}" '
+                     f'alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>')
     for caption, page in s.pages:
         parts.append(f'<figure class="viewer"><iframe title="{esc(caption)}" '
                      f'srcdoc="{esc(page)}"></iframe><figcaption>{esc(caption)}</figcaption>'
@@ -84,6 +85,7 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f5f5f5} caption{text-align:left;font-weight:600;padding:4px 0}
 td:first-child,th:first-child{text-align:left}
 .facts th{text-align:left} figure{margin:12px 0} figure img{max-width:100%}
+figure.grid{display:inline-block;width:32%;margin:4px 0.5%;vertical-align:top}
 figcaption{font-size:13px;color:#555}
 .viewer iframe{width:100%;height:640px;border:1px solid #ccc}
 .note{font-size:13px;color:#444;background:#fafafa;border-left:3px solid #bbb;padding:4px 8px}

@@ -85,3 +85,95 @@ def timing_section(times: dict[str, float]) -> Section:
     rows = [[k, fmt(v, 1)] for k, v in times.items()]
     return Section("timing", "Time taken", tables=[TableData("seconds per step",
                                                              ["step", "seconds"], rows)])
+
+
+def _best(curve) -> tuple[int | None, float | None]:
+    vals = [(v, i) for i, v in enumerate(curve) if v is not None]
+    if not vals:
+        return None, None
+    v, i = max(vals)
+    return i, v
+
+
+def _perception_rows(tasks: dict) -> list[list[object]]:
+    rows = []
+    for task, e in tasks.items():
+        kl, kv = _best(e["keys"])
+        vl, vv = _best(e["values"])
+        rows.append([task, e["metric"], vv, vl, kv, kl, e.get("projector"), e.get("vision")])
+    return rows
+
+
+PERCEPTION_HEADER = ["task", "metric", "values (best)", "best layer", "keys (best)",
+                     "best layer", "projector", "vision encoder"]
+
+
+def perceive_section(summary: dict) -> Section:
+    return Section(
+        "perceive", "B1. Zero-shot perception from the LM's image keys and values",
+        "Each task is scored from image keys / values of every LM layer, from the projector "
+        "output (the LM input) and from the vision encoder output. Paper (Liu et al. 2025): "
+        "LM values carry enough for these tasks zero-shot, the LM adds to its input, and the "
+        "vision encoder alone is often better.",
+        tables=[TableData("best layer per source", PERCEPTION_HEADER,
+                          _perception_rows(summary["tasks"]))],
+        images=[(f"{Path(p).stem}: per-layer score", Path(p)) for p in summary["plots"]])
+
+
+def prefix_section(summary: dict) -> Section:
+    rows = []
+    for task, e in summary["delta"].items():
+        vals = [v for v in e["values"] if v is not None]
+        rows.append([task, e["metric"], max(vals) if vals else None,
+                     float(sum(vals) / len(vals)) if vals else None])
+    return Section(
+        "prefix", "B3. A text prefix before the image",
+        f"Perception re-measured with the prefix {summary['prefix']!r} before the image; the "
+        "change is prefixed minus clean, per layer (layer 0 cannot change: the prefix reaches "
+        "image tokens only through attention).",
+        tables=[TableData("change of the values' score", ["task", "metric", "largest change",
+                                                           "mean change over layers"], rows),
+                TableData("with the prefix", PERCEPTION_HEADER,
+                          _perception_rows(summary["prefixed"]))],
+        images=[(f"{Path(p).stem}", Path(p)) for p in summary.get("plots", [])[:3]])
+
+
+def artifacts_section(summary: dict) -> Section:
+    rows = [[layer, count, summary["score_max"][layer], summary["score_mean"][layer]]
+            for layer, count in summary["n_flagged"].items()]
+    mc = summary["multiple_choice"]
+    delta = [[t, e["metric"], *(_best(e["values"])[::-1])] for t, e in
+             summary["perceive"]["delta"].items()]
+    return Section(
+        "artifacts", "B2. Input-agnostic key artifacts, and blocking them",
+        "Each image key position is scored per layer by how little it varies across images "
+        "relative to its input (1 = input-agnostic); positions above mean + z std and above "
+        "the minimum score are flagged, then text positions are blocked from reading them.",
+        tables=[TableData("flagged key positions per layer",
+                          ["layer", "flagged", "max score", "mean score"], rows),
+                TableData("perception change with the artifacts blocked (values, largest)",
+                          ["task", "metric", "change", "layer"], delta),
+                TableData("multiple choice", ["kind", "n", "clean", "artifacts blocked"],
+                          [[mc["kind"], mc["n"], mc["clean_accuracy"],
+                            mc["knockout_accuracy"]]])],
+        images=[("artifact scores on the image-token grid (x = flagged)",
+                 Path(summary["grid_plot"]))])
+
+
+def surface_section(summary: dict) -> Section:
+    keys = ("solved_by_values_not_model", "solved_by_model_not_values", "both", "neither")
+    rows = [[k.replace("_", " "), summary[k]] for k in keys]
+    return Section(
+        "surface", "B4. Present in the values, not surfaced in the answer",
+        "Multiple-choice items: the model's own answer against a readout from image values "
+        "(the candidate whose mean value is closest to the reference's, layer chosen on a "
+        "held-out half). Paper: 33.3% of BLINK Art Style questions are solved by the values "
+        "but answered wrongly.",
+        tables=[TableData(f"{summary['n_scored']} scored items ({summary['kind']}), layer "
+                          f"{summary['best_layer']}", ["outcome", "items"], rows),
+                TableData("accuracy", ["source", "ours", "paper"],
+                          [["image values", summary["values_accuracy"], None],
+                           ["model answer", summary["model_accuracy"], None],
+                           ["present but not surfaced", summary["present_not_surfaced"],
+                            0.333]])],
+        images=[("values readout accuracy per layer", Path(summary["plot"]))])
