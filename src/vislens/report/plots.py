@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a PNG atomically (never half a file) and free the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
@@ -45,7 +46,7 @@ def grouped_bars(values: Mapping[str, Mapping[str, float]], path: Path, title: s
     ax.set_title(title)
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str],
@@ -62,7 +63,7 @@ def heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequen
                     color="w" if v < np.nanmean(data) else "k")
     fig.colorbar(im, ax=ax, label=cbar)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str, ylabel: str,
@@ -79,4 +80,4 @@ def layer_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str, 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vislens.report.plots import layer_curves  # noqa: E402
+from vislens.report.plots import layer_curves, save_figure  # noqa: E402
 
 
 def task_curves(summary: dict, out_dir: Path, suffix: str = "") -> list[Path]:
@@ -65,13 +65,7 @@ def artifact_grid(art, path: Path) -> Path:
     for ax in axes.ravel()[len(layers):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.8, label="input-agnostic score")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def surface_plot(summary: dict, path: Path) -> Path:
