@@ -41,7 +41,7 @@ class QwenRecipe:
     pool_size: int = 3000
     images_per_step: int = 16
     targets_per_image: int = 2
-    background_a: int | None = 8  # stage A keeps object tokens + this many background ones
+    background_a: int | None = None  # A: object tokens + this many background ones; None: all
     steps_a: int = 600
     lr_a: float = 3e-3
     steps_b: int = 300
