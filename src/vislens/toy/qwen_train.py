@@ -1,13 +1,15 @@
 """Reproduce toy-qwen from scratch on a CPU: `train(out_dir, seed)`.
 
-The LLaVA toy's recipe and stage code (`vislens.toy.stages`), unchanged:
-A) the LM learns to answer from oracle image tokens, B) the vision tower +
-merger regress those tokens from pixels, C) everything is fine-tuned on the
-questions with the regression kept as an auxiliary loss. This module only
-supplies the Qwen pieces: the `Parts` of a Qwen2.5-VL model, the packed
-encoder with mRoPE positions, and the batched window attention that makes the
-vision tower trainable on a CPU. Held-out scenes use world seed
-`EVAL_SEED + seed` (the LLaVA toy's), never trained on.
+The LLaVA toy's recipe: A) the LM learns to answer from oracle image tokens
+(`vislens.toy.oracle`), B) the vision tower + merger regress those tokens from
+pixels, C) everything is fine-tuned on the questions with the regression kept
+as an auxiliary loss. Scenes, pools and questions are the LLaVA toy's
+(`vislens.toy.data`); the Qwen pieces are the packed encoder with mRoPE
+positions, the batched window attention that makes the vision tower trainable
+on a CPU, and attention guides for both hops of the lookup (answer -> question
+words, answer -> target object). The step loop is kept here rather than in
+`vislens.toy.stages` because that module's API was still moving. Held-out
+scenes use world seed `EVAL_SEED + seed`, never trained on.
 """
 
 from __future__ import annotations
