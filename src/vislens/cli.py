@@ -149,7 +149,7 @@ def train_toy(
         if family == "llava":
             from vislens.toy.train import train
         elif family == "qwen":
-            from vislens.toy.qwen import train
+            from vislens.toy.qwen_train import train
         else:
             raise VislensError(f"unknown toy family {family!r}; choose llava or qwen")
         summary = train(out, seed=seed)
