@@ -39,8 +39,8 @@ class Recipe:
     """Every knob of a training run; saved in the log so a run can be repeated."""
 
     spec: ToySpec = field(default_factory=ToySpec)
-    pool_size: int = 3000
-    images_per_step: int = 16
+    pool_size: int = 2000
+    images_per_step: int = 8
     images_per_step_b: int = 32  # stage B is vision only: cheap, so larger batches
     targets_per_image: int = 2
     # stage A curriculum, as fractions of steps_a: one patch per object (+2 background),
@@ -48,16 +48,16 @@ class Recipe:
     curriculum_a: tuple[float, float] = (0.5, 0.8)
     guide_weight: float = 1.0  # attention auxiliary losses (stages A and C)
     guide_layer: int = 2  # where the answer position is taught to look at the object
-    steps_a: int = 600
+    steps_a: int = 1500
     lr_a: float = 3e-3
     # A2: more LM steps with most shape questions left out: a model that has learned to
     # read shapes is otherwise slow to learn to read colors from the same tokens
     steps_a2: int = 300
     lr_a2: float = 1e-3
     keep_a2: dict = field(default_factory=lambda: {"vqa-shape": 0.3})
-    steps_b: int = 300
-    lr_b: float = 2e-3
-    steps_c: int = 200
+    steps_b: int = 1200
+    lr_b: float = 3e-3
+    steps_c: int = 300
     lr_c: float = 5e-4
     aux_weight: float = 1.0
     warmup: int = 50
