@@ -12,7 +12,7 @@ from vislens.toy.oracle import coverage, oracle_tokens
 HELD_OUT_SEED = 424_242  # never used for training (train uses seed 0)
 # What the shipped toy must at least reach on 30 held-out scenes (chance: polling 0.5,
 # VQA ~0.15, generative ~0). Measured: see src/vislens/assets/toy/training_log.json.
-FLOOR = {"generative": 0.3, "polling": 0.8, "vqa": 0.45}
+FLOOR = {"generative": 0.5, "polling": 0.85, "vqa": 0.55}
 shipped = pytest.mark.skipif(not (TOY_DIR / "config.json").is_file(),
                              reason="toy weights not shipped yet")
 
@@ -133,7 +133,7 @@ def test_shipped_toy_perceives_and_needs_the_image(toy):
     with replace_image_tokens(model, mean):
         ablated = evaluate(model, processor, scenes, settings=("polling", "vqa"),
                            batch_size=30)
-    assert ablated["accuracy"]["polling"] <= 0.7, ablated
+    assert ablated["accuracy"]["polling"] <= 0.65, ablated
     assert ablated["accuracy"]["vqa"] <= 0.35, ablated
 
 
