@@ -174,3 +174,19 @@ def test_knockout_summary(vlm):
     assert s["relative_accuracy"]["object->last"] == [1.0, 0.0]
     assert s["prob_change"]["object->last"][0] == pytest.approx(-0.4)
     assert s["window_labels"] == ["0-1", "all"]
+
+
+def test_extend_batch_keeps_qwen_positions_exact():
+    """Teacher forcing (used by integrated gradients) grows every per-token tensor: the
+    prompt's last logits are unchanged, with mRoPE positions from the model itself."""
+    import vislens
+    from vislens.experiments.batching import extend_batch
+
+    vlm = vislens.load("toy-qwen")
+    scene = shapesworld.make_scene(1000, 0)
+    batch = vlm.prepare([scene.image], ["is there a red circle in this image ?"])
+    ids = vlm.tokenizer.encode("yes no", add_special_tokens=False)
+    longer = extend_batch(batch, torch.tensor(ids))
+    assert longer.inputs["mm_token_type_ids"].shape == longer.input_ids.shape
+    torch.testing.assert_close(vlm.forward(longer).logits[0, -3],
+                               vlm.forward(batch).logits[0, -1], rtol=1e-4, atol=1e-5)

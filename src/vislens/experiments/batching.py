@@ -29,7 +29,10 @@ def extend_batch(batch: Batch, tokens: torch.Tensor) -> Batch:
     if tokens.dim() == 1:
         tokens = tokens[None].expand(batch.size, -1)
     inputs = dict(batch.inputs)
-    inputs["input_ids"] = torch.cat([batch.input_ids, tokens], dim=1)
-    inputs["attention_mask"] = torch.cat(
-        [batch.attention_mask, torch.ones_like(tokens, dtype=batch.attention_mask.dtype)], dim=1)
+    fill = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    for key, value in batch.inputs.items():
+        # every per-token tensor grows: ids, mask, and e.g. Qwen's mm_token_type_ids (0 = text)
+        if value.dim() == 2 and value.shape == batch.input_ids.shape:
+            extra = fill.get(key, torch.zeros_like(tokens))
+            inputs[key] = torch.cat([value, extra.to(value.dtype)], dim=1)
     return Batch(inputs=inputs, token_map=batch.token_map, texts=batch.texts)
