@@ -10,16 +10,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from vislens.errors import VislensError
+from vislens.progress import progress_bar
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -68,9 +61,7 @@ def emit(summary: dict[str, Any], as_json: bool) -> None:
 def progress(items: Iterable, label: str) -> Iterator:
     """A rich progress bar on stderr around any iterable (quiet when stderr is no terminal)."""
     items = list(items)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                  transient=False) as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task(label, total=len(items))
         for item in items:
             yield item

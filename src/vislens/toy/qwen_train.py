@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from vislens.data import shapesworld
 from vislens.data.samples import SETTINGS
+from vislens.progress import progress_bar
 from vislens.toy import qwen
 from vislens.toy.data import IGNORE, Pool, make_pool
 from vislens.toy.oracle import oracle_tokens
@@ -222,19 +223,6 @@ def build_encoder(model, processor, spec: qwen.QwenToySpec) -> QwenEncoder:
     return QwenEncoder(tok, cells * cells, head_positions(model, tok, cells * cells, grid))
 
 
-def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-
-
 def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
           recipe: QwenRecipe | None = None, progress: bool = True,
           log_path: str | Path | None = None) -> dict:
@@ -283,7 +271,7 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
         ("B", recipe.steps_b, parts.vision_params, recipe.lr_b),
         ("C", recipe.steps_c, lm_params + parts.vision_params, recipe.lr_c),
     ]
-    bar = _progress() if progress else None
+    bar = progress_bar(info=True) if progress else None
     if bar:
         bar.start()
     try:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vislens.data import shapesworld
+from vislens.progress import progress_bar
 from vislens.toy.build import IMAGE, ToySpec, build_model, build_processor
 from vislens.toy.data import Encoder, make_pool, normalise_pixels, qa_batch
 from vislens.toy.stages import (
@@ -85,19 +86,6 @@ def llava_parts(model, processor) -> Parts:
                  image_features=image_features, vision_params=vision)
 
 
-def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-
-
 def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
           progress: bool = True, resume: str | Path | None = None) -> dict:
     """Train a toy from scratch into `out_dir`; returns the training summary (also saved).
@@ -157,7 +145,7 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
         done = set(state["stages"])
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
-    bar = _progress() if progress else None
+    bar = progress_bar(info=True) if progress else None
     if bar:
         bar.start()
     try:
