@@ -30,10 +30,9 @@ AREAS = {
 }
 
 
-def _setup(model: str, data: str, n: int, device: str, dtype: str | None, batch_size: int,
+def _setup(model: str, data: str, n: int, device: str, dtype: str | None,
            area: str | None, which: str):
     positive("--n", n)
-    positive("--batch-size", batch_size)
     from vislens.data import open_dataset
     from vislens.models import load
 
@@ -46,11 +45,9 @@ def _setup(model: str, data: str, n: int, device: str, dtype: str | None, batch_
     return vlm, samples, chosen
 
 
-def _meta(model: str, data: str, n: int, device: str, dtype: str | None, batch_size: int,
-          **extra) -> dict:
+def _meta(model: str, data: str, n: int, device: str, dtype: str | None, **extra) -> dict:
     """What a run directory records besides the experiment's own config."""
-    return {"model": model, "data": data, "n": n, "device": device, "dtype": dtype,
-            "batch_size": batch_size, **extra}
+    return {"model": model, "data": data, "n": n, "device": device, "dtype": dtype, **extra}
 
 
 def ablate(
@@ -67,7 +64,6 @@ def ablate(
                              "(default: small objects; COCO 1000:2000)"),
     ig_steps: int = typer.Option(16, help="integrated-gradients steps"),
     seed: int = typer.Option(0, help="seed for targets, random token sets and noise"),
-    batch_size: int = typer.Option(8, help="images per batch (setup passes)"),
     device: str = typer.Option("cpu", help="torch device"),
     dtype: str = typer.Option(None, help="float32 / bfloat16 / float16 (default: model's)"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -76,15 +72,15 @@ def ablate(
 
     Keeps samples the model gets right that fail when the object's pixels are noised,
     then replaces the LM input embeddings of each token set with the mean image
-    embedding (or zeros): the % of kept samples that become wrong, per setting.
+    embedding (or zeros): the % of kept samples that become wrong, per setting. All
+    conditions of a sample run as one batch over one vision pass.
 
     Example: vislens ablate --model toy --n 200 --out runs/ablate --json
     """
     with user_errors():
         from vislens.experiments import ablation
 
-        vlm, samples, chosen = _setup(model, data, n, device, dtype, batch_size, area or None,
-                                      "small")
+        vlm, samples, chosen = _setup(model, data, n, device, dtype, area or None, "small")
         config = ablation.AblationConfig(
             settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
             conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()) or None,
@@ -94,7 +90,7 @@ def ablate(
             from vislens.data import open_dataset
 
             ref_images = [s.image for s in open_dataset(reference)]
-        meta = _meta(model, data, n, device, dtype, batch_size, reference=reference)
+        meta = _meta(model, data, n, device, dtype, reference=reference)
         summary = ablation.execute(vlm, samples, config, out, meta, reference_images=ref_images,
                                    progress=progress)
         if as_json:
@@ -138,12 +134,12 @@ def logit_lens(
         positive("--top-k", top_k)
         from vislens.experiments import logit_lens as lens
 
-        vlm, samples, chosen = _setup(model, data, n, device, dtype, batch_size, area or None,
-                                      "large")
+        positive("--batch-size", batch_size)
+        vlm, samples, chosen = _setup(model, data, n, device, dtype, area or None, "large")
         config = lens.LensConfig(top_k=top_k, area=chosen, viewers=viewers, seed=seed,
                                  batch_size=batch_size)
         summary = lens.execute(vlm, samples, config, out,
-                               _meta(model, data, n, device, dtype, batch_size),
+                               _meta(model, data, n, device, dtype),
                                progress=progress)
         if as_json:
             emit(summary, True)
@@ -166,7 +162,6 @@ def knockout(
     stride: int = typer.Option(None, help="window stride (default: 5/32 of the depth)"),
     area: str = typer.Option("", help="target area range MIN:MAX in pixels"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
-    batch_size: int = typer.Option(8, help="unused for now; kept for a uniform interface"),
     device: str = typer.Option("cpu", help="torch device"),
     dtype: str = typer.Option(None, help="float32 / bfloat16 / float16 (default: model's)"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -174,20 +169,20 @@ def knockout(
     """Block attention edges in windows of layers; measure how much of the answer survives.
 
     Edge sets: object (+1, +2 buffer) -> answer position, the rest of the image -> answer,
-    object+1 / everything else -> last image row, image -> question tokens.
+    object+1 / everything else -> last image row, image -> question tokens. All
+    conditions x windows of a sample run as one batch, resuming from cached clean states.
 
     Example: vislens knockout --model toy --n 100 --window 1 --out runs/knockout --json
     """
     with user_errors():
         from vislens.experiments import knockout as ko
 
-        vlm, samples, chosen = _setup(model, data, n, device, dtype, batch_size, area or None,
-                                      "small")
+        vlm, samples, chosen = _setup(model, data, n, device, dtype, area or None, "small")
         config = ko.KnockoutConfig(
             settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
             window=window, stride=stride, area=chosen, seed=seed)
         summary = ko.execute(vlm, samples, config, out,
-                             _meta(model, data, n, device, dtype, batch_size), progress=progress)
+                             _meta(model, data, n, device, dtype), progress=progress)
         rel = summary["relative_accuracy"]
         if as_json:
             emit(summary, True)

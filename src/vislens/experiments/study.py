@@ -56,7 +56,7 @@ def run_study(config: StudyConfig, out: Path, progress=None,
     vlm = load(config.model, device=config.device, dtype=config.dtype)
     times["load model"] = time.perf_counter() - start
     meta = {"model": config.model, "data": config.data, "device": config.device,
-            "dtype": config.dtype, "batch_size": 0}
+            "dtype": config.dtype}
     summaries: dict[str, dict] = {}
 
     def step(name: str, fn: Callable[[], dict]) -> None:
