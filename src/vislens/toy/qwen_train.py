@@ -28,9 +28,9 @@ from vislens.data.samples import SETTINGS
 from vislens.progress import progress_bar
 from vislens.toy import qwen
 from vislens.toy.data import IGNORE, Pool, make_pool
-from vislens.toy.oracle import oracle_tokens
 from vislens.toy.qwen_attention import packed_vision_attention
 from vislens.toy.qwen_data import QwenEncoder, grid_thw, head_positions, patchify, qa_batch
+from vislens.toy.stages import OracleHead, Parts
 
 EVAL_SEED = 100_000
 IMAGE_SIZE = 96
@@ -60,30 +60,6 @@ class QwenRecipe:
     probe_every: int = 100
     eval_scenes: int = 100
     threads: int = 1  # on the shared 2-core CPU one thread is faster than two
-
-
-@dataclass
-class Parts:
-    """What a stage needs from the model (the LLaVA toy's interface, for Qwen)."""
-
-    lm: torch.nn.Module  # decoder body: (inputs_embeds, attention_mask, position_ids) -> hidden
-    head: torch.nn.Module  # hidden -> vocabulary logits
-    embed: torch.nn.Embedding
-    image_features: object  # uint8 pixels [B,3,H,W] -> [B, P, D]
-    vision_params: list[torch.nn.Parameter]
-
-
-class OracleHead(torch.nn.Module):
-    """Learned pieces of the oracle tokens: background vector and an overall scale."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.background = torch.nn.Parameter(torch.randn(dim) * 0.02)
-        self.scale = torch.nn.Parameter(torch.tensor(1.0))
-
-    def forward(self, batch: dict, embed: torch.Tensor) -> torch.Tensor:
-        return oracle_tokens(batch["cov"], batch["colors"], batch["shapes"], embed,
-                             self.background, self.scale)
 
 
 class AttentionGuide:
