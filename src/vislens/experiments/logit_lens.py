@@ -114,7 +114,8 @@ def _chunk_rows(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list
             probs = torch.softmax(vlm.unembed(cap.of("residual", layer, b)).float(), dim=-1)
             top_p, top_i = probs.topk(config.top_k, dim=-1)
             cls_p = probs[:, cls].max(-1).values if len(cls) else torch.zeros(len(probs))
-            hit = torch.isin(top_i, cls).any(-1) if len(cls) else torch.zeros(len(probs), bool)
+            hit = (torch.isin(top_i, cls).any(-1) if len(cls)
+                   else torch.zeros(len(probs), dtype=torch.bool))
             layers.append((top_i.cpu().numpy(), top_p.cpu().numpy(), cls_p.cpu().numpy(),
                            hit.cpu().numpy()))
         for t, p in enumerate(positions[b]):
