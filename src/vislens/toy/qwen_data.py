@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vislens.data.samples import SETTINGS, Question, Sample
-from vislens.toy.data import IGNORE, Encoder, Pool, scene_questions
-from vislens.toy.oracle import shape_order_key
+from vislens.data.samples import SETTINGS
+from vislens.toy.data import IGNORE, Encoder, Pool, answer_focus, scene_questions
 from vislens.toy.qwen import (
     IM_END,
     IM_START,
@@ -160,17 +159,6 @@ def patchify(pixels: torch.Tensor, image_processor) -> torch.Tensor:
 
 def grid_thw(n: int, height: int, width: int, patch: int) -> torch.Tensor:
     return torch.tensor([[1, height // patch, width // patch]] * n, dtype=torch.long)
-
-
-def answer_focus(sample: Sample, q: Question) -> list[int]:
-    """Which instance each answer word is about: a caption names objects in shape order
-    ("a <color> <shape> and ..."); a short answer is about the question's target."""
-    if q.setting != "generative":
-        return [q.target if q.target is not None else -1]
-    out: list[int] = []
-    for k in shape_order_key(sample):
-        out += [-1, k, k, -1]
-    return out
 
 
 def keep_patches(cov: torch.Tensor, background: int, rng: np.random.Generator) -> torch.Tensor:

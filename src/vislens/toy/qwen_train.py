@@ -27,10 +27,10 @@ from vislens.data import shapesworld
 from vislens.data.samples import SETTINGS
 from vislens.progress import progress_bar
 from vislens.toy import qwen
-from vislens.toy.data import IGNORE, Pool, make_pool
+from vislens.toy.data import Pool, make_pool
 from vislens.toy.qwen_attention import packed_vision_attention
 from vislens.toy.qwen_data import QwenEncoder, grid_thw, head_positions, patchify, qa_batch
-from vislens.toy.stages import OracleHead, Parts
+from vislens.toy.stages import OracleHead, Parts, answer_logits, exact_match, schedule
 
 EVAL_SEED = 100_000
 IMAGE_SIZE = 96
@@ -124,36 +124,6 @@ class AttentionGuide:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def answer_logits(parts: Parts, batch: dict, image_tokens: torch.Tensor, image_id: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at labelled positions only, image tokens put where the placeholders are."""
-    ids = batch["input_ids"]
-    emb = parts.embed(ids)
-    emb = emb.masked_scatter((ids == image_id)[..., None], image_tokens.to(emb.dtype))
-    hidden = parts.lm(inputs_embeds=emb, attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"]).last_hidden_state
-    sel = batch["labels"] != IGNORE
-    return parts.head(hidden[sel]), batch["labels"][sel], sel
-
-
-def exact_match(logits: torch.Tensor, labels: torch.Tensor, sel: torch.Tensor,
-                batch: dict) -> float:
-    """Share of question blocks whose every answer token is the argmax (teacher forced)."""
-    blocks = batch["block"][sel]
-    wrong = set(blocks[logits.argmax(-1) != labels].tolist())
-    return 1.0 - len(wrong) / max(1, len(set(blocks.tolist())))
-
-
-def schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
-    """Linear warm-up then cosine decay to 10%."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def dense_loss(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
