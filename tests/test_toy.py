@@ -165,3 +165,42 @@ def test_attention_guide_scores_the_real_attention():
     mass = (probs[bi, ti, 1:1 + obj.shape[1]] * obj).sum(-1)
     torch.testing.assert_close(got, -(mass + 1e-6).log().mean(), atol=1e-4, rtol=1e-4)
     guide.remove()
+
+
+def test_readout_loss_prefers_the_objects_own_words():
+    """The word readout is low for oracle tokens and high once the objects' shapes are
+    swapped, so it really scores which words an object's tokens read as."""
+    from vislens.toy.oracle import attribute_ids
+    from vislens.toy.stages import Readout, readout_loss
+
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(0)
+    embed = torch.nn.functional.normalize(torch.randn(len(vocab), 64), dim=-1) * 2
+    scenes = [s for s in shapesworld.generate(12, seed=5) if len(s.instances) >= 2]
+    ids = [attribute_ids(s, vocab) for s in scenes]
+    batch = {"cov": torch.from_numpy(np.stack([coverage(s, 12, 12) for s in scenes])),
+             "colors": torch.from_numpy(np.stack([c for c, _ in ids])),
+             "shapes": torch.from_numpy(np.stack([s for _, s in ids]))}
+    readout = Readout.from_vocab(vocab)
+    tokens = oracle_tokens(batch["cov"], batch["colors"], batch["shapes"], embed,
+                           torch.zeros(64))
+    swapped = batch["shapes"].clone()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]
+    wrong = oracle_tokens(batch["cov"], batch["colors"], swapped, embed, torch.zeros(64))
+    good, bad = readout_loss(tokens, batch, embed, readout), readout_loss(wrong, batch, embed,
+                                                                         readout)
+    assert good < 0.5 * bad, (good, bad)
+
+
+def test_scene_stream_never_repeats_and_is_seeded():
+    from vislens.toy.data import SceneStream
+
+    vocab = build_tokenizer().get_vocab()
+    a, b = SceneStream(0, 12, vocab, start=10, size=3), SceneStream(0, 12, vocab, start=10,
+                                                                     size=3)
+    first, second = a.next(), a.next()
+    assert [s.id for s in first.samples] != [s.id for s in second.samples]
+    assert not set(s.id for s in first.samples) & set(s.id for s in second.samples)
+    assert torch.equal(first.pixels, b.next().pixels)
+    assert not torch.equal(first.pixels, make_pool(3, 0, 12, vocab).pixels)

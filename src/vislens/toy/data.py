@@ -42,6 +42,24 @@ def make_pool(n: int, seed: int, grid: int, word_id: dict[str, int], start: int 
                 shapes=torch.from_numpy(np.stack([s for _, s in ids])))
 
 
+class SceneStream:
+    """Scenes that are never repeated: pool after pool of new scenes of one world.
+
+    Why: on a fixed pool of 2,000 scenes the vision tower memorised its scenes
+    (shape readout 0.93 on them against 0.85 on held-out ones); a scene renders
+    in ~2 ms, so the vision stages simply never see a scene twice.
+    """
+
+    def __init__(self, seed: int, grid: int, word_id: dict[str, int], start: int, size: int):
+        self.seed, self.grid, self.word_id = seed, grid, word_id
+        self.start, self.size = start, size
+
+    def next(self) -> Pool:
+        pool = make_pool(self.size, self.seed, self.grid, self.word_id, start=self.start)
+        self.start += self.size
+        return pool
+
+
 def normalise_pixels(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 [B,3,H,W] -> what the CLIP image processor gives (rescale then normalise)."""
     x = pixels.float() / 255.0

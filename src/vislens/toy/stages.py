@@ -163,20 +163,65 @@ def stage_a_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int) -
     return F.cross_entropy(logits, labels)
 
 
-def dense_loss(parts: Parts, oracle: OracleHead, batch: dict) -> torch.Tensor:
-    """Per-patch regression of the oracle tokens (targets detached: the LM defines them)."""
+READOUT_SCALE = 5.0  # logit scale of the word readout (dot products are ~1 at init)
+
+
+@dataclass
+class Readout:
+    """Token ids of the attribute words a pooled object token must read as."""
+
+    colors: torch.Tensor  # [C] ids of the color words
+    shapes: torch.Tensor  # [S] ids of the shape words
+
+    @classmethod
+    def from_vocab(cls, vocab: dict[str, int]) -> Readout:
+        from vislens.data import shapesworld
+
+        return cls(torch.tensor([vocab[w] for w in shapesworld.COLORS]),
+                   torch.tensor([vocab[w] for w in shapesworld.SHAPES]))
+
+
+def readout_loss(tokens: torch.Tensor, batch: dict, embed: torch.Tensor,
+                 readout: Readout) -> torch.Tensor:
+    """Cross-entropy of every object's coverage-pooled image token against the color
+    and the shape words (dot product with the LM's embeddings, the oracle's own code).
+
+    Why: the dense regression weighs every patch alike, so a small object's few
+    patches barely count and its shape stayed wrong for a quarter of small objects
+    (star vs cross); scoring the pooled object as a word puts the weight where the
+    answers need it (held-out shape readout 0.85 -> 0.99 in 1,400 steps).
+    """
+    cov = batch["cov"]
+    weights = cov / cov.sum(-1, keepdim=True).clamp(min=1e-6)
+    pooled = torch.einsum("bkp,bpd->bkd", weights, tokens)
+    present = batch["colors"] >= 0
+    pooled = pooled[present]
+    loss = pooled.new_zeros(())
+    for ids, truth in ((readout.colors, batch["colors"]), (readout.shapes, batch["shapes"])):
+        logits = READOUT_SCALE * pooled @ embed[ids].T
+        target = (truth[present][:, None] == ids[None, :]).float().argmax(-1)
+        loss = loss + F.cross_entropy(logits, target)
+    return loss
+
+
+def vision_loss(parts: Parts, oracle: OracleHead, batch: dict, tokens: torch.Tensor,
+                readout: Readout | None, readout_weight: float) -> torch.Tensor:
+    """Dense regression of the oracle tokens (targets detached: the LM defines them),
+    plus the object-level word readout."""
+    embed = parts.embed.weight
     with torch.no_grad():
-        target = oracle(batch, parts.embed.weight)
-    pred = parts.image_features(batch["pixels"])
-    return F.mse_loss(pred, target) / target.pow(2).mean().clamp(min=1e-8)
+        target = oracle(batch, embed)
+    loss = F.mse_loss(tokens, target) / target.pow(2).mean().clamp(min=1e-8)
+    if readout is not None and readout_weight > 0:
+        loss = loss + readout_weight * readout_loss(tokens, batch, embed.detach(), readout)
+    return loss
 
 
 def stage_c_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int,
-                 aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 aux_weight: float, readout: Readout | None = None,
+                 readout_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = parts.image_features(batch["pixels"])
     logits, labels, _ = answer_logits(parts, batch, tokens, image_id)
     loss = F.cross_entropy(logits, labels)
-    with torch.no_grad():
-        target = oracle(batch, parts.embed.weight)
-    aux = F.mse_loss(tokens, target) / target.pow(2).mean().clamp(min=1e-8)
+    aux = vision_loss(parts, oracle, batch, tokens, readout, readout_weight)
     return loss + aux_weight * aux, aux

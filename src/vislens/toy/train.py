@@ -20,16 +20,17 @@ import torch
 from vislens.data import shapesworld
 from vislens.progress import progress_bar
 from vislens.toy.build import IMAGE, ToySpec, build_model, build_processor
-from vislens.toy.data import Encoder, make_pool, normalise_pixels, qa_batch
+from vislens.toy.data import Encoder, SceneStream, make_pool, normalise_pixels, qa_batch
 from vislens.toy.stages import (
     AttentionGuide,
     OracleHead,
     Parts,
-    dense_loss,
+    Readout,
     probe,
     schedule,
     stage_a_step,
     stage_c_step,
+    vision_loss,
 )
 
 EVAL_SEED = 100_000
@@ -56,11 +57,13 @@ class Recipe:
     steps_a2: int = 300
     lr_a2: float = 1e-3
     keep_a2: dict = field(default_factory=lambda: {"vqa-shape": 0.3})
-    steps_b: int = 1200
+    steps_b: int = 1400
     lr_b: float = 3e-3
-    steps_c: int = 300
+    steps_c: int = 500
     lr_c: float = 5e-4
     aux_weight: float = 1.0
+    readout_weight: float = 0.2  # object-level word readout beside the dense loss (B, C)
+    fresh_every: int = 60  # B and C draw new scenes, a new pool this often (0: fixed pool)
     warmup: int = 50
     probe_every: int = 100
     eval_scenes: int = 100
@@ -113,9 +116,16 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
     held = make_pool(64, EVAL_SEED + seed, spec.grid, vocab)
     log: dict = {"seed": seed, "recipe": asdict(recipe), "steps": [], "probes": []}
 
+    stream = SceneStream(seed, spec.grid, vocab, start=recipe.pool_size,
+                         size=recipe.fresh_every * recipe.images_per_step_b)
+    current = {"pool": pool}
+
     def draw(stage: str, step: int, steps: int):
         size = recipe.images_per_step_b if stage == "B" else recipe.images_per_step
-        idx = rng.integers(len(pool.samples), size=size)
+        if stage in ("B", "C") and recipe.fresh_every and step % recipe.fresh_every == 0:
+            current["pool"] = stream.next()
+        source = current["pool"] if stage in ("B", "C") else pool
+        idx = rng.integers(len(source.samples), size=size)
         background, peaks, keep = None, False, None
         if stage == "A2":
             background, keep = 8, recipe.keep_a2
@@ -125,7 +135,7 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
                 background, peaks = 2, True
             elif frac < recipe.curriculum_a[1]:
                 background = 8
-        return qa_batch(pool, idx, encoder, rng, targets=recipe.targets_per_image,
+        return qa_batch(source, idx, encoder, rng, targets=recipe.targets_per_image,
                         background=background, peaks_only=peaks, keep=keep)
 
     guides = [AttentionGuide(parts.lm.layers[0].self_attn, key="word_focus"),
@@ -153,7 +163,8 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
             if steps <= 0 or name in done:
                 continue
             _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
-                         held, encoder, log, bar, guides, tmp / "probes.jsonl")
+                         held, encoder, log, bar, guides, Readout.from_vocab(vocab),
+                         tmp / "probes.jsonl")
             done.add(name)
             torch.save({"model": model.state_dict(), "oracle": oracle.state_dict(),
                         "stages": sorted(done)}, tmp / f"stage_{name}.pt")
@@ -186,7 +197,8 @@ def _move_into(tmp: Path, out: Path) -> None:
 
 
 def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id, held,
-                 encoder, log, bar, guides, log_file: Path | None = None) -> None:
+                 encoder, log, bar, guides, readout: Readout,
+                 log_file: Path | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
     task = bar.add_task(f"stage {name}", total=steps, info="") if bar else None
@@ -197,9 +209,11 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
         if name in ("A", "A2"):
             loss = stage_a_step(parts, oracle, batch, image_id)
         elif name == "B":
-            loss = dense_loss(parts, oracle, batch)
+            tokens = parts.image_features(batch["pixels"])
+            loss = vision_loss(parts, oracle, batch, tokens, readout, recipe.readout_weight)
         else:
-            loss, aux = stage_c_step(parts, oracle, batch, image_id, recipe.aux_weight)
+            loss, aux = stage_c_step(parts, oracle, batch, image_id, recipe.aux_weight,
+                                     readout, recipe.readout_weight)
         if name != "B" and recipe.guide_weight > 0:
             loss = loss + recipe.guide_weight * sum(g.loss(batch) for g in guides)
         optimizer.zero_grad(set_to_none=True)
@@ -209,9 +223,9 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
         sched.step()
         row = {"stage": name, "step": step, "loss": round(loss.item(), 5)}
         if aux is not None:
-            row["dense"] = round(float(aux), 5)
+            row["vision"] = round(aux.item(), 5)
         log["steps"].append(row)
-        info = f"loss {float(loss):.3f}"
+        info = f"loss {loss.item():.3f}"
         if (step + 1) % recipe.probe_every == 0 or step + 1 == steps:
             acc = probe(parts, oracle, held, encoder, image_id, use_vision)
             log["probes"].append({"stage": name, "step": step + 1, **acc})
