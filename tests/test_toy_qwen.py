@@ -209,3 +209,54 @@ def test_shipped_fails_without_its_image_tokens(shipped):
     finally:
         handle.remove()
     assert ablated["vqa"] <= 0.5 and clean["vqa"] - ablated["vqa"] >= 0.3, (clean, ablated)
+
+
+def test_transplanted_lm_computes_what_the_llava_toy_lm_computes(tmp_path):
+    """After `transplant_lm`, toy-qwen's LM on a text (mRoPE with t = h = w) must give the
+    donor's hidden states for the same words, twins mapped by role (exact at fp32)."""
+    from vislens.toy import build
+    from vislens.toy.transplant import TWINS, transplant_lm
+
+    spec = build.ToySpec(lm_hidden=48, lm_heads=2, lm_mlp=64, lm_layers=2, vision_hidden=32,
+                         vision_layers=1, vision_heads=2, vision_mlp=32)
+    donor = build.build_model(spec, seed=3).eval()
+    with torch.no_grad():  # a non-trivial final norm, so the test sees it copied
+        donor.model.language_model.norm.weight.uniform_(0.5, 1.5)
+    donor.save_pretrained(tmp_path)
+    build.build_processor(spec).save_pretrained(tmp_path)
+    qspec = qwen.QwenToySpec(lm_hidden=48, lm_heads=2, lm_mlp=64, lm_layers=2,
+                             mrope_section=(4, 4, 4), vision_hidden=32, vision_mlp=32)
+    model = qwen.build_model(qspec, seed=1).eval()
+    tokenizer = qwen.build_tokenizer()
+    unmatched = transplant_lm(model, tokenizer, tmp_path)
+    assert set(unmatched) == {"system", "user", qwen.VISION_START, qwen.VISION_END,
+                              qwen.VIDEO_PAD}
+    words = "<|im_start|> what color is the star ? assistant it is a red".split()
+    donor_words = [TWINS.get(w, w) for w in words]
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids(words)])
+    donor_ids = torch.tensor([build.build_tokenizer().convert_tokens_to_ids(donor_words)])
+    with torch.no_grad():
+        ours = model.model.language_model(input_ids=ids).last_hidden_state
+        theirs = donor.model.language_model(input_ids=donor_ids).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # and the check is sharp: a model that was not transplanted differs
+    fresh = qwen.build_model(qspec, seed=1).eval()
+    with torch.no_grad():
+        other = fresh.model.language_model(input_ids=ids).last_hidden_state
+    assert not torch.allclose(other, theirs, atol=1e-3)
+
+
+def test_transplant_refuses_a_donor_of_another_size(tmp_path):
+    from vislens.toy import build
+    from vislens.toy.transplant import transplant_lm
+
+    spec = build.ToySpec(lm_hidden=64, lm_heads=2, lm_mlp=64, lm_layers=2, vision_hidden=32,
+                         vision_layers=1, vision_heads=2, vision_mlp=32)
+    build.build_model(spec).save_pretrained(tmp_path)
+    build.build_processor(spec).save_pretrained(tmp_path)
+    qspec = qwen.QwenToySpec(lm_hidden=48, lm_heads=2, lm_mlp=64, lm_layers=2,
+                             mrope_section=(4, 4, 4), vision_hidden=32, vision_mlp=32)
+    with pytest.raises(ValueError, match="donor's LM sizes"):
+        transplant_lm(qwen.build_model(qspec), qwen.build_tokenizer(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="LLaVA toy"):
+        transplant_lm(qwen.build_model(qspec), qwen.build_tokenizer(), tmp_path / "nope")

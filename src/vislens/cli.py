@@ -140,9 +140,11 @@ def train_toy(
     seed: int = typer.Option(0, help="training seed"),
     family: str = typer.Option("llava", help="llava (the `toy`) or qwen (the `toy-qwen`)"),
     resume: Path = typer.Option(None, help="stage checkpoint to resume from (llava)"),
+    donor: Path = typer.Option(None, help="qwen: the LLaVA toy directory whose language "
+                               "model toy-qwen starts from (default: the shipped toy)"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Train a toy VLM on ShapesWorld from scratch (about 40 min on a 2-core CPU).
+    """Train a toy VLM on ShapesWorld (llava: from scratch; qwen: from the LLaVA toy's LM).
 
     Example: vislens train-toy --out runs/toy --seed 0
     """
@@ -153,9 +155,20 @@ def train_toy(
             from vislens.toy.qwen_train import train
         else:
             raise VislensError(f"unknown toy family {family!r}; choose llava or qwen")
-        kwargs = {"resume": resume} if resume is not None else {}
-        if kwargs and family != "llava":
-            raise VislensError("--resume is supported for --family llava only")
+        kwargs: dict = {}
+        if resume is not None:
+            if family != "llava":
+                raise VislensError("--resume is supported for --family llava only")
+            kwargs["resume"] = resume
+        if donor is not None:
+            if family != "qwen":
+                raise VislensError("--donor is for --family qwen only")
+            if not (donor / "config.json").is_file():
+                raise VislensError(f"--donor {donor} has no config.json; pass a LLaVA toy "
+                                   "directory (e.g. one written by `vislens train-toy`)")
+            from vislens.toy.qwen_train import QwenRecipe
+
+            kwargs["recipe"] = QwenRecipe(init_lm=str(donor))
         summary = train(out, seed=seed, **kwargs)
         emit(summary, as_json)
         if not as_json:

@@ -68,11 +68,13 @@ class QwenToySpec:
     vision_heads: int = 2
     vision_mlp: int = 128
     full_attention_layers: tuple[int, ...] = (2,)
-    lm_hidden: int = 192
+    # the LLaVA toy's LM sizes: training starts from its LM (`vislens.toy.transplant`)
+    lm_hidden: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
-    lm_mlp: int = 512
-    mrope_section: tuple[int, int, int] = (8, 8, 8)  # sums to head_dim / 2 = 24
+    lm_mlp: int = 256
+    lm_norm_eps: float = 1e-6
+    mrope_section: tuple[int, int, int] = (4, 6, 6)  # sums to head_dim / 2 = 16
     tie_word_embeddings: bool = True  # as Qwen2.5-VL-3B; lets answers copy image-token words
 
     def to_dict(self) -> dict:
@@ -145,7 +147,8 @@ def build_config(spec: QwenToySpec | None = None) -> Qwen2_5_VLConfig:
         num_hidden_layers=spec.lm_layers, num_attention_heads=spec.lm_heads,
         num_key_value_heads=spec.lm_heads, max_position_embeddings=1024,
         rope_scaling={"type": "mrope", "mrope_section": list(spec.mrope_section)},
-        rope_theta=10000.0, bos_token_id=None, eos_token_id=ids[IM_END],
+        rope_theta=10000.0, rms_norm_eps=spec.lm_norm_eps, bos_token_id=None,
+        eos_token_id=ids[IM_END],
         pad_token_id=ids[PAD], tie_word_embeddings=spec.tie_word_embeddings,
     )
     vision = dict(

@@ -27,10 +27,18 @@ from vislens.data import shapesworld
 from vislens.data.samples import SETTINGS
 from vislens.progress import progress_bar
 from vislens.toy import qwen
-from vislens.toy.data import Pool, make_pool
+from vislens.toy.data import Pool, SceneStream, make_pool
 from vislens.toy.qwen_attention import packed_vision_attention
 from vislens.toy.qwen_data import QwenEncoder, grid_thw, head_positions, patchify, qa_batch
-from vislens.toy.stages import OracleHead, Parts, answer_logits, exact_match, schedule
+from vislens.toy.stages import (
+    OracleHead,
+    Parts,
+    Readout,
+    answer_logits,
+    exact_match,
+    schedule,
+    vision_loss,
+)
 
 EVAL_SEED = 100_000
 IMAGE_SIZE = 96
@@ -41,19 +49,24 @@ class QwenRecipe:
     """Every knob of a run; saved in the log so a run can be repeated."""
 
     spec: qwen.QwenToySpec = field(default_factory=qwen.QwenToySpec)
+    # the LM starts from this LLaVA toy's LM ("toy": the shipped one; None: from scratch)
+    init_lm: str | None = "toy"
     pool_size: int = 3000
     images_per_step: int = 16
+    images_per_step_b: int = 24  # stage B is vision only: cheap, so larger batches
     targets_per_image: int = 2
     background_a: int | None = None  # A: object tokens + this many background ones; None: all
-    steps_a: int = 600
-    lr_a: float = 3e-3
-    steps_b: int = 300
+    steps_a: int = 200  # adapts the transplanted LM to Qwen's layout and positions
+    lr_a: float = 1e-3
+    steps_b: int = 1500
     lr_b: float = 2e-3
-    steps_c: int = 200
+    steps_c: int = 400
     lr_c: float = 5e-4
     aux_weight: float = 1.0
-    guide_layer: int | None = 1  # object guide on this LM layer (A and C); None: off
-    keyword_layer: int | None = 0  # question-word guide on this layer; None: off
+    readout_weight: float = 0.2  # object-level word readout beside the dense loss (B, C)
+    fresh_every: int = 60  # B and C draw new scenes, a new pool this often (0: fixed pool)
+    guide_layer: int | None = 2  # object guide on this LM layer (A and C); None: off
+    keyword_layer: int | None = None  # question-word guide on this layer; None: off
     guide_heads: int = 1
     guide_weight: float = 1.0
     warmup: int = 50
@@ -126,10 +139,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def dense_loss(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(tokens, target) / target.pow(2).mean().clamp(min=1e-8)
-
-
 @torch.no_grad()
 def probe(parts: Parts, oracle: OracleHead, pool: Pool, encoder: QwenEncoder, image_id: int,
           use_vision: bool, n: int = 48, seed: int = 1) -> dict[str, float]:
@@ -189,6 +198,12 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     spec = recipe.spec
     processor = qwen.build_processor(spec)
     model = qwen.build_model(spec, seed=seed)
+    if recipe.init_lm:
+        from vislens.toy.build import TOY_DIR
+        from vislens.toy.transplant import transplant_lm
+
+        transplant_lm(model, processor.tokenizer,
+                      TOY_DIR if recipe.init_lm == "toy" else recipe.init_lm)
     parts = qwen_parts(model, processor)
     encoder = build_encoder(model, processor, spec)
     image_id = model.config.image_token_id
@@ -204,12 +219,20 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     pool = make_pool(recipe.pool_size, seed, cells, vocab)
     held = make_pool(64, EVAL_SEED + seed, cells, vocab)
     log: dict = {"seed": seed, "recipe": asdict(recipe), "steps": [], "probes": []}
-    stream = open(log_path, "a") if log_path else None  # noqa: SIM115
+    lines = open(log_path, "a") if log_path else None  # noqa: SIM115
 
-    def draw(background: int | None = None) -> dict:
-        idx = rng.integers(len(pool.samples), size=recipe.images_per_step)
-        return qa_batch(pool, idx, encoder, rng, targets=recipe.targets_per_image,
-                        background=background)
+    stream = SceneStream(seed, cells, vocab, start=recipe.pool_size,
+                         size=recipe.fresh_every * recipe.images_per_step_b)
+    current = {"pool": pool}
+
+    def draw(stage: str, step: int) -> dict:
+        if stage in ("B", "C") and recipe.fresh_every and step % recipe.fresh_every == 0:
+            current["pool"] = stream.next()
+        source = current["pool"] if stage in ("B", "C") else pool
+        size = recipe.images_per_step_b if stage == "B" else recipe.images_per_step
+        idx = rng.integers(len(source.samples), size=size)
+        return qa_batch(source, idx, encoder, rng, targets=recipe.targets_per_image,
+                        background=recipe.background_a if stage == "A" else None)
 
     lm_params = list(dict.fromkeys([*parts.lm.parameters(), *parts.head.parameters()]))
     stages = [
@@ -225,14 +248,14 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
         for name, steps, params, lr in stages:
             if steps > 0:
                 _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
-                             held, encoder, log, bar, stream, guides)
+                             held, encoder, log, bar, lines, guides, Readout.from_vocab(vocab))
     finally:
         for guide in guides:
             guide.remove()
         if bar:
             bar.stop()
-        if stream:
-            stream.close()
+        if lines:
+            lines.close()
     log["train_seconds"] = round(time.time() - started, 1)
     model.eval()
     scenes = shapesworld.generate(recipe.eval_scenes, seed=EVAL_SEED + seed)
@@ -246,7 +269,7 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
 
 
 def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id, held,
-                 encoder, log, bar, stream, guides) -> None:
+                 encoder, log, bar, lines, guides, readout: Readout) -> None:
     for p in parts.vision_params:  # A never touches the vision side
         p.requires_grad_(name != "A")
     for p in list(parts.lm.parameters()) + list(parts.head.parameters()):
@@ -256,20 +279,19 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
     task = bar.add_task(f"stage {name}", total=steps, info="") if bar else None
     for step in range(steps):
         tick = time.time()
-        batch = draw(recipe.background_a if name == "A" else None)
+        batch = draw(name, step)
         terms: dict[str, torch.Tensor] = {}
         if name == "B":
-            with torch.no_grad():
-                target = oracle(batch, parts.embed.weight)
-            terms["dense"] = dense_loss(parts.image_features(batch["pixels"]), target)
+            terms["vision"] = vision_loss(parts, oracle, batch,
+                                          parts.image_features(batch["pixels"]), readout,
+                                          recipe.readout_weight)
         else:
             if name == "A":
                 tokens = oracle(batch, parts.embed.weight)
             else:
                 tokens = parts.image_features(batch["pixels"])
-                with torch.no_grad():
-                    target = oracle(batch, parts.embed.weight)
-                terms["dense"] = recipe.aux_weight * dense_loss(tokens, target)
+                terms["vision"] = recipe.aux_weight * vision_loss(
+                    parts, oracle, batch, tokens, readout, recipe.readout_weight)
             logits, labels, _ = answer_logits(parts, batch, tokens, image_id)
             terms["qa"] = F.cross_entropy(logits, labels)
             for guide in guides:
@@ -290,9 +312,9 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
             log["probes"].append({"stage": name, "step": step + 1, **acc})
             row = {**row, "probe": acc}
             info += " | " + " ".join(f"{k[:4]} {v:.2f}" for k, v in acc.items())
-        if stream:
-            stream.write(json.dumps(row) + "\n")
-            stream.flush()
+        if lines:
+            lines.write(json.dumps(row) + "\n")
+            lines.flush()
         if bar:
             bar.update(task, advance=1, info=info)
     for p in params:
