@@ -1,9 +1,9 @@
-"""The toy's "does it really look?" check: ablate every image token with the mean one.
+"""The toys' "does it really look?" check: ablate every image token with the mean one.
 
 A forward pre-hook on the language model replaces the merged input embeddings
 at image-token positions (as Neo et al.'s ablation does), leaving input ids,
-pixels and positions untouched. Kept here, small and LLaVA-only, so training can
-verify its own result without depending on the interventions package.
+pixels and positions untouched. Kept here, small, so training can verify its own
+result without depending on the interventions package; works for both toys.
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ from contextlib import contextmanager
 
 import torch
 
+REFERENCE_SEED = 107_777  # scenes the mean image token is taken over (never trained on)
+
 
 @torch.no_grad()
 def mean_image_embedding(model, processor, images: Sequence) -> torch.Tensor:
-    """Mean projector output (post-adapter image token) over reference images: [D]."""
-    pixels = processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-    feats = model.model.get_image_features(pixel_values=pixels.to(model.device))
+    """Mean image token as the LM receives it (projector / merger output) over reference
+    images: [D]. The image processor's outputs (pixels, and Qwen's `image_grid_thw`)
+    are what `get_image_features` takes."""
+    enc = processor.image_processor(images=list(images), return_tensors="pt")
+    feats = model.model.get_image_features(**{k: v.to(model.device) for k, v in enc.items()})
     feats = getattr(feats, "pooler_output", feats)
     if isinstance(feats, (list, tuple)):
         feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
@@ -54,3 +58,18 @@ def replace_image_tokens(model, vector: torch.Tensor) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def final_checks(model, processor, scenes) -> dict:
+    """Held-out accuracy by generation, and the same with every image token ablated."""
+    from vislens.data import shapesworld
+    from vislens.experiments.accuracy import evaluate
+
+    clean = evaluate(model, processor, scenes)
+    reference = shapesworld.generate(64, seed=REFERENCE_SEED)
+    mean = mean_image_embedding(model, processor, [s.image for s in reference])
+    with replace_image_tokens(model, mean):
+        ablated = evaluate(model, processor, scenes)
+    return {"held_out": {"scenes": len(scenes), "seed": scenes[0].meta["seed"],
+                         "accuracy": clean["accuracy"]},
+            "ablated_all_image_tokens": {"accuracy": ablated["accuracy"]}}

@@ -27,7 +27,8 @@ from vislens.data import shapesworld
 from vislens.data.samples import SETTINGS
 from vislens.progress import progress_bar
 from vislens.toy import qwen
-from vislens.toy.data import Pool, SceneStream, make_pool
+from vislens.toy.checks import final_checks
+from vislens.toy.data import SceneStream, make_pool
 from vislens.toy.qwen_attention import packed_vision_attention
 from vislens.toy.qwen_data import QwenEncoder, grid_thw, head_positions, patchify, qa_batch
 from vislens.toy.stages import (
@@ -35,7 +36,7 @@ from vislens.toy.stages import (
     Parts,
     Readout,
     answer_logits,
-    exact_match,
+    probe,
     schedule,
     vision_loss,
 )
@@ -137,22 +138,6 @@ class AttentionGuide:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-@torch.no_grad()
-def probe(parts: Parts, oracle: OracleHead, pool: Pool, encoder: QwenEncoder, image_id: int,
-          use_vision: bool, n: int = 48, seed: int = 1) -> dict[str, float]:
-    """Teacher-forced exact match per setting on a fixed slice of the held-out pool."""
-    rng = np.random.default_rng(seed)
-    idx = np.arange(min(n, len(pool.samples)))
-    out = {}
-    for setting in SETTINGS:
-        batch = qa_batch(pool, idx, encoder, rng, settings=(setting,))
-        tokens = (parts.image_features(batch["pixels"]) if use_vision
-                  else oracle(batch, parts.embed.weight))
-        logits, labels, sel = answer_logits(parts, batch, tokens, image_id)
-        out[setting] = round(exact_match(logits, labels, sel, batch), 4)
-    return out
 
 
 def qwen_parts(model, processor) -> Parts:
@@ -308,7 +293,8 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
         log["steps"].append(row)
         info = " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
         if (step + 1) % recipe.probe_every == 0 or step + 1 == steps:
-            acc = probe(parts, oracle, held, encoder, image_id, use_vision=name != "A")
+            acc = probe(parts, oracle, held, encoder, image_id, use_vision=name != "A",
+                        make_batch=qa_batch)
             log["probes"].append({"stage": name, "step": step + 1, **acc})
             row = {**row, "probe": acc}
             info += " | " + " ".join(f"{k[:4]} {v:.2f}" for k, v in acc.items())
@@ -319,30 +305,6 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
             bar.update(task, advance=1, info=info)
     for p in params:
         p.requires_grad_(True)
-
-
-@torch.no_grad()
-def mean_image_token(model, processor, images) -> torch.Tensor:
-    """Mean merged image token (post-merger, what the LM receives) over reference images."""
-    enc = processor.image_processor(images=list(images), return_tensors="pt")
-    out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"],
-                                         return_dict=True)
-    return torch.cat(list(out.pooler_output)).mean(0)
-
-
-def final_checks(model, processor, scenes) -> dict:
-    """Held-out accuracy by generation, and the same with every image token ablated."""
-    from vislens.experiments.accuracy import evaluate
-    from vislens.toy.checks import replace_image_tokens
-
-    clean = evaluate(model, processor, scenes)
-    reference = shapesworld.generate(64, seed=EVAL_SEED + 7_777)
-    mean = mean_image_token(model, processor, [s.image for s in reference])
-    with replace_image_tokens(model, mean):
-        ablated = evaluate(model, processor, scenes)
-    return {"held_out": {"scenes": len(scenes), "seed": scenes[0].meta["seed"],
-                         "accuracy": clean["accuracy"]},
-            "ablated_all_image_tokens": {"accuracy": ablated["accuracy"]}}
 
 
 def _plot(log: dict, path: Path) -> None:

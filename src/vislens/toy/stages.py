@@ -142,14 +142,18 @@ def schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
 
 
 def probe(parts: Parts, oracle: OracleHead, pool: Pool, encoder: Encoder, image_id: int,
-          use_vision: bool, n: int = 48, seed: int = 1) -> dict[str, float]:
-    """Teacher-forced exact match per setting on a fixed slice of a held-out pool."""
+          use_vision: bool, n: int = 48, seed: int = 1,
+          make_batch: Callable[..., dict] = qa_batch) -> dict[str, float]:
+    """Teacher-forced exact match per setting on a fixed slice of a held-out pool.
+
+    `make_batch` builds a family's packed batch (`qa_batch` of its data module).
+    """
     rng = np.random.default_rng(seed)
     idx = np.arange(min(n, len(pool.samples)))
     out = {}
     with torch.no_grad():
         for setting in ("generative", "polling", "vqa"):
-            batch = qa_batch(pool, idx, encoder, rng, settings=(setting,))
+            batch = make_batch(pool, idx, encoder, rng, settings=(setting,))
             tokens = (parts.image_features(batch["pixels"]) if use_vision
                       else oracle(batch, parts.embed.weight))
             logits, labels, sel = answer_logits(parts, batch, tokens, image_id)

@@ -20,6 +20,7 @@ import torch
 from vislens.data import shapesworld
 from vislens.progress import progress_bar
 from vislens.toy.build import IMAGE, ToySpec, build_model, build_processor
+from vislens.toy.checks import final_checks
 from vislens.toy.data import Encoder, SceneStream, make_pool, normalise_pixels, qa_batch
 from vislens.toy.stages import (
     AttentionGuide,
@@ -235,20 +236,6 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
             info += " | " + " ".join(f"{k[:4]} {v:.2f}" for k, v in acc.items())
         if bar:
             bar.update(task, advance=1, info=info)
-
-
-def final_checks(model, processor, scenes) -> dict:
-    """Held-out accuracy by generation, and the same with every image token ablated."""
-    from vislens.experiments.accuracy import evaluate
-    from vislens.toy.checks import mean_image_embedding, replace_image_tokens
-
-    clean = evaluate(model, processor, scenes)
-    reference = shapesworld.generate(64, seed=EVAL_SEED + 7_777)
-    mean = mean_image_embedding(model, processor, [s.image for s in reference])
-    with replace_image_tokens(model, mean):
-        ablated = evaluate(model, processor, scenes)
-    return {"held_out": {"scenes": len(scenes), "accuracy": clean["accuracy"]},
-            "ablated_all_image_tokens": {"accuracy": ablated["accuracy"]}}
 
 
 def plot_losses(log: dict, path: Path) -> None:
