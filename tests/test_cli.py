@@ -62,3 +62,17 @@ def test_world_writes_coco_and_refuses_to_overwrite(tmp_path):
     assert json.loads(result.stdout)["scenes"] == 3
     assert (out / "annotations.json").is_file()
     _one_line_error(runner.invoke(app, ["world", "--out", str(out), "--n", "3"]))
+
+
+def test_train_toy_bad_resume_and_donor_write_nothing(tmp_path):
+    out = tmp_path / "toy"
+    line = _one_line_error(runner.invoke(app, ["train-toy", "--out", str(out), "--resume",
+                                               str(tmp_path / "stage_B.pt")]))
+    assert "stage checkpoint" in line
+    line = _one_line_error(runner.invoke(app, ["train-toy", "--out", str(out), "--family",
+                                               "qwen", "--donor", str(tmp_path / "nope")]))
+    assert "--donor" in line
+    line = _one_line_error(runner.invoke(app, ["train-toy", "--out", str(out), "--donor",
+                                               str(tmp_path)]))
+    assert "--family qwen" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -60,3 +60,17 @@ def test_qwen_trainer_starts_from_the_llava_lm(llava_toy, tmp_path):
     # stage B trains the vision side only, so the transplanted LM layers are untouched
     torch.testing.assert_close(model.model.language_model.layers[1].mlp.down_proj.weight,
                                lm.layers[1].mlp.down_proj.weight)
+
+
+def test_resume_runs_only_the_stages_not_done(tmp_path):
+    from vislens.toy.stages import OracleHead, save_stage_state
+    from vislens.toy.train import Recipe, build_model, train
+
+    spec = ToySpec(**LM, vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=32)
+    state = tmp_path / "stage_B.pt"
+    save_stage_state(state, build_model(spec, seed=5), OracleHead(48), {"A", "A2", "B"})
+    recipe = Recipe(spec=spec, pool_size=6, images_per_step=2, images_per_step_b=2,
+                    steps_a=3, steps_a2=1, steps_b=3, steps_c=2, warmup=1, fresh_every=2,
+                    probe_every=2, eval_scenes=2, guide_layer=1)
+    log = train(tmp_path / "out", seed=0, recipe=recipe, progress=False, resume=state)
+    assert {r["stage"] for r in log["steps"]} == {"C"}

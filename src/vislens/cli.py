@@ -139,7 +139,8 @@ def train_toy(
     out: Path = typer.Option(..., help="directory for the trained model (save_pretrained)"),
     seed: int = typer.Option(0, help="training seed"),
     family: str = typer.Option("llava", help="llava (the `toy`) or qwen (the `toy-qwen`)"),
-    resume: Path = typer.Option(None, help="stage checkpoint to resume from (llava)"),
+    resume: Path = typer.Option(None, help="stage_<X>.pt left by an interrupted run: "
+                                "runs only the stages after X"),
     donor: Path = typer.Option(None, help="qwen: the LLaVA toy directory whose language "
                                "model toy-qwen starts from (default: the shipped toy)"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -157,8 +158,6 @@ def train_toy(
             raise VislensError(f"unknown toy family {family!r}; choose llava or qwen")
         kwargs: dict = {}
         if resume is not None:
-            if family != "llava":
-                raise VislensError("--resume is supported for --family llava only")
             kwargs["resume"] = resume
         if donor is not None:
             if family != "qwen":

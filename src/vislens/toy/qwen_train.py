@@ -15,6 +15,7 @@ scenes use world seed `EVAL_SEED + seed`, never trained on.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,9 @@ from vislens.toy.stages import (
     Parts,
     Readout,
     answer_logits,
+    load_stage_state,
     probe,
+    save_stage_state,
     schedule,
     vision_loss,
 )
@@ -165,12 +168,13 @@ def build_encoder(model, processor, spec: qwen.QwenToySpec) -> QwenEncoder:
 
 def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
           recipe: QwenRecipe | None = None, progress: bool = True,
-          log_path: str | Path | None = None) -> dict:
-    """Train toy-qwen from scratch into `out_dir`; returns the training summary (also saved).
+          log_path: str | Path | None = None, resume: str | Path | None = None) -> dict:
+    """Train toy-qwen into `out_dir`; returns the training summary (also saved).
 
     `out_dir` gets the Hugging Face checkpoint plus `training_log.json` and
     `loss.png`. `log_path` (optional) receives one JSON line per step as it
-    goes, for watching long runs.
+    goes, for watching long runs. Each stage leaves `stage_<X>.pt` in
+    `<out_dir>.stages/`; `resume=<that file>` runs only the stages after X.
     """
     recipe = recipe or QwenRecipe()
     out = Path(out_dir)
@@ -193,6 +197,9 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     encoder = build_encoder(model, processor, spec)
     image_id = model.config.image_token_id
     oracle = OracleHead(spec.lm_hidden)
+    done = load_stage_state(resume, model, oracle) if resume is not None else set()
+    work = out.with_name(out.name + ".stages")
+    work.mkdir(parents=True, exist_ok=True)
     guides = []
     for layer, target in ((recipe.keyword_layer, "keyword"), (recipe.guide_layer, "object")):
         if layer is not None and recipe.guide_weight > 0:
@@ -231,9 +238,11 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     try:
         model.train()
         for name, steps, params, lr in stages:
-            if steps > 0:
+            if steps > 0 and name not in done:
                 _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
                              held, encoder, log, bar, lines, guides, Readout.from_vocab(vocab))
+                done.add(name)
+                save_stage_state(work / f"stage_{name}.pt", model, oracle, done)
     finally:
         for guide in guides:
             guide.remove()
@@ -248,6 +257,7 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     log["parameters"] = sum(p.numel() for p in model.parameters())
     log["total_seconds"] = round(time.time() - started, 1)
     saved = qwen.save(model, processor, out)
+    shutil.rmtree(work, ignore_errors=True)
     (saved / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
     _plot(log, saved / "loss.png")
     return log

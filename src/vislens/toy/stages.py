@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -229,3 +230,22 @@ def stage_c_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int,
     loss = F.cross_entropy(logits, labels)
     aux = vision_loss(parts, oracle, batch, tokens, readout, readout_weight)
     return loss + aux_weight * aux, aux
+
+
+def save_stage_state(path: Path, model: torch.nn.Module, oracle: OracleHead,
+                     done: set[str]) -> None:
+    """What `resume` needs to restart after a stage: weights, oracle, finished stages."""
+    torch.save({"model": model.state_dict(), "oracle": oracle.state_dict(),
+                "stages": sorted(done)}, path)
+
+
+def load_stage_state(path: str | Path, model: torch.nn.Module, oracle: OracleHead) -> set[str]:
+    """Load a `stage_<X>.pt` into `model` and `oracle`; returns the finished stages."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no stage checkpoint at {path}; pass a stage_<X>.pt that "
+                                "an interrupted train-toy left in its .partial directory")
+    state = torch.load(path, map_location="cpu")
+    model.load_state_dict(state["model"])
+    oracle.load_state_dict(state["oracle"])
+    return set(state["stages"])

@@ -27,7 +27,9 @@ from vislens.toy.stages import (
     OracleHead,
     Parts,
     Readout,
+    load_stage_state,
     probe,
+    save_stage_state,
     schedule,
     stage_a_step,
     stage_c_step,
@@ -148,12 +150,7 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
         ("B", recipe.steps_b, parts.vision_params, recipe.lr_b),
         ("C", recipe.steps_c, lm_params + parts.vision_params, recipe.lr_c),
     ]
-    done: set[str] = set()
-    if resume is not None:
-        state = torch.load(resume, map_location="cpu")
-        model.load_state_dict(state["model"])
-        oracle.load_state_dict(state["oracle"])
-        done = set(state["stages"])
+    done = load_stage_state(resume, model, oracle) if resume is not None else set()
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(info=True) if progress else None
@@ -167,8 +164,7 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
                          held, encoder, log, bar, guides, Readout.from_vocab(vocab),
                          tmp / "probes.jsonl")
             done.add(name)
-            torch.save({"model": model.state_dict(), "oracle": oracle.state_dict(),
-                        "stages": sorted(done)}, tmp / f"stage_{name}.pt")
+            save_stage_state(tmp / f"stage_{name}.pt", model, oracle, done)
     finally:
         if bar:
             bar.stop()
