@@ -179,20 +179,15 @@ def test_shipped_generates_vocabulary_answers(shipped):
     assert all(len(a.split()) == 1 and a.split()[0] in colors for a in answers), answers
 
 
-NOT_YET = ("the shipped toy-qwen does not perceive yet: 25 min of CPU training reached "
-           "0.18 / 0.48 / 0.22 held-out accuracy (see assets/toy_qwen/training_log.json); "
-           "retrain with a longer stage A, then drop this marker")
-
-
-@pytest.mark.xfail(strict=True, reason=NOT_YET)
 def test_shipped_answers_held_out_scenes(shipped):
+    """Measured on 150 scenes of another seed: >= 0.95 each (assets/toy_qwen/README.md);
+    a small sample gets some slack, chance is 0.5 for polling and ~0.15 for VQA."""
     model, processor = shipped
-    samples = shapesworld.generate(8, seed=4242)
+    samples = shapesworld.generate(24, seed=4242)
     acc = _accuracy(model, processor, samples, settings=("generative", "polling", "vqa"))
     assert min(acc.values()) >= 0.85, acc
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET)
 def test_shipped_fails_without_its_image_tokens(shipped):
     """Zeroing every image token (the vision tower's output) must cost accuracy."""
     model, processor = shipped
