@@ -1,15 +1,15 @@
-"""Reproduce toy-qwen from scratch on a CPU: `train(out_dir, seed)`.
+"""Train toy-qwen on a CPU: `train(out_dir, seed)`.
 
-The LLaVA toy's recipe: A) the LM learns to answer from oracle image tokens
-(`vislens.toy.oracle`), B) the vision tower + merger regress those tokens from
-pixels, C) everything is fine-tuned on the questions with the regression kept
-as an auxiliary loss. Scenes, pools and questions are the LLaVA toy's
-(`vislens.toy.data`); the Qwen pieces are the packed encoder with mRoPE
-positions, the batched window attention that makes the vision tower trainable
-on a CPU, and attention guides for both hops of the lookup (answer -> question
-words, answer -> target object). The step loop is kept here rather than in
-`vislens.toy.stages` because that module's API was still moving. Held-out
-scenes use world seed `EVAL_SEED + seed`, never trained on.
+The LLaVA toy's recipe (`vislens.toy.stages`), with its language model as the
+starting point: the LLaVA toy's LM is copied in (`vislens.toy.transplant`),
+A) adapts it to Qwen's token layout and mRoPE positions on oracle image tokens,
+B) trains the vision tower + merger to produce those tokens, C) fine-tunes
+everything on the questions with B's losses kept. Scenes, pools and questions
+are the LLaVA toy's (`vislens.toy.data`); the Qwen pieces are the packed
+encoder with mRoPE positions, the batched window attention that makes the
+vision tower trainable on a CPU, and an attention guide that reads mRoPE (an
+optional second one points the answer at the question's words, for training
+the LM from scratch). Held-out scenes use world seed `EVAL_SEED + seed`.
 """
 
 from __future__ import annotations
