@@ -95,10 +95,11 @@ def match_rows(lm_input: torch.Tensor, projected: torch.Tensor, tol: float = 1e-
         return torch.arange(len(a), device=a.device)
     idx, err = [], []
     for chunk in torch.split(a, 1024):
-        dist = torch.cdist(chunk, b)
-        d, i = dist.min(dim=1)
+        # cdist's matrix-product shortcut finds the nearest row but loses precision
+        # (|a|^2 + |b|^2 - 2ab cancels for copies), so the distance is recomputed directly
+        i = torch.cdist(chunk, b).argmin(dim=1)
         idx.append(i)
-        err.append(d / chunk.norm(dim=1).clamp_min(1e-6))
+        err.append((chunk - b[i]).norm(dim=1) / chunk.norm(dim=1).clamp_min(1e-6))
     idx_t, err_t = torch.cat(idx), torch.cat(err)
     if float(err_t.max()) > tol:
         raise ValueError("the LM's image inputs are not copies of projector outputs for this "
