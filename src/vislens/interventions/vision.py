@@ -86,26 +86,33 @@ def record_projector(vlm):
 
 
 def match_rows(lm_input: torch.Tensor, projected: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
-    """Index into `projected` of each LM input row (they must be copies of projector rows)."""
+    """Index into `projected` of each LM input row (they must be copies of projector rows).
+
+    Copies are found by their exact bytes: nearest-neighbour distances cannot tell apart
+    the near-identical rows of a plain background (they differ by ~1e-3 relative, the
+    size of cdist's rounding on thousands of rows), and a wrong twin means a wrong
+    vision feature. Only when some row has no exact copy is the nearest row measured,
+    to say whether the family resamples its image features.
+    """
     if len(lm_input) == 0:
         return torch.zeros(0, dtype=torch.long)
-    a = lm_input.float()
-    b = projected.to(a.device).float()
-    if a.shape == b.shape and torch.equal(a, b):  # LLaVA-1.5: the rows go in as they are
-        return torch.arange(len(a), device=a.device)
-    idx, err = [], []
-    for chunk in torch.split(a, 1024):
-        # cdist's matrix-product shortcut finds the nearest row but loses precision
-        # (|a|^2 + |b|^2 - 2ab cancels for copies), so the distance is recomputed directly
-        i = torch.cdist(chunk, b).argmin(dim=1)
-        idx.append(i)
-        err.append((chunk - b[i]).norm(dim=1) / chunk.norm(dim=1).clamp_min(1e-6))
-    idx_t, err_t = torch.cat(idx), torch.cat(err)
-    if float(err_t.max()) > tol:
+    a = lm_input.detach().float().cpu().contiguous()
+    b = projected.detach().float().cpu().contiguous()
+    where = {row.numpy().tobytes(): j for j, row in enumerate(b)}
+    found = [where.get(row.numpy().tobytes()) for row in a]
+    if all(j is not None for j in found):
+        return torch.tensor(found, dtype=torch.long, device=lm_input.device)
+    missing = torch.tensor([j is None for j in found])
+    rows = a[missing]
+    nearest = torch.cdist(rows, b).argmin(dim=1)
+    err = (rows - b[nearest]).norm(dim=1) / rows.norm(dim=1).clamp_min(1e-6)
+    if float(err.max()) > tol:
         raise ValueError("the LM's image inputs are not copies of projector outputs for this "
                          "model (the family resamples them); the vision-encoder baseline is "
                          "unavailable here: drop 'vision' from the sources")
-    return idx_t
+    idx = torch.tensor([-1 if j is None else j for j in found], dtype=torch.long)
+    idx[missing] = nearest
+    return idx.to(lm_input.device)
 
 
 def vision_rows(lm_input: torch.Tensor, record: ProjectorRecord) -> torch.Tensor:
