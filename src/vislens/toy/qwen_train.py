@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from vislens.data import shapesworld
-from vislens.data.samples import SETTINGS
 from vislens.progress import progress_bar
 from vislens.toy import qwen
 from vislens.toy.checks import final_checks
+from vislens.toy.curves import plot_training
 from vislens.toy.data import SceneStream, make_pool
 from vislens.toy.qwen_attention import packed_vision_attention
 from vislens.toy.qwen_data import QwenEncoder, grid_thw, head_positions, patchify, qa_batch
@@ -259,7 +259,8 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     saved = qwen.save(model, processor, out)
     shutil.rmtree(work, ignore_errors=True)
     (saved / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    _plot(log, saved / "loss.png")
+    plot_training(log, saved / "loss.png",
+                  "toy-qwen (A: LM on oracle tokens, B: vision, C: joint)")
     return log
 
 
@@ -315,40 +316,3 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
             bar.update(task, advance=1, info=info)
     for p in params:
         p.requires_grad_(True)
-
-
-def _plot(log: dict, path: Path) -> None:
-    """Loss per stage (smoothed) and the held-out probe accuracy per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
-    offset = 0
-    for stage in ("A", "B", "C"):
-        rows = [r for r in log["steps"] if r["stage"] == stage]
-        if not rows:
-            continue
-        x = np.arange(offset, offset + len(rows))
-        y = np.array([r["loss"] for r in rows])
-        k = min(20, len(y))
-        ax.plot(x, y, alpha=0.25)
-        ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), label=f"stage {stage}")
-        probes = [p for p in log["probes"] if p["stage"] == stage]
-        for setting in SETTINGS:
-            ax_acc.plot([offset + p["step"] for p in probes], [p[setting] for p in probes],
-                        marker="o", ms=3, label=f"{stage} {setting}")
-        offset += len(rows)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("toy-qwen (A: LM on oracle tokens, B: vision, C: joint)")
-    ax.legend()
-    ax_acc.set_ylim(0, 1.02)
-    ax_acc.set_xlabel("step")
-    ax_acc.set_title("held-out exact match (teacher forced)")
-    ax_acc.legend(fontsize=6, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -21,6 +21,7 @@ from vislens.data import shapesworld
 from vislens.progress import progress_bar
 from vislens.toy.build import IMAGE, ToySpec, build_model, build_processor
 from vislens.toy.checks import final_checks
+from vislens.toy.curves import plot_training
 from vislens.toy.data import Encoder, SceneStream, make_pool, normalise_pixels, qa_batch
 from vislens.toy.stages import (
     AttentionGuide,
@@ -182,7 +183,8 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
     log["train_seconds"] = round(train_seconds, 1)
     log["parameters"] = sum(p.numel() for p in model.parameters())
     (tmp / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    plot_losses(log, tmp / "loss.png")
+    plot_training(log, tmp / "loss.png",
+                  "toy VLM (A: LM on oracle tokens, B: vision, C: joint)")
     for leftover in tmp.glob("stage_*.pt"):
         leftover.unlink()
     os.replace(tmp, out) if not out.exists() else _move_into(tmp, out)
@@ -234,31 +236,3 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
             info += " | " + " ".join(f"{k[:4]} {v:.2f}" for k, v in acc.items())
         if bar:
             bar.update(task, advance=1, info=info)
-
-
-def plot_losses(log: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    offset = 0
-    for stage in ("A", "A2", "B", "C"):
-        rows = [r for r in log["steps"] if r["stage"] == stage]
-        if not rows:
-            continue
-        x = np.arange(offset, offset + len(rows))
-        y = np.array([r["loss"] for r in rows])
-        k = min(20, len(y))
-        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-        ax.plot(x, y, alpha=0.25)
-        ax.plot(x[k - 1:], smooth, label=f"stage {stage}")
-        offset += len(rows)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("toy VLM training (A: LM on oracle tokens, B: vision, C: joint)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
