@@ -20,7 +20,7 @@ def plot_training(log: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     offset = 0
     for stage in dict.fromkeys(r["stage"] for r in log["steps"]):
         rows = [r for r in log["steps"] if r["stage"] == stage]
@@ -43,9 +43,9 @@ def plot_training(log: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     ax_acc.set_ylim(0, 1.1)
+    ax_acc.set_xlim(0, max(offset, 1))  # keeps the stage names inside the axes
     ax_acc.set_xlabel("step")
     ax_acc.set_title("held-out exact match (teacher forced)")
     ax_acc.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
