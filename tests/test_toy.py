@@ -204,3 +204,8 @@ def test_scene_stream_never_repeats_and_is_seeded():
     assert not set(s.id for s in first.samples) & set(s.id for s in second.samples)
     assert torch.equal(first.pixels, b.next().pixels)
     assert not torch.equal(first.pixels, make_pool(3, 0, 12, vocab).pixels)
+    c = SceneStream(0, 12, vocab, start=10, size=3, every=2)
+    pools = [c.at(step) for step in (0, 1, 2, 3, 0)]
+    assert pools[0] is pools[1] and pools[2] is pools[3]
+    assert pools[1] is not pools[2] and pools[4] is not pools[3]  # a new stage starts fresh
+    assert torch.equal(pools[0].pixels, first.pixels)

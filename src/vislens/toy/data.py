@@ -50,14 +50,22 @@ class SceneStream:
     in ~2 ms, so the vision stages simply never see a scene twice.
     """
 
-    def __init__(self, seed: int, grid: int, word_id: dict[str, int], start: int, size: int):
+    def __init__(self, seed: int, grid: int, word_id: dict[str, int], start: int, size: int,
+                 every: int = 1):
         self.seed, self.grid, self.word_id = seed, grid, word_id
-        self.start, self.size = start, size
+        self.start, self.size, self.every = start, size, every
+        self.current: Pool | None = None
 
     def next(self) -> Pool:
         pool = make_pool(self.size, self.seed, self.grid, self.word_id, start=self.start)
         self.start += self.size
         return pool
+
+    def at(self, step: int) -> Pool:
+        """The pool for a stage's `step`: a new one every `every` steps, from step 0 on."""
+        if self.current is None or step % self.every == 0:
+            self.current = self.next()
+        return self.current
 
 
 def normalise_pixels(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -230,18 +238,15 @@ def _keep_patches(cov: torch.Tensor, background: int, rng: np.random.Generator,
         for i, c in enumerate(cov.numpy()):
             for k in np.flatnonzero(c.sum(1) > 0):
                 peaks[i, int(c[k].argmax())] = True
-        background_mask = ~covered
-        covered = peaks
-        return _fill(covered, background_mask, background, rng)
+        return _fill(peaks, ~covered, background, rng)
     return _fill(covered, ~covered, background, rng)
 
 
 def _fill(keep: np.ndarray, background_mask: np.ndarray, background: int,
           rng: np.random.Generator) -> torch.Tensor:
-    covered = keep
-    m = min(covered.shape[1], int(covered.sum(1).max()) + background)
+    m = min(keep.shape[1], int(keep.sum(1).max()) + background)
     rows = []
-    for c, free in zip(covered, background_mask, strict=True):
+    for c, free in zip(keep, background_mask, strict=True):
         obj = np.flatnonzero(c)
         bg = np.flatnonzero(free)
         extra = rng.choice(bg, size=min(len(bg), m - len(obj)), replace=False)

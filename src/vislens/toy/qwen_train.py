@@ -214,13 +214,12 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     lines = open(log_path, "a") if log_path else None  # noqa: SIM115
 
     stream = SceneStream(seed, cells, vocab, start=recipe.pool_size,
-                         size=recipe.fresh_every * recipe.images_per_step_b)
-    current = {"pool": pool}
+                         size=recipe.fresh_every * recipe.images_per_step_b,
+                         every=max(1, recipe.fresh_every))
 
     def draw(stage: str, step: int) -> dict:
-        if stage in ("B", "C") and recipe.fresh_every and step % recipe.fresh_every == 0:
-            current["pool"] = stream.next()
-        source = current["pool"] if stage in ("B", "C") else pool
+        fresh = stage in ("B", "C") and recipe.fresh_every
+        source = stream.at(step) if fresh else pool
         size = recipe.images_per_step_b if stage == "B" else recipe.images_per_step
         idx = rng.integers(len(source.samples), size=size)
         return qa_batch(source, idx, encoder, rng, targets=recipe.targets_per_image,

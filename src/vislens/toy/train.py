@@ -123,14 +123,13 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
     log: dict = {"seed": seed, "recipe": asdict(recipe), "steps": [], "probes": []}
 
     stream = SceneStream(seed, spec.grid, vocab, start=recipe.pool_size,
-                         size=recipe.fresh_every * recipe.images_per_step_b)
-    current = {"pool": pool}
+                         size=recipe.fresh_every * recipe.images_per_step_b,
+                         every=max(1, recipe.fresh_every))
 
     def draw(stage: str, step: int, steps: int):
         size = recipe.images_per_step_b if stage == "B" else recipe.images_per_step
-        if stage in ("B", "C") and recipe.fresh_every and step % recipe.fresh_every == 0:
-            current["pool"] = stream.next()
-        source = current["pool"] if stage in ("B", "C") else pool
+        fresh = stage in ("B", "C") and recipe.fresh_every
+        source = stream.at(step) if fresh else pool
         idx = rng.integers(len(source.samples), size=size)
         background, peaks, keep = None, False, None
         if stage == "A2":
