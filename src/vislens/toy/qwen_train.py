@@ -37,6 +37,7 @@ from vislens.toy.stages import (
     Parts,
     Readout,
     answer_logits,
+    attention_rows,
     load_stage_state,
     probe,
     save_stage_state,
@@ -117,30 +118,18 @@ class AttentionGuide:
         return where
 
     def loss(self, batch: dict) -> torch.Tensor:
-        hidden, (cos, sin) = self.saved["hidden"], self.saved["rope"]
+        hidden, rope = self.saved["hidden"], self.saved["rope"]
         want = batch["focus"] >= 0
         if self.target == "keyword":
             want &= batch["keyword"].any(-1)
         bi, ti = torch.nonzero(want, as_tuple=True)
         if len(bi) == 0:
             return hidden.new_zeros(())
-        att, h = self.attention, self.heads
-        b, t, _ = hidden.shape
-        dh = att.head_dim
-        q = att.q_proj(hidden[bi, ti]).view(len(bi), -1, dh)[:, :h]
-        k = att.k_proj(hidden).view(b, t, -1, dh)[:, :, :h]
-        q = q * cos[bi, ti][:, None] + _rotate_half(q) * sin[bi, ti][:, None]
-        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
-        scores = torch.einsum("nhd,nthd->nht", q, k[bi]) * att.scaling
-        visible = batch["attention_mask"][:, 0][bi, ti]
-        probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
-        mass = (probs * self._where(batch, bi, ti, t).to(probs.dtype)[:, None]).sum(-1)
+        probs = attention_rows(self.attention, hidden, rope, batch["attention_mask"], bi, ti,
+                               self.heads)
+        where = self._where(batch, bi, ti, hidden.shape[1]).to(probs.dtype)
+        mass = (probs * where[:, None]).sum(-1)
         return -(mass + 1e-6).log().mean()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def qwen_parts(model, processor) -> Parts:

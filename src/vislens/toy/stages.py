@@ -36,15 +36,10 @@ class AttentionGuide:
     at positions predicting an answer word, put on that object's patches).
     """
 
-    def __init__(self, attention: torch.nn.Module, heads: int = 1, key: str = "focus",
-                 head: int = 0, answers: list[int] | None = None):
+    def __init__(self, attention: torch.nn.Module, heads: int = 1, key: str = "focus"):
         self.attention = attention
         self.heads = heads
-        self.head = head  # first guided head
         self.key = key  # which batch field names the positions and their objects
-        # only positions whose label is one of these ids (e.g. color words: one head per
-        # attribute, so reading a color and reading a shape do not compete for one head)
-        self.answers = None if answers is None else torch.tensor(sorted(answers))
         self.saved: dict = {}
         self.handle = attention.register_forward_pre_hook(self._grab, with_kwargs=True)
 
@@ -58,29 +53,35 @@ class AttentionGuide:
 
     def loss(self, batch: dict) -> torch.Tensor:
         hidden = self.saved["hidden_states"]
-        cos, sin = self.saved["position_embeddings"]
         focus = batch[self.key]
-        chosen = focus >= 0
-        if self.answers is not None:
-            chosen &= torch.isin(batch["labels"], self.answers)
-        bi, ti = torch.nonzero(chosen, as_tuple=True)
+        bi, ti = torch.nonzero(focus >= 0, as_tuple=True)
         if len(bi) == 0:
             return hidden.new_zeros(())
-        att = self.attention
-        dh, h0, h1 = att.head_dim, self.head, self.head + self.heads
-        b, t, _ = hidden.shape
-        q = att.q_proj(hidden[bi, ti]).view(len(bi), -1, dh)[:, h0:h1]
-        k = att.k_proj(hidden).view(b, t, -1, dh)[:, :, h0:h1]
-        q = q * cos[bi, ti][:, None] + _rotate_half(q) * sin[bi, ti][:, None]
-        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
-        scores = torch.einsum("nhd,nthd->nht", q, k[bi]) * att.scaling
-        visible = batch["attention_mask"][:, 0][bi, ti]  # [N, T]
-        probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+        probs = attention_rows(self.attention, hidden, self.saved["position_embeddings"],
+                               batch["attention_mask"], bi, ti, self.heads)
         obj = batch["cov"][bi, focus[bi, ti]] > 0  # [N, M] over the image tokens
-        where = torch.zeros(len(bi), t, dtype=probs.dtype)
+        where = torch.zeros(len(bi), hidden.shape[1], dtype=probs.dtype)
         where[:, 1:1 + obj.shape[1]] = obj.to(probs.dtype)
         mass = (probs * where[:, None]).sum(-1)
         return -(mass + 1e-6).log().mean()
+
+
+def attention_rows(attention: torch.nn.Module, hidden: torch.Tensor, rope: tuple,
+                   mask: torch.Tensor, bi: torch.Tensor, ti: torch.Tensor,
+                   heads: int) -> torch.Tensor:
+    """Attention probabilities [N, heads, T] of the first `heads` heads at query positions
+    (bi, ti), recomputed from the layer's inputs with its own rotary tables (so Llama RoPE
+    and Qwen's mRoPE alike) and the boolean 4-D `mask` of a packed batch."""
+    cos, sin = rope
+    dh = attention.head_dim
+    b, t, _ = hidden.shape
+    q = attention.q_proj(hidden[bi, ti]).view(len(bi), -1, dh)[:, :heads]
+    k = attention.k_proj(hidden).view(b, t, -1, dh)[:, :, :heads]
+    q = q * cos[bi, ti][:, None] + _rotate_half(q) * sin[bi, ti][:, None]
+    k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+    scores = torch.einsum("nhd,nthd->nht", q, k[bi]) * attention.scaling
+    visible = mask[:, 0][bi, ti]  # [N, T]
+    return scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
