@@ -13,6 +13,8 @@ HELD_OUT_SEED = 424_242  # never used for training (train uses seed 0)
 # What the shipped toy must at least reach on 30 held-out scenes (chance: polling 0.5,
 # VQA ~0.15, generative ~0). Measured: see src/vislens/assets/toy/training_log.json.
 FLOOR = {"generative": 0.85, "polling": 0.9, "vqa": 0.85}
+TINY = ToySpec(lm_hidden=64, lm_layers=2, lm_heads=2, lm_mlp=64, vision_hidden=32,
+               vision_layers=1, vision_heads=2, vision_mlp=32)  # untrained, for exactness tests
 shipped = pytest.mark.skipif(not (TOY_DIR / "config.json").is_file(),
                              reason="toy weights not shipped yet")
 
@@ -50,8 +52,7 @@ def test_training_layout_equals_the_chat_template():
 def test_packed_blocks_compute_exactly_like_single_sequences():
     """Several questions share one image prefix; each must see what it sees alone."""
     torch.manual_seed(0)
-    spec = ToySpec(lm_hidden=64, lm_layers=2, lm_heads=2, lm_mlp=64, vision_hidden=32,
-                   vision_layers=1, vision_heads=2, vision_mlp=32)
+    spec = TINY
     processor = build_processor(spec)
     lm = build_model(spec).model.language_model.eval()
     enc = Encoder(processor.tokenizer, 144)
@@ -142,8 +143,7 @@ def test_attention_guide_scores_the_real_attention():
     from vislens.toy.stages import AttentionGuide
 
     torch.manual_seed(0)
-    spec = ToySpec(lm_hidden=64, lm_layers=2, lm_heads=2, lm_mlp=64, vision_hidden=32,
-                   vision_layers=1, vision_heads=2, vision_mlp=32)
+    spec = TINY
     processor = build_processor(spec)
     lm = build_model(spec).model.language_model.eval()
     lm.config._attn_implementation = "eager"
