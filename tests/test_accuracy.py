@@ -6,7 +6,8 @@ import torch
 
 from vislens.data import shapesworld
 from vislens.data.samples import Question
-from vislens.experiments.accuracy import chat_prompt, evaluate, generate_answers
+from vislens.experiments.accuracy import evaluate, generate_answers
+from vislens.models import prompting
 from vislens.toy.build import build_model, build_processor
 
 
@@ -21,7 +22,7 @@ def test_prompt_is_the_chat_template_plus_answer_prefix(processor):
                                              {"type": "text", "text": q.prompt}]}]
     template = processor.apply_chat_template(messages, add_generation_prompt=True,
                                              tokenize=False)
-    text = chat_prompt(processor, q)
+    text = prompting.render(processor, q.prompt, answer_prefix=q.answer_prefix)
     assert text == template + " it is"
     assert text.index("<image>") < text.index("what")  # image before the question
     words = processor.tokenizer.convert_ids_to_tokens(

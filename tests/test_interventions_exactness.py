@@ -104,7 +104,7 @@ def position_ids(vlm, batch):
             attention_mask=batch.attention_mask,
             mm_token_type_ids=batch.inputs["mm_token_type_ids"])
         return pos
-    return torch.arange(batch.seq_len)[None].expand(batch.size, -1)
+    return (batch.attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding skipped
 
 
 def rope_fn(vlm):

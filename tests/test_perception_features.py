@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vislens.data import shapesworld
-from vislens.experiments.perception.features import extract, prepare, text_columns
+from vislens.experiments.perception.features import extract, text_columns
 from vislens.interventions.vision import match_rows, projector_module, record_projector
 from vislens.models.vlm import VLM
 from vislens.toy.build import ToySpec, build_model, build_processor
@@ -81,7 +81,7 @@ def test_projector_record_ties_merged_rows():
 
 def test_text_columns_and_prefix(vlm, images):
     prompt = "circle square"
-    batch = prepare(vlm, images[:2], [prompt, "the red circle"], prefixes=["what shape", None])
+    batch = vlm.prepare(images[:2], [prompt, "the red circle"], prefixes=["what shape", None])
     ids = batch.input_ids
     circle = vlm.tokenizer.convert_tokens_to_ids("circle")
     square = vlm.tokenizer.convert_tokens_to_ids("square")

@@ -12,7 +12,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli_common import JSON_HELP, MODEL_HELP, console, emit, positive, user_errors
+from vislens.cli_common import (
+    DTYPE_HELP,
+    JSON_HELP,
+    MODEL_HELP,
+    console,
+    emit,
+    positive,
+    user_errors,
+)
 from vislens.errors import VislensError
 
 app = typer.Typer(
@@ -184,7 +192,7 @@ def study(
     scale: float = typer.Option(1.0, help="multiply every step's number of images"),
     seed: int = typer.Option(0, help="seed for targets and random token sets"),
     device: str = typer.Option("cpu", help="torch device"),
-    dtype: str = typer.Option(None, help="float32 / bfloat16 / float16 (default: model's)"),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Run every experiment with sensible defaults and write one self-contained report.

@@ -17,6 +17,7 @@ from vislens.progress import progress_bar
 console = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = '"toy", "toy-qwen" or a local Hugging Face model directory'
+DTYPE_HELP = "float32, bfloat16 or float16 (default: the dtype the checkpoint was saved in)"
 JSON_HELP = "print the summary as JSON on stdout (nothing else goes to stdout)"
 
 

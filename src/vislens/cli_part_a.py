@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli_common import (
+    DTYPE_HELP,
     JSON_HELP,
     MODEL_HELP,
     console,
@@ -65,7 +66,7 @@ def ablate(
     ig_steps: int = typer.Option(16, help="integrated-gradients steps"),
     seed: int = typer.Option(0, help="seed for targets, random token sets and noise"),
     device: str = typer.Option("cpu", help="torch device"),
-    dtype: str = typer.Option(None, help="float32 / bfloat16 / float16 (default: model's)"),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Ablate object / buffer / register / random / gradient tokens and count broken answers.
@@ -119,7 +120,7 @@ def logit_lens(
     seed: int = typer.Option(0, help="seed for choosing targets"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
     device: str = typer.Option("cpu", help="torch device"),
-    dtype: str = typer.Option(None, help="float32 / bfloat16 / float16 (default: model's)"),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Decode every image token at every layer (final norm + unembedding, applied once).
@@ -163,7 +164,7 @@ def knockout(
     area: str = typer.Option("", help="target area range MIN:MAX in pixels"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
     device: str = typer.Option("cpu", help="torch device"),
-    dtype: str = typer.Option(None, help="float32 / bfloat16 / float16 (default: model's)"),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Block attention edges in windows of layers; measure how much of the answer survives.

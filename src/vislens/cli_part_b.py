@@ -14,7 +14,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli_common import JSON_HELP, MODEL_HELP, console, emit, positive, progress, user_errors
+from vislens.cli_common import (
+    DTYPE_HELP,
+    JSON_HELP,
+    MODEL_HELP,
+    console,
+    emit,
+    positive,
+    progress,
+    user_errors,
+)
 from vislens.errors import VislensError
 
 DATA_HELP = ("data spec for every task (shapesworld, shapesworld:SEED) or TASK=SPEC for one "
@@ -122,7 +131,7 @@ def perceive(
     seed: int = typer.Option(0, help="ShapesWorld seed and clustering seed"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
-    dtype: str = typer.Option(None, help="model dtype, e.g. bfloat16 (default: as saved)"),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Zero-shot perception from image keys / values in every LM layer (Liu et al. B1).

@@ -7,11 +7,12 @@ models map them to tokens themselves.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+
+from vislens.data import answers
 
 SETTINGS = ("generative", "polling", "vqa")
 
@@ -58,19 +59,12 @@ class Question:
     target_name: str = ""  # class name the generative rule looks for
 
     def is_correct(self, generated: str) -> bool:
-        text = normalise(generated)
+        """The setting's rule (vislens.data.answers): names in any surface form count."""
         if self.setting == "generative":
-            name = normalise(self.target_name or self.answer)
-            return re.search(rf"(^|\s){re.escape(name)}(\s|$)", text) is not None
-        words = text.split()
-        expected = normalise(self.answer).split()
-        return words[: len(expected)] == expected
-
-
-def normalise(text: str) -> str:
-    """Lower-case, punctuation split off, single spaces: how answers are compared."""
-    text = re.sub(r"([.,?!:;])", r" \1 ", text.lower())
-    return " ".join(text.split())
+            return answers.mentions(generated, self.target_name or self.answer)
+        if self.setting == "polling":
+            return answers.first_word(generated, self.answer)
+        return answers.starts_with(generated, self.answer)
 
 
 # Task records of Liu et al. (part B). Ground truth is explicit in every record so

@@ -10,15 +10,16 @@ run as one batch over one vision pass.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vislens.data.samples import Question, Sample, normalise
+from vislens.data.samples import Question, Sample
 from vislens.experiments.batching import extend_batch, repeat_batch
-from vislens.experiments.prompts import MAX_NEW_TOKENS, question
+from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_target, noise_object
 from vislens.experiments.stats import bootstrap_ci
@@ -44,6 +45,7 @@ class AblationConfig:
     vector: str = "mean"  # "mean" | "zeros"
     area: tuple[float, float] | None = None  # target area range in original pixels
     ig_steps: int = 16
+    ig_batch: int = 8  # integrated-gradients steps per forward pass (memory)
     reference: str = "same"  # mean-embedding images: "same" = the experiment's own images
     seed: int = 0
     max_new_tokens: dict[str, int] = field(default_factory=lambda: dict(MAX_NEW_TOKENS))
@@ -125,7 +127,8 @@ def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, config:
             "target_area": inst.area}
     noised = noise_object(sample.image, inst.mask, seed=config.seed + idx)
     batch = vlm.prepare([sample.image, noised], [q.prompt] * 2, [q.answer_prefix or None] * 2)
-    texts = vlm.decode(vlm.generate(batch, max_new_tokens=max_new))
+    generated = vlm.generate(batch, max_new_tokens=max_new)
+    texts = vlm.decode(generated)
     clean_ok, noised_ok = q.is_correct(texts[0]), q.is_correct(texts[1])
     kept = clean_ok and not noised_ok
     yield {**base, "condition": "clean", "n_tokens": 0, "correct": clean_ok, "text": texts[0],
@@ -136,7 +139,8 @@ def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, config:
         return
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
     feats = vlm.image_embeddings(one)
-    sets = token_sets(vlm, one, feats, inst.mask, config, idx, q, vector, max_new)
+    sets = token_sets(vlm, one, feats, inst.mask, config, idx, q, vector,
+                      vlm.trim(generated[0]))
     names = [n for n in config.condition_names(len(one.token_map)) if n in sets]
     rows = repeat_batch(one, len(names))
     with ablate(vlm, [sets[n] for n in names], vector):
@@ -147,8 +151,12 @@ def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, config:
 
 
 def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx: int,
-               q: Question, vector, max_new: int) -> dict[str, np.ndarray]:
-    """Every condition's token positions for the one-sample `batch`."""
+               q: Question, vector, clean: list[int]) -> dict[str, np.ndarray]:
+    """Every condition's token positions for the one-sample `batch`.
+
+    clean: the clean generation's token ids (its answer word is what integrated
+    gradients explain).
+    """
     tm = batch.token_map
     image = tm.image_positions(0)
     obj = tm.positions(0, mask)
@@ -164,9 +172,9 @@ def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx:
     sets["random-matched"] = np.sort(rng.choice(image, size=len(obj1), replace=False))
     wanted = config.conditions is None or "ig-matched" in config.conditions
     if wanted:
-        prefix, target_id = answer_token(vlm, batch, q, max_new)
+        prefix, target_id = answer_token(vlm, clean, q)
         scores = integrated_gradients(vlm, extend_batch(batch, prefix), feats, target_id,
-                                      vector, config.ig_steps)
+                                      vector, config.ig_steps, config.ig_batch)
         sets["ig-matched"] = np.sort(image[np.argsort(-scores, kind="stable")[:len(obj1)]])
     return sets
 
@@ -179,41 +187,65 @@ def _patch_features(vlm, batch, feats) -> torch.Tensor:
     return feats[0][torch.as_tensor(keep, device=feats[0].device)]
 
 
-def answer_token(vlm, batch, q: Question, max_new: int) -> tuple[torch.Tensor, int]:
-    """The clean generation up to the answer word, and that word's last token id.
+def answer_token(vlm, clean: list[int], q: Question) -> tuple[torch.Tensor, int]:
+    """The clean generation before the answer word, and the answer word's first token.
 
-    Integrated gradients explain this token (the answer, e.g. "yes" or the
-    class noun), never the BOS token (the original code's bug).
+    Integrated gradients explain this token's logit: "Yes" for polling, the class
+    name's FIRST piece for VQA and captions (for a multi-piece name such as
+    "gir|affe" the first piece is where the model commits to the class; the rest
+    follow from it). The word is found token by token (prompts.answer_span), never
+    by a substring of the decoded text, and never BOS (the original code's bug).
     """
-    gen = vlm.generate(batch, max_new_tokens=max_new)[0]
-    want = normalise(q.target_name if q.setting == "generative" else q.answer)
-    for j in range(len(gen)):
-        if want in normalise(vlm.decode(gen[None, : j + 1])[0]):
-            return gen[:j], int(gen[j])
-    raise ValueError("the clean answer does not contain the expected word")
+    span = answer_span(lambda ids: vlm.decode(torch.tensor([ids]))[0], clean, q)
+    if span is None:
+        raise ValueError("the clean answer does not contain the expected word")
+    start = span[0]
+    return torch.tensor(clean[:start], dtype=torch.long), int(clean[start])
 
 
-def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int) -> np.ndarray:
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """Parameters without gradients while open: attribution needs d logit / d input only,
+    and a 7B model's weight gradients alone would take 13 GB."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
+                         chunk: int = 8) -> np.ndarray:
     """IG attribution of each image patch token to the `target_id` logit at the last position.
 
     The path runs from the ablation baseline (mean embedding, or zeros) to the
-    clean embeddings in `steps` midpoint steps, all in one batch; attributions
-    sum to logit(clean) - logit(baseline) up to the quadrature error.
+    clean embeddings in `steps` midpoint steps, `chunk` steps per forward pass;
+    attributions sum to logit(clean) - logit(baseline) up to the quadrature error.
     """
+    if steps < 1 or chunk < 1:
+        raise ValueError(f"integrated gradients need steps >= 1 and chunk >= 1 (got {steps}, "
+                         f"{chunk})")
     image = batch.token_map.image_positions(0)
     x = _patch_features(vlm, batch, feats).float()
     base = torch.zeros_like(x) if isinstance(vector, str) else \
         vector.float().to(x.device)[None].expand_as(x)
     alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps
-    path = (base[None] + alphas[:, None, None] * (x - base)[None]).to(vlm.dtype)
-    path.requires_grad_(True)
-    rows = repeat_batch(batch, steps)
-    with ablate(vlm, [image] * steps, list(path.unbind(0))):
-        logits = vlm.forward(rows, image_features=feats * steps, grad=True,
-                             logits_to_keep=1).logits
-    logits[:, -1, target_id].sum().backward()
-    grads = path.grad.float().mean(0)
-    return ((x - base) * grads).sum(-1).detach().cpu().numpy()
+    total = torch.zeros_like(x)
+    with frozen(vlm.model):
+        for part in alphas.split(chunk):
+            path = (base[None] + part[:, None, None] * (x - base)[None]).to(vlm.dtype)
+            path.requires_grad_(True)
+            rows = repeat_batch(batch, len(part))
+            with ablate(vlm, [image] * len(part), list(path.unbind(0))):
+                logits = vlm.forward(rows, image_features=feats * len(part), grad=True,
+                                     logits_to_keep=1).logits
+            (grad,) = torch.autograd.grad(logits[:, -1, target_id].sum(), path)
+            total += grad.float().sum(0)
+    return ((x - base) * total / steps).sum(-1).detach().cpu().numpy()
+
 
 def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> dict:
     """The paper's table: % of kept samples each condition breaks, with 95% bootstrap CIs."""

@@ -1,9 +1,8 @@
 """How often a VLM answers ShapesWorld questions right, in the three settings of Neo et al.
 
-Prompts are built only through the processor's own chat template, so the same
-code scores the toy and any Hugging Face VLM; answers are judged by each
-`Question`'s own rule (generative: the target's name appears; polling / VQA:
-the continuation starts with the expected words).
+Prompts and token ids come from vislens.models.prompting (the builder every
+experiment uses), so the same code scores the toy and any Hugging Face VLM;
+answers are judged by each `Question`'s own rule (vislens.data.answers).
 """
 
 from __future__ import annotations
@@ -15,41 +14,32 @@ import torch
 
 from vislens.data import shapesworld
 from vislens.data.samples import SETTINGS, Question, Sample
+from vislens.models import prompting
 
 SHORT_ANSWER_TOKENS = 4  # polling / VQA answers are one or two words
-
-
-def chat_prompt(processor, question: Question) -> str:
-    """The text a model sees: chat template with the image before the question, then the
-    assistant turn opened and the question's answer prefix (e.g. "it is a") appended."""
-    messages = [{"role": "user",
-                 "content": [{"type": "image"}, {"type": "text", "text": question.prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if question.answer_prefix:
-        text += ("" if text.endswith((" ", "\n")) else " ") + question.answer_prefix
-    return text
 
 
 @torch.no_grad()
 def generate_answers(model, processor, images: Sequence, questions: Sequence[Question],
                      max_new_tokens: int) -> list[str]:
-    """Greedy continuations of one (image, question) pair each, left padded as one batch."""
+    """Greedy continuations of one (image, question) pair each, left padded as one batch.
+
+    Prompts and ids come from vislens.models.prompting, the builder every experiment
+    uses, so `eval` scores exactly what the experiments ask.
+    """
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images for {len(questions)} questions; "
                          "pass one image per question")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        texts = [chat_prompt(processor, q) for q in questions]
-        batch = processor(text=texts, images=list(images), return_tensors="pt", padding=True,
-                          add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    texts = [prompting.render(processor, q.prompt, answer_prefix=q.answer_prefix or None)
+             for q in questions]
+    batch = prompting.encode(processor, list(images), texts)
     device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=pad)
     new = out[:, batch["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from vislens.data.samples import Sample
-from vislens.experiments.batching import repeat_batch
-from vislens.experiments.prompts import question
+from vislens.experiments.batching import extend_batch, repeat_batch
+from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_target
 from vislens.experiments.stats import layer_windows
@@ -104,46 +104,71 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
 
 @torch.no_grad()
 def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
+    """Clean answer first; then, teacher-forcing its tokens, every (condition, window).
+
+    A condition keeps the answer when greedy decoding would still produce every token
+    of it up to the end of the answer word (so "gir|affe" counts both pieces), i.e.
+    when each teacher-forced position's argmax is the clean token; p_answer is the
+    probability of that token sequence.
+    """
     q = question(sample, target, setting)
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
     feats = vlm.image_embeddings(one)
-    probs, cached = clean_pass(vlm, one, feats, [s for s, _ in windows])
-    probs = probs[0]
-    answer = int(probs.argmax())
-    correct = q.is_correct(vlm.decode(torch.tensor([[answer]]))[0])
-    base = {"sample": sample.id, "setting": setting, "target": sample.instances[target].name}
-    yield {**base, "condition": "clean", "window": -1, "start": 0, "end": vlm.num_layers - 1,
-           "p_answer": float(probs[answer]), "correct": correct, "kept": correct,
-           "p_clean": float(probs[answer])}
-    if not correct:
+    generated = vlm.trim(vlm.generate(one, max_new_tokens=MAX_NEW_TOKENS[setting],
+                                      image_features=feats)[0])
+    span = answer_span(lambda ids: vlm.decode(torch.tensor([ids]))[0], generated, q)
+    base = {"sample": sample.id, "setting": setting, "target": sample.instances[target].name,
+            "answer": vlm.decode(torch.tensor([generated]))[0]}
+    if span is None:
+        yield {**base, "condition": "clean", "window": -1, "start": 0,
+               "end": vlm.num_layers - 1, "p_answer": 0.0, "correct": False, "kept": False,
+               "p_clean": 0.0, "n_answer_tokens": 0}
         return
-    edges = edge_sets(one.token_map, one, 0, sample.instances[target].mask)
+    answer = torch.tensor(generated[:span[1]], dtype=torch.long)
+    keep = len(answer)
+    ext = extend_batch(one, answer[:-1])
+    probs, cached = clean_pass(vlm, ext, feats, [s for s, _ in windows], keep=keep)
+    p_clean = float(_sequence_prob(probs[0], answer))
+    base["n_answer_tokens"] = keep
+    yield {**base, "condition": "clean", "window": -1, "start": 0, "end": vlm.num_layers - 1,
+           "p_answer": p_clean, "correct": True, "kept": True, "p_clean": p_clean}
+    queries = np.arange(ext.seq_len - keep, ext.seq_len)  # the answer's positions
+    edges = {c: (queries if isinstance(qs, str) else qs, ks) for c, (qs, ks) in
+             edge_sets(one.token_map, one, 0, sample.instances[target].mask).items()}
     grid = [(c, w) for c in config.conditions for w in range(len(windows))]
-    after = sweep(vlm, one, feats, edges, grid, windows, cached)
-    top = after.argmax(-1)
+    after = sweep(vlm, ext, feats, edges, grid, windows, cached, keep=keep)
+    target_ids = answer.to(after.device)
     for i, (c, w) in enumerate(grid):
+        kept = bool((after[i].argmax(-1) == target_ids).all())
         yield {**base, "condition": c, "window": w, "start": windows[w][0], "end": windows[w][1],
-               "p_answer": float(after[i, answer]), "correct": bool(top[i] == answer),
-               "kept": True, "p_clean": float(probs[answer])}
+               "p_answer": float(_sequence_prob(after[i], answer)), "correct": kept,
+               "kept": True, "p_clean": p_clean}
+
+
+def _sequence_prob(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """p(tokens) from per-position distributions [len(tokens), vocab]."""
+    return probs[torch.arange(len(tokens)), tokens.to(probs.device)].prod()
 
 
 @torch.no_grad()
-def clean_pass(vlm, one, feats, starts) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Clean answer distribution [B, vocab] and the residual [B, S, hidden] entering each
-    layer in `starts` (what a knockout window starting there resumes from)."""
+def clean_pass(vlm, one, feats, starts, keep: int = 1
+               ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Clean next-token distributions of the last `keep` positions [B, keep, vocab], and the
+    residual [B, S, hidden] entering each layer in `starts` (what a window resumes from)."""
     starts = sorted({int(s) for s in starts})
     cols = [np.arange(one.seq_len)] * one.size
     with capture(vlm, cols, layers=starts) as cap:
-        logits = vlm.forward(one, image_features=feats, logits_to_keep=1).logits
+        logits = vlm.forward(one, image_features=feats, logits_to_keep=keep).logits
     cached = {s: cap.residual[s].view(one.size, one.seq_len, -1) for s in starts}
-    return torch.softmax(logits[:, -1].float(), -1), cached
+    return torch.softmax(logits.float(), -1), cached
 
 
 @torch.no_grad()
 def sweep(vlm, one, feats, edges: dict, grid: list[tuple[str, int]], windows,
-          cached: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Answer distributions [len(grid), vocab] of every (condition, window) of a one-sample
-    batch: one forward per distinct window start, each from the cached clean residual."""
+          cached: dict[int, torch.Tensor], keep: int = 1) -> torch.Tensor:
+    """Next-token distributions [len(grid), keep, vocab] of every (condition, window) of a
+    one-sample batch: one forward per distinct window start, each from the cached clean
+    residual."""
     empty = (LAST, np.zeros(0, dtype=np.int64))
     out = None
     for start in sorted({windows[w][0] for _, w in grid}):
@@ -159,10 +184,10 @@ def sweep(vlm, one, feats, edges: dict, grid: list[tuple[str, int]], windows,
                 stack.enter_context(knockout(vlm, per_row, range(windows[w][0],
                                                                  windows[w][1] + 1)))
             logits = vlm.forward(rows, image_features=feats * len(group),
-                                 logits_to_keep=1).logits
-        probs = torch.softmax(logits[:, -1].float(), -1)
+                                 logits_to_keep=keep).logits
+        probs = torch.softmax(logits.float(), -1)
         if out is None:
-            out = probs.new_empty(len(grid), probs.shape[-1])
+            out = probs.new_empty(len(grid), *probs.shape[1:])
         out[torch.as_tensor(idx, device=out.device)] = probs
     return out
 

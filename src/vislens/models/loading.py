@@ -90,12 +90,36 @@ def load_processor(path: Path, family: str):
                video_processor=NoVideoProcessor(), chat_template=template, **kwargs)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from its name; None (or "auto") keeps the checkpoint's own."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name in ("", "auto"):
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16 "
+                         "(or leave it out for the checkpoint's own)")
+    return DTYPES[name]
+
+
+def saved_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint was saved in (config `dtype` / `torch_dtype`), float32 if unsaid."""
+    config = json.loads((path / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or \
+        (config.get("text_config") or {}).get("dtype") or "float32"
+    return DTYPES.get(str(name).lower(), torch.float32)
+
+
 def load_model(path: Path, family: str, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = None):
     import transformers
 
     cls = getattr(transformers, FAMILIES[family][0])
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = cls.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
+    dtype = parse_dtype(dtype) or saved_dtype(path)
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()

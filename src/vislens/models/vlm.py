@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vislens.models import geometry
+from vislens.models import geometry, prompting
 from vislens.models.loading import detect_family, load_model, load_processor, resolve
 from vislens.models.tokenmap import ImageTokenMap
 
 PIXEL_KEYS = ("pixel_values",)
+MROPE_FAMILIES = ("qwen2_5_vl",)  # positions come from image grids and the attention mask
 
 
 @dataclass
@@ -117,32 +118,39 @@ class VLM:
         return self.lm_head(self.final_norm(hidden))
 
     # ---- inputs ----------------------------------------------------------------------------
-    def chat_text(self, prompt: str, answer_prefix: str | None = None) -> str:
-        content = [{"type": "image"}, {"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
-        return text + (" " + answer_prefix if answer_prefix else "")
+    def chat_text(self, prompt: str, answer_prefix: str | None = None,
+                  prefix: str | None = None, n_images: int = 1) -> str:
+        """The rendered chat text of one sample (see vislens.models.prompting)."""
+        return prompting.render(self.processor, prompt, n_images=n_images, prefix=prefix,
+                                answer_prefix=answer_prefix)
 
-    def prepare(self, images, prompts, answer_prefixes=None) -> Batch:
-        """Tokenise one image + prompt per sample (left padded) and map its image tokens."""
+    def prepare(self, images, prompts, answer_prefixes=None, prefixes=None) -> Batch:
+        """Tokenise one image + prompt per sample (left padded) and map its image tokens.
+
+        prefixes: optional text per sample placed BEFORE the image tokens (checked
+        on the token ids, whatever order the chat template writes).
+        """
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(prompts, str):
             prompts = [prompts]
         images = [im.convert("RGB") for im in images]
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; give one each")
-        if answer_prefixes is None:
-            answer_prefixes = [None] * len(prompts)
-        if len(answer_prefixes) != len(prompts):
-            raise ValueError("answer_prefixes must have one entry per prompt (None for none)")
-        texts = [self.chat_text(p, a) for p, a in zip(prompts, answer_prefixes, strict=True)]
-        enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
-        inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        n = len(prompts)
+        if len(images) != n:
+            raise ValueError(f"got {len(images)} images for {n} prompts; give one each")
+        answer_prefixes = _per_sample(answer_prefixes, n, "answer_prefixes")
+        prefixes = _per_sample(prefixes, n, "prefixes")
+        texts = [self.chat_text(p, a, x) for p, a, x in zip(prompts, answer_prefixes, prefixes,
+                                                            strict=True)]
+        inputs = prompting.encode(self.processor, images, texts)
         layouts = self._layouts(images, inputs)
         ids = inputs["input_ids"].numpy()
         positions = [np.flatnonzero(row == self.image_token_id) for row in ids]
+        for b, prefix in enumerate(prefixes):
+            if prefix:
+                mask = inputs["attention_mask"][b].numpy()
+                self._check_prefix(texts[b], prefix, ids[b][mask > 0], positions[b] - int(
+                    (mask == 0).sum()))
         token_map = ImageTokenMap.build(layouts, positions)
         for key, value in inputs.items():
             value = value.to(self.device)
@@ -150,6 +158,22 @@ class VLM:
                 value = value.to(self.dtype)
             inputs[key] = value
         return Batch(inputs=inputs, token_map=token_map, texts=texts)
+
+    def _check_prefix(self, text: str, prefix: str, ids: np.ndarray, image_cols: np.ndarray
+                      ) -> None:
+        """The prefix's tokens must come before the first image token, on the ids themselves.
+
+        ids / image_cols are of the unpadded sequence: the text before the image
+        placeholder, tokenised on its own, must be exactly its first ids.
+        """
+        first = text.find(prompting.image_placeholder(self.processor))
+        at = text.find(prefix)
+        before = self.tokenizer(text[:first], add_special_tokens=prompting.adds_special_tokens(
+            self.tokenizer, text))["input_ids"]
+        if not 0 <= at < first or ids[:len(before)].tolist() != list(before) \
+                or len(before) > image_cols[0]:
+            raise ValueError("the text prefix does not precede the image tokens in the input ids; "
+                             "this model's template or processor moved it")
 
     def _layouts(self, images: list[Image.Image], inputs: dict) -> list[geometry.Layout]:
         ip = self.processor.image_processor
@@ -189,9 +213,19 @@ class VLM:
 
     def forward(self, batch: Batch, image_features: list[torch.Tensor] | None = None,
                 grad: bool = False, **kwargs):
-        """One forward pass of the whole model (logits for every position unless limited)."""
+        """One forward pass of the whole model (logits for every position unless limited).
+
+        Positions are counted from each row's first real token, as `generate` counts
+        them, so a left-padded row computes exactly what it computes alone (RoPE
+        keys included). mRoPE families derive their positions from the mask
+        themselves.
+        """
+        inputs = batch.model_inputs(image_features)
+        if "position_ids" not in kwargs and self.family not in MROPE_FAMILIES:
+            mask = batch.attention_mask.long()
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
         with torch.set_grad_enabled(grad):
-            return self.model(**batch.model_inputs(image_features), use_cache=False, **kwargs)
+            return self.model(**inputs, use_cache=False, **kwargs)
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 20,
@@ -205,6 +239,33 @@ class VLM:
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Ids that end a generation (EOS of the tokenizer and generation config, pad)."""
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list | tuple) else [eos])
+        return {int(i) for i in ids if i is not None}
+
+    def trim(self, tokens: torch.Tensor) -> list[int]:
+        """One row of generated ids up to (not including) the first stop id."""
+        out = []
+        stop = self.stop_ids
+        for t in tokens.tolist():
+            if t in stop:
+                break
+            out.append(int(t))
+        return out
+
+
+def _per_sample(values, n: int, name: str) -> list:
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{name} must have one entry per prompt (None for none)")
+    return values
 
 
 def load(model: str | Path = "toy", device: str | torch.device = "cpu",

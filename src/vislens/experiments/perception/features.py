@@ -1,7 +1,8 @@
 """One batched pass that returns, per image, the features each perception task compares.
 
-Sources: "keys/L" (post-RoPE, as attention sees them) and "values/L" for every
-requested LM layer L, with kv heads flattened; "projector" (the LM input at the image
+Sources: "keys/L" (post-RoPE, as attention sees them), "keys-pre/L" (after k_proj,
+before RoPE: free of position) and "values/L" for every requested LM layer L, with
+kv heads flattened; "projector" (the LM input at the image
 positions = projector output); "vision" (the vision encoder output the projector read).
 Text spans of the prompt get the same LM sources (mean over the span's tokens;
 "projector" = their input embeddings); the vision encoder has no text side.
@@ -25,8 +26,9 @@ from vislens.interventions import capture, knockout
 from vislens.interventions.knockout import LAST
 from vislens.interventions.vision import record_projector, vision_rows
 
-SOURCES = ("keys", "values", "projector", "vision")
-PREFIX_SEP = "\x00"  # "prefix\x00prompt": the prefix goes before the image
+SOURCES = ("keys", "values", "projector", "vision")  # the default set
+LM_KINDS = {"keys": "keys_post", "keys-pre": "keys_pre", "values": "values"}  # name -> capture
+ALL_SOURCES = ("keys", "keys-pre", "values", "projector", "vision")
 
 
 @dataclass
@@ -67,49 +69,8 @@ class ImageFeatures:
 
 def source_names(num_layers: int, layers: Sequence[int] | None, sources=SOURCES) -> list[str]:
     layers = range(num_layers) if layers is None else layers
-    names = [f"{kind}/{layer}" for kind in ("keys", "values") if kind in sources
-             for layer in layers]
+    names = [f"{kind}/{layer}" for kind in LM_KINDS if kind in sources for layer in layers]
     return names + [s for s in ("projector", "vision") if s in sources]
-
-
-@contextmanager
-def prefixed(vlm):
-    """Let prompts carry a prefix ("prefix\\x00prompt") rendered before the image.
-
-    Shadows vlm.chat_text on the instance while open, so `vlm.prepare` (tokenising,
-    padding, the image-token map) is reused unchanged.
-    """
-    original = vlm.chat_text
-
-    def chat_text(prompt: str, answer_prefix: str | None = None) -> str:
-        if PREFIX_SEP not in prompt:
-            return original(prompt, answer_prefix)
-        before, prompt = prompt.split(PREFIX_SEP, 1)
-        content = [{"type": "text", "text": before}, {"type": "image"},
-                   {"type": "text", "text": prompt}]
-        text = vlm.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                 add_generation_prompt=True, tokenize=False)
-        return text + (" " + answer_prefix if answer_prefix else "")
-
-    vlm.chat_text = chat_text
-    try:
-        yield
-    finally:
-        del vlm.chat_text
-
-
-def prepare(vlm, images, prompts: Sequence[str], prefixes: Sequence[str | None] | None = None):
-    """vlm.prepare with an optional text prefix per sample placed before the image."""
-    if prefixes is None or not any(prefixes):
-        return vlm.prepare(list(images), list(prompts))
-    joined = [f"{p}{PREFIX_SEP}{q}" if p else q for p, q in zip(prefixes, prompts, strict=True)]
-    with prefixed(vlm):
-        batch = vlm.prepare(list(images), joined)
-    for text, p in zip(batch.texts, prefixes, strict=True):
-        if p and p.split()[0] not in text:
-            raise ValueError("the chat template dropped the text prefix; this model's template "
-                             "cannot put text before the image")
-    return batch
 
 
 def text_columns(vlm, batch, sample: int, text: str, span: tuple[int, int]) -> np.ndarray:
@@ -187,20 +148,21 @@ def extract(vlm, images, prompts: Sequence[str], spans: Sequence[Sequence[tuple[
 
 
 def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, blocked):
-    batch = prepare(vlm, images, prompts, prefixes)
+    batch = vlm.prepare(list(images), list(prompts), prefixes=prefixes)
     tm = batch.token_map
     n = batch.size
     image_pos = [tm.image_positions(b) for b in range(n)]
     text_pos = [[text_columns(vlm, batch, b, prompts[b], s) for s in spans[b]] for b in range(n)]
     positions = [np.concatenate([image_pos[b], *text_pos[b]]) if text_pos[b] else image_pos[b]
                  for b in range(n)]
-    want_kv = any(s in sources for s in ("keys", "values"))
+    want_kv = any(s in sources for s in LM_KINDS)
     lm_layers = list(range(vlm.num_layers)) if layers is None else [int(x) for x in layers]
     with ExitStack() as stack:
         rec = stack.enter_context(record_projector(vlm)) if "vision" in sources else None
         stack.enter_context(block_keys(vlm, batch, blocked))
-        kv = stack.enter_context(capture(vlm, positions, layers=lm_layers, residual=False,
-                                         keys="keys" in sources, values="values" in sources)) \
+        kv = stack.enter_context(capture(
+            vlm, positions, layers=lm_layers, residual=False,
+            keys="keys" in sources or "keys-pre" in sources, values="values" in sources)) \
             if want_kv else None
         emb = stack.enter_context(capture(vlm, positions, layers=[0], residual=True))
         vlm.forward(batch, logits_to_keep=1)
@@ -215,7 +177,7 @@ def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, block
         per: dict[str, torch.Tensor] = {}
         if kv is not None:
             for layer in lm_layers:
-                for kind, table in (("keys", "keys_post"), ("values", "values")):
+                for kind, table in LM_KINDS.items():
                     if kind in sources:
                         x = kv.of(table, layer, b)
                         per[f"{kind}/{layer}"] = x.reshape(x.shape[0], -1).float().cpu()

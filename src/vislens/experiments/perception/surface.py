@@ -24,7 +24,7 @@ from PIL import Image
 
 from vislens.data.resolve import open_task
 from vislens.experiments.perception import metrics as M
-from vislens.experiments.perception.features import block_keys, extract, prepare
+from vislens.experiments.perception.features import block_keys, extract
 from vislens.experiments.perception.perceive import PROMPT
 
 PAPER = {"blink-art-style": 0.333}  # share of items solved by the values, missed by the model
@@ -96,8 +96,8 @@ def model_answers(vlm, items, batch_size: int = 8, blocked: dict | None = None,
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        batch = prepare(vlm, [composite(it.images) for it in chunk],
-                        [it.prompt() for it in chunk])
+        batch = vlm.prepare([composite(it.images) for it in chunk],
+                            [it.prompt() for it in chunk])
         letters = _letter_ids(vlm.tokenizer, max(len(it.choices) for it in chunk))
         with block_keys(vlm, batch, blocked):
             if letters is not None:
