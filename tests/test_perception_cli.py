@@ -17,7 +17,8 @@ from vislens.toy.build import ToySpec, build_model, build_processor
 
 TINY = ToySpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, lm_hidden=32,
                lm_layers=2, lm_heads=2, lm_mlp=64)
-TASK_NAMES = ["fg-seg", "co-seg", "sem-seg", "ref-seg", "sem-corr", "temp-corr"]
+TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "ref-seg", "ref-seg-oracle",
+              "sem-corr", "temp-corr"]
 
 
 @pytest.fixture()
@@ -45,6 +46,7 @@ def test_perceive_json_files_and_resume(app, tmp_path):
         assert len(entry["keys"]) == len(entry["values"]) == 2
         assert set(entry) >= {"metric", "keys", "values", "projector", "vision"}
         assert (out / f"{task}.png").is_file()
+        assert entry["upper_bound"]["values"]["layer"] in (0, 1)
         vals = [v for v in entry["keys"] + entry["values"] + [entry["projector"]]
                 if v is not None]
         assert all(0.0 <= v <= 1.0 for v in vals)
@@ -92,7 +94,7 @@ def test_prefix_reports_change(app, tmp_path):
                "--out", tmp_path / "run", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert set(s["delta"]) == {"ref-seg", "sem-corr"}
+    assert set(s["delta"]) == {"ref-seg", "ref-seg-oracle", "sem-corr"}
     d = s["delta"]["sem-corr"]
     assert d["projector"] == 0 and d["vision"] == 0  # baselines never see the text
     assert (tmp_path / "run" / "sem-corr-prefix.png").is_file()
@@ -103,7 +105,7 @@ def test_artifacts_and_surface(app, tmp_path):
                "--out", tmp_path / "art", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert set(s["perceive"]["delta"]) == {"sem-seg", "ref-seg"}
+    assert set(s["perceive"]["delta"]) == {"sem-seg", "ref-seg", "ref-seg-oracle"}
     assert sum(s["n_flagged"].values()) > 0  # z 0, min-score 0: above-mean positions
     assert (tmp_path / "art" / "artifacts.png").is_file()
     scores = json.loads((tmp_path / "art" / "scores.json").read_text())

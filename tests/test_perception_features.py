@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vislens.data import shapesworld
-from vislens.experiments.perception.features import extract, text_columns
+from vislens.experiments.perception.features import KeyCells, extract, text_columns
 from vislens.interventions.vision import match_rows, projector_module, record_projector
 from vislens.models.vlm import VLM
 from vislens.toy.build import ToySpec, build_model, build_processor
@@ -110,8 +110,9 @@ def test_prefix_changes_image_values_question_does_not(vlm, images):
 def test_blocked_keys_change_text_not_image(vlm, images):
     spans = [[(0, 6)]]
     clean = extract(vlm, images[:1], ["circle"], spans=spans, sources=("values",))[0]
+    cells = KeyCells.of(clean, np.arange(0, 144, 3))
     knocked = extract(vlm, images[:1], ["circle"], spans=spans, sources=("values",),
-                      blocked={0: np.arange(0, 144, 3)})[0]
+                      blocked={0: cells})[0]
     assert torch.allclose(clean.sources["values/1"], knocked.sources["values/1"], atol=1e-6)
     assert torch.allclose(clean.text[0]["values/0"], knocked.text[0]["values/0"], atol=1e-6)
     # layer-1 values of the text read layer-0 attention outputs, which lost the keys
@@ -152,7 +153,9 @@ def test_text_tasks_batched_equal_one_by_one(vlm):
     together = score_text_items("ref-seg", vlm, refs, config, None)
     alone = [score_text_items("ref-seg", vlm, [r], config, None)[0] for r in refs]
     for (_, a), (_, b) in zip(together, alone, strict=True):
-        assert a == pytest.approx(b, abs=1e-6)
+        assert a.keys() == b.keys()
+        for src in a:
+            assert a[src] == pytest.approx(b[src], abs=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])

@@ -52,13 +52,38 @@ def test_fg_seg_score_is_per_class_mean():
     assert M.fg_seg_score(stats, ["a", "a", "b"]) == pytest.approx((4 / 6 + 0) / 2)
 
 
+def _ring(n=12) -> np.ndarray:
+    r, c = np.divmod(np.arange(n * n), n)
+    return (r == 0) | (c == 0) | (r == n - 1) | (c == n - 1)
+
+
+def interior_blob(fg=0.2, n=12):
+    y = np.zeros(n * n, bool)
+    inside = np.flatnonzero(~_ring(n))
+    y[RNG.choice(inside, int(n * n * fg), replace=False)] = True
+    return y
+
+
 def test_coseg():
-    labels = [blob(fg=0.2) for _ in range(4)]
+    labels = [interior_blob() for _ in range(4)]
+    assert not any((y & _ring()).any() for y in labels)  # objects off the border
     perfect = [onehot(y.astype(int), 2) for y in labels]
-    assert M.coseg_iou(perfect, labels, k=2) == 1.0
-    shuffled = np.mean([M.coseg_iou([RNG.normal(size=(144, 16)) for _ in labels], labels, k=3,
-                                    seed=s) for s in range(3)])
-    assert shuffled < 0.35  # a random cluster of ~1/3 of the tokens vs a 20% object
+    got = M.coseg_iou(perfect, labels, k=2, borders=[_ring()] * 4)
+    assert got == {"free": 1.0, "oracle": 1.0}
+    shuffled = [M.coseg_iou([RNG.normal(size=(144, 16)) for _ in labels], labels, k=3,
+                            seed=s, borders=[_ring()] * 4) for s in range(3)]
+    assert np.mean([g["oracle"] for g in shuffled]) < 0.35  # ~1/3 of tokens vs a 20% object
+    assert all(g["free"] <= g["oracle"] for g in shuffled)
+
+
+def test_coseg_free_choice_ignores_the_ground_truth():
+    """The free pick is the same cluster whatever the labels say; the oracle follows them."""
+    labels = [interior_blob() for _ in range(4)]
+    feats = [onehot(y.astype(int), 2) for y in labels]
+    flipped = [~y & ~_ring() for y in labels]  # "truth" = the non-object interior
+    a = M.coseg_iou(feats, labels, k=2, borders=[_ring()] * 4)
+    b = M.coseg_iou(feats, flipped, k=2, borders=[_ring()] * 4)
+    assert a["free"] == 1.0 and b["free"] < 0.5 and b["oracle"] > b["free"]
 
 
 def test_semseg():
@@ -77,9 +102,17 @@ def test_semseg():
 def test_refseg():
     gt = blob(fg=0.1)
     text = np.eye(16)[1]
-    assert M.refseg_iou(onehot(gt.astype(int), 2, 0.01), text, gt) == 1.0
-    shuffled = np.mean([M.refseg_iou(RNG.normal(size=(144, 16)), text, gt) for _ in range(10)])
-    assert shuffled < 0.2  # k random of 144 tokens vs a 10% object: about 0.05
+    assert M.refseg_iou(onehot(gt.astype(int), 2, 0.01), text, gt) == {"free": 1.0,
+                                                                       "oracle": 1.0}
+    shuffled = [M.refseg_iou(RNG.normal(size=(144, 16)), text, gt) for _ in range(10)]
+    assert np.mean([s["oracle"] for s in shuffled]) < 0.2  # k random tokens vs a 10% object
+    assert np.mean([s["free"] for s in shuffled]) < 0.3
+
+
+def test_otsu_splits_two_groups():
+    values = np.concatenate([RNG.normal(0, 0.05, 100), RNG.normal(1, 0.05, 20)])
+    t = M.otsu_threshold(values)
+    assert 0.2 < t < 0.8 and (values > t).sum() == 20
 
 
 def _grid_centres(n=12, cell=8):

@@ -34,14 +34,18 @@ AREAS = {
 def _setup(model: str, data: str, n: int, device: str, dtype: str | None,
            area: str | None, which: str):
     positive("--n", n)
-    from vislens.data import open_dataset
+    from vislens.data import coco, open_dataset
     from vislens.models import load
 
-    samples = open_dataset(data, n=n)
-    if not samples:
-        raise ValueError(f"{data} holds no images; check the path or --n")
     kind = data.partition(":")[0].lower()
     chosen = parse_area(area) if area else AREAS[which].get(kind)
+    select = None
+    if kind == "coco":  # Neo et al.'s image selection, before any pixel is read
+        select = coco.small_target(area=chosen) if which == "small" else \
+            coco.large_object(area=chosen)
+    samples = open_dataset(data, n=n, select=select)
+    if not samples:
+        raise ValueError(f"{data} holds no images; check the path or --n")
     vlm = load(model, device=device, dtype=dtype)
     return vlm, samples, chosen
 

@@ -82,17 +82,23 @@ def _curve(xs) -> str:
 
 
 def perception_table(summary: dict, title: str) -> Table:
-    """Task x source: per-layer curves of keys and values, best layer, baselines."""
+    """Task x source: the held-out layer choice, the upper bound, the baselines."""
     table = Table(title=title)
-    for col in ("task", "metric", "keys per layer", "best keys", "values per layer",
-                "best values", "projector", "vision"):
+    for col in ("task", "metric", "values (held-out)", "keys (held-out)",
+                "values (upper bound)", "projector", "vision"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+
+    def held(e, kind):
+        sel = e.get("selected", {}).get(kind)
+        if sel is None or sel["score"] is None:
+            return "-"
+        return f"{sel['score']:.3f} (L{sel['layer']})"
+
     for task, e in summary.items():
-        bk, bv = e.get("best_keys_layer"), e.get("best_values_layer")
-        best_k = "-" if bk is None else f"{_fmt(e['keys'][e['layers'].index(bk)])} (L{bk})"
-        best_v = "-" if bv is None else f"{_fmt(e['values'][e['layers'].index(bv)])} (L{bv})"
-        table.add_row(task, e["metric"], _curve(e["keys"]), best_k, _curve(e["values"]),
-                      best_v, _fmt(e["projector"]), _fmt(e["vision"]))
+        up = e.get("upper_bound", {}).get("values")
+        table.add_row(task, e["metric"], held(e, "values"), held(e, "keys"),
+                      "-" if up is None else f"{up['score']:.3f} (L{up['layer']})",
+                      _fmt(e["projector"]), _fmt(e["vision"]))
     return table
 
 

@@ -103,7 +103,9 @@ def load_coco(path: str | Path, images_dir: str | Path | None = None,
     if select is not None:
         image_ids = [i for i in image_ids if select(coco.imgs[i], coco.imgToAnns.get(i, []))]
         if not image_ids:
-            raise ValueError(f"no image of {ann_file.name} passes the selection")
+            raise ValueError(f"no image of {ann_file.name} passes the selection "
+                             f"({getattr(select, 'rule', 'custom filter')}); widen the target "
+                             "area with --area MIN:MAX")
     image_ids = image_ids[:limit] if limit is not None else image_ids
     img_root = find_images_dir(ann_file, images_dir, coco.imgs[image_ids[0]]["file_name"])
     return [coco_sample(coco, i, img_root, include_crowd) for i in image_ids]
@@ -233,6 +235,8 @@ def single_target(max_annotations: int, area: tuple[float, float]) -> Selector:
             counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
         return any(counts[a["category_id"]] == 1 and lo <= a["area"] <= hi for a in anns)
 
+    select.rule = (f"at most {max_annotations} annotations, no crowd, one object alone in its "
+                   f"class with an area in [{lo:g}, {hi:g}] px^2")
     return select
 
 

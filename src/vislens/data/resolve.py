@@ -16,11 +16,14 @@ DEFAULT_N = 100
 SPECS = "shapesworld, shapesworld:SEED, coco:DIR_OR_JSON, imagenet:DIR"
 
 
-def open_dataset(spec: str, n: int | None = None, images_dir: str | None = None) -> list[Sample]:
+def open_dataset(spec: str, n: int | None = None, images_dir: str | None = None,
+                 select=None) -> list[Sample]:
     """Resolve a dataset spec. `n` = number of scenes (ShapesWorld, default 100) or limit.
 
     imagenet:DIR reads class folders (or a flat folder) of images without
-    instances: the reference set for mean-embedding ablation vectors.
+    instances: the reference set for mean-embedding ablation vectors. `select`
+    filters COCO images on their annotations before any pixel is read
+    (vislens.data.coco.small_target / large_object); crowd regions are then dropped.
     """
     kind, arg = _split(spec)
     if kind == "shapesworld":
@@ -28,7 +31,8 @@ def open_dataset(spec: str, n: int | None = None, images_dir: str | None = None)
     if kind == "coco":
         from vislens.data.coco import load_coco
 
-        return load_coco(_path(arg, kind), images_dir=images_dir, limit=n)
+        return load_coco(_path(arg, kind), images_dir=images_dir, limit=n, select=select,
+                         include_crowd=select is None)
     if kind == "imagenet":
         from vislens.data.imagenet import load_image_folder
 

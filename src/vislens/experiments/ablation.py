@@ -21,7 +21,7 @@ from vislens.data.samples import Question, Sample
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
-from vislens.experiments.selection import choose_target, noise_object
+from vislens.experiments.selection import choose_targets, noise_object
 from vislens.experiments.stats import bootstrap_ci
 from vislens.interventions import ablate, mean_image_embedding
 from vislens.report.plots import grouped_bars
@@ -92,7 +92,7 @@ def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
         raise ValueError("no samples to ablate; check --data / --n")
     vector = _vector(vlm, config, reference_images or [s.image for s in samples])
     rng = np.random.default_rng(config.seed)
-    targets = [choose_target(s, config.area, rng) for s in samples]
+    targets = choose_targets(samples, config.area, rng)
     for idx in _progress(progress, range(len(samples)), "ablation"):
         sample, target = samples[idx], targets[idx]
         if target is None:

@@ -21,7 +21,7 @@ from vislens.data.samples import Sample
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
-from vislens.experiments.selection import choose_target
+from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows
 from vislens.interventions import LAST, capture, knockout, resume
 from vislens.report.plots import heatmap
@@ -91,7 +91,7 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
     windows = layer_windows(vlm.num_layers, config.window, config.stride)
     windows.append((0, vlm.num_layers - 1))  # "all"
     rng = np.random.default_rng(config.seed)
-    targets = [choose_target(s, config.area, rng) for s in samples]
+    targets = choose_targets(samples, config.area, rng)
     items = [(s, t) for s, t in zip(samples, targets) if t is not None]
     for sample, target in (progress(items, "knockout") if progress else items):
         for setting in config.settings:

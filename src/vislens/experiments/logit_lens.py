@@ -16,7 +16,7 @@ import torch
 
 from vislens.data.samples import Sample
 from vislens.experiments.runs import RunDir
-from vislens.experiments.selection import choose_target
+from vislens.experiments.selection import choose_targets
 from vislens.interventions import capture
 from vislens.report.plots import layer_curves
 from vislens.report.viewer import LensToken, render_viewer
@@ -74,9 +74,8 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     if not samples:
         raise ValueError("no samples for the logit lens; check --data / --n")
     rng = np.random.default_rng(config.seed)
-    chosen = [(s, t) for s in samples if (t := choose_target(s, config.area, rng)) is not None]
-    if not chosen:
-        raise ValueError("no image has a target object in the --area range; widen --area")
+    chosen = [(s, t) for s, t in zip(samples, choose_targets(samples, config.area, rng))
+              if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     viewer_dir = out.path / "viewer"

@@ -26,6 +26,18 @@ def choose_target(sample: Sample, area: tuple[float, float] | None,
     return ok[int(rng.integers(len(ok)))]
 
 
+def choose_targets(samples: list[Sample], area: tuple[float, float] | None,
+                   rng: np.random.Generator) -> list[int | None]:
+    """One target per sample (None where none qualifies); an error when none does anywhere,
+    instead of an empty table."""
+    targets = [choose_target(s, area, rng) for s in samples]
+    if samples and all(t is None for t in targets):
+        where = "" if area is None else f" with an area in [{area[0]:g}, {area[1]:g}] px"
+        raise ValueError(f"no image has a target object that is the only one of its class"
+                         f"{where}; widen it with --area MIN:MAX or use other images")
+    return targets
+
+
 def noise_object(image: Image.Image, mask: np.ndarray, seed: int) -> Image.Image:
     """The image with the object's pixels replaced by uniform noise (the context stays)."""
     pixels = np.array(image.convert("RGB"))

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+
+def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a rate: stays informative at 0% and 100% (a bootstrap of
+    n zeros collapses to [0, 0]); (nan, nan) for no trials."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1 - (1 - level) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def rate(flags: Sequence[bool], level: float = 0.95) -> dict:
+    """A rate with its Wilson interval: {"rate", "ci95", "n"} (rate None for no trials)."""
+    flags = [bool(f) for f in flags]
+    n, k = len(flags), sum(flags)
+    lo, hi = wilson_ci(k, n, level)
+    return {"rate": k / n if n else None, "ci95": [lo, hi] if n else None, "n": n}
 
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
@@ -13,10 +35,24 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return (float("nan"), float("nan"))
+    return bootstrap_metric(list(x), lambda xs: float(np.mean(xs)), n_boot, seed, level)
+
+
+def bootstrap_metric(items: Sequence, metric: Callable[[list], float], n_boot: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of any metric computed from resampled items (e.g. an
+    mIoU pooled over items); (nan, nan) for no items."""
+    items = list(items)
+    if not items:
+        return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    draws = [metric([items[i] for i in rng.integers(0, len(items), len(items))])
+             for _ in range(n_boot)]
+    draws = np.asarray([d for d in draws if d is not None and np.isfinite(d)], dtype=float)
+    if draws.size == 0:
+        return (float("nan"), float("nan"))
     tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
+    lo, hi = np.percentile(draws, [tail, 100 - tail])
     return (float(lo), float(hi))
 
 

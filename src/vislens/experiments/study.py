@@ -137,10 +137,9 @@ def _headline(name: str, summary: dict) -> dict:
         return {"windows": summary["window_labels"],
                 "relative_accuracy": summary["relative_accuracy"]}
     if name == "perceive":
-        return {t: {"metric": e["metric"], "best_values": max(
-            [v for v in e["values"] if v is not None], default=None),
-            "projector": e.get("projector"), "vision": e.get("vision")}
-            for t, e in summary["tasks"].items()}
+        return {t: {"metric": e["metric"], "values_held_out": e["selected"].get("values"),
+                    "projector": e.get("projector"), "vision": e.get("vision")}
+                for t, e in summary["tasks"].items()}
     if name == "surface":
         return {k: summary[k] for k in ("values_accuracy", "model_accuracy",
                                         "present_not_surfaced")}

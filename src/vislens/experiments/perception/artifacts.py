@@ -37,7 +37,7 @@ from PIL import Image
 
 from vislens.data.resolve import open_dataset
 from vislens.experiments.perception import perceive, surface
-from vislens.experiments.perception.features import extract
+from vislens.experiments.perception.features import KeyCells, extract
 
 TEXT_TASKS = perceive.TEXT_TASKS
 
@@ -67,6 +67,13 @@ class ArtifactScores:
     rows: np.ndarray  # grid (row, col) of each position, for the plot
     cols: np.ndarray
     n_images: int
+    tiles: np.ndarray  # tile of each position (0 = base view)
+    grids: dict[int, tuple[int, int]]  # tile -> (rows, cols) of the scored grid
+
+    def cells(self, layer: int) -> KeyCells:
+        """The flagged keys of `layer` as image cells, to block on images of any grid."""
+        idx = self.flagged[layer]
+        return KeyCells(self.tiles[idx], self.rows[idx], self.cols[idx], dict(self.grids))
 
     def to_dict(self) -> dict:
         return {"scores": {str(k): np.round(v, 4).tolist() for k, v in self.scores.items()},
@@ -74,6 +81,8 @@ class ArtifactScores:
                               for k, v in self.stability.items()},
                 "flagged": {str(k): v.tolist() for k, v in self.flagged.items()},
                 "rows": self.rows.tolist(), "cols": self.cols.tolist(),
+                "tiles": self.tiles.tolist(),
+                "grids": {str(k): list(v) for k, v in self.grids.items()},
                 "n_images": self.n_images}
 
 
@@ -111,7 +120,7 @@ def agnostic_scores(vlm, images: list[Image.Image], config: ArtifactsConfig,
     images = same_size(images)
     sums: dict[int, torch.Tensor] = {}
     squares: dict[int, torch.Tensor] = {}
-    rows = cols = None
+    last = None
     chunks = [images[i:i + config.batch_size] for i in range(0, len(images), config.batch_size)]
     for chunk in (progress(chunks, "artifact scores") if progress else chunks):
         feats = extract(vlm, chunk, [config.prompt] * len(chunk), layers=config.layers,
@@ -122,13 +131,14 @@ def agnostic_scores(vlm, images: list[Image.Image], config: ArtifactsConfig,
                 k = k.double()
                 sums[layer] = sums.get(layer, 0) + k
                 squares[layer] = squares.get(layer, 0) + (k ** 2).sum(1)
-            rows, cols = f.rows, f.cols
+            last = f
     n = len(images)
     inputs = input_agnostic(sums.pop(-1), squares.pop(-1), n)
     stability = {ly: input_agnostic(sums[ly], squares[ly], n) for ly in sorted(sums)}
     scores = {ly: relative(st, inputs) for ly, st in stability.items()}
     flagged = {ly: flag(s, config.z, config.min_score) for ly, s in scores.items()}
-    return ArtifactScores(scores, stability, flagged, rows, cols, n)
+    return ArtifactScores(scores, stability, flagged, last.rows, last.cols, n, last.tiles,
+                          dict(last.token_map.grids[last.index]))
 
 
 def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
@@ -137,7 +147,7 @@ def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
     if len(images) < 2:
         raise ValueError("artifact scores need at least 2 images; raise --n-images")
     art = agnostic_scores(vlm, images, config, progress)
-    blocked = {ly: idx for ly, idx in art.flagged.items() if len(idx)}
+    blocked = {ly: art.cells(ly) for ly, idx in art.flagged.items() if len(idx)}
     pcfg = config.perceive
     items = {t: perceive.load_items(t, pcfg) for t in pcfg.tasks}
     clean = perceive.run(vlm, pcfg, out, progress, condition="clean", items=items)
@@ -182,9 +192,8 @@ def delta(before: dict, after: dict) -> dict:
             return None if x is None or y is None else round(y - x, 4)
 
         out[task] = {"metric": b["metric"], "layers": b["layers"],
-                     "keys": [diff(x, y) for x, y in zip(b["keys"], a["keys"], strict=True)],
-                     "values": [diff(x, y) for x, y in zip(b["values"], a["values"],
-                                                           strict=True)],
+                     **{kind: [diff(x, y) for x, y in zip(b[kind], a[kind], strict=True)]
+                        for kind in ("keys", "keys-pre", "values") if kind in b},
                      "projector": diff(b["projector"], a["projector"]),
                      "vision": diff(b["vision"], a["vision"])}
     return out

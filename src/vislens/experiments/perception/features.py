@@ -108,17 +108,62 @@ def after_image(batch, sample: int) -> np.ndarray:
     return valid[valid > last]
 
 
+@dataclass
+class KeyCells:
+    """Image-token cells (tile, row, col) found on one grid, to block on any other.
+
+    Flagged keys are WHERE they are in the image, not their index in one image's
+    token order: an anyres image or a Qwen dynamic grid of another size orders
+    its tokens differently. On a grid of another shape a cell maps to the cell at
+    the same relative place (centre-to-centre) of the same tile.
+    """
+
+    tile: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    grids: dict[int, tuple[int, int]]  # tile -> (rows, cols) of the grid they were found on
+
+    @classmethod
+    def of(cls, features: ImageFeatures, indices) -> KeyCells:
+        idx = np.asarray(indices, dtype=np.int64)
+        grids = features.token_map.grids[features.index]
+        return cls(features.tiles[idx], features.rows[idx], features.cols[idx], dict(grids))
+
+    def __len__(self) -> int:
+        return len(self.tile)
+
+    def positions(self, token_map, sample: int) -> np.ndarray:
+        """Columns of these cells in `sample` of a batch (every image of a multi-image one)."""
+        rows = token_map._rows(sample)
+        lookup = {(int(token_map.image[i]), int(token_map.tile[i]), int(token_map.row[i]),
+                   int(token_map.col[i])): int(token_map.position[i]) for i in rows}
+        target = token_map.grids[sample]
+        out = set()
+        for image in np.unique(token_map.image[rows]).tolist():
+            for t, r, c in zip(self.tile.tolist(), self.row.tolist(), self.col.tolist(),
+                               strict=True):
+                if t not in target or t not in self.grids:
+                    continue
+                (r0, c0), (r1, c1) = self.grids[t], target[t]
+                rr = min(r1 - 1, int((r + 0.5) * r1 / r0))
+                cc = min(c1 - 1, int((c + 0.5) * c1 / c0))
+                p = lookup.get((image, t, rr, cc))
+                if p is not None:
+                    out.add(p)
+        return np.asarray(sorted(out), dtype=np.int64)
+
+
 @contextmanager
-def block_keys(vlm, batch, blocked: dict[int, np.ndarray] | None):
+def block_keys(vlm, batch, blocked: dict[int, KeyCells] | None):
     """Knock out attention from every text position after the image (and generated
-    tokens) to chosen image keys; blocked: layer -> indices in image-token order."""
+    tokens) to chosen image keys; blocked: layer -> the key cells to block there."""
     with ExitStack() as stack:
-        for layer, keys_idx in (blocked or {}).items():
-            if len(keys_idx) == 0:
+        for layer, cells in (blocked or {}).items():
+            if len(cells) == 0:
                 continue
             edges = []
             for b in range(batch.size):
-                k = batch.token_map.image_positions(b)[np.asarray(keys_idx, dtype=np.int64)]
+                k = cells.positions(batch.token_map, b)
                 edges.append([(after_image(batch, b), k), (LAST, k)])
             stack.enter_context(knockout(vlm, edges, layers=[int(layer)]))
         yield
@@ -128,13 +173,13 @@ def block_keys(vlm, batch, blocked: dict[int, np.ndarray] | None):
 def extract(vlm, images, prompts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]
             | None = None, layers: Sequence[int] | None = None, sources=SOURCES,
             prefixes: Sequence[str | None] | None = None,
-            blocked: dict[int, np.ndarray] | None = None, batch_size: int = 8
+            blocked: dict[int, KeyCells] | None = None, batch_size: int = 8
             ) -> list[ImageFeatures]:
     """Features of each image (one prompt each) for every source, in batches.
 
     spans: per image, (start, end) character spans of its prompt whose text
-    features are wanted (e.g. class names). blocked: layer -> indices (in image
-    token order) of keys that text positions may not attend to in that layer.
+    features are wanted (e.g. class names). blocked: layer -> the image key cells
+    that text positions may not attend to in that layer.
     """
     images, prompts = list(images), list(prompts)
     spans = [list(s) for s in spans] if spans is not None else [[] for _ in images]

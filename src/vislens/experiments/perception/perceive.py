@@ -6,6 +6,13 @@ statistics its score needs (intersections and unions, matched points, ...), so a
 rerun resumes and the summary is recomputed from rows. The image-only tasks use a
 neutral prompt: image tokens come before the text, so their keys / values depend on
 the text only through a prefix (see prefix.py).
+
+Statistics are honest by construction: the layer reported for keys / values is
+chosen on one half of the items (even indices) and scored on the other half (the
+argmax over all items is reported only as a labelled upper bound); co-seg and
+ref-seg choose their object without ground truth, and their ground-truth-matched
+variants are reported beside them as "co-seg-oracle" / "ref-seg-oracle"; every
+score carries a 95% bootstrap interval over items.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import numpy as np
 from vislens.data.resolve import open_task
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import SOURCES, ImageFeatures, extract
+from vislens.experiments.stats import bootstrap_metric
 
+ORACLES = {"co-seg": "co-seg-oracle", "ref-seg": "ref-seg-oracle"}  # GT-matched variants
 # task -> (data task of open_task, metric name)
 TASKS: dict[str, tuple[str, str]] = {
     "fg-seg": ("fewshot", "miou"),
@@ -49,7 +58,7 @@ class PerceiveConfig:
     layers: tuple[int, ...] | None = None  # None = every LM layer
     sources: tuple[str, ...] = SOURCES
     prompt: str = PROMPT
-    prefix: str | None = None  # None | "task" | "classes" | literal text before the image
+    prefix: str | None = None  # None | "task" | "classes" | "classes-present" | literal text
     clusters: int = 3  # co-seg k-means clusters (object, background, other objects)
     top_k: int = 5  # temp-corr label propagation
     temperature: float = 0.1
@@ -76,7 +85,7 @@ def load_items(task: str, config: PerceiveConfig) -> list:
 
 
 def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
-        condition: str = "clean", blocked: dict[int, np.ndarray] | None = None,
+        condition: str = "clean", blocked: dict | None = None,
         items: dict[str, list] | None = None) -> dict:
     """Score every task item not yet in `out` (a RunDir keyed condition/task/item)."""
     tasks = check_tasks(config.tasks)
@@ -84,6 +93,7 @@ def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
         todo = items[task] if items and task in items else load_items(task, config)
         if not todo:
             raise ValueError(f"no items for {task}; check --data / --n")
+        names = task_classes(task, todo)
         pending = [(i, it) for i, it in enumerate(todo)
                    if not out.done(condition=condition, task=task, item=str(i))]
         # text tasks: one image per item, so items share a batch; the others batch
@@ -93,9 +103,10 @@ def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
         for chunk in (progress(chunks, f"{condition} {task}") if progress and chunks
                       else chunks):
             if task in TEXT_TASKS:
-                results = score_text_items(task, vlm, [it for _, it in chunk], config, blocked)
+                results = score_text_items(task, vlm, [it for _, it in chunk], config, blocked,
+                                           names)
             else:
-                results = [SCORERS[task](vlm, chunk[0][1], config, blocked)]
+                results = [SCORERS[task](vlm, chunk[0][1], config, blocked, names)]
             for (i, _), (cls, stats) in zip(chunk, results, strict=True):
                 out.add({"condition": condition, "task": task, "item": str(i), "class": cls,
                          "stats": json.dumps(stats)})
@@ -111,26 +122,62 @@ def _extract(vlm, images, config, prompts=None, spans=None, prefix=None, blocked
                    batch_size=config.batch_size)
 
 
-def prefix_text(config: PerceiveConfig, task: str, **fields) -> str | None:
-    """The text put before the image under --prefix (None = no prefix)."""
+def prefix_text(config: PerceiveConfig, task: str, classes: Sequence[str] = (),
+                present: Sequence[str] = (), **fields) -> str | None:
+    """The text put before the image under --prefix (None = no prefix).
+
+    "classes" lists the task's whole class list (what a user can know before seeing
+    the image); "classes-present" lists only the classes in this item, which leaks
+    the answer and is reported as an oracle.
+    """
     if not config.prefix:
         return None
     if config.prefix == "task":
         return TASK_PREFIX[task].format(**{k: fields.get(k, "object") for k in
                                            ("name", "names", "expression")})
-    if config.prefix == "classes":
-        return fields.get("names") or fields.get("name") or fields.get("expression") or "object"
+    if config.prefix in ("classes", "classes-present"):
+        listed = classes if config.prefix == "classes" else present
+        return "classes : " + " , ".join(dict.fromkeys(listed or ["object"])) + " ."
     return config.prefix
+
+
+def task_classes(task: str, items: Sequence) -> list[str]:
+    """The class list of a task's data, as far as its items reach (the "classes" prefix)."""
+    return sorted({n for it in items for n in item_classes(task, it)})
+
+
+def item_classes(task: str, item) -> list[str]:
+    """The classes one item shows (the "classes-present" oracle prefix)."""
+    if task in ("fg-seg", "co-seg"):
+        return [item.name]
+    if task == "sem-seg":
+        return list(item.present()) if item is not None else []
+    if task == "ref-seg":
+        return [inst.name for inst in item.sample.instances]
+    if task == "sem-corr":
+        return [item.category or "object"]
+    return [inst.name for fr in item.frames for inst in fr.instances]
+
+
+def _all_classes(task: str, item) -> list[str]:
+    """sem-seg maps carry their data set's full class list; other tasks use the items'."""
+    return list(item.classes[1:]) if task == "sem-seg" else []
 
 
 def _labels(f: ImageFeatures, mask: np.ndarray) -> np.ndarray:
     return M.token_labels(f.coverage(mask))
 
 
-def score_fg_seg(vlm, ep, config, blocked):
+def _prefix(config, task: str, item, task_names: Sequence[str], **fields) -> str | None:
+    classes = list(dict.fromkeys([*task_names, *_all_classes(task, item)]))
+    return prefix_text(config, task, classes=classes, present=item_classes(task, item),
+                       **fields)
+
+
+def score_fg_seg(vlm, ep, config, blocked, names=()):
     images = [s.image for s in ep.support + ep.query]
     feats = _extract(vlm, images, config, blocked=blocked,
-                     prefix=prefix_text(config, "fg-seg", name=ep.name))
+                     prefix=_prefix(config, "fg-seg", ep, names, name=ep.name))
     masks = ep.support_masks + ep.query_masks
     labels = [_labels(f, m) for f, m in zip(feats, masks, strict=True)]
     k = len(ep.support)
@@ -140,29 +187,40 @@ def score_fg_seg(vlm, ep, config, blocked):
     return ep.name, stats
 
 
-def score_co_seg(vlm, cs, config, blocked):
+def score_co_seg(vlm, cs, config, blocked, names=()):
     feats = _extract(vlm, [s.image for s in cs.samples], config, blocked=blocked,
-                     prefix=prefix_text(config, "co-seg", name=cs.name))
+                     prefix=_prefix(config, "co-seg", cs, names, name=cs.name))
     labels = [_labels(f, m) for f, m in zip(feats, cs.masks, strict=True)]
+    borders = [_border(f) for f in feats]
     stats = {src: M.coseg_iou([f.sources[src] for f in feats], labels, k=config.clusters,
-                              seed=config.seed) for src in feats[0].sources}
+                              seed=config.seed, borders=borders) for src in feats[0].sources}
     return cs.name, stats
 
 
-def _text_request(task: str, item, config) -> tuple:
+def _border(f: ImageFeatures) -> np.ndarray:
+    """Tokens on the outer ring of their tile's grid (what the background fills)."""
+    grids = f.token_map.grids[f.index]
+    size = np.array([grids[int(t)] for t in f.tiles])
+    return (f.rows == 0) | (f.cols == 0) | (f.rows == size[:, 0] - 1) | \
+        (f.cols == size[:, 1] - 1)
+
+
+def _text_request(task: str, item, config, names: Sequence[str]) -> tuple:
     """(image, prompt, spans, prefix) of one sem-seg / ref-seg item."""
     if task == "sem-seg":
-        names = [item.classes[0], *item.present()]
-        prompt, spans = _join_spans(names)
+        words = [item.classes[0], *item.present()]
+        prompt, spans = _join_spans(words)
         return (item.sample.image, prompt, spans,
-                prefix_text(config, task, names=" ".join(names)))
+                _prefix(config, task, item, names, names=" ".join(words)))
     expr = item.expression
-    return item.sample.image, expr, [(0, len(expr))], prefix_text(config, task, expression=expr)
+    return (item.sample.image, expr, [(0, len(expr))],
+            _prefix(config, task, item, names, expression=expr))
 
 
-def score_text_items(task: str, vlm, items: list, config, blocked) -> list[tuple[str, dict]]:
+def score_text_items(task: str, vlm, items: list, config, blocked, names=()
+                     ) -> list[tuple[str, dict]]:
     """Score several sem-seg / ref-seg items with one batched pass."""
-    reqs = [_text_request(task, it, config) for it in items]
+    reqs = [_text_request(task, it, config, names) for it in items]
     feats = extract(vlm, [r[0] for r in reqs], [r[1] for r in reqs], spans=[r[2] for r in reqs],
                     layers=config.layers, sources=config.sources, prefixes=[r[3] for r in reqs],
                     blocked=blocked, batch_size=config.batch_size)
@@ -189,7 +247,7 @@ def _sem_seg_stats(sm, f: ImageFeatures) -> tuple[str, dict]:
 
 
 def _ref_seg_stats(ref, f: ImageFeatures) -> tuple[str, dict]:
-    """Mean text feature of the whole expression vs each image token (top-k = mask size)."""
+    """Mean text feature of the whole expression vs each image token (metrics.refseg_iou)."""
     cov = f.coverage(ref.mask)
     gt = M.token_labels(cov)
     if not gt.any():  # an object smaller than half a token: its best-covered token
@@ -199,17 +257,18 @@ def _ref_seg_stats(ref, f: ImageFeatures) -> tuple[str, dict]:
     return ref.kind, stats
 
 
-def score_sem_seg(vlm, sm, config, blocked):
-    return score_text_items("sem-seg", vlm, [sm], config, blocked)[0]
+def score_sem_seg(vlm, sm, config, blocked, names=()):
+    return score_text_items("sem-seg", vlm, [sm], config, blocked, names)[0]
 
 
-def score_ref_seg(vlm, ref, config, blocked):
-    return score_text_items("ref-seg", vlm, [ref], config, blocked)[0]
+def score_ref_seg(vlm, ref, config, blocked, names=()):
+    return score_text_items("ref-seg", vlm, [ref], config, blocked, names)[0]
 
 
-def score_sem_corr(vlm, pair, config, blocked):
+def score_sem_corr(vlm, pair, config, blocked, names=()):
     feats = _extract(vlm, [pair.source.image, pair.target.image], config, blocked=blocked,
-                     prefix=prefix_text(config, "sem-corr", name=pair.category or "object"))
+                     prefix=_prefix(config, "sem-corr", pair, names,
+                                    name=pair.category or "object"))
     src, trg = feats
     k = len(pair.source_points)
     if k == 0:
@@ -224,9 +283,9 @@ def score_sem_corr(vlm, pair, config, blocked):
     return pair.category, stats
 
 
-def score_temp_corr(vlm, video, config, blocked):
+def score_temp_corr(vlm, video, config, blocked, names=()):
     feats = _extract(vlm, [fr.image for fr in video.frames], config, blocked=blocked,
-                     prefix=prefix_text(config, "temp-corr"))
+                     prefix=_prefix(config, "temp-corr", video, names))
     base = [f.tiles == 0 for f in feats]
     grids = []
     for t, f in enumerate(feats):
@@ -270,10 +329,11 @@ SCORERS = {"fg-seg": score_fg_seg, "co-seg": score_co_seg, "sem-seg": score_sem_
 
 # ---- summary -----------------------------------------------------------------------------------
 def aggregate(task: str, stats: list, classes: list[str]) -> float:
-    """One source's score over all items of a task."""
-    stats = [s for s in stats if s is not None]
-    if not stats:
+    """One source's score over the given items of a task (stats / classes per item)."""
+    kept = [(s, c) for s, c in zip(stats, classes, strict=True) if s is not None]
+    if not kept:
         return float("nan")
+    stats, classes = [s for s, _ in kept], [c for _, c in kept]
     if task == "fg-seg":
         return M.fg_seg_score(stats, classes)
     if task == "sem-seg":
@@ -286,36 +346,76 @@ def aggregate(task: str, stats: list, classes: list[str]) -> float:
     return float(np.nanmean(stats))  # co-seg IoU, ref-seg IoU: mean over items
 
 
+def _variant(stat, which: str):
+    """co-seg / ref-seg rows hold {"free", "oracle"} per source; others the stat itself."""
+    return stat.get(which) if isinstance(stat, dict) and "free" in stat else stat
+
+
 def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers: int,
               config: PerceiveConfig) -> dict:
     layers = list(range(num_layers)) if config.layers is None else list(config.layers)
+    kinds = [k for k in ("keys", "keys-pre", "values") if k in config.sources]
     out: dict = {}
     for task in tasks:
-        mine = [r for r in rows if r["condition"] == condition and r["task"] == task]
+        mine = sorted((r for r in rows if r["condition"] == condition and r["task"] == task),
+                      key=lambda r: int(r["item"]))
         if not mine:
             continue
         parsed = [json.loads(r["stats"]) for r in mine]
         classes = [r["class"] for r in mine]
-
-        def score(src: str, parsed=parsed, classes=classes, task=task) -> float | None:
-            got = [p.get(src) for p in parsed]
-            if all(g is None for g in got):
-                return None
-            return _clean(aggregate(task, got, classes))
-
-        entry = {"metric": TASKS[task][1], "n": len(mine), "layers": layers,
-                 "keys": [score(f"keys/{ly}") for ly in layers],
-                 "values": [score(f"values/{ly}") for ly in layers],
-                 "projector": score("projector"), "vision": score("vision")}
-        for kind in ("keys", "values"):
-            curve = [(v, ly) for v, ly in zip(entry[kind], layers, strict=True) if v is not None]
-            entry[f"best_{kind}_layer"] = max(curve)[1] if curve else None
-        if task == "sem-corr":  # upper bound: the right token every time (token-level grid)
-            entry["oracle"] = score("oracle")
-        if task == "temp-corr":  # floor: frame 0's labels copied to every frame
-            entry["static"] = score("static")
-        out[task] = entry
+        index = [int(r["item"]) for r in mine]
+        variants = [(task, "free")] + ([(ORACLES[task], "oracle")] if task in ORACLES else [])
+        for name, which in variants:
+            out[name] = _entry(task, parsed, classes, index, which, layers, kinds, config)
     return out
+
+
+def _entry(task, parsed, classes, index, which, layers, kinds, config) -> dict:
+    """One task's scores: curves over all items, the held-out layer choice, CIs."""
+    items = list(range(len(parsed)))
+    even = [i for i in items if index[i] % 2 == 0]
+    odd = [i for i in items if index[i] % 2 == 1]
+
+    def score(src: str, subset=None) -> float | None:
+        subset = items if subset is None else subset
+        got = [_variant(parsed[i].get(src), which) for i in subset]
+        if all(g is None for g in got):
+            return None
+        return _clean(aggregate(task, got, [classes[i] for i in subset]))
+
+    def ci(src: str, subset=None) -> list | None:
+        subset = items if subset is None else subset
+        pairs = [(_variant(parsed[i].get(src), which), classes[i]) for i in subset]
+        if all(p is None for p, _ in pairs):
+            return None
+        lo, hi = bootstrap_metric(pairs, lambda ps: aggregate(task, [p for p, _ in ps],
+                                                              [c for _, c in ps]),
+                                  n_boot=200, seed=config.seed)
+        return [_clean(lo), _clean(hi)]
+
+    entry = {"metric": TASKS[task][1], "n": len(parsed), "layers": layers}
+    entry.update({kind: [score(f"{kind}/{ly}") for ly in layers] for kind in kinds})
+    entry["projector"], entry["vision"] = score("projector"), score("vision")
+    entry["ci95"] = {src: ci(src) for src in ("projector", "vision") if entry[src] is not None}
+    entry["selected"], entry["upper_bound"] = {}, {}
+    for kind in kinds:
+        curve = [(v, ly) for v, ly in zip(entry[kind], layers, strict=True) if v is not None]
+        if not curve:
+            continue
+        best = max(curve, key=lambda vl: (vl[0], -vl[1]))
+        entry["upper_bound"][kind] = {"layer": best[1], "score": best[0]}
+        if even and odd:  # choose on the even half, score on the odd half
+            chosen = [(score(f"{kind}/{ly}", even), ly) for ly in layers]
+            chosen = [c for c in chosen if c[0] is not None]
+            if chosen:
+                ly = max(chosen, key=lambda vl: (vl[0], -vl[1]))[1]
+                entry["selected"][kind] = {"layer": ly, "score": score(f"{kind}/{ly}", odd),
+                                           "ci95": ci(f"{kind}/{ly}", odd), "n": len(odd)}
+    if task == "sem-corr":  # upper bound: the right token every time (token-level grid)
+        entry["oracle"] = score("oracle")
+    if task == "temp-corr":  # floor: frame 0's labels copied to every frame
+        entry["static"] = score("static")
+    return entry
 
 
 def _clean(x: float) -> float | None:

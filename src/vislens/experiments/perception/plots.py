@@ -18,7 +18,7 @@ def task_curves(summary: dict, out_dir: Path, suffix: str = "") -> list[Path]:
     paths = []
     for task, entry in summary.items():
         curves = {kind: [np.nan if v is None else v for v in entry[kind]]
-                  for kind in ("keys", "values")}
+                  for kind in ("keys", "keys-pre", "values") if kind in entry}
         hlines = {name: entry[name] for name in ("projector", "vision")
                   if entry.get(name) is not None}
         paths.append(layer_curves(curves, Path(out_dir) / f"{task}{suffix}.png",
@@ -36,7 +36,7 @@ def compare_curves(before: dict, after: dict, out_dir: Path, labels: tuple[str, 
         if a is None:
             continue
         curves = {}
-        for kind in ("values", "keys"):
+        for kind in [k for k in ("values", "keys") if k in b]:
             for label, entry in zip(labels, (b, a), strict=True):
                 curves[f"{kind} ({label})"] = [np.nan if v is None else v for v in entry[kind]]
         hlines = {n: b[n] for n in ("projector", "vision") if b.get(n) is not None}
