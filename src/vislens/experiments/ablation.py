@@ -22,7 +22,7 @@ from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets, noise_object
-from vislens.experiments.stats import bootstrap_ci
+from vislens.experiments.stats import wilson_ci
 from vislens.interventions import ablate, mean_image_embedding
 from vislens.report.plots import grouped_bars
 
@@ -248,7 +248,7 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
 
 
 def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> dict:
-    """The paper's table: % of kept samples each condition breaks, with 95% bootstrap CIs."""
+    """The paper's table: % of kept samples each condition breaks, with 95% Wilson CIs."""
     kept_rows = [r for r in rows if r["kept"] and r["condition"] not in ("clean", "noised")]
     n_kept, drop, ci95, tokens = {}, {}, {}, {}
     for setting in config.settings:
@@ -257,10 +257,10 @@ def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> 
         drop[setting], ci95[setting], tokens[setting] = {}, {}, {}
         names = list(dict.fromkeys(r["condition"] for r in kept_rows if r["setting"] == setting))
         for name in names:
-            broke = [0.0 if r["correct"] else 100.0 for r in kept_rows
+            broke = [not r["correct"] for r in kept_rows
                      if r["setting"] == setting and r["condition"] == name]
-            drop[setting][name] = float(np.mean(broke))
-            ci95[setting][name] = list(bootstrap_ci(broke, seed=config.seed))
+            drop[setting][name] = 100.0 * float(np.mean(broke))
+            ci95[setting][name] = [100.0 * x for x in wilson_ci(sum(broke), len(broke))]
             tokens[setting][name] = float(np.mean([r["n_tokens"] for r in kept_rows
                                                    if r["setting"] == setting
                                                    and r["condition"] == name]))

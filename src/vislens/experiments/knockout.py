@@ -22,7 +22,7 @@ from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
-from vislens.experiments.stats import layer_windows
+from vislens.experiments.stats import layer_windows, wilson_ci
 from vislens.interventions import LAST, capture, knockout, resume
 from vislens.report.plots import heatmap
 
@@ -195,12 +195,14 @@ def sweep(vlm, one, feats, edges: dict, grid: list[tuple[str, int]], windows,
 def summarise(rows: list[dict], config: KnockoutConfig, windows) -> dict:
     """Relative accuracy (share of clean-correct answers kept) and mean change in p(answer)."""
     ko = [r for r in rows if r["condition"] != "clean"]
-    rel, dp, by_setting = {}, {}, {}
+    rel, dp, by_setting, ci95 = {}, {}, {}, {}
     for c in config.conditions:
-        rel[c], dp[c] = [], []
+        rel[c], dp[c], ci95[c] = [], [], []
         for w in range(len(windows)):
             sel = [r for r in ko if r["condition"] == c and r["window"] == w]
             rel[c].append(float(np.mean([r["correct"] for r in sel])) if sel else None)
+            ci95[c].append(list(wilson_ci(sum(r["correct"] for r in sel), len(sel)))
+                           if sel else None)
             dp[c].append(float(np.mean([r["p_answer"] - r["p_clean"] for r in sel]))
                          if sel else None)
     for s in config.settings:
@@ -214,6 +216,7 @@ def summarise(rows: list[dict], config: KnockoutConfig, windows) -> dict:
         "windows": [list(w) for w in windows],
         "window_labels": [f"{s}-{e}" for s, e in windows[:-1]] + ["all"],
         "relative_accuracy": rel,
+        "ci95": ci95,
         "prob_change": dp,
         "relative_accuracy_by_setting": by_setting,
         "n_kept": {s: sum(r["kept"] for r in clean if r["setting"] == s) for s in config.settings},

@@ -17,6 +17,7 @@ import torch
 from vislens.data.samples import Sample
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
+from vislens.experiments.stats import wilson_ci
 from vislens.interventions import capture
 from vislens.report.plots import layer_curves
 from vislens.report.viewer import LensToken, render_viewer
@@ -159,13 +160,18 @@ def summarise(rows: list[dict], vlm, config: LensConfig, viewer_dir: Path) -> di
     per_layer = [float(np.mean([t["hit"][layer] for t in obj])) if obj else 0.0
                  for layer in range(n_layers)]
     peak = [int(np.argmax(np.where(t["hit"], t["p"], -1.0))) for t in hits]
+    n_bg_hits = sum(bool(t["hit"].any()) for t in bg)
     return {
         "model": getattr(vlm, "name", ""),
         "hit_rate": len(hits) / len(obj) if obj else 0.0,
+        # patches of one image are not independent: the interval is a lower bound on the
+        # real uncertainty (report n_images beside it)
+        "hit_rate_ci95": list(wilson_ci(len(hits), len(obj))) if obj else None,
+        "background_rate_ci95": list(wilson_ci(n_bg_hits, len(bg))) if bg else None,
         "peak_layer_mean": float(np.mean(peak)) if peak else None,
         "n_layers": n_layers,
         "per_layer": per_layer,
-        "background_rate": float(np.mean([t["hit"].any() for t in bg])) if bg else 0.0,
+        "background_rate": n_bg_hits / len(bg) if bg else 0.0,
         "n_images": len({r["sample"] for r in rows}),
         "n_object_patches": len(obj),
         "n_background_patches": len(bg),
