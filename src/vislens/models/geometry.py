@@ -7,6 +7,15 @@ transformers functions the processors and models call themselves
 `unpad_image`, `get_resize_output_image_size`), so the map follows the library
 rather than a re-derivation of it.
 
+A token's box is what its patch really sees, not a share of the image: the
+vision tower's stride-`patch` convolution reads floor(side / patch) patches of
+`patch` pixels from each processed tile's origin and never the remainder
+(SigLIP-384/14: 27 x 14 = 378 of 384 px), so the boxes of one grid need not
+tile the image. Pixels in such a gap (and pixels cut by a center crop) are seen
+by no token and belong to no box. Where the model blends patches (OneVision's
+anyres_max_N bilinear shrink) a cell's box is centred on what the blend sees;
+see `_cells`.
+
 A layout is the list of image-token slots of one image in LM sequence order:
 patches (with tile, row, col, crop and a pixel box) and newline slots.
 """
@@ -50,17 +59,16 @@ class Layout:
     newline: list[bool] = field(default_factory=list)
     grids: dict[int, tuple[int, int]] = field(default_factory=dict)
 
-    def add_grid(self, tile: int, rows: np.ndarray, cols: np.ndarray, x: np.ndarray,
-                 y: np.ndarray, crop: np.ndarray | None = None, newline: bool = False) -> None:
-        """Append a raster grid; x/y hold the cell edges in original pixels (len cols+1, rows+1)."""
-        w, h = self.image_size
-        nr, nc = len(rows), len(cols)
+    def add_grid(self, tile: int, x: tuple[np.ndarray, np.ndarray],
+                 y: tuple[np.ndarray, np.ndarray], crop: np.ndarray | None = None,
+                 newline: bool = False) -> None:
+        """Append a raster grid; x = (x0, x1) per column, y = (y0, y1) per row, original px."""
+        (x0, x1), (y0, y1) = x, y
+        nr, nc = len(y0), len(x0)
         self.grids[tile] = (nr, nc)
         for i in range(nr):
             for j in range(nc):
-                box = np.array([x[j], y[i], x[j + 1], y[i + 1]], dtype=np.float64)
-                box[[0, 2]] = np.clip(box[[0, 2]], 0, w)
-                box[[1, 3]] = np.clip(box[[1, 3]], 0, h)
+                box = np.array([x0[j], y0[i], x1[j], y1[i]], dtype=np.float64)
                 self._slot(tile, i, j, box, 0 if crop is None else int(crop[i, j]), False)
             if newline:
                 self._slot(tile, i, nc, np.zeros(4), -1, True)
@@ -130,8 +138,58 @@ def _patch_chain(ip, hw: tuple[int, int], ax: Axis, ay: Axis) -> tuple[tuple[int
     return (h, w), ax, ay
 
 
-def _edges(n: int, cell: float, axis: Axis, start: float = 0.0) -> np.ndarray:
-    return axis.to_original(start + np.arange(n + 1) * cell)
+def _patches(n: int, patch: int, axis: Axis) -> tuple[np.ndarray, np.ndarray]:
+    """Original-pixel extent of the first n conv patches of a processed image (axis: orig -> it)."""
+    k = np.arange(n)
+    return axis.to_original(k * patch), axis.to_original((k + 1) * patch)
+
+
+def _bilinear(k: int, out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first source, second source, weight of the second) of each of `out` bilinear samples."""
+    s = np.maximum((np.arange(out) + 0.5) * (k / out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(s).astype(int), k - 1)
+    return i0, np.minimum(i0 + 1, k - 1), s - i0
+
+
+def _heavier(k: int, out: int) -> np.ndarray:
+    """The source with the larger bilinear weight in each of `out` samples."""
+    i0, i1, frac = _bilinear(k, out)
+    return np.where(frac < 0.5, i0, i1)
+
+
+def _cells(lo: np.ndarray, hi: np.ndarray, n: int, out: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis box edges of `out` cells read from K source patches [lo, hi) on an axis of n px.
+
+    Without a shrink (out == K) a cell's box is its patch clipped to the image.
+    A shrink replays `nn.functional.interpolate(mode="bilinear",
+    align_corners=False)` as OneVision's `pack_image_features` calls it: cell i
+    samples source coordinate s = max((i + 0.5) K / out - 0.5, 0) and blends
+    sources floor(s) and floor(s) + 1 with weights 1 - f, f. Its box is centred
+    on the centroid of the image pixels the blend sees (each source weighted by
+    its blend weight times its image pixels; padding carries no image), and is
+    one cell pitch (K / out patches) wide, narrowed symmetrically at the image
+    border so that the centre stays that centroid. (The union of the two
+    sources would be off-centre by up to half a patch whenever f != 0.5.)
+    The rule reduces to the clipped patch when out == K. A cell that sees no
+    image pixel gets an empty box at the border it lies beyond.
+    """
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    k = len(lo)
+    out = k if out is None else out
+    ratio = k / out
+    i0, i1, frac = _bilinear(k, out)
+    a, b = np.clip(lo, 0, n), np.clip(hi, 0, n)
+    seen = np.maximum(b - a, 0.0)
+    mid = (a + b) / 2
+    w0, w1 = (1 - frac) * seen[i0], frac * seen[i1]
+    total = w0 + w1
+    nominal = (1 - frac) * (lo[i0] + hi[i0]) / 2 + frac * (lo[i1] + hi[i1]) / 2
+    centre = np.where(total > 0, (w0 * mid[i0] + w1 * mid[i1]) / np.where(total > 0, total, 1),
+                      np.clip(nominal, 0, n))
+    half = np.minimum.reduce([ratio * (hi[i0] - lo[i0]) / 2, centre, n - centre])
+    half = np.where(total > 0, half, 0.0)
+    return centre - half, centre + half
 
 
 def llava_layout(ip, image_size: tuple[int, int], patch: int, processed_hw: tuple[int, int]
@@ -149,10 +207,16 @@ def llava_layout(ip, image_size: tuple[int, int], patch: int, processed_hw: tupl
     if (fh, fw) != tuple(processed_hw):
         raise ValueError(f"LLaVA geometry mismatch: replayed {(fh, fw)} but processor gave "
                          f"{tuple(processed_hw)}; unsupported image processor settings")
-    gh, gw = fh // patch, fw // patch
     lay = Layout(image_size)
-    lay.add_grid(0, np.arange(gh), np.arange(gw), _edges(gw, patch, ax), _edges(gh, patch, ay))
+    lay.add_grid(0, _cells(*_patches(fw // patch, patch, ax), w),
+                 _cells(*_patches(fh // patch, patch, ay), h))
     return lay
+
+
+def _tile_size(ip) -> int:
+    """Side of the square crops the anyres processors cut (their `_preprocess` rule)."""
+    crop, size = _size_dict(ip.crop_size), _size_dict(ip.size)
+    return crop.get("height") or size.get("height") or size["shortest_edge"]
 
 
 def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> Layout:
@@ -160,7 +224,14 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
 
     Tile 1 is the anyres crops stitched as the LM reads them: unpadded, (for
     OneVision) bilinearly shrunk when larger than anyres_max_N, and each row
-    closed by a newline slot. `crop` says which processor crop a cell came from.
+    closed by a newline slot. `crop` says which processor crop a cell came from
+    (for a shrunk cell, its heavier bilinear source).
+
+    Stitched row R is patch R % g of crop row R // g: its pixels start at the
+    crop's origin, so where g * patch < crop side (OneVision: 27 x 14 = 378 of
+    384) consecutive crops leave a gap that no token sees, and `unpad_image`,
+    which counts in whole patches, can keep a row of padding or drop a row that
+    still holds image.
     """
     from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
     from transformers.models.llava_next.modeling_llava_next import (
@@ -170,7 +241,8 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
 
     w, h = image_size
     vision = config.vision_config
-    g = vision.image_size // vision.patch_size
+    patch = vision.patch_size
+    g = vision.image_size // patch
     pins = config.image_grid_pinpoints
     lay = Layout(image_size)
 
@@ -182,18 +254,22 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
     if (fh, fw) != (vision.image_size, vision.image_size):
         raise ValueError(f"anyres base view is {(fh, fw)} px, vision tower expects "
                          f"{vision.image_size}; unsupported processor settings")
-    cell = fh / g
-    lay.add_grid(0, np.arange(g), np.arange(g), _edges(g, cell, ax), _edges(g, cell, ay))
+    lay.add_grid(0, _cells(*_patches(g, patch, ax), w), _cells(*_patches(g, patch, ay), h))
 
-    # high-res view: aspect-preserving resize into the best pinpoint, centered padding
+    # high-res view: aspect-preserving resize into the best pinpoint, centered padding,
+    # crops of `side` px each put through the same per-patch chain
     bh, bw = select_best_resolution((h, w), pins)
     dummy = np.zeros((1, h, w), dtype=np.uint8)
     nh, nw = get_patch_output_size(dummy, (bh, bw), input_data_format="channels_first")
-    ax = Axis(nw / w, (bw - nw) // 2)
-    ay = Axis(nh / h, (bh - nh) // 2)
+    px, py = Axis(nw / w, (bw - nw) // 2), Axis(nh / h, (bh - nh) // 2)
+    side = _tile_size(ip)
+    (th, tw), tx, ty = _patch_chain(ip, (side, side), Axis(), Axis())
     nph, npw = get_anyres_image_grid_shape((h, w), pins, vision.image_size)
+    if (th, tw) != (vision.image_size, vision.image_size) or (nph * side, npw * side) != (bh, bw):
+        raise ValueError(f"anyres crops of {side} px become {(th, tw)} px in a {nph}x{npw} grid "
+                         f"over {(bh, bw)}; the model expects {vision.image_size} px crops; "
+                         "unsupported processor settings")
     rows_all, cols_all = nph * g, npw * g
-    cell = vision.patch_size * (bh / (nph * vision.image_size))  # == patch size in padded px
     index = torch.arange(rows_all * cols_all).view(1, rows_all, cols_all)
     kept = unpad_image(index, torch.tensor([h, w]))[0]
     r0, c0 = int(kept[0, 0]) // cols_all, int(kept[0, 0]) % cols_all
@@ -204,15 +280,20 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
         ratio = math.sqrt(kr * kc / (max_patches * g**2))
         if ratio > 1.1:
             fr, fc = int(kr // ratio), int(kc // ratio)
-    # final cell i covers stitched rows r0 + [i*kr/fr, (i+1)*kr/fr)
-    ry = r0 + np.arange(fr + 1) * (kr / fr)
-    cx = c0 + np.arange(fc + 1) * (kc / fc)
-    y = ay.to_original(ry * cell)
-    x = ax.to_original(cx * cell)
-    centre_r = np.floor((ry[:-1] + ry[1:]) / 2).astype(int)
-    centre_c = np.floor((cx[:-1] + cx[1:]) / 2).astype(int)
-    crop = (centre_r[:, None] // g) * npw + (centre_c[None, :] // g) + 1
-    lay.add_grid(1, np.arange(fr), np.arange(fc), x, y, crop=crop, newline=True)
+
+    def stitched(first: int, n: int, tile_axis: Axis, pad_axis: Axis):
+        idx = first + np.arange(n)
+        k = idx % g
+        crop_origin = (idx // g) * side
+        lo = crop_origin + tile_axis.to_original(k * patch)
+        hi = crop_origin + tile_axis.to_original((k + 1) * patch)
+        return pad_axis.to_original(lo), pad_axis.to_original(hi)
+
+    y = _cells(*stitched(r0, kr, ty, py), h, fr)
+    x = _cells(*stitched(c0, kc, tx, px), w, fc)
+    row, col = r0 + _heavier(kr, fr), c0 + _heavier(kc, fc)
+    crop = (row[:, None] // g) * npw + (col[None, :] // g) + 1
+    lay.add_grid(1, x, y, crop=crop, newline=True)
     return lay
 
 
@@ -223,9 +304,8 @@ def qwen_layout(image_size: tuple[int, int], grid_thw, patch: int, merge: int) -
     if t != 1:
         raise ValueError(f"image_grid_thw has t={t}; vislens maps still images only")
     ax, ay = Axis(gw * patch / w), Axis(gh * patch / h)
-    rows, cols = gh // merge, gw // merge
-    lay = Layout(image_size)
     cell = patch * merge
-    lay.add_grid(0, np.arange(rows), np.arange(cols), _edges(cols, cell, ax),
-                 _edges(rows, cell, ay))
+    lay = Layout(image_size)
+    lay.add_grid(0, _cells(*_patches(gw // merge, cell, ax), w),
+                 _cells(*_patches(gh // merge, cell, ay), h))
     return lay

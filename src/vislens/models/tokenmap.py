@@ -25,7 +25,8 @@ class ImageTokenMap:
     tile: np.ndarray  # 0 = base view; 1 = stitched high-res view (NeXT / OneVision)
     row: np.ndarray
     col: np.ndarray
-    box: np.ndarray  # [N, 4] x0, y0, x1, y1 in original pixels (x1, y1 exclusive)
+    box: np.ndarray  # [N, 4] x0, y0, x1, y1 in original pixels (x1, y1 exclusive): what the
+    #                  token's patch sees (geometry.py), so boxes may leave gaps between them
     crop: np.ndarray  # processor crop the token was read from (0 = base / whole image)
     newline_batch: np.ndarray
     newline_position: np.ndarray
@@ -121,7 +122,14 @@ class ImageTokenMap:
 
     # ---- masks -> tokens -------------------------------------------------------------------
     def coverage(self, sample: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, fraction of each token's pixels inside `mask`), all patch tokens."""
+        """(positions, fraction of each token's pixels inside `mask`), all patch tokens.
+
+        A token's pixels are those of its box: the pixels its patch really
+        sees. Boxes do not tile the image: no token sees the strip a vision
+        tower leaves at each crop's far edge (OneVision: 6 px of every 384),
+        nor what a center crop or `unpad_image` cuts away. Mask pixels there
+        count for no token, so a mask lying wholly in such a gap covers nothing.
+        """
         mask = np.asarray(mask, dtype=bool)
         w, h = self.image_sizes[sample]
         if mask.shape != (h, w):
@@ -129,7 +137,8 @@ class ImageTokenMap:
                              f"image is {w}x{h}; give the mask in ORIGINAL image pixels")
         rows = self._rows(sample)
         box = self.box[rows]
-        # a pixel belongs to a box when its centre does: boxes then partition the image
+        # a pixel belongs to a box when its centre does: abutting boxes of one grid share it
+        # out (never counted twice), and a pixel in a gap between boxes is nobody's
         x0 = np.clip(np.ceil(box[:, 0] - 0.5), 0, w).astype(int)
         x1 = np.clip(np.ceil(box[:, 2] - 0.5), 0, w).astype(int)
         y0 = np.clip(np.ceil(box[:, 1] - 0.5), 0, h).astype(int)
