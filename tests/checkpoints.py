@@ -12,10 +12,14 @@ rows and logit widths are those of the real model. The facts come from
 /work/shared/notes/real-checkpoints.md; values that sheet marks UNVERIFIED
 are noted where they are chosen.
 
-Building takes seconds to a minute, so `checkpoint_dir` caches each
-directory under a key that changes whenever this file or the library
-versions change, and publishes it with one atomic rename so concurrent or
-interrupted sessions never see half a checkpoint.
+Use `checkpoint_dir(name)` (a Path that `vislens.load(str(path))` reads) or
+the session fixture `checkpoint` in conftest.py, which yields (name, path)
+for each of NAMES. Building all four takes a few seconds and writes about
+240 MB (the real vocabularies dominate), so `checkpoint_dir` caches each
+directory under $VISLENS_FIXTURE_CACHE (default ~/.cache/vislens/fixtures)
+with a key that changes whenever this file or the library versions change,
+and publishes it with one atomic rename so concurrent or interrupted
+sessions never see half a checkpoint. Older keys are not pruned.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ def test_image_processor_and_processor_settings(checkpoint, processor):
         assert processor.vision_aspect_ratio == "anyres_max_9"
 
 
-def test_auto_processor_loads_without_fallback_where_no_video_processor(checkpoint):
+def test_auto_processor_loads_them(checkpoint):
     from transformers import AutoProcessor
 
     from vislens.models.novideo import torchvision_available
@@ -240,7 +240,13 @@ def test_tokenizer_kind_and_special_ids(checkpoint, processor):
     spec = json.loads((path / "tokenizer.json").read_text())
     model = spec["model"]
     assert model["type"] == "BPE"
+    files = json.loads((path / "tokenizer_config.json").read_text())
+    hub_class = {LLAVA15: "LlamaTokenizer", NEXT: "PreTrainedTokenizerFast"}
+    assert files["tokenizer_class"] == hub_class.get(name, "Qwen2Tokenizer")
     if name == LLAVA15:
+        # transformers 5 takes BOS from tokenizer.json's post-processor; the flags are the hub's.
+        assert (files["add_bos_token"], files["add_eos_token"], files["legacy"]) == (
+            True, False, False)
         assert model["byte_fallback"] is True and model["unk_token"] == "<unk>"
         assert [n["type"] for n in spec["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
         assert spec["pre_tokenizer"] is None
