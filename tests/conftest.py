@@ -7,6 +7,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+from checkpoints import NAMES, checkpoint_dir  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", params=NAMES)
+def checkpoint(request):
+    """(name, directory) of each look-alike of a paper checkpoint (tests/checkpoints.py).
+
+    Session-scoped and cached on disk, so every test that takes it runs once
+    per checkpoint and the directories are built at most once per source.
+    """
+    return request.param, checkpoint_dir(request.param)
