@@ -246,15 +246,7 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
     pins = config.image_grid_pinpoints
     lay = Layout(image_size)
 
-    # base view: stretched to the processor's size tuple, then the per-patch chain
-    size = _size_dict(ip.size)
-    sh, sw = (size["height"], size["width"]) if size.get("height") else (size["shortest_edge"],) * 2
-    ax, ay = Axis(sw / w), Axis(sh / h)
-    (fh, fw), ax, ay = _patch_chain(ip, (sh, sw), ax, ay)
-    if (fh, fw) != (vision.image_size, vision.image_size):
-        raise ValueError(f"anyres base view is {(fh, fw)} px, vision tower expects "
-                         f"{vision.image_size}; unsupported processor settings")
-    lay.add_grid(0, _cells(*_patches(g, patch, ax), w), _cells(*_patches(g, patch, ay), h))
+    _base_view(lay, ip, vision)
 
     # high-res view: aspect-preserving resize into the best pinpoint, centered padding,
     # crops of `side` px each put through the same per-patch chain
@@ -294,6 +286,32 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
     row, col = r0 + _heavier(kr, fr), c0 + _heavier(kc, fc)
     crop = (row[:, None] // g) * npw + (col[None, :] // g) + 1
     lay.add_grid(1, x, y, crop=crop, newline=True)
+    return lay
+
+
+def _base_view(lay: Layout, ip, vision) -> None:
+    """Tile 0 of NeXT / OneVision: the whole image stretched to the processor's size tuple,
+    then the per-patch chain."""
+    w, h = lay.image_size
+    patch = vision.patch_size
+    g = vision.image_size // patch
+    size = _size_dict(ip.size)
+    sh, sw = (size["height"], size["width"]) if size.get("height") else (size["shortest_edge"],) * 2
+    ax, ay = Axis(sw / w), Axis(sh / h)
+    (fh, fw), ax, ay = _patch_chain(ip, (sh, sw), ax, ay)
+    if (fh, fw) != (vision.image_size, vision.image_size):
+        raise ValueError(f"anyres base view is {(fh, fw)} px, vision tower expects "
+                         f"{vision.image_size}; unsupported processor settings")
+    lay.add_grid(0, _cells(*_patches(g, patch, ax), w), _cells(*_patches(g, patch, ay), h))
+
+
+def onevision_multi_layout(ip, config, image_size: tuple[int, int]) -> Layout:
+    """OneVision with several images in one prompt: each image is its base view only,
+    closed by ONE newline slot (729 + 1 tokens; `batch_num_images` > 1 in transformers)."""
+    lay = Layout(image_size)
+    _base_view(lay, ip, config.vision_config)
+    g = lay.grids[0][0]
+    lay._slot(0, g - 1, g, np.zeros(4), -1, True)
     return lay
 
 
