@@ -60,6 +60,10 @@ def _data(specs: list[str] | None, seed: int) -> dict[str, str]:
     return out
 
 
+def _sources(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def _load(model: str, device: str, dtype: str | None):
     from vislens.models import load
 
@@ -266,15 +270,19 @@ def surface(
     layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/surface"), help="run directory (resumable)"),
     seed: int = typer.Option(0, help="ShapesWorld seed"),
+    sources: str = typer.Option("values,projector,vision",
+                                help="readouts to compare: values plus projector and/or vision "
+                                     "(drop vision where a family resamples its features)"),
     batch_size: int = typer.Option(8, help="items per forward pass"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
-    dtype: str = typer.Option(None, help="model dtype, e.g. bfloat16"),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Is the answer in the image values but not in the model's output? (Liu et al. B4)
 
-    Compares the model's own choice (on a 2x2 composite image) with a readout from
-    image values (the candidate whose mean value is closest to the reference's).
+    Compares the model's own choice (the likeliest "(A)"/"(B)" answer; several images
+    for OneVision / Qwen2.5-VL, a 2x2 composite otherwise) with a readout from image
+    values (the candidate whose mean value is closest to the reference's).
 
     Example: vislens surface --model toy --n 40 --out runs/surface
     """
@@ -287,7 +295,7 @@ def surface(
             raise VislensError(f"--kind must be shape, color or fill, got {kind!r}")
         spec = f"shapesworld:{seed}" if data == "shapesworld" else data
         config = exp.SurfaceConfig(data=spec, n=n, kind=kind, layers=_layers(layers),
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, sources=_sources(sources))
         vlm = _load(model, device, dtype)
         _check_layers(vlm, config.layers)
         summary = exp.execute(vlm, config, out, _meta(model, vlm), progress)
@@ -302,6 +310,9 @@ def surface(
                     "neither"):
             table.add_row(key.replace("_", " "), str(summary[key]))
         Console().print(table)
-        console.print(f"values {summary['values_accuracy']:.3f}, model "
-                      f"{summary['model_accuracy']:.3f}; present but not surfaced: "
-                      f"{summary['present_not_surfaced']:.3f} (paper, BLINK Art Style: 0.333)")
+        hidden = summary["present_not_surfaced"]
+        console.print(f"values {summary['values_accuracy']['rate']:.3f}, model "
+                      f"{summary['model_accuracy']['rate']:.3f}, chance "
+                      f"{summary['chance_accuracy']:.3f}; present but not surfaced: "
+                      f"{hidden['rate']:.3f} [{hidden['ci95'][0]:.3f}, {hidden['ci95'][1]:.3f}] "
+                      "(paper, BLINK Art Style: 0.333)")

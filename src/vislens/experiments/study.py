@@ -141,6 +141,6 @@ def _headline(name: str, summary: dict) -> dict:
                     "projector": e.get("projector"), "vision": e.get("vision")}
                 for t, e in summary["tasks"].items()}
     if name == "surface":
-        return {k: summary[k] for k in ("values_accuracy", "model_accuracy",
-                                        "present_not_surfaced")}
+        return {k: summary[k]["rate"] for k in ("values_accuracy", "model_accuracy",
+                                                "present_not_surfaced")}
     return {}

@@ -32,21 +32,29 @@ class ImageTokenMap:
     newline_position: np.ndarray
     newline_tile: np.ndarray
     newline_row: np.ndarray
-    grids: list[dict[int, tuple[int, int]]]  # per sample: tile -> (rows, cols)
-    image_sizes: list[tuple[int, int]]  # per sample: (width, height) of the original image
+    grids: list[dict[int, tuple[int, int]]]  # per sample (its first image): tile -> (rows, cols)
+    image_sizes: list[tuple[int, int]]  # per sample (its first image): (width, height)
+    image_grids: list[list[dict[int, tuple[int, int]]]]  # per sample, per image
+    all_image_sizes: list[list[tuple[int, int]]]  # per sample, per image
 
     @classmethod
-    def build(cls, layouts: list[Layout], positions: list[np.ndarray]) -> ImageTokenMap:
-        """Tie each sample's layout (sequence order) to the columns of its image tokens."""
+    def build(cls, layouts: list[Layout] | list[list[Layout]], positions: list[np.ndarray]
+              ) -> ImageTokenMap:
+        """Tie each sample's layouts (one per image, sequence order) to the columns of its
+        image tokens."""
+        per_sample = [lay if isinstance(lay, list | tuple) else [lay] for lay in layouts]
         cols: dict[str, list] = {k: [] for k in (
             "batch", "position", "image", "tile", "row", "col", "box", "crop",
             "nl_batch", "nl_position", "nl_tile", "nl_row")}
-        for b, (lay, pos) in enumerate(zip(layouts, positions, strict=True)):
-            if len(lay) != len(pos):
+        for b, (lays, pos) in enumerate(zip(per_sample, positions, strict=True)):
+            n_slots = sum(len(lay) for lay in lays)
+            if n_slots != len(pos):
                 raise ValueError(
                     f"sample {b}: the processor put {len(pos)} image tokens in the sequence but "
-                    f"the geometry replay gives {len(lay)}; unsupported image processor setting")
-            for k, p in enumerate(pos):
+                    f"the geometry replay gives {n_slots}; unsupported image processor setting")
+            image = np.repeat(np.arange(len(lays)), [len(lay) for lay in lays])
+            slots = [(lay, k) for lay in lays for k in range(len(lay))]
+            for (lay, k), p, i in zip(slots, pos, image, strict=True):
                 if lay.newline[k]:
                     cols["nl_batch"].append(b)
                     cols["nl_position"].append(p)
@@ -55,7 +63,7 @@ class ImageTokenMap:
                     continue
                 cols["batch"].append(b)
                 cols["position"].append(p)
-                cols["image"].append(0)
+                cols["image"].append(int(i))
                 cols["tile"].append(lay.tile[k])
                 cols["row"].append(lay.row[k])
                 cols["col"].append(lay.col[k])
@@ -71,8 +79,10 @@ class ImageTokenMap:
             box=np.asarray(cols["box"], dtype=np.float64).reshape(-1, 4), crop=arr("crop"),
             newline_batch=arr("nl_batch"), newline_position=arr("nl_position"),
             newline_tile=arr("nl_tile"), newline_row=arr("nl_row"),
-            grids=[dict(lay.grids) for lay in layouts],
-            image_sizes=[lay.image_size for lay in layouts],
+            grids=[dict(lays[0].grids) for lays in per_sample],
+            image_sizes=[lays[0].image_size for lays in per_sample],
+            image_grids=[[dict(lay.grids) for lay in lays] for lays in per_sample],
+            all_image_sizes=[[lay.image_size for lay in lays] for lays in per_sample],
         )
 
     def __len__(self) -> int:
@@ -121,8 +131,10 @@ class ImageTokenMap:
         return np.stack([self.tile[rows], self.row[rows], self.col[rows]], axis=1)
 
     # ---- masks -> tokens -------------------------------------------------------------------
-    def coverage(self, sample: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, fraction of each token's pixels inside `mask`), all patch tokens.
+    def coverage(self, sample: int, mask: np.ndarray, image: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, fraction of each token's pixels inside `mask`), all patch tokens of
+        image `image` of the sample (the only one unless the sample holds several).
 
         A token's pixels are those of its box: the pixels its patch really
         sees. Boxes do not tile the image: no token sees the strip a vision
@@ -131,11 +143,12 @@ class ImageTokenMap:
         count for no token, so a mask lying wholly in such a gap covers nothing.
         """
         mask = np.asarray(mask, dtype=bool)
-        w, h = self.image_sizes[sample]
+        rows = self._rows(sample)
+        rows = rows[self.image[rows] == image]
+        w, h = self.all_image_sizes[sample][image]
         if mask.shape != (h, w):
             raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but sample {sample}'s "
                              f"image is {w}x{h}; give the mask in ORIGINAL image pixels")
-        rows = self._rows(sample)
         box = self.box[rows]
         # a pixel belongs to a box when its centre does: abutting boxes of one grid share it
         # out (never counted twice), and a pixel in a gap between boxes is nobody's
@@ -163,14 +176,16 @@ class ImageTokenMap:
         if k < 0:
             raise ValueError(f"dilation k must be >= 0, got {k}")
         rows = self._rows(sample)
-        cells = zip(self.tile[rows], self.row[rows], self.col[rows], self.position[rows],
-                    strict=True)
-        grid = {(int(t), int(r), int(c)): int(p) for t, r, c, p in cells}
+        cells = zip(self.image[rows], self.tile[rows], self.row[rows], self.col[rows],
+                    self.position[rows], strict=True)
+        grid = {(int(i), int(t), int(r), int(c)): int(p) for i, t, r, c, p in cells}
         out = set()
-        for t, r, c in self.cells(positions, sample):
+        picked = self._rows_of(sample, positions)
+        for i, t, r, c in zip(self.image[picked], self.tile[picked], self.row[picked],
+                              self.col[picked], strict=True):
             for dr in range(-k, k + 1):
                 for dc in range(-k, k + 1):
-                    p = grid.get((int(t), int(r) + dr, int(c) + dc))
+                    p = grid.get((int(i), int(t), int(r) + dr, int(c) + dc))
                     if p is not None:
                         out.add(p)
         return np.asarray(sorted(out), dtype=np.int64)

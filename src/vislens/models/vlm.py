@@ -127,6 +127,9 @@ class VLM:
     def prepare(self, images, prompts, answer_prefixes=None, prefixes=None) -> Batch:
         """Tokenise one image + prompt per sample (left padded) and map its image tokens.
 
+        images: one image per sample, or a list of images for a sample that shows
+        several in one prompt (families that read several images, e.g. OneVision and
+        Qwen2.5-VL; the token map's `image` column says which one a token is of).
         prefixes: optional text per sample placed BEFORE the image tokens (checked
         on the token ids, whatever order the chat template writes).
         """
@@ -134,14 +137,17 @@ class VLM:
             images = [images]
         if isinstance(prompts, str):
             prompts = [prompts]
-        images = [im.convert("RGB") for im in images]
+        images = [[im.convert("RGB") for im in (x if isinstance(x, list | tuple) else [x])]
+                  for x in images]
         n = len(prompts)
         if len(images) != n:
             raise ValueError(f"got {len(images)} images for {n} prompts; give one each")
+        if any(not ims for ims in images):
+            raise ValueError("every sample needs at least one image")
         answer_prefixes = _per_sample(answer_prefixes, n, "answer_prefixes")
         prefixes = _per_sample(prefixes, n, "prefixes")
-        texts = [self.chat_text(p, a, x) for p, a, x in zip(prompts, answer_prefixes, prefixes,
-                                                            strict=True)]
+        texts = [self.chat_text(p, a, x, n_images=len(ims))
+                 for p, a, x, ims in zip(prompts, answer_prefixes, prefixes, images, strict=True)]
         inputs = prompting.encode(self.processor, images, texts)
         layouts = self._layouts(images, inputs)
         ids = inputs["input_ids"].numpy()
@@ -175,22 +181,34 @@ class VLM:
             raise ValueError("the text prefix does not precede the image tokens in the input ids; "
                              "this model's template or processor moved it")
 
-    def _layouts(self, images: list[Image.Image], inputs: dict) -> list[geometry.Layout]:
+    def _layouts(self, images: list[list[Image.Image]], inputs: dict
+                 ) -> list[list[geometry.Layout]]:
+        """Per sample, one layout per image, in sequence order."""
         ip = self.processor.image_processor
         cfg = self.config
-        if self.family == "llava":
-            hw = tuple(inputs["pixel_values"].shape[-2:])
-            patch = cfg.vision_config.patch_size
-            return [geometry.llava_layout(ip, im.size, patch, hw) for im in images]
-        if self.family in ("llava_next", "llava_onevision"):
-            onevision = self.family == "llava_onevision"
-            return [geometry.anyres_layout(ip, cfg, im.size, onevision) for im in images]
-        if self.family == "qwen2_5_vl":
-            grids = inputs["image_grid_thw"]
-            vc = cfg.vision_config
-            return [geometry.qwen_layout(im.size, grids[i].tolist(), vc.patch_size,
-                                         vc.spatial_merge_size) for i, im in enumerate(images)]
-        raise ValueError(f"no image-token geometry for family {self.family!r}")
+        flat = iter(range(sum(len(ims) for ims in images)))  # Qwen's grids are per image
+        out = []
+        for ims in images:
+            lays = []
+            for im in ims:
+                i = next(flat)
+                if self.family == "llava":
+                    hw = tuple(inputs["pixel_values"].shape[-2:])
+                    lays.append(geometry.llava_layout(ip, im.size, cfg.vision_config.patch_size,
+                                                      hw))
+                elif self.family == "llava_onevision" and len(ims) > 1:
+                    lays.append(geometry.onevision_multi_layout(ip, cfg, im.size))
+                elif self.family in ("llava_next", "llava_onevision"):
+                    lays.append(geometry.anyres_layout(ip, cfg, im.size,
+                                                       self.family == "llava_onevision"))
+                elif self.family == "qwen2_5_vl":
+                    vc = cfg.vision_config
+                    lays.append(geometry.qwen_layout(im.size, inputs["image_grid_thw"][i].tolist(),
+                                                     vc.patch_size, vc.spatial_merge_size))
+                else:
+                    raise ValueError(f"no image-token geometry for family {self.family!r}")
+            out.append(lays)
+        return out
 
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -179,8 +179,9 @@ def surface_section(summary: dict) -> Section:
         tables=[TableData(f"{summary['n_scored']} scored items ({summary['kind']}), layer "
                           f"{summary['best_layer']}", ["outcome", "items"], rows),
                 TableData("accuracy", ["source", "ours", "paper"],
-                          [["image values", summary["values_accuracy"], None],
-                           ["model answer", summary["model_accuracy"], None],
-                           ["present but not surfaced", summary["present_not_surfaced"],
+                          [["image values", summary["values_accuracy"]["rate"], None],
+                           ["model answer", summary["model_accuracy"]["rate"], None],
+                           ["chance", summary["chance_accuracy"], None],
+                           ["present but not surfaced", summary["present_not_surfaced"]["rate"],
                             0.333]])],
         images=[("values readout accuracy per layer", Path(summary["plot"]))])

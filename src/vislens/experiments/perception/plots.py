@@ -71,9 +71,10 @@ def artifact_grid(art, path: Path) -> Path:
 def surface_plot(summary: dict, path: Path) -> Path:
     """Held-out readout accuracy of image values per layer; model / baselines as dashes."""
     per_layer = summary["heldout_values_accuracy"]
-    hlines = {"model (scored half)": summary["model_accuracy"],
-              "projector readout": summary.get("projector_accuracy"),
-              "vision readout": summary.get("vision_accuracy")}
+    hlines = {"model (scored half)": summary["model_accuracy"]["rate"],
+              "projector readout": (summary.get("projector_accuracy") or {}).get("rate"),
+              "vision readout": (summary.get("vision_accuracy") or {}).get("rate"),
+              "chance": summary.get("chance_accuracy")}
     return layer_curves({"values readout (held-out half)": list(per_layer.values())},
                         Path(path), title=f"surface: {summary['kind']}", ylabel="accuracy",
                         hlines={k: v for k, v in hlines.items() if v is not None})

@@ -6,9 +6,16 @@ whose mean image value is most cosine-similar to the reference's, per layer). Th
 readout's layer is chosen on a held-out half of the items (even indices) and both
 are scored on the other half, so the layer choice never sees the scored items.
 
-Several images for a one-image model: the model reads ONE composite image (a 2x2
-grid: reference top-left, then the candidates in reading order, each cell the
-first image's size); the readout encodes every image on its own.
+Several images: families that read several images in one prompt (OneVision,
+Qwen2.5-VL) get them as separate images, in order; a one-image model reads ONE
+composite (a 2x2 grid: reference top-left, then the candidates in reading order,
+each cell the first image's size). The readout encodes every image on its own.
+
+The model's choice is read the way BLINK writes answers, "(A)", "(B)", ...: each
+choice's whole answer string is scored by its log-probability after the prompt
+(teacher forced, so "(" / "(A" / "A)" splits of any tokenizer are handled), and
+the most likely one is the model's answer. Tokenizers without those characters
+(the toys' word vocabularies) fall back to a greedy answer, parsed.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ from vislens.data.resolve import open_task
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import block_keys, extract
 from vislens.experiments.perception.perceive import PROMPT
+from vislens.experiments.stats import rate
 
 PAPER = {"blink-art-style": 0.333}  # share of items solved by the values, missed by the model
+MULTI_IMAGE = ("llava_onevision", "qwen2_5_vl")  # families trained on several images per prompt
+READOUT_SOURCES = ("values", "projector", "vision")
 
 
 @dataclass
@@ -39,6 +49,7 @@ class SurfaceConfig:
     prompt: str = PROMPT  # prompt of the single-image readout passes
     max_new_tokens: int = 8
     batch_size: int = 8
+    sources: tuple[str, ...] = READOUT_SOURCES  # readouts besides the model's own answer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,20 +71,8 @@ def composite(images: Sequence[Image.Image]) -> Image.Image:
     return canvas
 
 
-def _letter_ids(tokenizer, n: int) -> list[list[int]] | None:
-    """Token ids of each choice letter ("A", " A"), or None when letters are not tokens."""
-    unk = tokenizer.unk_token_id
-    out = []
-    for c in range(n):
-        letter = chr(ord("A") + c)
-        ids = {tok[0] for text in (letter, " " + letter)
-               if (tok := tokenizer.encode(text, add_special_tokens=False))}
-        ids.discard(unk)
-        out.append(sorted(ids))
-    flat = [i for ids in out for i in ids]
-    if any(not ids for ids in out) or len(flat) != len(set(flat)):
-        return None
-    return out
+def letters(n: int) -> list[str]:
+    return [f"({chr(ord('A') + c)})" for c in range(n)]
 
 
 def parse_choice(text: str, choices: Sequence[str]) -> int | None:
@@ -88,29 +87,68 @@ def parse_choice(text: str, choices: Sequence[str]) -> int | None:
     return None
 
 
+def shown_images(vlm, item) -> list[Image.Image] | Image.Image:
+    """What the model sees of an item: its images, or their composite for one-image models."""
+    return list(item.images) if vlm.family in MULTI_IMAGE else composite(item.images)
+
+
+def _scoreable(vlm) -> bool:
+    """Can the answer strings be written in this vocabulary (no unknown token)?"""
+    unk = vlm.tokenizer.unk_token_id
+    ids = vlm.tokenizer("(A) (B)", add_special_tokens=False)["input_ids"]
+    return unk is None or unk not in ids
+
+
+@torch.no_grad()
+def choice_scores(vlm, item, blocked: dict | None = None) -> list[float]:
+    """log p(answer string | prompt) for each choice's "(X)", one batched pass per item."""
+    n = len(item.choices)
+    shown = shown_images(vlm, item)
+    batch = vlm.prepare([shown] * n, [item.prompt()] * n, answer_prefixes=letters(n))
+    plain = vlm.prepare([shown], [item.prompt()])
+    prompt_len = int(plain.attention_mask[0].sum())
+    lengths = batch.attention_mask.sum(1).tolist()
+    m = [int(ln) - prompt_len for ln in lengths]  # each answer string's token count
+    for c in range(n):
+        row = batch.input_ids[c][batch.attention_mask[c] > 0][:prompt_len]
+        if m[c] < 1 or not torch.equal(row, plain.input_ids[0][plain.attention_mask[0] > 0]):
+            raise ValueError("the answer string changed how the prompt tokenises; cannot score "
+                             "choices by likelihood")
+    keep = max(m) + 1
+    with block_keys(vlm, batch, blocked):
+        logits = vlm.forward(batch, logits_to_keep=keep).logits.float()
+    logp = torch.log_softmax(logits, -1)  # position j predicts token S - keep + j + 1
+    scores = []
+    for c in range(n):
+        ids = batch.input_ids[c, -m[c]:]
+        rows = logp[c, keep - m[c] - 1:keep - 1]
+        scores.append(float(rows.gather(1, ids[:, None].to(rows.device)).sum()))
+    return scores
+
+
 @torch.no_grad()
 def model_answers(vlm, items, batch_size: int = 8, blocked: dict | None = None,
                   max_new_tokens: int = 8) -> list[dict]:
-    """The model's choice per item: the best-scoring letter when letters are tokens,
-    else its greedy answer parsed (None = no choice named, counted as wrong)."""
+    """The model's choice per item: the most likely "(X)" answer string where the
+    vocabulary can write it, else its greedy answer parsed (None = no choice named,
+    counted as wrong)."""
+    if _scoreable(vlm):
+        out = []
+        for it in items:
+            scores = choice_scores(vlm, it, blocked)
+            out.append({"choice": int(np.argmax(scores)), "text": letters(len(scores))[
+                int(np.argmax(scores))], "mode": "answer-likelihood"})
+        return out
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        batch = vlm.prepare([composite(it.images) for it in chunk],
+        batch = vlm.prepare([shown_images(vlm, it) for it in chunk],
                             [it.prompt() for it in chunk])
-        letters = _letter_ids(vlm.tokenizer, max(len(it.choices) for it in chunk))
         with block_keys(vlm, batch, blocked):
-            if letters is not None:
-                logits = vlm.forward(batch, logits_to_keep=1).logits[:, -1].float()
-                for b, it in enumerate(chunk):
-                    scores = [float(logits[b, ids].max()) for ids in letters[:len(it.choices)]]
-                    out.append({"choice": int(np.argmax(scores)), "text": "",
-                                "mode": "letter-logits"})
-            else:
-                texts = vlm.decode(vlm.generate(batch, max_new_tokens=max_new_tokens))
-                for text, it in zip(texts, chunk, strict=True):
-                    out.append({"choice": parse_choice(text, it.choices), "text": text,
-                                "mode": "generate"})
+            texts = vlm.decode(vlm.generate(batch, max_new_tokens=max_new_tokens))
+        for text, it in zip(texts, chunk, strict=True):
+            out.append({"choice": parse_choice(text, it.choices), "text": text,
+                        "mode": "generate"})
     return out
 
 
@@ -122,7 +160,7 @@ def readout(vlm, item, config: SurfaceConfig) -> dict[str, list[int]]:
                          f"choice (BLINK Art Style / Visual Similarity); it has "
                          f"{len(item.images)} images for {len(item.choices)} choices")
     feats = extract(vlm, item.images, [config.prompt] * len(item.images), layers=config.layers,
-                    sources=("values", "projector", "vision"), batch_size=config.batch_size)
+                    sources=config.sources, batch_size=config.batch_size)
     out = {}
     for src in feats[0].sources:
         means = np.stack([f.sources[src].mean(0).numpy() for f in feats])
@@ -134,6 +172,10 @@ def run(vlm, config: SurfaceConfig, out, progress: Callable | None = None) -> di
     items = load_items(config)
     if len(items) < 2:
         raise ValueError("surface needs at least 2 items (half choose the layer); raise --n")
+    unknown = set(config.sources) - set(READOUT_SOURCES)
+    if unknown or "values" not in config.sources:
+        raise ValueError(f"--sources must include values and be among "
+                         f"{', '.join(READOUT_SOURCES)}; got {', '.join(config.sources)}")
     todo = [(i, it) for i, it in enumerate(items) if not out.done(item=str(i))]
     chunks = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
     for chunk in (progress(chunks, "surface") if progress else chunks):
@@ -141,6 +183,7 @@ def run(vlm, config: SurfaceConfig, out, progress: Callable | None = None) -> di
                                 max_new_tokens=config.max_new_tokens)
         for (i, it), ans in zip(chunk, answers, strict=True):
             out.add({"item": str(i), "id": it.id, "truth": it.answer_index,
+                     "n_choices": len(it.choices),
                      "model": -1 if ans["choice"] is None else ans["choice"],
                      "model_text": ans["text"], "mode": ans["mode"],
                      "readout": json.dumps(readout(vlm, it, config))})
@@ -151,36 +194,46 @@ def run(vlm, config: SurfaceConfig, out, progress: Callable | None = None) -> di
 def summarise(rows: list[dict], num_layers: int, config: SurfaceConfig) -> dict:
     rows = sorted(rows, key=lambda r: int(r["item"]))
     held = [r for r in rows if int(r["item"]) % 2 == 0]
-    scored = [r for r in rows if int(r["item"]) % 2 == 1] or held
+    scored = [r for r in rows if int(r["item"]) % 2 == 1]
     layers = list(range(num_layers)) if config.layers is None else list(config.layers)
+    readouts = {r["item"]: json.loads(r["readout"]) for r in rows}
 
-    def acc(rs, src):
-        return float(np.mean([json.loads(r["readout"])[src] == r["truth"] for r in rs]))
+    def right(rs, src):
+        return [readouts[r["item"]][src] == r["truth"] for r in rs]
 
-    per_layer = {ly: acc(held, f"values/{ly}") for ly in layers}
+    per_layer = {ly: float(np.mean(right(held, f"values/{ly}"))) for ly in layers}
     best = max(per_layer, key=lambda ly: (per_layer[ly], -ly))
-    src = f"values/{best}"
-    values_ok = np.array([json.loads(r["readout"])[src] == r["truth"] for r in scored])
+    values_ok = np.array(right(scored, f"values/{best}"))
     model_ok = np.array([r["model"] == r["truth"] for r in scored])
     n = len(scored)
     counts = {"solved_by_values_not_model": int((values_ok & ~model_ok).sum()),
               "solved_by_model_not_values": int((~values_ok & model_ok).sum()),
               "both": int((values_ok & model_ok).sum()),
               "neither": int((~values_ok & ~model_ok).sum())}
-    return {
+    hidden = rate((values_ok & ~model_ok).tolist())
+    summary = {
         "n_items": len(rows), "n_scored": n, "n_heldout": len(held), "kind": config.kind,
         "best_layer": best, "heldout_values_accuracy": {str(k): round(v, 4)
                                                           for k, v in per_layer.items()},
-        "values_accuracy": round(float(values_ok.mean()), 4),
-        "model_accuracy": round(float(model_ok.mean()), 4),
+        "values_accuracy": _rounded(rate(values_ok.tolist())),
+        "model_accuracy": _rounded(rate(model_ok.tolist())),
+        "chance_accuracy": round(float(np.mean([1 / r["n_choices"] for r in scored])), 4),
         "model_unanswered": int(sum(r["model"] < 0 for r in scored)),
         "answer_mode": rows[0]["mode"] if rows else "",
-        "projector_accuracy": round(acc(scored, "projector"), 4),
-        "vision_accuracy": round(acc(scored, "vision"), 4),
         **counts,
-        "present_not_surfaced": round(counts["solved_by_values_not_model"] / n, 4) if n else None,
+        "present_not_surfaced": _rounded(hidden),
         "paper": PAPER,
     }
+    for src in ("projector", "vision"):
+        if all(src in readouts[r["item"]] for r in scored):
+            summary[f"{src}_accuracy"] = _rounded(rate(right(scored, src)))
+    return summary
+
+
+def _rounded(r: dict) -> dict:
+    """A rate dict with its numbers rounded for the summary."""
+    return {"rate": None if r["rate"] is None else round(r["rate"], 4),
+            "ci95": None if r["ci95"] is None else [round(x, 4) for x in r["ci95"]], "n": r["n"]}
 
 
 def execute(vlm, config: SurfaceConfig, out, meta: dict, progress: Callable | None = None
