@@ -166,7 +166,9 @@ def test_write_world(tmp_path):
 def test_open_dataset(tmp_path):
     a = open_dataset("shapesworld:9", n=3)
     assert [s.id for s in a] == ["sw-9-0", "sw-9-1", "sw-9-2"]
-    assert open_dataset("shapesworld", n=2)[1].id == "sw-0-1"
+    assert open_dataset("shapesworld", n=2)[1].id == "sw-1000-1"  # held out by default
+    with pytest.raises(ValueError, match="trained on"):
+        open_dataset("shapesworld:0", n=2)  # the toys' training world is refused
     export_coco(a, tmp_path / "c")
     b = open_dataset(f"coco:{tmp_path / 'c'}", n=2)
     assert [s.id for s in b] == ["sw-9-0", "sw-9-1"]

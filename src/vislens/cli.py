@@ -105,6 +105,7 @@ def eval_(
         from vislens.experiments.accuracy import evaluate
         from vislens.models import load
 
+        shapesworld.check_held_out(seed)
         vlm = load(model, device=device)
         samples = shapesworld.generate(n, seed=seed)
         result = evaluate(vlm.model, vlm.processor, samples, batch_size=batch_size)

@@ -43,9 +43,9 @@ def _layers(text: str) -> tuple[int, ...] | None:
         raise VislensError(f"--layers must be 'all' or integers like 0,4,8; got {text!r}") from None
 
 
-def _data(specs: list[str] | None, seed: int) -> dict[str, str]:
-    """--data entries -> {task or "*": spec}; a bare "shapesworld" gets --seed."""
-    out: dict[str, str] = {"*": f"shapesworld:{seed}"}
+def _data(specs: list[str] | None) -> dict[str, str]:
+    """--data entries -> {task or "*": spec}; ShapesWorld defaults to its held-out world."""
+    out: dict[str, str] = {"*": "shapesworld"}
     for spec in specs or []:
         key, sep, value = spec.partition("=")
         key, value = (key.strip(), value.strip()) if sep else ("*", spec.strip())
@@ -54,8 +54,6 @@ def _data(specs: list[str] | None, seed: int) -> dict[str, str]:
         if key not in known:
             raise VislensError(f"--data {spec!r}: unknown part {key!r}; use SPEC or TASK=SPEC "
                                f"with TASK one of {', '.join(known[:-1])}")
-        if value == "shapesworld":
-            value = f"shapesworld:{seed}"
         out[key] = value
     return out
 
@@ -122,7 +120,7 @@ def _perceive_config(tasks: str, data, seed: int, n: int, layers: str, batch_siz
     positive("--n", n)
     positive("--batch-size", batch_size)
     return PerceiveConfig(tasks=check_tasks([t.strip() for t in tasks.split(",") if t.strip()]),
-                          data=_data(data, seed), n=n, layers=_layers(layers), seed=seed,
+                          data=_data(data), n=n, layers=_layers(layers), seed=seed,
                           batch_size=batch_size, prefix=prefix)
 
 
@@ -138,7 +136,8 @@ def perceive(
     n: int = typer.Option(20, "--n", help="items per task (episodes, sets, images, pairs, videos)"),
     layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/perceive"), help="run directory (resumable)"),
-    seed: int = typer.Option(0, help="ShapesWorld seed and clustering seed"),
+    seed: int = typer.Option(0, help="seed for clustering and sampling (the data's world is "
+                              "set by --data shapesworld:SEED)"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
     dtype: str = typer.Option(None, help=DTYPE_HELP),
@@ -180,7 +179,7 @@ def prefix(
     n: int = typer.Option(20, "--n", help="items per task"),
     layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/prefix"), help="run directory (resumable)"),
-    seed: int = typer.Option(0, help="ShapesWorld seed"),
+    seed: int = typer.Option(0, help="seed for clustering and sampling"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
     dtype: str = typer.Option(None, help="model dtype, e.g. bfloat16"),
@@ -217,7 +216,7 @@ def artifacts(
                                           "fill"),
     layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/artifacts"), help="run directory (resumable)"),
-    seed: int = typer.Option(0, help="ShapesWorld seed"),
+    seed: int = typer.Option(0, help="seed for clustering and sampling"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
     dtype: str = typer.Option(None, help="model dtype, e.g. bfloat16"),
@@ -233,7 +232,7 @@ def artifacts(
         from vislens.experiments.perception.surface import SurfaceConfig
 
         positive("--n-images", n_images)
-        specs = _data(data, seed)
+        specs = _data(data)
         pcfg = _perceive_config("sem-seg,ref-seg", data, seed, n, layers, batch_size)
         config = exp.ArtifactsConfig(
             data=specs.get("images", specs["*"]), n_images=n_images, z=z, min_score=min_score,
@@ -269,7 +268,6 @@ def surface(
     n: int = typer.Option(40, "--n", help="items (even ones choose the layer, odd ones score)"),
     layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/surface"), help="run directory (resumable)"),
-    seed: int = typer.Option(0, help="ShapesWorld seed"),
     sources: str = typer.Option("values,projector,vision",
                                 help="readouts to compare: values plus projector and/or vision "
                                      "(drop vision where a family resamples its features)"),
@@ -293,7 +291,7 @@ def surface(
         positive("--batch-size", batch_size)
         if kind not in ("shape", "color", "fill"):
             raise VislensError(f"--kind must be shape, color or fill, got {kind!r}")
-        spec = f"shapesworld:{seed}" if data == "shapesworld" else data
+        spec = data
         config = exp.SurfaceConfig(data=spec, n=n, kind=kind, layers=_layers(layers),
                                    batch_size=batch_size, sources=_sources(sources))
         vlm = _load(model, device, dtype)

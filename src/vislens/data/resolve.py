@@ -119,11 +119,15 @@ def _split(spec: str) -> tuple[str, str]:
 
 
 def _seed(arg: str, spec: str) -> int:
+    """The world of a ShapesWorld spec: held out from the toys' training by default, and
+    never their training world."""
     try:
-        return int(arg) if arg else 0
+        seed = int(arg) if arg else shapesworld.HELD_OUT_SEED
     except ValueError:
         raise ValueError(f"bad ShapesWorld seed {arg!r} in {spec!r}; "
                          "use shapesworld:SEED with an integer seed") from None
+    shapesworld.check_held_out(seed)
+    return seed
 
 
 def _path(arg: str, kind: str) -> str:

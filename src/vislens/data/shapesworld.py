@@ -34,6 +34,8 @@ COLORS = {
 SIZES = {"small": (12, 18), "large": (26, 36)}  # object extent in pixels at 96 px
 BACKGROUNDS = ((20, 20, 20), (45, 45, 50), (60, 55, 45), (30, 40, 55))
 DEFAULT_SIZE = 96
+TRAINING_SEEDS = (0,)  # the worlds the shipped toys were trained on (vislens.toy.train)
+HELD_OUT_SEED = 1000  # the default world every command evaluates on
 
 CAPTION_PROMPT = "describe this image ."
 POLLING_PROMPT = "is there a {name} in this image ?"
@@ -150,6 +152,13 @@ def make_scene(seed: int, index: int, size: int = DEFAULT_SIZE,
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     return Sample(id=f"sw-{seed}-{index}", image=image, instances=instances,
                   meta={"seed": seed, "index": index, "source": "shapesworld"})
+
+
+def check_held_out(seed: int) -> None:
+    """Refuse the toys' training world: scores there measure memorisation, not perception."""
+    if seed in TRAINING_SEEDS:
+        raise ValueError(f"shapesworld:{seed} is the world the shipped toys were trained on; "
+                         f"evaluate on a held-out seed, e.g. shapesworld:{HELD_OUT_SEED}")
 
 
 def generate(n: int, seed: int = 0, size: int = DEFAULT_SIZE, start: int = 0,

@@ -106,10 +106,10 @@ def run_study(config: StudyConfig, out: Path, progress=None,
 
 
 def part_b(vlm, config: StudyConfig, out: Path, step, progress) -> None:
-    """Liu et al.'s experiments on ShapesWorld task variants (their own seed: config.seed)."""
+    """Liu et al.'s experiments on ShapesWorld task variants of the study's (held-out) world."""
     from vislens.experiments.perception import artifacts, perceive, prefix, surface
 
-    data = {"*": f"shapesworld:{config.seed}"}
+    data = {"*": config.data}
     meta = {"model": config.model, "num_layers": vlm.num_layers}
     pcfg = perceive.PerceiveConfig(data=data, n=config.n(8), seed=config.seed)
     step("perceive", lambda: perceive.execute(vlm, pcfg, out / "perceive", meta, progress))
