@@ -76,3 +76,75 @@ def test_train_toy_bad_resume_and_donor_write_nothing(tmp_path):
                                                str(tmp_path)]))
     assert "--family qwen" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _tiny_model(tmp_path):
+    from helpers_models import save
+
+    return save("llava", tmp_path / "model")
+
+
+def test_truncated_weights_are_one_line(tmp_path):
+    model = _tiny_model(tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    line = _one_line_error(runner.invoke(app, ["info", "--model", str(model)]))
+    assert "incomplete or corrupt" in line and "model" in line
+
+
+def test_an_image_that_is_not_an_image_is_named(tmp_path):
+    from vislens.data import shapesworld
+    from vislens.data.coco import export_coco
+
+    data = export_coco(shapesworld.generate(4, seed=1001)[2:], tmp_path / "coco")
+    broken = sorted((data / "images").iterdir())[0]
+    broken.write_bytes(b"this is not a png")
+    out = tmp_path / "run"
+    line = _one_line_error(runner.invoke(app, ["ablate", "--data", f"coco:{data}", "--area", "0:",
+                                               "--settings", "polling", "--out", str(out)]))
+    assert broken.name in line and "not a readable image" in line
+    assert not out.exists()
+
+
+def test_cuda_without_a_gpu_and_bad_dtypes_are_one_line(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        line = _one_line_error(runner.invoke(app, ["eval", "--device", "cuda", "--n", "1"]))
+        assert "CUDA" in line and "--device cpu" in line
+    for bad in ("float8", "banana"):
+        line = _one_line_error(runner.invoke(app, ["eval", "--dtype", bad, "--n", "1"]))
+        assert "unknown dtype" in line
+
+
+def test_options_are_checked_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    line = _one_line_error(runner.invoke(app, ["ablate", "--conditions", "object,foo", "--n", "2",
+                                               "--out", str(out)]))
+    assert "foo" in line and not out.exists()
+    line = _one_line_error(runner.invoke(app, ["knockout", "--settings", "foo", "--n", "2",
+                                               "--out", str(out)]))
+    assert "foo" in line and not out.exists()
+    line = _one_line_error(runner.invoke(app, ["study", "--data", "coco:", "--out", str(out)]))
+    assert not out.exists()
+    ok = runner.invoke(app, ["ablate", "--conditions", "object", "--settings", "polling",
+                             "--n", "2", "--out", str(out), "--json"])
+    assert ok.exit_code == 0, ok.output  # the corrected rerun is not refused
+
+
+def test_json_mode_keeps_stderr_quiet():
+    result = runner.invoke(app, ["info", "--model", "toy", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["family"] == "llava"
+    assert result.stderr == ""
+    loud = runner.invoke(app, ["info", "--model", "toy"])
+    assert loud.exit_code == 0
+
+
+def test_info_reports_the_native_size_and_example_counts():
+    result = runner.invoke(app, ["info", "--model", "toy-qwen", "--json"])
+    facts = json.loads(result.stdout)
+    assert facts["native_image_size"].startswith("dynamic")
+    assert facts["image_tokens_for"]["96x96 (ShapesWorld scene)"]["image_tokens"] == 144
+    toy = json.loads(runner.invoke(app, ["info", "--model", "toy", "--json"]).stdout)
+    assert toy["native_image_size"] == "96x96"

@@ -9,7 +9,8 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from vislens import cli_part_b
+from vislens.cli import COMMANDS
+from vislens.cli import perception as cli_perception
 from vislens.data import tasks as shapes_tasks
 from vislens.data.voc import voc_palette
 from vislens.models.vlm import VLM
@@ -24,10 +25,10 @@ TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "ref-seg", "ref-se
 @pytest.fixture()
 def app(monkeypatch):
     tiny = VLM(build_model(TINY).eval(), build_processor(TINY), "llava", name="tiny")
-    monkeypatch.setattr(cli_part_b, "_load", lambda model, device, dtype: tiny)
+    monkeypatch.setattr(cli_perception, "load_model", lambda model, device, dtype: tiny)
     app = typer.Typer(pretty_exceptions_enable=False)
     for name in ("perceive", "prefix", "artifacts", "surface"):
-        app.command(name)(getattr(cli_part_b, name))
+        app.command(name)(COMMANDS[name])
     return app
 
 

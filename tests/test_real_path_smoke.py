@@ -27,7 +27,8 @@ def test_info_logit_lens_and_knockout_on_a_llava15_shaped_directory(paths, tmp_p
     info = runner.invoke(app, ["info", "--model", str(model), "--json"])
     assert info.exit_code == 0, info.output
     facts = json.loads(info.stdout)
-    assert facts["family"] == "llava" and facts["image_tokens"] == 576
+    assert facts["family"] == "llava"
+    assert facts["image_tokens_for"]["640x480 (photo)"]["image_tokens"] == 576
     lens = runner.invoke(app, ["logit-lens", "--model", str(model), "--data", f"coco:{data}",
                                "--area", "0:", "--out", str(tmp_path / "lens"), "--json"])
     assert lens.exit_code == 0, lens.output

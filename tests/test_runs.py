@@ -22,6 +22,18 @@ def test_rows_resume_and_summary(tmp_path):
 
 
 def test_refuses_to_mix_configs(tmp_path):
-    RunDir(tmp_path, {"model": "toy", "seed": 0}, key=["sample"])
+    run = RunDir(tmp_path, {"model": "toy", "seed": 0}, key=["sample"])
+    run.add({"sample": "a"})
+    run.flush()
     with pytest.raises(VislensError, match="different configuration"):
         RunDir(tmp_path, {"model": "toy", "seed": 1}, key=["sample"])
+
+
+def test_nothing_is_written_before_the_first_result(tmp_path):
+    """A run that fails before its first row (bad option, no data) leaves no directory, so
+    the corrected rerun is not refused as a different configuration."""
+    out = tmp_path / "run"
+    RunDir(out, {"model": "toy", "seed": 0}, key=["sample"])
+    assert not out.exists()
+    RunDir(out, {"model": "toy", "seed": 1}, key=["sample"]).write_summary({})
+    assert json.loads((out / "config.json").read_text())["seed"] == 1

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 
 class OutputExistsError(FileExistsError, ValueError):
@@ -47,12 +47,27 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def open_image(source, name: str | Path) -> Iterator[Image.Image]:
+    """Image.open that turns a file that is not an image (or is cut short) into one line
+    naming the file, instead of PIL's error from deep inside a loader."""
+    try:
+        with Image.open(source) as img:
+            img.load()
+            yield img
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{name} is not a readable image ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); "
+                         "replace or remove that file") from None
+
+
 def read_image(path: Path, mode: str = "RGB") -> Image.Image:
     """Open an image fully into memory (no open file handle stays behind)."""
     if not path.is_file():
         raise FileNotFoundError(f"image {path} not found; check the images directory")
-    with Image.open(path) as img:
-        img.load()
+    with open_image(path, path) as img:
         return img.convert(mode) if mode and img.mode != mode else img.copy()
 
 
@@ -68,7 +83,7 @@ def read_index_png(path: Path) -> np.ndarray:
     """Palette indices of a label PNG (mode P or L), as VOC and DAVIS store them."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation {path} not found")
-    with Image.open(path) as img:
+    with open_image(path, path) as img:
         if img.mode not in ("P", "L"):
             raise ValueError(f"{path} is a {img.mode} image; expected a palette (P) or "
                              "grey (L) label PNG")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
+from vislens.data._io import open_image
 from vislens.data.samples import MultipleChoice
 
 IMAGE_COLUMNS = ("image_1", "image_2", "image_3", "image_4")
@@ -52,6 +53,5 @@ def _decode(cell, file: Path) -> Image.Image:
     if not data:
         raise ValueError(f"{file}: an image cell has no bytes (only path "
                          f"{cell.get('path') if isinstance(cell, dict) else None!r})")
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
+    with open_image(io.BytesIO(data), f"an image cell of {file}") as img:
         return img.convert("RGB")

@@ -10,9 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from vislens.data._io import IMAGE_SUFFIXES, mask_box, read_image, read_index_png, sorted_files
+from vislens.data._io import (
+    IMAGE_SUFFIXES,
+    mask_box,
+    open_image,
+    read_image,
+    read_index_png,
+    sorted_files,
+)
 from vislens.data.samples import Instance, Sample, Video
 
 VOID = 255
@@ -73,5 +79,5 @@ def _video(root: Path, resolution: str, name: str, max_frames: int | None) -> Vi
 
 
 def _is_binary_grey(path: Path, labels: np.ndarray) -> bool:
-    with Image.open(path) as img:
+    with open_image(path, path) as img:
         return img.mode == "L" and set(np.unique(labels).tolist()) <= {0, 255}

@@ -50,15 +50,29 @@ class AblationConfig:
     seed: int = 0
     max_new_tokens: dict[str, int] = field(default_factory=lambda: dict(MAX_NEW_TOKENS))
 
-    def condition_names(self, n_image_tokens: int) -> list[str]:
-        names = list(FIXED_CONDITIONS) + [f"random-{k}" for k in self.random_ks
-                                          if k <= n_image_tokens]
+    def validate(self) -> None:
+        """Every option checked before anything is loaded or written."""
+        bad = [s for s in self.settings if s not in SETTINGS]
+        if bad or not self.settings:
+            raise ValueError(f"unknown setting(s) {', '.join(bad) or '(none)'}; choose from "
+                             f"{', '.join(SETTINGS)}")
         if self.conditions is not None:
             unknown = set(self.conditions) - set(FIXED_CONDITIONS) - {
                 f"random-{k}" for k in self.random_ks}
             if unknown:
                 raise ValueError(f"unknown ablation conditions {sorted(unknown)}; choose from "
-                                 f"{', '.join(FIXED_CONDITIONS)}, random-K")
+                                 f"{', '.join(FIXED_CONDITIONS)}, random-K with K in "
+                                 f"{', '.join(map(str, self.random_ks))}")
+        if self.vector not in ("mean", "zeros"):
+            raise ValueError(f"unknown ablation vector {self.vector!r}; choose mean or zeros")
+        if self.ig_steps < 1 or self.ig_batch < 1:
+            raise ValueError("--ig-steps must be at least 1")
+
+    def condition_names(self, n_image_tokens: int) -> list[str]:
+        self.validate()
+        names = list(FIXED_CONDITIONS) + [f"random-{k}" for k in self.random_ks
+                                          if k <= n_image_tokens]
+        if self.conditions is not None:
             names = [c for c in names if c in self.conditions]
         return names
 
@@ -85,9 +99,7 @@ def _jsonable(config: dict) -> dict:
 def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
         reference_images=None, progress=None) -> dict:
     """Rows go to `out` as they are made (resumable); returns the summary."""
-    for s in config.settings:
-        if s not in SETTINGS:
-            raise ValueError(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
+    config.validate()
     if not samples:
         raise ValueError("no samples to ablate; check --data / --n")
     vector = _vector(vlm, config, reference_images or [s.image for s in samples])

@@ -14,6 +14,7 @@ import torch
 
 from vislens.data import shapesworld
 from vislens.data.samples import SETTINGS, Question, Sample
+from vislens.experiments.stats import wilson_ci
 from vislens.models import prompting
 
 SHORT_ANSWER_TOKENS = 4  # polling / VQA answers are one or two words
@@ -46,7 +47,8 @@ def generate_answers(model, processor, images: Sequence, questions: Sequence[Que
 
 def evaluate(model, processor, samples: Sequence[Sample],
              settings: Sequence[str] = SETTINGS, batch_size: int = 16,
-             max_new_tokens: int = 24, seed: int = 0, rows: bool = False) -> dict:
+             max_new_tokens: int = 24, seed: int = 0, rows: bool = False,
+             progress=None) -> dict:
     """Accuracy per setting over every question ShapesWorld offers for each sample.
 
     Polling counts its yes and its no question, VQA its shape and color question.
@@ -63,7 +65,7 @@ def evaluate(model, processor, samples: Sequence[Sample],
     was_training = model.training
     model.eval()
     rng = np.random.default_rng(seed)
-    result: dict = {"accuracy": {}, "n": len(samples), "questions": {}}
+    result: dict = {"accuracy": {}, "ci95": {}, "n": len(samples), "questions": {}}
     listed: list[dict] = []
     try:
         for setting in settings:
@@ -71,7 +73,8 @@ def evaluate(model, processor, samples: Sequence[Sample],
             budget = max_new_tokens if setting == "generative" else min(max_new_tokens,
                                                                          SHORT_ANSWER_TOKENS)
             correct = 0
-            for i in range(0, len(items), batch_size):
+            starts = range(0, len(items), batch_size)
+            for i in (progress(starts, f"eval {setting}") if progress else starts):
                 chunk = items[i:i + batch_size]
                 answers = generate_answers(model, processor, [s.image for s, _ in chunk],
                                            [q for _, q in chunk], budget)
@@ -83,6 +86,7 @@ def evaluate(model, processor, samples: Sequence[Sample],
                                        "prompt": q.prompt, "expected": q.answer,
                                        "generated": answer, "correct": ok})
             result["accuracy"][setting] = correct / len(items) if items else float("nan")
+            result["ci95"][setting] = list(wilson_ci(correct, len(items)))
             result["questions"][setting] = len(items)
     finally:
         model.train(was_training)

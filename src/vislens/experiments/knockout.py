@@ -41,6 +41,20 @@ class KnockoutConfig:
     area: tuple[float, float] | None = None
     seed: int = 0
 
+    def validate(self) -> None:
+        """Every option checked before anything is loaded or written."""
+        bad = [s for s in self.settings if s not in SETTINGS]
+        if bad or not self.settings:
+            raise ValueError(f"unknown knockout setting(s) {', '.join(bad) or '(none)'}; "
+                             f"choose from {', '.join(SETTINGS)}")
+        unknown = set(self.conditions) - set(CONDITIONS)
+        if unknown or not self.conditions:
+            raise ValueError(f"unknown knockout conditions {sorted(unknown)}; choose from "
+                             f"{', '.join(CONDITIONS)}")
+        for name, value in (("--window", self.window), ("--stride", self.stride)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (got {value})")
+
 
 def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None) -> dict:
     """(queries, keys) per condition for one sample; LAST = the answer position."""
@@ -84,10 +98,7 @@ def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta:
 def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for knockout; check --data / --n")
-    unknown = set(config.conditions) - set(CONDITIONS)
-    if unknown:
-        raise ValueError(f"unknown knockout conditions {sorted(unknown)}; choose from "
-                         f"{', '.join(CONDITIONS)}")
+    config.validate()
     windows = layer_windows(vlm.num_layers, config.window, config.stride)
     windows.append((0, vlm.num_layers - 1))  # "all"
     rng = np.random.default_rng(config.seed)

@@ -49,19 +49,28 @@ class RunDir:
         self.path = Path(out)
         self.key = tuple(key)
         self.config = config
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_dir():
+            raise VislensError(f"{self.path} is a file; pass a directory as --out")
         cfg_path = self.path / "config.json"
-        if cfg_path.exists():
+        self._written = cfg_path.exists()
+        if self._written:
             old = json.loads(cfg_path.read_text())
             if _comparable(old) != _comparable(json.loads(json.dumps(config, default=_jsonable))):
                 raise VislensError(
                     f"{self.path} holds a run with a different configuration; "
                     "pass a new --out directory (or delete the old one) to start afresh"
                 )
-        else:
-            write_json_atomic(cfg_path, config)
         self._pending: list[dict[str, Any]] = []
         self._done = self._load_keys()
+
+    def ensure(self) -> Path:
+        """Create the directory and its config.json when the first result is written, so a
+        run that fails before that (bad option, no data) leaves nothing behind."""
+        if not self._written:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path / "config.json", self.config)
+            self._written = True
+        return self.path
 
     @property
     def rows_dir(self) -> Path:
@@ -89,6 +98,7 @@ class RunDir:
     def flush(self) -> None:
         if not self._pending:
             return
+        self.ensure()
         self.rows_dir.mkdir(exist_ok=True)
         index = len(self._parts())
         final = self.rows_dir / f"part-{index:05d}.parquet"
@@ -106,6 +116,7 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         self.flush()
+        self.ensure()
         path = self.path / "summary.json"
         write_json_atomic(path, summary)
         return path

@@ -6,11 +6,14 @@ resumes every step), and the report is rebuilt from their summaries.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from vislens.experiments.runs import write_json_atomic
 from vislens.report.page import Section, render_page
 from vislens.report.sections import (
     ablation_section,
@@ -38,23 +41,49 @@ class StudyConfig:
         return max(2, round(base * self.scale))
 
 
+class StepClock:
+    """Seconds per study step, summed over every invocation of the study (a resumed run's
+    report shows what the whole study cost, not its last, mostly-cached pass); kept in
+    timing.json and updated even when a step is interrupted."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = {}
+        if path.is_file():
+            self.seconds = {k: float(v) for k, v in json.loads(path.read_text()).items()}
+
+    @contextmanager
+    def step(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            write_json_atomic(self.path, self.seconds)
+
+    def totals(self) -> dict[str, float]:
+        steps = {k: v for k, v in self.seconds.items() if k != "total"}
+        return {**steps, "total": sum(steps.values())}
+
+
 def run_study(config: StudyConfig, out: Path, progress=None,
               log: Callable[[str], None] = print) -> dict:
-    from vislens.data import open_dataset, shapesworld
+    from vislens.data import open_dataset
     from vislens.experiments import ablation, knockout, logit_lens
-    from vislens.experiments.accuracy import evaluate
     from vislens.models import load
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     kind = config.data.partition(":")[0]
     if kind != "shapesworld":
         raise ValueError("study runs on ShapesWorld (questions need its ground truth); run "
                          "ablate / logit-lens / knockout with --data coco:DIR for COCO")
+    samples = open_dataset(config.data, n=config.n(120))  # checks the world is held out
     start = time.perf_counter()
-    times: dict[str, float] = {}
     vlm = load(config.model, device=config.device, dtype=config.dtype)
-    times["load model"] = time.perf_counter() - start
+    loaded = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    clock = StepClock(out / "timing.json")
+    clock.seconds["load model"] = clock.seconds.get("load model", 0.0) + loaded
     meta = {"model": config.model, "data": config.data, "device": config.device,
             "dtype": config.dtype}
     summaries: dict[str, dict] = {}
@@ -62,15 +91,13 @@ def run_study(config: StudyConfig, out: Path, progress=None,
     def step(name: str, fn: Callable[[], dict]) -> None:
         log(f"study: {name} ...")
         t = time.perf_counter()
-        summaries[name] = fn()
-        times[name] = time.perf_counter() - t
-        log(f"study: {name} done in {times[name]:.0f} s")
+        with clock.step(name):
+            summaries[name] = fn()
+        log(f"study: {name} done in {time.perf_counter() - t:.0f} s")
 
-    seed = int(config.data.partition(":")[2] or 1000)
-    step("accuracy", lambda: {"seed": seed, **evaluate(
-        vlm.model, vlm.processor, shapesworld.generate(config.n(60), seed=seed))})
+    seed = samples[0].meta.get("seed", 1000)
+    step("accuracy", lambda: _accuracy(vlm, config, seed, out / "accuracy.json", progress))
     small, large = (0.0, 350.0), (350.0, float("inf"))
-    samples = open_dataset(config.data, n=config.n(120))
     step("ablation", lambda: ablation.execute(
         vlm, samples, ablation.AblationConfig(area=small, seed=config.seed),
         out / "ablate", {**meta, "n": len(samples)}, progress=progress))
@@ -81,7 +108,7 @@ def run_study(config: StudyConfig, out: Path, progress=None,
         vlm, samples[: config.n(80)], knockout.KnockoutConfig(area=small, seed=config.seed),
         out / "knockout", {**meta, "n": config.n(80)}, progress=progress))
     part_b(vlm, config, out, step, progress)
-    times["total"] = time.perf_counter() - start
+    times = clock.totals()
     sections: list[Section] = [
         accuracy_section(summaries["accuracy"]),
         ablation_section(summaries["ablation"]),
@@ -95,7 +122,7 @@ def run_study(config: StudyConfig, out: Path, progress=None,
     ]
     facts = {"model": config.model, "data": config.data, "family": vlm.family,
              "LM layers": vlm.num_layers, "device": config.device,
-             "total time (s)": round(times["total"], 1)}
+             "total time (s), all runs of this study": round(times["total"], 1)}
     page = render_page(f"vislens study: {config.model}", facts, sections)
     report = out / "report.html"
     tmp = report.with_suffix(".tmp")
@@ -103,6 +130,23 @@ def run_study(config: StudyConfig, out: Path, progress=None,
     tmp.replace(report)
     return {"report": str(report), "seconds": times, "sections": [s.key for s in sections],
             "summaries": {k: _headline(k, v) for k, v in summaries.items()}}
+
+
+def _accuracy(vlm, config: StudyConfig, seed: int, path: Path, progress) -> dict:
+    """Accuracy on fresh held-out scenes, kept in accuracy.json so a rerun reuses it."""
+    from vislens.data import shapesworld
+    from vislens.experiments.accuracy import evaluate
+
+    key = {"model": config.model, "seed": seed, "n": config.n(60), "dtype": config.dtype}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    result = {"seed": seed, **evaluate(vlm.model, vlm.processor,
+                                       shapesworld.generate(key["n"], seed=seed),
+                                       progress=progress)}
+    write_json_atomic(path, {"key": key, "result": result})
+    return result
 
 
 def part_b(vlm, config: StudyConfig, out: Path, step, progress) -> None:

@@ -115,11 +115,38 @@ def saved_dtype(path: Path) -> torch.dtype:
     return DTYPES.get(str(name).lower(), torch.float32)
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or one line saying why not (before any weight is read)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA "
+                             "GPU; use --device cpu (or install a CUDA build of torch)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) "
+                             "are visible")
+    return dev
+
+
 def load_model(path: Path, family: str, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = None):
     import transformers
+    from safetensors import SafetensorError
 
     cls = getattr(transformers, FAMILIES[family][0])
+    dev = parse_device(device)
     dtype = parse_dtype(dtype) or saved_dtype(path)
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    try:
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (SafetensorError, OSError, EOFError) as err:
+        raise ValueError(f"cannot read the weights in {path} ({one_line(err)}); the file is "
+                         "incomplete or corrupt: copy the checkpoint again") from None
+    return model.to(dev).eval()
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text[:200] + "...") if len(text) > 200 else text or type(err).__name__

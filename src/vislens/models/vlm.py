@@ -117,6 +117,18 @@ class VLM:
         """Logits of residual-stream vectors: final norm applied once, then the LM head."""
         return self.lm_head(self.final_norm(hidden))
 
+    def native_image_size(self) -> str:
+        """The size the vision tower works at: fixed, or the range a dynamic one accepts."""
+        ip = self.processor.image_processor
+        if self.family in MROPE_FAMILIES:
+            size = geometry._size_dict(getattr(ip, "size", None))
+            lo = size.get("shortest_edge") or getattr(ip, "min_pixels", None)
+            hi = size.get("longest_edge") or getattr(ip, "max_pixels", None)
+            side = lambda px: int(round(px ** 0.5))  # noqa: E731
+            return f"dynamic ({side(lo)}x{side(lo)} to {side(hi)}x{side(hi)} px area)"
+        side = self.config.vision_config.image_size
+        return f"{side}x{side}" + (" tiles + base view" if self.family != "llava" else "")
+
     # ---- inputs ----------------------------------------------------------------------------
     def chat_text(self, prompt: str, answer_prefix: str | None = None,
                   prefix: str | None = None, n_images: int = 1) -> str:

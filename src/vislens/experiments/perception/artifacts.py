@@ -10,9 +10,9 @@ backgrounds (ShapesWorld's, or a sky) give stable keys because the input is stab
 So the score divides out the input's own variation, measured the same way on the
 LM input at p (the projector output):
 
-    score(p, l) = 1 - key_var_ratio(p, l) / input_var_ratio(p)
+    score(p, l) = max(0, 1 - key_var_ratio(p, l) / input_var_ratio(p))
 
-(~0 = the key varies as much as its input, 1 = it ignores its input). Both
+(0 = the key varies at least as much as its input, 1 = it ignores its input). Both
 variances stream (per position, a sum of vectors and of squared norms), so memory
 does not grow with the number of images. A position is flagged in layer l when its
 score exceeds that layer's mean + z * std over positions (z = 2 by default) AND
@@ -105,8 +105,11 @@ def input_agnostic(sums: torch.Tensor, squares: torch.Tensor, n: int) -> np.ndar
 
 
 def relative(key_stability: np.ndarray, input_stability: np.ndarray) -> np.ndarray:
-    """1 - key variance ratio / input variance ratio (stable keys of stable inputs ~ 0)."""
-    return 1 - (1 - key_stability) / np.maximum(1 - input_stability, 1e-3)
+    """1 - key variance ratio / input variance ratio, in [0, 1]: 0 = the key varies at least
+    as much as its input (a key may vary more: the ratio is unbounded there, and its size
+    says nothing about being input-agnostic), 1 = it ignores its input."""
+    ratio = (1 - key_stability) / np.maximum(1 - input_stability, 1e-3)
+    return np.clip(1 - ratio, 0.0, 1.0)
 
 
 def same_size(images: list[Image.Image]) -> list[Image.Image]:

@@ -51,6 +51,14 @@ class SurfaceConfig:
     batch_size: int = 8
     sources: tuple[str, ...] = READOUT_SOURCES  # readouts besides the model's own answer
 
+    def validate(self) -> None:
+        unknown = set(self.sources) - set(READOUT_SOURCES)
+        if unknown or "values" not in self.sources:
+            raise ValueError(f"--sources must include values and be among "
+                             f"{', '.join(READOUT_SOURCES)}; got {', '.join(self.sources)}")
+        if self.n < 2:
+            raise ValueError("surface needs at least 2 items (half choose the layer); raise --n")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -170,12 +178,9 @@ def readout(vlm, item, config: SurfaceConfig) -> dict[str, list[int]]:
 
 def run(vlm, config: SurfaceConfig, out, progress: Callable | None = None) -> dict:
     items = load_items(config)
+    config.validate()
     if len(items) < 2:
         raise ValueError("surface needs at least 2 items (half choose the layer); raise --n")
-    unknown = set(config.sources) - set(READOUT_SOURCES)
-    if unknown or "values" not in config.sources:
-        raise ValueError(f"--sources must include values and be among "
-                         f"{', '.join(READOUT_SOURCES)}; got {', '.join(config.sources)}")
     todo = [(i, it) for i, it in enumerate(items) if not out.done(item=str(i))]
     chunks = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
     for chunk in (progress(chunks, "surface") if progress else chunks):

@@ -47,6 +47,9 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1"
+
+
 def positive(name: str, value: int) -> None:
     if value < 1:
         raise VislensError(f"{name} must be at least 1 (got {value})")
@@ -57,6 +60,34 @@ def emit(summary: dict[str, Any], as_json: bool) -> None:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
 
 
+def fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@contextmanager
+def quiet(as_json: bool) -> Iterator[None]:
+    """With --json, stderr stays quiet too: no transformers loading bars or warnings (errors
+    still print as one line)."""
+    if not as_json:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def progress_for(as_json: bool):
+    """The progress bar of a command: none in --json mode."""
+    return None if as_json else progress
 
 
 def progress(items: Iterable, label: str) -> Iterator:

@@ -1,0 +1,79 @@
+"""`vislens artifacts`: Liu et al. B2, input-agnostic image keys and blocking them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vislens.cli import perception as P
+from vislens.cli.common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    JSON_HELP,
+    MODEL_HELP,
+    console,
+    emit,
+    positive,
+    progress_for,
+    quiet,
+    user_errors,
+)
+
+
+def artifacts(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    data: list[str] = typer.Option(None, help=P.DATA_HELP),
+    n_images: int = typer.Option(32, help="images the artifact scores are computed on"),
+    z: float = typer.Option(2.0, help="flag positions scoring above mean + z * std of the layer"),
+    min_score: float = typer.Option(0.9, help="... and above this input-agnostic score "
+                                              "(1 = the key ignores its input)"),
+    n: int = typer.Option(20, "--n", help="items per re-measured task and multiple-choice items"),
+    kind: str = typer.Option("fill", help="ShapesWorld multiple-choice attribute: shape, color, "
+                                          "fill"),
+    layers: str = typer.Option("all", help=P.LAYERS_HELP),
+    out: Path = typer.Option(Path("runs/artifacts"), help="run directory (resumable)"),
+    seed: int = typer.Option(0, help="seed for clustering and sampling"),
+    batch_size: int = typer.Option(8, help="images per forward pass"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Find input-agnostic image keys per layer, block text from reading them, re-measure
+    perception (sem-seg, ref-seg) and multiple-choice accuracy (Liu et al. B2).
+
+    Example: vislens artifacts --model toy --out runs/artifacts
+    """
+    with user_errors(), quiet(as_json):
+        from vislens.experiments.perception import artifacts as exp
+        from vislens.experiments.perception.surface import SurfaceConfig
+
+        positive("--n-images", n_images)
+        specs = P.parse_data(data)
+        pcfg = P.perceive_config("sem-seg,ref-seg", data, seed, n, layers, batch_size)
+        config = exp.ArtifactsConfig(
+            data=specs.get("images", specs["*"]), n_images=n_images, z=z, min_score=min_score,
+            layers=pcfg.layers, perceive=pcfg, batch_size=batch_size,
+            mc=SurfaceConfig(data=specs.get("mc", specs["*"]), n=n, kind=kind,
+                             batch_size=batch_size))
+        vlm = P.load_model(model, device, dtype)
+        P.check_layers(vlm, config.layers)
+        summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
+        if as_json:
+            emit(summary, True)
+            return
+        table = Table(title=f"{model}: input-agnostic keys ({n_images} images)")
+        for col in ("layer", "flagged", "max score", "mean score"):
+            table.add_column(col, justify="right")
+        for layer, count in summary["n_flagged"].items():
+            table.add_row(layer, str(count), f"{summary['score_max'][layer]:.3f}",
+                          f"{summary['score_mean'][layer]:.3f}")
+        Console().print(table)
+        Console().print(P.layer_table(summary["perceive"]["delta"],
+                                      "perception change when text cannot read them",
+                                      signed=True))
+        mc = summary["multiple_choice"]
+        console.print(f"multiple choice ({mc['kind']}, n={mc['n']}): "
+                      f"{mc['clean_accuracy']:.3f} -> {mc['knockout_accuracy']:.3f}")

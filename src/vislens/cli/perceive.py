@@ -1,0 +1,60 @@
+"""`vislens perceive`: Liu et al. B1, zero-shot perception from image keys / values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from vislens.cli import perception as P
+from vislens.cli.common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    JSON_HELP,
+    MODEL_HELP,
+    console,
+    emit,
+    progress_for,
+    quiet,
+    user_errors,
+)
+
+
+def perceive(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    data: list[str] = typer.Option(None, help=P.DATA_HELP),
+    tasks: str = typer.Option(P.ALL_TASKS, help=P.TASKS_HELP),
+    n: int = typer.Option(20, "--n", help="items per task (episodes, sets, images, pairs, videos)"),
+    layers: str = typer.Option("all", help=P.LAYERS_HELP),
+    out: Path = typer.Option(Path("runs/perceive"), help="run directory (resumable)"),
+    seed: int = typer.Option(0, help="seed for clustering and sampling (the data's world is "
+                              "set by --data shapesworld:SEED)"),
+    batch_size: int = typer.Option(8, help="images per forward pass"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Zero-shot perception from image keys / values in every LM layer (Liu et al. B1).
+
+    Six tasks, each scored for keys and values per layer and for the projector
+    output and the vision encoder output: fg-seg (5-shot linear probe, mIoU),
+    co-seg (k-means, IoU), sem-seg (class-name text values, mIoU), ref-seg
+    (expression text values, mIoU), sem-corr (nearest neighbour, PCK@0.1),
+    temp-corr (label propagation, J&F). Scored at image-token level.
+
+    Example: vislens perceive --model toy --out runs/perceive
+    """
+    with user_errors(), quiet(as_json):
+        from vislens.experiments.perception import perceive as exp
+
+        config = P.perceive_config(tasks, data, seed, n, layers, batch_size)
+        vlm = P.load_model(model, device, dtype)
+        P.check_layers(vlm, config.layers)
+        summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
+        if as_json:
+            emit(summary, True)
+            return
+        Console().print(P.perception_table(summary["tasks"], f"{model}: perception per source"))
+        Console().print(P.layer_table(summary["tasks"], "score per LM layer"))
+        console.print(f"plots and summary.json in {out}")

@@ -1,0 +1,50 @@
+"""`vislens study`: every experiment with defaults, one self-contained report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vislens.cli.common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    JSON_HELP,
+    MODEL_HELP,
+    console,
+    emit,
+    progress_for,
+    quiet,
+    user_errors,
+)
+from vislens.errors import VislensError
+
+
+def study(
+    out: Path = typer.Option(Path("runs/study"), help="study directory (rerun to resume)"),
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    data: str = typer.Option("shapesworld:1000", help='"shapesworld[:SEED]" (held out)'),
+    scale: float = typer.Option(1.0, help="multiply every step's number of images"),
+    seed: int = typer.Option(0, help="seed for targets and random token sets"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Run every experiment with sensible defaults and write one self-contained report.
+
+    Example: vislens study --out runs/demo   (then open runs/demo/report.html)
+    """
+    with user_errors(), quiet(as_json):
+        if scale <= 0:
+            raise VislensError(f"--scale must be positive (got {scale})")
+        from vislens.experiments.study import StudyConfig, run_study
+
+        config = StudyConfig(model=model, data=data, scale=scale, seed=seed, device=device,
+                             dtype=dtype)
+        log = (lambda m: None) if as_json else (lambda m: console.print(m, highlight=False))
+        result = run_study(config, out, progress=progress_for(as_json), log=log)
+        if as_json:
+            emit(result, True)
+            return
+        console.print(f"study took {result['seconds']['total']:.0f} s; report: "
+                      f"{result['report']}")

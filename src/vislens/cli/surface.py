@@ -1,0 +1,82 @@
+"""`vislens surface`: Liu et al. B4, present in the values but not surfaced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vislens.cli import perception as P
+from vislens.cli.common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    JSON_HELP,
+    MODEL_HELP,
+    console,
+    emit,
+    positive,
+    progress_for,
+    quiet,
+    user_errors,
+)
+from vislens.errors import VislensError
+
+
+def surface(
+    model: str = typer.Option("toy", help=MODEL_HELP),
+    data: str = typer.Option("shapesworld", help="multiple-choice items: shapesworld[:SEED] "
+                                                  "(held-out world 1000 by default) or "
+                                                  "blink:PARQUET"),
+    kind: str = typer.Option("fill", help="ShapesWorld attribute asked about: shape, color, "
+                                          "fill (the 'style' analogue)"),
+    n: int = typer.Option(40, "--n", help="items (even ones choose the layer, odd ones score)"),
+    layers: str = typer.Option("all", help=P.LAYERS_HELP),
+    out: Path = typer.Option(Path("runs/surface"), help="run directory (resumable)"),
+    sources: str = typer.Option("values,projector,vision",
+                                help="readouts to compare: values plus projector and/or vision "
+                                     "(drop vision where a family resamples its features)"),
+    batch_size: int = typer.Option(8, help="items per forward pass"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Is the answer in the image values but not in the model's output? (Liu et al. B4)
+
+    Compares the model's own choice (the likeliest "(A)"/"(B)" answer; several images
+    for OneVision / Qwen2.5-VL, a 2x2 composite otherwise) with a readout from image
+    values (the candidate whose mean value is closest to the reference's).
+
+    Example: vislens surface --model toy --n 40 --out runs/surface
+    """
+    with user_errors(), quiet(as_json):
+        from vislens.experiments.perception import surface as exp
+
+        positive("--n", n)
+        positive("--batch-size", batch_size)
+        if kind not in ("shape", "color", "fill"):
+            raise VislensError(f"--kind must be shape, color or fill, got {kind!r}")
+        config = exp.SurfaceConfig(data=data, n=n, kind=kind, layers=P.parse_layers(layers),
+                                   batch_size=batch_size, sources=P.parse_sources(sources))
+        config.validate()
+        vlm = P.load_model(model, device, dtype)
+        P.check_layers(vlm, config.layers)
+        summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
+        if as_json:
+            emit(summary, True)
+            return
+        table = Table(title=f"{model}: model answer vs image-value readout "
+                            f"({summary['n_scored']} scored items, layer {summary['best_layer']})")
+        for col in ("", "count"):
+            table.add_column(col)
+        for key in ("solved_by_values_not_model", "solved_by_model_not_values", "both",
+                    "neither"):
+            table.add_row(key.replace("_", " "), str(summary[key]))
+        Console().print(table)
+        hidden = summary["present_not_surfaced"]
+        console.print(f"values {summary['values_accuracy']['rate']:.3f}, model "
+                      f"{summary['model_accuracy']['rate']:.3f}, chance "
+                      f"{summary['chance_accuracy']:.3f}; present but not surfaced: "
+                      f"{hidden['rate']:.3f} [{hidden['ci95'][0]:.3f}, {hidden['ci95'][1]:.3f}] "
+                      "(paper, BLINK Art Style: 0.333)")
