@@ -12,6 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+# readable in a browser at 100% zoom; one colour per source in every figure
+plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
+                     "legend.fontsize": 9, "xtick.labelsize": 10, "ytick.labelsize": 10})
+SOURCE_COLORS = {"values": "C0", "keys": "C1", "keys-pre": "C4", "projector": "C2",
+                 "vision": "C3", "chance": "0.5", "model": "C5"}
+
+
+def source_color(name: str) -> str | None:
+    """The colour of a source whatever the figure: 'values (prefix)' is a values curve."""
+    base = name.split(" (")[0].split(" readout")[0].split(" ")[0]
+    return SOURCE_COLORS.get(base)
+
 
 def save_figure(fig, path: Path) -> Path:
     """Write a PNG atomically (never half a file) and free the figure."""
@@ -30,7 +42,7 @@ def grouped_bars(values: Mapping[str, Mapping[str, float]], path: Path, title: s
     """values[group][bar] -> height; one bar cluster per group (e.g. setting x condition)."""
     groups = list(values)
     bars = list(dict.fromkeys(b for g in groups for b in values[g]))
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) * len(groups) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(bars) * len(groups) + 2), 4.5))
     width = 0.8 / max(1, len(groups))
     x = np.arange(len(bars))
     for i, g in enumerate(groups):
@@ -44,7 +56,7 @@ def grouped_bars(values: Mapping[str, Mapping[str, float]], path: Path, title: s
     ax.set_xticks(x, bars, rotation=45, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
 
@@ -59,7 +71,7 @@ def heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequen
     ax.set_yticks(range(len(rows)), rows)
     for (i, j), v in np.ndenumerate(data):
         if np.isfinite(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9,
                     color="w" if v < np.nanmean(data) else "k")
     fig.colorbar(im, ax=ax, label=cbar)
     ax.set_title(title)
@@ -67,17 +79,25 @@ def heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequen
 
 
 def layer_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str, ylabel: str,
-                 hlines: Mapping[str, float] | None = None) -> Path:
-    """One line per source over layers; constant baselines (projector, vision) as dashes."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, ys in curves.items():
-        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name)
+                 hlines: Mapping[str, float] | None = None,
+                 styles: Mapping[str, str] | None = None) -> Path:
+    """One line per source over layers; constant baselines (projector, vision) as dashes.
+
+    Sources keep their colour across figures (SOURCE_COLORS); `styles` gives a line
+    style per curve (e.g. dotted for the prefixed condition). The legend sits outside
+    the axes so it never hides data.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for k, (name, ys) in enumerate(curves.items()):
+        ax.plot(range(len(ys)), ys, marker="o", ms=4, label=name,
+                color=source_color(name) or f"C{k + 5}", ls=(styles or {}).get(name, "-"))
     for k, (name, y) in enumerate((hlines or {}).items()):
-        ax.axhline(y, ls="--", color=f"C{len(curves) + k}", label=name)
-    ax.set_xlabel("layer")
+        ax.axhline(y, ls="--", color=source_color(name) or f"C{len(curves) + k + 5}",
+                   label=name)
+    ax.set_xlabel("LM layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return save_figure(fig, path)

@@ -39,7 +39,7 @@ def ablation_section(summary: dict) -> Section:
         "table gives the % of initially-correct samples (kept only when noising the object's "
         "pixels breaks them) that become wrong. Paper: Neo et al. 2024, LLaVA-1.5-7B, COCO.",
         tables=[TableData(f"% broken (kept samples: {kept})", header, rows)],
-        images=[("% of correct answers broken per condition, with 95% bootstrap intervals",
+        images=[("% of correct answers broken per condition, with 95% Wilson intervals",
                   Path(summary["plot"]))])
 
 
@@ -67,6 +67,7 @@ def logit_lens_section(summary: dict, max_viewers: int = 3) -> Section:
 
 def knockout_section(summary: dict) -> Section:
     labels = summary["window_labels"]
+    kept = ", ".join(f"{s}: {k}" for s, k in summary["n_kept"].items())
     rows = [[c, *v] for c, v in summary["relative_accuracy"].items()]
     prob = [[c, *v] for c, v in summary["prob_change"].items()]
     return Section(
@@ -75,7 +76,7 @@ def knockout_section(summary: dict) -> Section:
         "windows of layers; relative accuracy = share of clean-correct answers that survive. "
         "Paper: blocking object+1 -> last in mid-late layers ~0.82, all layers ~0.67; "
         "-> last row ~1.0.",
-        tables=[TableData(f"relative accuracy (kept: {summary['n_kept']})",
+        tables=[TableData(f"relative accuracy (kept samples: {kept})",
                           ["edges blocked", *labels], rows),
                 TableData("mean change in p(answer)", ["edges blocked", *labels], prob)],
         images=[("relative accuracy per condition and layer window", Path(summary["plot"]))])
@@ -85,14 +86,6 @@ def timing_section(times: dict[str, float]) -> Section:
     rows = [[k, fmt(v, 1)] for k, v in times.items()]
     return Section("timing", "Time taken", tables=[TableData("seconds per step",
                                                              ["step", "seconds"], rows)])
-
-
-def _best(curve) -> tuple[int | None, float | None]:
-    vals = [(v, i) for i, v in enumerate(curve) if v is not None]
-    if not vals:
-        return None, None
-    v, i = max(vals)
-    return i, v
 
 
 def _held_out(e: dict, kind: str) -> tuple[object, object]:
@@ -124,42 +117,65 @@ def perceive_section(summary: dict) -> Section:
         tables=[TableData("layer chosen on half the items, scored on the other half",
                           PERCEPTION_HEADER,
                           _perception_rows(summary["tasks"]))],
-        images=[(f"{Path(p).stem}: per-layer score", Path(p)) for p in summary["plots"]])
+        images=[(_curve_caption(Path(p).stem, summary["tasks"]), Path(p))
+                for p in summary["plots"]])
+
+
+def _curve_caption(task: str, tasks: dict) -> str:
+    metric = tasks.get(task, {}).get("metric", "score")
+    oracle = " (object chosen with the ground truth: an upper bound)" if "oracle" in task else ""
+    return (f"{task}{oracle}: {metric} of image values and keys per LM layer; dashed: "
+            "projector output and vision encoder")
+
+
+def _largest(curve) -> tuple[float | None, int | None]:
+    """The change of largest size (sign kept) and its layer."""
+    vals = [(v, i) for i, v in enumerate(curve) if v is not None]
+    if not vals:
+        return None, None
+    v, i = max(vals, key=lambda vi: abs(vi[0]))
+    return v, i
 
 
 def prefix_section(summary: dict) -> Section:
     rows = []
     for task, e in summary["delta"].items():
         vals = [v for v in e["values"] if v is not None]
-        rows.append([task, e["metric"], max(vals) if vals else None,
+        change, layer = _largest(e["values"])
+        rows.append([task, e["metric"], change, layer,
                      float(sum(vals) / len(vals)) if vals else None])
     return Section(
         "prefix", "B3. A text prefix before the image",
         f"Perception re-measured with the prefix {summary['prefix']!r} before the image; the "
         "change is prefixed minus clean, per layer (layer 0 cannot change: the prefix reaches "
         "image tokens only through attention).",
-        tables=[TableData("change of the values' score", ["task", "metric", "largest change",
-                                                           "mean change over layers"], rows),
+        tables=[TableData("change of the values' score (prefixed - clean)",
+                          ["task", "metric", "largest change (sign kept)", "at layer",
+                           "mean change over layers"], rows),
                 TableData("with the prefix", PERCEPTION_HEADER,
                           _perception_rows(summary["prefixed"]))],
-        images=[(f"{Path(p).stem}", Path(p)) for p in summary.get("plots", [])[:3]])
+        images=[(f"{Path(p).stem.removesuffix('-prefix')}: values and keys per LM layer "
+                 "without (solid) and with (dotted) the prefix", Path(p))
+                for p in summary.get("plots", [])])
 
 
 def artifacts_section(summary: dict) -> Section:
     rows = [[layer, count, summary["score_max"][layer], summary["score_mean"][layer]]
             for layer, count in summary["n_flagged"].items()]
     mc = summary["multiple_choice"]
-    delta = [[t, e["metric"], *(_best(e["values"])[::-1])] for t, e in
+    delta = [[t, e["metric"], *_largest(e["values"])] for t, e in
              summary["perceive"]["delta"].items()]
     return Section(
         "artifacts", "B2. Input-agnostic key artifacts, and blocking them",
         "Each image key position is scored per layer by how little it varies across images "
-        "relative to its input (1 = input-agnostic); positions above mean + z std and above "
-        "the minimum score are flagged, then text positions are blocked from reading them.",
+        "relative to its input: score = max(0, 1 - key variance ratio / input variance ratio), "
+        "so 1 = the key ignores its input and 0 = it varies at least as much as its input. "
+        "Positions above mean + z std and above the minimum score are flagged, then text "
+        "positions are blocked from reading them.",
         tables=[TableData("flagged key positions per layer",
                           ["layer", "flagged", "max score", "mean score"], rows),
-                TableData("perception change with the artifacts blocked (values, largest)",
-                          ["task", "metric", "change", "layer"], delta),
+                TableData("perception change with the artifacts blocked (values, largest "
+                          "change, sign kept)", ["task", "metric", "change", "layer"], delta),
                 TableData("multiple choice", ["kind", "n", "clean", "artifacts blocked"],
                           [[mc["kind"], mc["n"], mc["clean_accuracy"],
                             mc["knockout_accuracy"]]])],

@@ -22,7 +22,8 @@ def task_curves(summary: dict, out_dir: Path, suffix: str = "") -> list[Path]:
         hlines = {name: entry[name] for name in ("projector", "vision")
                   if entry.get(name) is not None}
         paths.append(layer_curves(curves, Path(out_dir) / f"{task}{suffix}.png",
-                                  title=f"{task}{suffix.replace('-', ' ')}",
+                                  title=f"{task}{suffix.replace('-', ' ')}: "
+                                        f"{entry['metric']} per LM layer",
                                   ylabel=entry["metric"], hlines=hlines))
     return paths
 
@@ -35,14 +36,16 @@ def compare_curves(before: dict, after: dict, out_dir: Path, labels: tuple[str, 
         a = after.get(task)
         if a is None:
             continue
-        curves = {}
+        curves, styles = {}, {}
         for kind in [k for k in ("values", "keys") if k in b]:
-            for label, entry in zip(labels, (b, a), strict=True):
-                curves[f"{kind} ({label})"] = [np.nan if v is None else v for v in entry[kind]]
+            for label, entry, style in zip(labels, (b, a), ("-", ":"), strict=True):
+                name = f"{kind} ({label})"
+                curves[name] = [np.nan if v is None else v for v in entry[kind]]
+                styles[name] = style
         hlines = {n: b[n] for n in ("projector", "vision") if b.get(n) is not None}
         paths.append(layer_curves(curves, Path(out_dir) / f"{task}-{labels[1]}.png",
                                   title=f"{task}: {labels[0]} vs {labels[1]}",
-                                  ylabel=b["metric"], hlines=hlines))
+                                  ylabel=b["metric"], hlines=hlines, styles=styles))
     return paths
 
 
