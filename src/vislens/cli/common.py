@@ -30,7 +30,7 @@ def user_errors() -> Iterator[None]:
         console.print(f"[bold red]error:[/] {one_line(err)}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("interrupted: rerun the same command to resume where it stopped")
+        console.print("interrupted: rerun the same command to resume from its last saved step")
         raise typer.Exit(130) from None
     except RuntimeError as err:  # torch raises OOM as RuntimeError subclasses
         if "out of memory" not in str(err).lower():

@@ -14,8 +14,9 @@ def train_toy(
     out: Path = typer.Option(..., help="directory for the trained model (save_pretrained)"),
     seed: int = typer.Option(0, help="training seed"),
     family: str = typer.Option("llava", help="llava (the `toy`) or qwen (the `toy-qwen`)"),
-    resume: Path = typer.Option(None, help="stage_<X>.pt left by an interrupted run: "
-                                "runs only the stages after X"),
+    resume: Path = typer.Option(None, help="start from a stage_<X>.pt (a run leaves one "
+                                "per stage) and run only the stages after X; an "
+                                "interrupted run resumes on a plain rerun"),
     donor: Path = typer.Option(None, help="qwen: the LLaVA toy directory whose language "
                                "model toy-qwen starts from (default: the shipped toy)"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),

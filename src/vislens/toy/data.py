@@ -55,9 +55,11 @@ class SceneStream:
         self.seed, self.grid, self.word_id = seed, grid, word_id
         self.start, self.size, self.every = start, size, every
         self.current: Pool | None = None
+        self.current_start: int | None = None
 
     def next(self) -> Pool:
         pool = make_pool(self.size, self.seed, self.grid, self.word_id, start=self.start)
+        self.current_start = self.start
         self.start += self.size
         return pool
 
@@ -66,6 +68,19 @@ class SceneStream:
         if self.current is None or step % self.every == 0:
             self.current = self.next()
         return self.current
+
+    def state(self) -> dict:
+        """The position in the world: enough to rebuild the current pool and the next."""
+        return {"start": self.start, "current_start": self.current_start}
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state`; the current pool is re-rendered (scenes are a function
+        of their index), since a resumed stage may be half-way through it."""
+        self.current, self.current_start = None, state["current_start"]
+        if self.current_start is not None:
+            self.current = make_pool(self.size, self.seed, self.grid, self.word_id,
+                                     start=self.current_start)
+        self.start = state["start"]
 
 
 def normalise_pixels(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

@@ -32,6 +32,7 @@ from vislens.toy.curves import plot_training
 from vislens.toy.data import SceneStream, make_pool
 from vislens.toy.qwen_attention import packed_vision_attention
 from vislens.toy.qwen_data import QwenEncoder, grid_thw, head_positions, patchify, qa_batch
+from vislens.toy.resume import RunState, run_identity
 from vislens.toy.stages import (
     OracleHead,
     Parts,
@@ -78,6 +79,7 @@ class QwenRecipe:
     probe_every: int = 100
     eval_scenes: int = 100
     threads: int = 1  # on the shared 2-core CPU one thread is faster than two
+    save_every: int = 100  # steps between resumable states (and one at each stage end)
 
 
 class AttentionGuide:
@@ -162,14 +164,20 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
 
     `out_dir` gets the Hugging Face checkpoint plus `training_log.json` and
     `loss.png`. `log_path` (optional) receives one JSON line per step as it
-    goes, for watching long runs. Each stage leaves `stage_<X>.pt` in
-    `<out_dir>.stages/`; `resume=<that file>` runs only the stages after X.
+    goes, for watching long runs. The work directory `<out_dir>.stages/` keeps a
+    resumable state (`vislens.toy.resume`): calling again with the same seed and
+    recipe continues an interrupted run from its last saved step (and cuts
+    `log_path` back to that step). Each stage also leaves `stage_<X>.pt` there;
+    `resume=<such a file>` starts from it and runs only the stages after X.
     """
     recipe = recipe or QwenRecipe()
     out = Path(out_dir)
     if out.exists() and any(p.name != ".gitkeep" for p in out.iterdir()) \
             and out.resolve() != qwen.TOY_QWEN_DIR.resolve():
         raise FileExistsError(f"{out} is not empty; pass a new --out directory")
+    work = out.with_name(out.name + ".stages")
+    state = RunState(work, run_identity("qwen", seed, recipe), resume, recipe.save_every)
+    saved = state.load()
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -186,8 +194,8 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     encoder = build_encoder(model, processor, spec)
     image_id = model.config.image_token_id
     oracle = OracleHead(spec.lm_hidden)
-    done = load_stage_state(resume, model, oracle) if resume is not None else set()
-    work = out.with_name(out.name + ".stages")
+    if saved is None:  # (a saved state has the stages done; it is restored below)
+        done = load_stage_state(resume, model, oracle) if resume is not None else set()
     work.mkdir(parents=True, exist_ok=True)
     guides = []
     for layer, target in ((recipe.keyword_layer, "keyword"), (recipe.guide_layer, "object")):
@@ -200,11 +208,20 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     pool = make_pool(recipe.pool_size, seed, cells, vocab)
     held = make_pool(64, EVAL_SEED + seed, cells, vocab)
     log: dict = {"seed": seed, "recipe": asdict(recipe), "steps": [], "probes": []}
-    lines = open(log_path, "a") if log_path else None  # noqa: SIM115
 
     stream = SceneStream(seed, cells, vocab, start=recipe.pool_size,
                          size=recipe.fresh_every * recipe.images_per_step_b,
                          every=max(1, recipe.fresh_every))
+    state.bind(model, oracle, rng, stream, log)
+    if saved is not None:
+        done = state.restore(saved)
+    lines = _open_lines(log_path, saved)
+    if saved is None:  # from now on a rerun resumes, and other options are refused
+        state.save(done, **_lines_mark(lines))
+
+    def checkpoint(stage: str, step: int, steps: int, optimizer, scheduler) -> None:
+        if state.due(step, steps):
+            state.save(done, stage, step, optimizer, scheduler, **_lines_mark(lines))
 
     def draw(stage: str, step: int) -> dict:
         fresh = stage in ("B", "C") and recipe.fresh_every
@@ -227,10 +244,13 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
         model.train()
         for name, steps, params, lr in stages:
             if steps > 0 and name not in done:
+                within = saved if saved is not None and saved["stage"] == name else None
                 _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
-                             held, encoder, log, bar, lines, guides, Readout.from_vocab(vocab))
+                             held, encoder, log, bar, lines, guides, Readout.from_vocab(vocab),
+                             within, checkpoint)
                 done.add(name)
                 save_stage_state(work / f"stage_{name}.pt", model, oracle, done)
+                state.save(done, **_lines_mark(lines))
     finally:
         for guide in guides:
             guide.remove()
@@ -238,12 +258,12 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
             bar.stop()
         if lines:
             lines.close()
-    log["train_seconds"] = round(time.time() - started, 1)
+    log["train_seconds"] = round(state.seconds(), 1)
     model.eval()
     scenes = shapesworld.generate(recipe.eval_scenes, seed=EVAL_SEED + seed)
     log.update(final_checks(model, processor, scenes))
     log["parameters"] = sum(p.numel() for p in model.parameters())
-    log["total_seconds"] = round(time.time() - started, 1)
+    log["total_seconds"] = round(state.seconds_before + time.time() - started, 1)
     saved = qwen.save(model, processor, out)
     shutil.rmtree(work, ignore_errors=True)
     (saved / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
@@ -252,16 +272,50 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     return log
 
 
+def _open_lines(log_path: str | Path | None, saved: dict | None):
+    """The per-step log, cut back to the saved state's step when a run resumes.
+
+    Why: the interrupted run may have written lines past its last saved state;
+    those steps run again, and their lines must not appear twice.
+    """
+    if not log_path:
+        return None
+    mark = (saved or {}).get("lines")
+    path = Path(log_path)
+    if mark and mark["path"] == str(path.resolve()) and path.is_file() \
+            and path.stat().st_size >= mark["size"]:
+        with open(path, "r+b") as f:
+            f.truncate(mark["size"])
+    return open(path, "a")  # noqa: SIM115
+
+
+def _lines_mark(lines) -> dict:
+    """Where the per-step log stood when a state is saved (what `_open_lines` cuts back to)."""
+    if lines is None:
+        return {}
+    lines.flush()
+    return {"lines": {"path": str(Path(lines.name).resolve()), "size": lines.tell()}}
+
+
 def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id, held,
-                 encoder, log, bar, lines, guides, readout: Readout) -> None:
+                 encoder, log, bar, lines, guides, readout: Readout,
+                 saved: dict | None = None, checkpoint=None) -> None:
+    """Run one stage; `saved` (a state saved inside this stage) continues it from its step,
+    and `checkpoint(stage, steps_done, steps, optimizer, scheduler)` follows every step."""
     for p in parts.vision_params:  # A never touches the vision side
         p.requires_grad_(name != "A")
     for p in list(parts.lm.parameters()) + list(parts.head.parameters()):
         p.requires_grad_(name != "B")  # B trains the vision side only
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
-    task = bar.add_task(f"stage {name}", total=steps, info="") if bar else None
-    for step in range(steps):
+    start = 0
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        start = saved["step"]
+    task = (bar.add_task(f"stage {name}", total=steps, completed=start, info="")
+            if bar else None)
+    for step in range(start, steps):
         tick = time.time()
         batch = draw(name, step)
         terms: dict[str, torch.Tensor] = {}
@@ -302,5 +356,7 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
             lines.flush()
         if bar:
             bar.update(task, advance=1, info=info)
+        if checkpoint is not None:
+            checkpoint(name, step + 1, steps, optimizer, sched)
     for p in params:
         p.requires_grad_(True)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from vislens.toy.data import IGNORE, Encoder, Pool, qa_batch
 from vislens.toy.oracle import oracle_tokens
+from vislens.toy.resume import atomic_save
 
 
 class AttentionGuide:
@@ -236,8 +237,8 @@ def stage_c_step(parts: Parts, oracle: OracleHead, batch: dict, image_id: int,
 def save_stage_state(path: Path, model: torch.nn.Module, oracle: OracleHead,
                      done: set[str]) -> None:
     """What `resume` needs to restart after a stage: weights, oracle, finished stages."""
-    torch.save({"model": model.state_dict(), "oracle": oracle.state_dict(),
-                "stages": sorted(done)}, path)
+    atomic_save({"model": model.state_dict(), "oracle": oracle.state_dict(),
+                 "stages": sorted(done)}, Path(path))
 
 
 def load_stage_state(path: str | Path, model: torch.nn.Module, oracle: OracleHead) -> set[str]:
@@ -245,7 +246,7 @@ def load_stage_state(path: str | Path, model: torch.nn.Module, oracle: OracleHea
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no stage checkpoint at {path}; pass a stage_<X>.pt that "
-                                "an interrupted train-toy left in its .partial directory")
+                                "a train-toy run left in its work directory")
     state = torch.load(path, map_location="cpu")
     model.load_state_dict(state["model"])
     oracle.load_state_dict(state["oracle"])

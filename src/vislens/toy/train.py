@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from vislens.toy.build import IMAGE, ToySpec, build_model, build_processor
 from vislens.toy.checks import final_checks
 from vislens.toy.curves import plot_training
 from vislens.toy.data import Encoder, SceneStream, make_pool, normalise_pixels, qa_batch
+from vislens.toy.resume import RunState, atomic_lines, run_identity
 from vislens.toy.stages import (
     AttentionGuide,
     OracleHead,
@@ -74,6 +74,7 @@ class Recipe:
     probe_every: int = 100
     eval_scenes: int = 100
     threads: int = 1  # one thread: on a shared 2-core CPU two threads run ~5x slower
+    save_every: int = 100  # steps between resumable states (and one at each stage end)
 
 
 def llava_parts(model, processor) -> Parts:
@@ -99,13 +100,19 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
           progress: bool = True, resume: str | Path | None = None) -> dict:
     """Train a toy from scratch into `out_dir`; returns the training summary (also saved).
 
-    Each stage leaves `stage_<X>.pt` (model + oracle state) in the work directory;
-    `resume=<that file>` restarts from it and runs only the stages after X.
+    The work directory `<out_dir>.partial` keeps a resumable state
+    (`vislens.toy.resume`): calling again with the same seed and recipe continues
+    an interrupted run from its last saved step. Each stage also leaves
+    `stage_<X>.pt` (model + oracle state) there; `resume=<such a file>` starts
+    from it and runs only the stages after X.
     """
     recipe = recipe or Recipe()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; pass a new --out directory")
+    tmp = out.with_name(out.name + ".partial")
+    state = RunState(tmp, run_identity("llava", seed, recipe), resume, recipe.save_every)
+    saved = state.load()
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -117,7 +124,6 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
     image_id = vocab[IMAGE]
     encoder = Encoder(processor.tokenizer, spec.grid ** 2)
     oracle = OracleHead(spec.lm_hidden)
-    started = time.time()
     pool = make_pool(recipe.pool_size, seed, spec.grid, vocab)
     held = make_pool(64, EVAL_SEED + seed, spec.grid, vocab)
     log: dict = {"seed": seed, "recipe": asdict(recipe), "steps": [], "probes": []}
@@ -152,9 +158,20 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
         ("B", recipe.steps_b, parts.vision_params, recipe.lr_b),
         ("C", recipe.steps_c, lm_params + parts.vision_params, recipe.lr_c),
     ]
-    done = load_stage_state(resume, model, oracle) if resume is not None else set()
-    tmp = out.with_name(out.name + ".partial")
+    state.bind(model, oracle, rng, stream, log)
+    if saved is not None:
+        done = state.restore(saved)
+    else:
+        done = load_stage_state(resume, model, oracle) if resume is not None else set()
     tmp.mkdir(parents=True, exist_ok=True)
+    # the probe log holds what the saved state has done, nothing from after it
+    atomic_lines(tmp / "probes.jsonl", log["probes"])
+    if saved is None:  # from now on a rerun resumes, and other options are refused
+        state.save(done)
+
+    def checkpoint(stage: str, step: int, steps: int, optimizer, scheduler) -> None:
+        if state.due(step, steps):
+            state.save(done, stage, step, optimizer, scheduler)
     bar = progress_bar(info=True) if progress else None
     if bar:
         bar.start()
@@ -162,17 +179,19 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
         for name, steps, params, lr in stages:
             if steps <= 0 or name in done:
                 continue
+            within = saved if saved is not None and saved["stage"] == name else None
             _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
                          held, encoder, log, bar, guides, Readout.from_vocab(vocab),
-                         tmp / "probes.jsonl")
+                         tmp / "probes.jsonl", within, checkpoint)
             done.add(name)
             save_stage_state(tmp / f"stage_{name}.pt", model, oracle, done)
+            state.save(done)
     finally:
         if bar:
             bar.stop()
         for guide in guides:
             guide.remove()
-    train_seconds = time.time() - started
+    train_seconds = state.seconds()
     model.eval()
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
@@ -186,6 +205,7 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
                   "toy VLM (A: LM on oracle tokens, B: vision, C: joint)")
     for leftover in tmp.glob("stage_*.pt"):
         leftover.unlink()
+    state.discard()
     os.replace(tmp, out) if not out.exists() else _move_into(tmp, out)
     return log
 
@@ -198,12 +218,21 @@ def _move_into(tmp: Path, out: Path) -> None:
 
 def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id, held,
                  encoder, log, bar, guides, readout: Readout,
-                 log_file: Path | None = None) -> None:
+                 log_file: Path | None = None, saved: dict | None = None,
+                 checkpoint=None) -> None:
+    """Run one stage; `saved` (a state saved inside this stage) continues it from its step,
+    and `checkpoint(stage, steps_done, steps, optimizer, scheduler)` follows every step."""
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
-    task = bar.add_task(f"stage {name}", total=steps, info="") if bar else None
+    start = 0
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        start = saved["step"]
+    task = (bar.add_task(f"stage {name}", total=steps, completed=start, info="")
+            if bar else None)
     use_vision = name not in ("A", "A2")
-    for step in range(steps):
+    for step in range(start, steps):
         batch = draw(name, step, steps)
         aux = None
         if name in ("A", "A2"):
@@ -235,3 +264,5 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
             info += " | " + " ".join(f"{k[:4]} {v:.2f}" for k, v in acc.items())
         if bar:
             bar.update(task, advance=1, info=info)
+        if checkpoint is not None:
+            checkpoint(name, step + 1, steps, optimizer, sched)
