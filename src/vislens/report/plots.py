@@ -67,17 +67,33 @@ def heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequen
 
 
 def layer_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str, ylabel: str,
-                 hlines: Mapping[str, float] | None = None) -> Path:
-    """One line per source over layers; constant baselines (projector, vision) as dashes."""
+                 hlines: Mapping[str, float] | None = None,
+                 bands: Mapping[str, Sequence[Sequence[float]]] | None = None,
+                 ylim: tuple[float, float] | None = None, legend_below: bool = False) -> Path:
+    """One line per source over layers; constant baselines (projector, vision) as dashes.
+
+    bands[name] = per-layer (low, high) interval, shaded in its curve's colour.
+    legend_below keeps the legend out of the axes, for curves that fill the whole
+    range (shares of attention run from 0 to 1 and leave no free corner).
+    """
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, ys in curves.items():
-        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name)
+    for k, (name, ys) in enumerate(curves.items()):
+        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name, color=f"C{k}")
+        if bands and name in bands:
+            lo, hi = np.asarray(bands[name], dtype=float).reshape(-1, 2).T
+            ax.fill_between(range(len(lo)), lo, hi, color=f"C{k}", alpha=0.2, lw=0)
     for k, (name, y) in enumerate((hlines or {}).items()):
         ax.axhline(y, ls="--", color=f"C{len(curves) + k}", label=name)
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend_below:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18),
+                  ncol=min(3, len(curves) + len(hlines or {})), frameon=False)
+    else:
+        ax.legend(fontsize=8)
     return save_figure(fig, path)
