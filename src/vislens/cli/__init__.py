@@ -13,6 +13,7 @@ import typer
 
 from vislens.cli.ablate import ablate
 from vislens.cli.artifacts import artifacts
+from vislens.cli.attention import attention
 from vislens.cli.evaluate import evaluate
 from vislens.cli.info import info
 from vislens.cli.knockout import knockout
@@ -34,7 +35,7 @@ app = typer.Typer(
 
 COMMANDS = {
     "study": study, "eval": evaluate, "info": info, "world": world, "train-toy": train_toy,
-    "ablate": ablate, "logit-lens": logit_lens, "knockout": knockout,
+    "ablate": ablate, "logit-lens": logit_lens, "knockout": knockout, "attention": attention,
     "perceive": perceive, "artifacts": artifacts, "prefix": prefix, "surface": surface,
 }
 for _name, _fn in COMMANDS.items():

@@ -50,7 +50,7 @@ def word_ids(tokenizer, name: str) -> list[int]:
     return sorted(i for i in ids if i != unk)
 
 
-def _display(token: str | None) -> str:
+def display_token(token: str | None) -> str:
     """A vocabulary entry as a word: sub-word space markers (SentencePiece, GPT-2) dropped."""
     token = token or ""
     return token.replace("\u2581", " ").replace("\u0120", " ").strip() or token
@@ -95,7 +95,7 @@ def _chunk_rows(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list
     positions = [tm.image_positions(b) for b in range(len(chunk))]
     with capture(vlm, positions, residual=True) as cap:
         vlm.forward(batch, logits_to_keep=1)
-    vocab = [_display(t) for t in
+    vocab = [display_token(t) for t in
              vlm.tokenizer.convert_ids_to_tokens(list(range(len(vlm.tokenizer))))]
     for b, (sample, target) in enumerate(chunk):
         inst = sample.instances[target]

@@ -75,3 +75,32 @@ def layer_windows(n_layers: int, size: int | None = None,
     if windows[-1][1] != n_layers - 1:
         windows.append((n_layers - size, n_layers - 1))
     return windows
+
+
+def bootstrap_columns(matrix, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+                      ) -> np.ndarray:
+    """Percentile bootstrap interval of every column's mean of an [items, k] matrix -> [k, 2].
+
+    Items (e.g. images) are resampled together for all columns, as one draw of the
+    data set, and NaN entries (a measure undefined for one item) are skipped; a
+    column with no finite entry gets (nan, nan). Vectorised, so a per-layer
+    curve of a 32-layer model costs one call, not one bootstrap per layer.
+    """
+    x = np.asarray(matrix, dtype=float)
+    if x.ndim != 2:
+        raise ValueError(f"bootstrap_columns takes an [items, k] matrix, got shape {x.shape}")
+    out = np.full((x.shape[1], 2), np.nan)
+    if x.shape[0] == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
+    tail = (1 - level) / 2 * 100
+    for k in range(x.shape[1]):
+        draws = x[idx, k]
+        ok = np.isfinite(draws)
+        counts = ok.sum(1)
+        means = np.where(ok, draws, 0.0).sum(1) / np.maximum(counts, 1)
+        means = means[counts > 0]
+        if means.size:
+            out[k] = np.percentile(means, [tail, 100 - tail])
+    return out

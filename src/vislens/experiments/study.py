@@ -19,6 +19,7 @@ from vislens.report.sections import (
     ablation_section,
     accuracy_section,
     artifacts_section,
+    attention_section,
     knockout_section,
     logit_lens_section,
     perceive_section,
@@ -69,7 +70,7 @@ class StepClock:
 def run_study(config: StudyConfig, out: Path, progress=None,
               log: Callable[[str], None] = print) -> dict:
     from vislens.data import open_dataset
-    from vislens.experiments import ablation, knockout, logit_lens
+    from vislens.experiments import ablation, attention, knockout, logit_lens
     from vislens.models import load
 
     out = Path(out)
@@ -107,6 +108,10 @@ def run_study(config: StudyConfig, out: Path, progress=None,
     step("knockout", lambda: knockout.execute(
         vlm, samples[: config.n(80)], knockout.KnockoutConfig(area=small, seed=config.seed),
         out / "knockout", {**meta, "n": config.n(80)}, progress=progress))
+    step("attention", lambda: attention.execute(
+        vlm, samples[: config.n(24)], attention.AttentionConfig(area=large, viewers=2,
+                                                                seed=config.seed),
+        out / "attention", {**meta, "n": config.n(24)}, progress=progress))
     part_b(vlm, config, out, step, progress)
     times = clock.totals()
     sections: list[Section] = [
@@ -114,6 +119,7 @@ def run_study(config: StudyConfig, out: Path, progress=None,
         ablation_section(summaries["ablation"]),
         logit_lens_section(summaries["logit lens"]),
         knockout_section(summaries["knockout"]),
+        attention_section(summaries["attention"]),
         perceive_section(summaries["perceive"]),
         artifacts_section(summaries["artifacts"]),
         prefix_section(summaries["prefix"]),
@@ -180,6 +186,9 @@ def _headline(name: str, summary: dict) -> dict:
     if name == "knockout":
         return {"windows": summary["window_labels"],
                 "relative_accuracy": summary["relative_accuracy"]}
+    if name == "attention":
+        return {k: summary[k] for k in ("peak_layer_image", "peak_layer_object",
+                                        "object_lift")}
     if name == "perceive":
         return {t: {"metric": e["metric"], "values_held_out": e["selected"].get("values"),
                     "projector": e.get("projector"), "vision": e.get("vision")}

@@ -88,6 +88,8 @@ td:first-child,th:first-child{text-align:left}
 figure.grid{display:inline-block;width:32%;margin:4px 0.5%;vertical-align:top}
 figcaption{font-size:13px;color:#555}
 .viewer iframe{width:100%;height:640px;border:1px solid #ccc}
+#attention .viewer iframe{height:820px}
+#attention figure.plot{display:inline-block;width:48%;margin:4px 0.5%;vertical-align:top}
 .note{font-size:13px;color:#444;background:#fafafa;border-left:3px solid #bbb;padding:4px 8px}
 nav ol{columns:2} footer{margin-top:40px;font-size:12px;color:#777}
 """

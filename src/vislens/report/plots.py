@@ -80,24 +80,38 @@ def heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequen
 
 def layer_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str, ylabel: str,
                  hlines: Mapping[str, float] | None = None,
-                 styles: Mapping[str, str] | None = None) -> Path:
+                 styles: Mapping[str, str] | None = None,
+                 bands: Mapping[str, Sequence[Sequence[float]]] | None = None,
+                 ylim: tuple[float, float] | None = None, legend_below: bool = False) -> Path:
     """One line per source over layers; constant baselines (projector, vision) as dashes.
 
     Sources keep their colour across figures (SOURCE_COLORS); `styles` gives a line
-    style per curve (e.g. dotted for the prefixed condition). The legend sits outside
-    the axes so it never hides data.
+    style per curve (e.g. dotted for the prefixed condition); bands[name] = per-layer
+    (low, high) interval, shaded in its curve's colour. The legend sits outside the
+    axes (right, or below with legend_below) so it never hides data; `ylim` fixes the
+    range (shares of attention run from 0 to 1 and leave no free corner).
     """
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     for k, (name, ys) in enumerate(curves.items()):
-        ax.plot(range(len(ys)), ys, marker="o", ms=4, label=name,
-                color=source_color(name) or f"C{k + 5}", ls=(styles or {}).get(name, "-"))
+        color = source_color(name) or f"C{k}"
+        ax.plot(range(len(ys)), ys, marker="o", ms=4, label=name, color=color,
+                ls=(styles or {}).get(name, "-"))
+        if bands and name in bands:
+            lo, hi = np.asarray(bands[name], dtype=float).reshape(-1, 2).T
+            ax.fill_between(range(len(lo)), lo, hi, color=color, alpha=0.2, lw=0)
     for k, (name, y) in enumerate((hlines or {}).items()):
-        ax.axhline(y, ls="--", color=source_color(name) or f"C{len(curves) + k + 5}",
+        ax.axhline(y, ls="--", color=source_color(name) or f"C{len(curves) + k}",
                    label=name)
     ax.set_xlabel("LM layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if legend_below:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18),
+                  ncol=min(3, len(curves) + len(hlines or {})), frameon=False)
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return save_figure(fig, path)

@@ -201,3 +201,59 @@ def surface_section(summary: dict) -> Section:
                            ["present but not surfaced", summary["present_not_surfaced"]["rate"],
                             0.333]])],
         images=[("values readout accuracy per layer", Path(summary["plot"]))])
+
+
+def _share(value: float | None, ci: list[float] | None = None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:.{digits}f}"
+    return text if not ci else f"{text} ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})"
+
+
+def attention_section(summary: dict, max_viewers: int = 2) -> Section:
+    per, ci = summary["per_layer"], summary["per_layer_ci95"]
+    first = summary.get("first_token") or "?"
+    rows = [[layer, _share(per["image"][layer], ci["image"][layer]),
+             _share(per["text"][layer]), _share(per["first"][layer]),
+             _share(summary["object_share"][layer], summary["object_share_ci95"][layer]),
+             _share(summary["area_share"][layer]),
+             _share(summary["peak_on_object"][layer], digits=2)]
+            for layer in range(summary["n_layers"])]
+    header = ["layer", "image tokens (95% CI)", "text tokens", f"first token ({first})",
+              "object's share of image attention (95% CI)", "object's share of image tokens",
+              "peak patch on the object"]
+    top, best = summary["peak_layer_image"], summary["peak_layer_object"]
+    acc = summary.get("answer_accuracy")
+    headline = [
+        ["layer with the most attention on the image", top,
+         _share(per["image"][top]) if top is not None else None],
+        ["layer where the object draws most (share of image attention / share of tokens)",
+         best, _share(summary["object_lift"][best], digits=1) + "x" if best is not None
+         else None],
+        ["largest attention on the first token (any layer)", None,
+         _share(max((v for v in per["first"] if v is not None), default=None))],
+    ]
+    if acc:
+        headline.append(["first answer token right (share of images)", None,
+                         _share(acc["rate"], acc["ci95"], digits=2)])
+    query = summary["query_label"]
+    token = summary.get("query_token") or "?"
+    pages = [(f"interactive attention viewer: {v['sample']}, “{v['prompt']}” answered "
+              f"“{v['answer']}” (target: {v['target']})", Path(v["path"]).read_text())
+             for v in summary.get("viewers", [])[:max_viewers]]
+    return Section(
+        "attention", "Attention of the answer: which image patches does it read?",
+        f"The attention row of the {query} (token {token!r}) in every layer, post-softmax and "
+        "averaged over heads, split into image tokens, text tokens and the first token (an "
+        "attention sink in most real models). The object's share of the image attention is "
+        "set against its share of the image tokens: equal shares mean the query looks at the "
+        "object no more than at any other patch. In a viewer, hover a layer, a head or a "
+        "patch.",
+        tables=[TableData(f"{summary['n_images']} images, {summary['setting']} prompts",
+                          ["measure", "layer", "value"], headline),
+                TableData("per layer, mean over images and heads", header, rows)],
+        images=[("where the query's attention goes, per layer (bands: 95% bootstrap intervals "
+                 "over images)", Path(summary["plot"])),
+                ("the object's share of the image attention against its share of the image "
+                 "tokens", Path(summary["object_plot"]))],
+        pages=pages)

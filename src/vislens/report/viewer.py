@@ -16,6 +16,27 @@ from PIL import Image
 from vislens.report.html import esc, image_data_uri
 
 DISPLAY_WIDTH = 384
+# what every per-image viewer shares: the page, the image with its patches, the hover mark
+BASE_CSS = """
+body{font-family:system-ui,sans-serif;margin:12px;color:#222}
+.wrap{display:flex;gap:16px;align-items:flex-start}
+.img{position:relative;flex:none}
+.img img{display:block;image-rendering:pixelated}
+.patch{position:absolute;box-sizing:border-box;border:1px solid rgba(255,255,255,.18)}
+.patch.hl{border:2px solid #ff0;background:rgba(255,255,0,.35)}
+"""
+
+
+def patch_divs(boxes: Sequence[Sequence[float]], scale: float,
+               classes: Sequence[str] | None = None) -> str:
+    """One absolutely placed div per image token over its box (id p<i>), so hovering,
+    highlighting and colouring a token is plain CSS on a static element."""
+    classes = classes if classes is not None else [""] * len(boxes)
+    return "\n".join(
+        f'<div class="patch{extra}" id="p{i}" data-i="{i}" '
+        f'style="left:{b[0] * scale:.1f}px;top:{b[1] * scale:.1f}px;'
+        f"width:{(b[2] - b[0]) * scale:.1f}px;height:{(b[3] - b[1]) * scale:.1f}px\"></div>"
+        for i, (b, extra) in enumerate(zip(boxes, classes, strict=True)))
 
 
 @dataclass
@@ -37,13 +58,8 @@ def render_viewer(image: Image.Image, tokens: Sequence[LensToken], title: str = 
     n_layers = len(tokens[0].topk)
     scale = DISPLAY_WIDTH / image.width
     height = round(image.height * scale)
-    patches = "\n".join(
-        f'<div class="patch{" obj" if t.on_object else ""}" id="p{i}" '
-        f'style="left:{t.box[0] * scale:.1f}px;top:{t.box[1] * scale:.1f}px;'
-        f"width:{(t.box[2] - t.box[0]) * scale:.1f}px;"
-        f'height:{(t.box[3] - t.box[1]) * scale:.1f}px"></div>'
-        for i, t in enumerate(tokens)
-    )
+    patches = patch_divs([t.box for t in tokens], scale,
+                         [" obj" if t.on_object else "" for t in tokens])
     header = "".join(f"<th>L{layer}</th>" for layer in range(n_layers))
     body = []
     for i, t in enumerate(tokens):
@@ -56,6 +72,7 @@ def render_viewer(image: Image.Image, tokens: Sequence[LensToken], title: str = 
     data = [[[[w, round(p, 4)] for w, p in layer] for layer in t.topk] for t in tokens]
     words = ", ".join(esc(w) for w in object_words)
     return _TEMPLATE.format(
+        base_css=BASE_CSS,
         title=esc(title or "logit lens"),
         img=image_data_uri(image.convert("RGB")),
         width=DISPLAY_WIDTH,
@@ -73,13 +90,9 @@ def render_viewer(image: Image.Image, tokens: Sequence[LensToken], title: str = 
 _TEMPLATE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body{{font-family:system-ui,sans-serif;margin:12px;color:#222}}
-.wrap{{display:flex;gap:16px;align-items:flex-start}}
-.img{{position:relative;width:{width}px;height:{height}px;flex:none}}
-.img img{{width:{width}px;height:{height}px;image-rendering:pixelated}}
-.patch{{position:absolute;box-sizing:border-box;border:1px solid rgba(255,255,255,.18)}}
+{base_css}
+.img,.img img{{width:{width}px;height:{height}px}}
 .patch.obj{{border-color:rgba(255,255,255,.45)}}
-.patch.hl{{border:2px solid #ff0;background:rgba(255,255,0,.35)}}
 .patch.match{{background:rgba(0,200,255,.35)}}
 .tbl{{max-height:80vh;overflow:auto;border:1px solid #ccc}}
 table{{border-collapse:collapse;font-size:11px}}
