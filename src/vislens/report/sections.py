@@ -103,7 +103,8 @@ def _perception_rows(tasks: dict) -> list[list[object]]:
 
 
 PERCEPTION_HEADER = ["task", "metric", "values (held-out layer)", "layer",
-                     "keys (held-out layer)", "layer", "values, best layer on all items (optimistic)",
+                     "keys (held-out layer)", "layer",
+                     "values, best layer on all items (optimistic)",
                      "projector", "vision encoder"]
 
 
