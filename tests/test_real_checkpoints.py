@@ -12,11 +12,11 @@ experiments run on 576-2929-token sequences of the real geometries.
 from __future__ import annotations
 
 import pytest
-from answer_head import answer, fitted_dir, scenes
+from answer_head import LENS_NAMES, TARGETS, answer, fitted_dir, scenes
 from checkpoints import NAMES
 
 import vislens
-from vislens.experiments import prompts
+from vislens.experiments import logit_lens, prompts
 from vislens.experiments.accuracy import generate_answers
 from vislens.experiments.selection import noise_object
 
@@ -25,6 +25,22 @@ from vislens.experiments.selection import noise_object
 def fitted(request):
     """(name, loaded VLM) of each look-alike with its fitted unembedding."""
     return request.param, vislens.load(str(fitted_dir(request.param)))
+
+
+def word_starts(tokenizer, name: str) -> set[int]:
+    """The ids that begin each word of `name`, read from the tokenizer's offsets when the
+    name is written in a sentence or opens the text: what a model emits for the word."""
+    ids = set()
+    for text, at in ((f"It is a {name}", len("It is a ")), (name, 0)):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts, pos = set(), at
+        for word in name.split():
+            starts.add(pos)
+            pos += len(word) + 1
+        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+            if text[a:b].strip() and any(a <= s < b for s in starts):
+                ids.add(int(tok))
+    return ids
 
 
 def test_fitted_fixtures_answer_right_clean_and_wrong_noised(fitted):
@@ -45,3 +61,15 @@ def test_fitted_fixtures_answer_right_clean_and_wrong_noised(fitted):
     for text, q, (setting, is_noised, said) in zip(texts, questions, expected, strict=True):
         assert q.is_correct(text) != is_noised, (name, setting, is_noised, text)
         assert text.strip() == said, (name, setting, text)  # and nothing after the EOS
+
+
+def test_class_word_ids_are_the_pieces_a_word_starts_with(fitted):
+    """The lens counts a hit when a top-k token starts a word of the class name. A
+    SentencePiece tokenizer writes " giraffe" as "▁" + "▁g|ir|af|fe": the bare "▁" starts
+    no word, and taking it would make every "▁" in a top-5 a hit for every class."""
+    name, vlm = fitted
+    for cls in (*TARGETS, *LENS_NAMES):
+        got = set(logit_lens.word_ids(vlm.tokenizer, cls))
+        assert got == word_starts(vlm.tokenizer, cls), (name, cls)
+        for i in got:
+            assert vlm.tokenizer.decode([i]).strip(), (name, cls, i)

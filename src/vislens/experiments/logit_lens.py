@@ -38,14 +38,22 @@ class LensConfig:
 
 
 def word_ids(tokenizer, name: str) -> list[int]:
-    """Token ids a class name can show up as: the first token of each word, with and
-    without a leading space (sub-word tokenizers spell words both ways)."""
+    """Token ids a class name can show up as: the piece each of its words starts with
+    where the name is written, i.e. after a space, and (first word only) opening a text.
+
+    A piece that is only whitespace starts no word: SentencePiece writes " giraffe" as
+    "▁" then "▁g|ir|af|fe", and taking the bare "▁" made every "▁" in a top-k a hit
+    for every class. Later words of a multi-word name never open a text, so their
+    space-less spelling (byte-level "l" of "light" in "traffic light", a bare letter)
+    is not one of the name's pieces either.
+    """
     ids: set[int] = set()
-    for word in name.split():
-        for text in (word, " " + word):
+    for k, word in enumerate(name.split()):
+        for text in ((word, " " + word) if k == 0 else (" " + word,)):
             toks = tokenizer.encode(text, add_special_tokens=False)
-            if toks:
-                ids.add(int(toks[0]))
+            first = next((t for t in toks if tokenizer.decode([t]).strip()), None)
+            if first is not None:
+                ids.add(int(first))
     unk = tokenizer.unk_token_id
     return sorted(i for i in ids if i != unk)
 
