@@ -12,7 +12,8 @@ experiments run on 576-2929-token sequences of the real geometries.
 from __future__ import annotations
 
 import pytest
-from answer_head import LENS_NAMES, TARGETS, answer, fitted_dir, scenes
+import torch
+from answer_head import LENS_NAMES, TARGETS, answer, fitted_dir, lens_scenes, scenes
 from checkpoints import NAMES
 
 import vislens
@@ -73,3 +74,28 @@ def test_class_word_ids_are_the_pieces_a_word_starts_with(fitted):
         assert got == word_starts(vlm.tokenizer, cls), (name, cls)
         for i in got:
             assert vlm.tokenizer.decode([i]).strip(), (name, cls, i)
+
+
+def test_logit_lens_unembeds_a_bounded_number_of_tokens_at_once(fitted, tmp_path):
+    """OneVision's 2929 image tokens x a 152k vocabulary are 1.8 GB of float32 logits per
+    layer: the lens must decode a bounded slice of tokens at a time, and still give the
+    model's own prediction at the last layer."""
+    name, vlm = fitted
+    sample = lens_scenes()[0]
+    sizes = []
+    hook = vlm.lm_head.register_forward_hook(
+        lambda module, args, out: sizes.append(out.numel()))
+    try:
+        rows = list(logit_lens._chunk_rows(vlm, [(sample, 0)], logit_lens.LensConfig(viewers=0),
+                                           tmp_path, []))
+    finally:
+        hook.remove()
+    assert max(sizes) <= logit_lens.MAX_LOGITS, (name, max(sizes))
+    batch = vlm.prepare([sample.image], [logit_lens.PROMPT])
+    image = batch.token_map.image_positions(0)
+    assert len(rows) == len(image) * (vlm.num_layers + 1)
+    picked = image[:: max(1, len(image) // 48)]
+    with torch.no_grad():  # the model's own logits, at these positions only
+        own = vlm.forward(batch, logits_to_keep=torch.as_tensor(picked)).logits[0]
+    top1 = {r["position"]: r["topk_ids"][0] for r in rows if r["layer"] == vlm.num_layers}
+    assert [top1[int(p)] for p in picked] == own.argmax(-1).tolist()
