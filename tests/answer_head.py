@@ -15,6 +15,8 @@ token ids, noise and positions:
 - VQA (prompts.question, answer prefix "It is"): clean "a giraffe", noised
   "a cat" (the scene's other object);
 - generative ("Describe this image."): clean "A giraffe.", noised "A cat.";
+- multiple choice (surface's 2x2 composite and BLINK-style prompt): "(A)" or "(B)",
+  right on the first item and wrong on the second;
 
 each followed by the checkpoint's EOS. The states are recorded by teacher forcing
 the continuation with `vlm.prepare` + `batching.extend_batch` + `vlm.forward` (the
@@ -26,9 +28,12 @@ family of states: the last-layer residuals of the first 8 object patches (half
 covered or more) under the lens prompt must have the first piece of the class
 name in their top 5, so the lens has real multi-piece hits to find.
 
-The fit is one linear programme (fit_head): 94-100 states per checkpoint, 23-24
-unembedding rows, every state's target ahead of every other logit by 4; about 2 s
-to record the states and 1-2 s to solve on a 2-core CPU.
+The fit is one linear programme (fit_head): 102-110 states per checkpoint (86-94
+answer tokens, 16 lens patches), 26-27 unembedding rows, every state's target ahead
+of every rival logit by 4; 0.5-2 s to record the states and about 2 s to solve on a
+2-core CPU. Clean and noised states differ by only 0.1-1.6% of their norm, so the
+fitted rows are large (norms up to a few thousand, against 0.16 for a random row):
+a logit then moves by ~1e-6 of its scale between a batched and a lone run.
 
 Nothing else is fitted, so everything an experiment measures beyond these answers
 (what ablating or knocking out tokens does, features, artifacts) is the random
@@ -66,6 +71,7 @@ LENS_SIZES = ((640, 480), (384, 288))  # the second, small one keeps the lens ch
 LENS_SIDE = 158  # a square of ~25000 px^2: inside the logit-lens range [20000, 30000]
 LENS_NAMES = ("giraffe", "traffic light")
 ABLATION_SEED = 0  # AblationConfig.seed the CLI uses by default: noise seed = seed + index
+MC_SEED = 9  # the multiple-choice items (written as a BLINK parquet by the tests)
 
 
 def _canvas(rng, size, tint) -> np.ndarray:
@@ -129,6 +135,19 @@ def lens_scenes() -> list[Sample]:
                           instances=[Instance(name, mask, mask_box(mask))],
                           meta={"source": "coco"}))
     return out
+
+
+def mc_items() -> list:
+    """Two BLINK-style items (reference + two candidates, "which shows the same fill")."""
+    from vislens.data import tasks
+
+    return tasks.multiple_choice(2, seed=MC_SEED, kind="fill")
+
+
+def mc_answer(k: int, item) -> str:
+    """The fitted model picks the right candidate of item 0 and the wrong one of item 1."""
+    pick = item.answer_index if k % 2 == 0 else 1 - item.answer_index
+    return f"({chr(ord('A') + pick)})"
 
 
 def answer(sample: Sample, setting: str, noised: bool) -> str:
@@ -223,6 +242,28 @@ def lens_states(vlm, samples: list[Sample], out: States, top_k: int = 5,
     return out
 
 
+def mc_states(vlm, items, out: States) -> States:
+    """The answer to each multiple-choice item as surface asks it (one 2x2 composite image)."""
+    import torch
+
+    from vislens.experiments.batching import extend_batch
+    from vislens.experiments.perception.surface import composite
+    from vislens.interventions import capture
+
+    last = vlm.num_layers
+    for k, item in enumerate(items):
+        one = vlm.prepare([composite(item.images)], [item.prompt()])
+        ids = continuation_ids(vlm, one.texts[0], mc_answer(k, item)) + [eos_id(vlm)]
+        ext = extend_batch(one, torch.tensor(ids[:-1], dtype=torch.long))
+        cols = np.arange(ext.seq_len - len(ids), ext.seq_len)
+        with torch.no_grad(), capture(vlm, [cols], layers=[last - 1]) as cap:
+            vlm.forward(ext, logits_to_keep=1)
+        out.x.append(cap.residual[last].float())
+        out.y += ids
+        out.top += [1] * len(ids)
+    return out
+
+
 # ---- the fit ----------------------------------------------------------------------------------
 @dataclass
 class Fit:
@@ -311,7 +352,8 @@ def fit_head(vlm, states: States, margin: float = 4.0) -> Fit:
 SOURCES = (  # vislens files the recorded states depend on
     "experiments/prompts.py", "experiments/selection.py", "experiments/batching.py",
     "models/prompting.py", "models/vlm.py", "models/loading.py", "models/novideo.py",
-    "interventions/capture.py", "interventions/hub.py",
+    "interventions/capture.py", "interventions/hub.py", "experiments/perception/surface.py",
+    "data/tasks.py", "data/samples.py",
 )
 
 
@@ -340,6 +382,7 @@ def build(name: str, out: Path) -> dict:
     t = time.perf_counter()
     states = answer_states(vlm, scenes())
     lens_states(vlm, lens_scenes(), states)
+    mc_states(vlm, mc_items(), states)
     record = time.perf_counter() - t
     fit = fit_head(vlm, states)
     for f in src.iterdir():
