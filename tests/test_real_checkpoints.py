@@ -58,7 +58,9 @@ from vislens.interventions.knockout import Knockout
 SETTINGS = ("generative", "polling", "vqa")
 CONDITIONS = ("object", "object+1", "object+2", "register", "random-matched", "ig-matched",
               "all-but-object+1", "random-40")
-PATCHES_640x480 = {LLAVA15: 576, NEXT: 2304, ONEVISION: 2889, QWEN25VL: 391}  # + newlines:
+# image tokens of a 640x480 scene: patches, and all image-token ids with NeXT / OneVision's
+# row newlines (the fact sheet's 576 / 2340 / 2929 / 391)
+PATCHES_640x480 = {LLAVA15: 576, NEXT: 2304, ONEVISION: 2889, QWEN25VL: 391}
 SEQUENCE_IMAGE_TOKENS_640x480 = {LLAVA15: 576, NEXT: 2340, ONEVISION: 2929, QWEN25VL: 391}
 TASKS = ("fg-seg", "co-seg", "sem-seg", "ref-seg", "sem-corr", "temp-corr")
 TEXT_TASKS = ("sem-seg", "ref-seg")
@@ -348,6 +350,8 @@ def test_knockout_windows_judge_every_answer_token(fitted, data, tmp_path):
         q = prompts.question(sample, 0, setting)
         one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
         ids = continuation_ids(vlm, one.texts[0], answer(sample, setting, False))
+        assert int((one.input_ids == vlm.image_token_id).sum()) == \
+            SEQUENCE_IMAGE_TOKENS_640x480[fitted.name]
         mine = [r for r in rows if r["setting"] == setting]
         (clean,) = [r for r in mine if r["condition"] == "clean"]
         assert clean["kept"] and clean["n_answer_tokens"] == len(ids)
