@@ -24,6 +24,7 @@ from vislens.report.viewer import LensToken, render_viewer
 
 PROMPT = "describe this image ."
 PAPER = {"hit_rate": 0.237, "peak_layer_mean": 25.7, "n_layers": 33}  # LLaVA-1.5-7B, COCO
+MAX_LOGITS = 1 << 24  # logits decoded at once (64 MB in float32): rows per slice = this / vocab
 
 
 @dataclass
@@ -38,14 +39,22 @@ class LensConfig:
 
 
 def word_ids(tokenizer, name: str) -> list[int]:
-    """Token ids a class name can show up as: the first token of each word, with and
-    without a leading space (sub-word tokenizers spell words both ways)."""
+    """Token ids a class name can show up as: the piece each of its words starts with
+    where the name is written, i.e. after a space, and (first word only) opening a text.
+
+    A piece that is only whitespace starts no word: SentencePiece writes " giraffe" as
+    "▁" then "▁g|ir|af|fe", and taking the bare "▁" made every "▁" in a top-k a hit
+    for every class. Later words of a multi-word name never open a text, so their
+    space-less spelling (byte-level "l" of "light" in "traffic light", a bare letter)
+    is not one of the name's pieces either.
+    """
     ids: set[int] = set()
-    for word in name.split():
-        for text in (word, " " + word):
+    for k, word in enumerate(name.split()):
+        for text in ((word, " " + word) if k == 0 else (" " + word,)):
             toks = tokenizer.encode(text, add_special_tokens=False)
-            if toks:
-                ids.add(int(toks[0]))
+            first = next((t for t in toks if tokenizer.decode([t]).strip()), None)
+            if first is not None:
+                ids.add(int(first))
     unk = tokenizer.unk_token_id
     return sorted(i for i in ids if i != unk)
 
@@ -109,15 +118,8 @@ def _chunk_rows(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list
             background &= np.array([ofrac[oorder[int(p)]] == 0 for p in positions[b]])
         cls = torch.tensor(word_ids(vlm.tokenizer, inst.name), dtype=torch.long)
         cells = tm.cells(positions[b], b)
-        layers = []
-        for layer in range(vlm.num_layers + 1):
-            probs = torch.softmax(vlm.unembed(cap.of("residual", layer, b)).float(), dim=-1)
-            top_p, top_i = probs.topk(config.top_k, dim=-1)
-            cls_p = probs[:, cls].max(-1).values if len(cls) else torch.zeros(len(probs))
-            hit = (torch.isin(top_i, cls).any(-1) if len(cls)
-                   else torch.zeros(len(probs), dtype=torch.bool))
-            layers.append((top_i.cpu().numpy(), top_p.cpu().numpy(), cls_p.cpu().numpy(),
-                           hit.cpu().numpy()))
+        layers = [_decode(vlm, cap.of("residual", layer, b), cls, config.top_k)
+                  for layer in range(vlm.num_layers + 1)]
         for t, p in enumerate(positions[b]):
             for layer, (ids, pr, cp, hit) in enumerate(layers):
                 yield {"sample": sample.id, "target": inst.name, "position": int(p),
@@ -141,6 +143,28 @@ def _chunk_rows(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list
             tmp = path.with_suffix(".tmp")
             tmp.write_text(page)
             tmp.replace(path)
+
+
+def _decode(vlm, residual: torch.Tensor, cls: torch.Tensor, top_k: int) -> tuple:
+    """(top-k ids, top-k probs, class prob, hit) of each residual row, as numpy arrays.
+
+    Rows are decoded a slice at a time so that no more than MAX_LOGITS logits exist at
+    once: OneVision's 2929 image tokens x a 152k vocabulary would be 1.8 GB of float32
+    per layer (and as much again for the softmax).
+    """
+    vocab = vlm.lm_head.weight.shape[0]
+    step = max(1, MAX_LOGITS // vocab)
+    parts = []
+    for chunk in residual.split(step):
+        probs = torch.softmax(vlm.unembed(chunk).float(), dim=-1)
+        top_p, top_i = probs.topk(top_k, dim=-1)
+        cls_p = probs[:, cls.to(probs.device)].max(-1).values if len(cls) \
+            else torch.zeros(len(probs))
+        hit = (torch.isin(top_i, cls.to(top_i.device)).any(-1) if len(cls)
+               else torch.zeros(len(probs), dtype=torch.bool))
+        parts.append([t.cpu() for t in (top_i, top_p, cls_p, hit)])
+        del probs
+    return tuple(torch.cat([p[k] for p in parts]).numpy() for k in range(4))
 
 
 def summarise(rows: list[dict], vlm, config: LensConfig, viewer_dir: Path) -> dict:
