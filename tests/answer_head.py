@@ -15,7 +15,8 @@ token ids, noise and positions:
 - VQA (prompts.question, answer prefix "It is"): clean "a giraffe", noised
   "a cat" (the scene's other object);
 - generative ("Describe this image."): clean "A giraffe.", noised "A cat.";
-- multiple choice (surface's 2x2 composite and BLINK-style prompt): "(A)" or "(B)",
+- multiple choice (what surface shows: the images themselves for multi-image families,
+  else their 2x2 composite; BLINK-style prompt): "(A)" or "(B)",
   right on the first item and wrong on the second;
 
 each followed by the checkpoint's EOS. The states are recorded by teacher forcing
@@ -243,16 +244,16 @@ def lens_states(vlm, samples: list[Sample], out: States, top_k: int = 5,
 
 
 def mc_states(vlm, items, out: States) -> States:
-    """The answer to each multiple-choice item as surface asks it (one 2x2 composite image)."""
+    """The answer to each multiple-choice item as surface asks it (surface.shown_images)."""
     import torch
 
     from vislens.experiments.batching import extend_batch
-    from vislens.experiments.perception.surface import composite
+    from vislens.experiments.perception.surface import shown_images
     from vislens.interventions import capture
 
     last = vlm.num_layers
     for k, item in enumerate(items):
-        one = vlm.prepare([composite(item.images)], [item.prompt()])
+        one = vlm.prepare([shown_images(vlm, item)], [item.prompt()])
         ids = continuation_ids(vlm, one.texts[0], mc_answer(k, item)) + [eos_id(vlm)]
         ext = extend_batch(one, torch.tensor(ids[:-1], dtype=torch.long))
         cols = np.arange(ext.seq_len - len(ids), ext.seq_len)

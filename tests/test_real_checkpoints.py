@@ -48,8 +48,9 @@ from vislens.data.voc import VOC_CLASSES, voc_palette
 from vislens.experiments import knockout, logit_lens, prompts
 from vislens.experiments.accuracy import generate_answers
 from vislens.experiments.batching import repeat_batch
+from vislens.experiments.perception import surface
 from vislens.experiments.perception.features import ALL_SOURCES, extract
-from vislens.experiments.perception.surface import _letter_ids, parse_choice
+from vislens.experiments.perception.surface import parse_choice
 from vislens.experiments.selection import noise_object
 from vislens.interventions import ablate, capture, mean_image_embedding
 from vislens.interventions import knockout as knock
@@ -458,23 +459,25 @@ def test_prefix_precedes_the_image_and_changes_what_it_can(fitted, data, tmp_pat
     assert not torch.allclose(plain["values/1"], prefixed["values/1"], rtol=1e-3, atol=1e-5)
 
 
-def test_surface_parses_the_models_answers(fitted, data, tmp_path):
+def test_surface_reads_the_models_answers(fitted, data, tmp_path):
     """The fitted model answers "(A)"/"(B)" on the BLINK items (right on the first, wrong on
-    the second): surface must read those choices out of its generations."""
+    the second): surface must read those choices, by the likelihood of each answer string,
+    as greedy decoding would."""
     out = tmp_path / "surface"
     s = cli("surface", "--model", fitted.path, "--data", f"blink:{data['blink']}", "--n", 2,
             "--out", out)
-    assert s["n_items"] == 2 and s["n_scored"] == 1 and s["model_accuracy"] == 0.0
-    mode = "generate" if _letter_ids(fitted.vlm.tokenizer, 2) is None else "letter-logits"
+    assert s["n_items"] == 2 and s["n_scored"] == 1 and s["model_accuracy"]["rate"] == 0.0
     rows = sorted(rows_of(out), key=lambda r: int(r["item"]))
     for k, (r, item) in enumerate(zip(rows, mc_items(), strict=True)):
         said = mc_answer(k, item)
-        assert r["mode"] == mode and r["model"] == ord(said[1]) - ord("A"), r
+        assert r["mode"] == "answer-likelihood" and r["model"] == ord(said[1]) - ord("A"), r
+        assert r["model_text"] == said
         assert r["truth"] == item.answer_index and (r["model"] == r["truth"]) == (k == 0)
-        if mode == "generate":
-            assert r["model_text"].strip() == said
-            assert parse_choice(r["model_text"], item.choices) == r["model"]
         assert set(json.loads(r["readout"])) >= {"values/0", "projector", "vision"}
+    shown = surface.shown_images(fitted.vlm, mc_items()[0])
+    texts = fitted.vlm.decode(fitted.vlm.generate(fitted.vlm.prepare(
+        [shown], [mc_items()[0].prompt()]), max_new_tokens=4))
+    assert parse_choice(texts[0], mc_items()[0].choices) == rows[0]["model"]  # greedy agrees
 
 
 def test_eval_on_shapesworld(fitted):
@@ -487,11 +490,11 @@ def test_eval_on_shapesworld(fitted):
 def test_study_runs_every_step(name, tmp_path):
     out = tmp_path / "study"
     s = cli("study", "--model", fitted_dir(name), "--scale", 0.01, "--out", out)
-    assert s["sections"] == ["accuracy", "ablation", "logit-lens", "knockout", "perceive",
-                             "artifacts", "prefix", "surface", "timing"]
+    assert s["sections"] == ["accuracy", "ablation", "logit-lens", "knockout", "attention",
+                             "perceive", "artifacts", "prefix", "surface", "timing"]
     assert Path(s["report"]).is_file()
-    for step in ("ablate", "logit-lens", "knockout", "perceive", "artifacts", "prefix",
-                 "surface"):
+    for step in ("ablate", "logit-lens", "knockout", "attention", "perceive", "artifacts",
+                 "prefix", "surface"):
         assert (out / step / "summary.json").is_file(), step
 
 

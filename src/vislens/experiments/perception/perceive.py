@@ -342,7 +342,8 @@ def aggregate(task: str, stats: list, classes: list[str]) -> float:
         total = sum(s[1] for s in stats)
         return sum(s[0] for s in stats) / total if total else float("nan")
     if task == "temp-corr":
-        return float(np.nanmean([s["jf"] for s in stats]))
+        jf = np.asarray([s["jf"] for s in stats], dtype=float)
+        return float(np.nanmean(jf)) if np.isfinite(jf).any() else float("nan")
     return float(np.nanmean(stats))  # co-seg IoU, ref-seg IoU: mean over items
 
 
