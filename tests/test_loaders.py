@@ -138,6 +138,11 @@ def test_imagenet_s_ids_use_red_and_green(tmp_path):
         assert _close(lm.sample.image, sm.sample.image)
     bare = load_imagenet_s(root, limit=1)[0]  # no category list: generic names
     assert all(name.startswith("class ") for name in bare.present())
+    # the command line passes only the folder: the lists are found inside it
+    (tmp_path / "cats.txt").rename(root / "ImageNetS_categories_im919.txt")
+    (tmp_path / "LOC_synset_mapping.txt").rename(root / "LOC_synset_mapping.txt")
+    found = load_imagenet_s(root)
+    assert [m.present() for m in found] == [m.present() for m in loaded]
 
 
 def test_image_folder(tmp_path):

@@ -72,9 +72,16 @@ def load_imagenet_s(root: str | Path, split: str = "validation",
 
     `categories` lists the class of each id from 1 (a list, or a file with one
     synset per line such as ImageNetS_categories_im919.txt); `names` turns
-    synsets into words. Without categories, class i is named "class i".
+    synsets into words (LOC_synset_mapping.txt). Both are found in `root` when not
+    given (the command line has no option for them); without categories, class i
+    is named "class i", which no text feature can match.
     """
     root = Path(root)
+    if categories is None:
+        found = sorted(root.glob("ImageNetS_categories_im*.txt"))
+        categories = found[-1] if found else None
+    if names is None and (root / "LOC_synset_mapping.txt").is_file():
+        names = root / "LOC_synset_mapping.txt"
     seg_dir, img_dir = root / f"{split}-segmentation", root / split
     if not seg_dir.is_dir():
         raise FileNotFoundError(f"{seg_dir} not found; pass the ImageNet-S folder "
