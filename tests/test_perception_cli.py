@@ -148,3 +148,29 @@ def test_surface_reads_a_blink_fixture(app, tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["n_items"] == 4 and s["best_layer"] == 1
+
+
+def test_tables_fit_80_columns_with_labelled_layers(app, tmp_path):
+    r = CliRunner().invoke(app, ["perceive", "--n", "1", "--tasks", "fg-seg,sem-seg", "--out",
+                                 str(tmp_path / "run")], terminal_width=80,
+                           env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.stdout  # no header or value cut short
+    assert all(len(line) <= 80 for line in r.stdout.splitlines())
+    assert "L0" in r.stdout and "L1" in r.stdout and "projector" in r.stdout
+
+
+def test_prefix_section_shows_every_task_and_the_signed_largest_change(tmp_path):
+    from vislens.report.sections import prefix_section
+
+    delta = {t: {"metric": "miou", "values": [0.0, -0.12, 0.05], "keys": [0.0, 0.0, 0.0]}
+             for t in ("fg-seg", "ref-seg")}
+    plots = [tmp_path / f"{t}-prefix.png" for t in delta]
+    for p in plots:
+        p.write_bytes(b"png")
+    section = prefix_section({"prefix": "classes", "delta": delta, "prefixed": {},
+                              "plots": [str(p) for p in plots]})
+    assert len(section.images) == len(delta)  # every task, not the first three
+    assert all("prefix" not in caption.split(":")[0] for caption, _ in section.images)
+    rows = section.tables[0].rows
+    assert [r[2] for r in rows] == [-0.12, -0.12] and [r[3] for r in rows] == [1, 1]
