@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from native_formats import write_davis, write_voc
 from PIL import Image
 
 from vislens.data import tasks
@@ -25,7 +26,7 @@ from vislens.data.imagenet import load_image_folder, load_imagenet_s
 from vislens.data.refcoco import load_refcoco, read_refs
 from vislens.data.shapesworld import SHAPES
 from vislens.data.spair import load_spair
-from vislens.data.voc import VOC_CLASSES, load_voc, voc_palette
+from vislens.data.voc import VOC_CLASSES, load_voc
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -55,29 +56,11 @@ def _voc_labels(sm):
     return labels
 
 
-def _write_voc(root, maps, rgb_masks=False):
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True)
-    written = {}
-    for k, sm in enumerate(maps):
-        image_id = f"2007_{k:06d}"
-        sm.sample.image.save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
-        labels = _voc_labels(sm)
-        mask = Image.fromarray(labels.astype(np.uint8), "P")
-        mask.putpalette(voc_palette())
-        if rgb_masks:
-            mask = mask.convert("RGB")
-        mask.save(root / "SegmentationClass" / f"{image_id}.png")
-        written[image_id] = labels
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(written) + "\n")
-    return written
-
-
 @pytest.mark.parametrize("rgb_masks", [False, True])
 def test_voc(tmp_path, rgb_masks):
     maps = tasks.semantic_maps(4, seed=1)
     root = tmp_path / "VOC2012"
-    written = _write_voc(root, maps, rgb_masks)
+    written = write_voc(root, maps, _voc_labels, rgb_masks)
     loaded = load_voc(root, classes=["background", *SHAPES])
     assert [m.sample.id for m in loaded] == list(written)
     for lm, sm in zip(loaded, maps, strict=True):
@@ -97,7 +80,7 @@ def test_voc_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="SegmentationClass"):
         load_voc(tmp_path)
     root = tmp_path / "VOC2012"
-    _write_voc(root, tasks.semantic_maps(1, seed=1))
+    write_voc(root, tasks.semantic_maps(1, seed=1), _voc_labels)
     (next((root / "JPEGImages").iterdir())).unlink()
     with pytest.raises(FileNotFoundError, match="not found"):
         load_voc(root)
@@ -250,27 +233,10 @@ def test_spair(tmp_path):
 
 # ---------------------------------------------------------------- DAVIS
 
-def _write_davis(root, vids, first_only=()):
-    (root / "ImageSets" / "2017").mkdir(parents=True)
-    for v in vids:
-        fdir = root / "JPEGImages" / "480p" / v.id
-        adir = root / "Annotations" / "480p" / v.id
-        fdir.mkdir(parents=True)
-        adir.mkdir(parents=True)
-        for t, frame in enumerate(v.frames):
-            frame.image.save(fdir / f"{t:05d}.jpg", quality=95)
-            if v.id in first_only and t > 0:
-                continue
-            mask = Image.fromarray(v.label_map(t).astype(np.uint8), "P")
-            mask.putpalette(voc_palette())  # DAVIS uses the same color map
-            mask.save(adir / f"{t:05d}.png")
-    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(v.id for v in vids) + "\n")
-
-
 def test_davis(tmp_path):
     vids = tasks.videos(3, seed=8, frames=5)
     root = tmp_path / "DAVIS"
-    _write_davis(root, vids, first_only={vids[2].id})
+    write_davis(root, vids, first_only={vids[2].id})
     loaded = load_davis(root, split="2017/val")
     assert [v.id for v in loaded] == [v.id for v in vids]
     for got, want in zip(loaded[:2], vids[:2], strict=True):
@@ -340,14 +306,14 @@ def test_open_task_reads_native_specs(tmp_path):
     from vislens.data import open_dataset, open_task
 
     root = tmp_path / "VOC2012"
-    _write_voc(root, tasks.semantic_maps(12, seed=1))
+    write_voc(root, tasks.semantic_maps(12, seed=1), _voc_labels)
     classes = ["background", *SHAPES]
     maps = open_task("semantic", f"voc:{root}", n=3, classes=classes)
     assert len(maps) == 3 and maps[0].classes == classes
     eps = open_task("fewshot", f"voc:{root}", n=2, shots=2, queries=1, classes=classes)
     assert len(eps) == 2 and len(eps[0].support) == 2
     vids = tasks.videos(2, seed=3, frames=3)
-    _write_davis(tmp_path / "DAVIS", vids)
+    write_davis(tmp_path / "DAVIS", vids)
     assert [v.id for v in open_task("video", f"davis:{tmp_path / 'DAVIS'}", n=1)] == [vids[0].id]
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -3,16 +3,14 @@ resume, one-line errors, and a native-format data set (a VOC fixture)."""
 
 import json
 
-import numpy as np
 import pytest
 import typer
-from PIL import Image
+from native_formats import write_voc
 from typer.testing import CliRunner
 
 from vislens.cli import COMMANDS
 from vislens.cli import perception as cli_perception
 from vislens.data import tasks as shapes_tasks
-from vislens.data.voc import voc_palette
 from vislens.models.vlm import VLM
 from vislens.toy.build import ToySpec, build_model, build_processor
 
@@ -66,23 +64,9 @@ def test_perceive_errors_are_one_line(app, tmp_path):
     assert r.exit_code == 2 and "unknown part" in r.output
 
 
-def _write_voc(root, maps):
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True)
-    names = []
-    for k, sm in enumerate(maps):
-        name = f"2007_{k:06d}"
-        sm.sample.image.save(root / "JPEGImages" / f"{name}.jpg", quality=95)
-        mask = Image.fromarray(sm.labels.astype(np.uint8), "P")
-        mask.putpalette(voc_palette())
-        mask.save(root / "SegmentationClass" / f"{name}.png")
-        names.append(name)
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(names) + "\n")
-
-
 def test_perceive_reads_a_native_voc_fixture(app, tmp_path):
     root = tmp_path / "VOC2012"
-    _write_voc(root, shapes_tasks.semantic_maps(2, seed=3))
+    write_voc(root, shapes_tasks.semantic_maps(2, seed=3))
     r = invoke(app, "perceive", "--tasks", "sem-seg", "--data", f"sem-seg=voc:{root}",
                "--n", 2, "--layers", "1", "--out", tmp_path / "run", "--json")
     assert r.exit_code == 0, r.output

@@ -14,14 +14,11 @@ exercise every path: this module is about what runs, not about the numbers.
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -37,6 +34,14 @@ from answer_head import (
     scenes,
 )
 from checkpoints import LLAVA15, NAMES, NEXT, ONEVISION, QWEN25VL
+from native_formats import (
+    write_blink,
+    write_davis,
+    write_image_folder,
+    write_refcoco,
+    write_spair,
+    write_voc,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -44,7 +49,7 @@ import vislens
 from vislens.cli import app
 from vislens.data import tasks as shapes_tasks
 from vislens.data.coco import export_coco
-from vislens.data.voc import VOC_CLASSES, voc_palette
+from vislens.data.voc import VOC_CLASSES
 from vislens.experiments import knockout, logit_lens, prompts
 from vislens.experiments.accuracy import generate_answers
 from vislens.experiments.batching import repeat_batch
@@ -81,94 +86,8 @@ def fitted(request):
     return Fitted(request.param, path, vislens.load(str(path)))
 
 
-def _write_voc(root: Path, maps) -> Path:
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True)
-    names = []
-    for k, sm in enumerate(maps):
-        name = f"2007_{k:06d}"
-        sm.sample.image.save(root / "JPEGImages" / f"{name}.jpg", quality=95)
-        mask = Image.fromarray(sm.labels.astype(np.uint8), "P")
-        mask.putpalette(voc_palette())
-        mask.save(root / "SegmentationClass" / f"{name}.png")
-        names.append(name)
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(names) + "\n")
-    return root
-
-
-def _write_blink(path: Path, items) -> Path:
-    def png(im):
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        return buf.getvalue()
-
-    rows = [{"idx": f"val_Art_Style_{k}", "question": it.question, "choices": it.choices,
-             "answer": it.answer,
-             **{f"image_{j + 1}": ({"bytes": png(it.images[j]), "path": None}
-                                   if j < len(it.images) else None) for j in range(4)}}
-            for k, it in enumerate(items)]
-    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    schema = pa.schema([("idx", pa.string()), ("question", pa.string()),
-                        ("choices", pa.list_(pa.string())), ("answer", pa.string()),
-                        *[(f"image_{j}", image) for j in range(1, 5)]])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-    return path
-
-
-def _write_refcoco(root: Path, refs) -> Path:
-    samples = list({r.sample.id: r.sample for r in refs}.values())
-    export_coco(samples, root)  # images/ + annotations.json, which RefCOCO calls instances.json
-    (root / "annotations.json").rename(root / "instances.json")
-    data = json.loads((root / "instances.json").read_text())
-    image_ids = {img["vislens_id"]: img["id"] for img in data["images"]}
-    anns: dict[int, list[int]] = {}
-    for a in data["annotations"]:
-        anns.setdefault(a["image_id"], []).append(a["id"])
-    raw = [{"ref_id": k, "image_id": image_ids[r.sample.id], "split": "val",
-            "ann_id": anns[image_ids[r.sample.id]][r.target], "category_id": 1,
-            "sentences": [{"sent": r.expression, "raw": r.expression, "sent_id": 100 + k}],
-            "sent_ids": [100 + k]} for k, r in enumerate(refs)]
-    (root / "refs(unc).p").write_bytes(pickle.dumps(raw, protocol=2))
-    return root
-
-
-def _write_spair(root: Path, pairs) -> Path:
-    (root / "PairAnnotation" / "test").mkdir(parents=True)
-    for k, p in enumerate(pairs):
-        (root / "JPEGImages" / p.category).mkdir(parents=True, exist_ok=True)
-        names = (f"{k:04d}_a", f"{k:04d}_b")
-        p.source.image.save(root / "JPEGImages" / p.category / f"{names[0]}.jpg", quality=95)
-        p.target.image.save(root / "JPEGImages" / p.category / f"{names[1]}.jpg", quality=95)
-        pair = {"pair_id": k, "src_imname": f"{names[0]}.jpg", "trg_imname": f"{names[1]}.jpg",
-                "category": p.category, "src_imsize": [*p.source.image.size, 3],
-                "trg_imsize": [*p.target.image.size, 3], "src_bndbox": list(p.source_box),
-                "trg_bndbox": list(p.target_box), "src_kps": p.source_points.tolist(),
-                "trg_kps": p.target_points.tolist(),
-                "kps_ids": [str(i) for i in p.meta["keypoint_ids"]]}
-        name = f"{k:06d}-{names[0]}-{names[1]}:{p.category}.json"
-        (root / "PairAnnotation" / "test" / name).write_text(json.dumps(pair))
-    return root
-
-
-def _write_davis(root: Path, videos) -> Path:
-    for v in videos:
-        frames, annotations = (root / kind / "480p" / v.id for kind in ("JPEGImages",
-                                                                         "Annotations"))
-        frames.mkdir(parents=True)
-        annotations.mkdir(parents=True)
-        for t, frame in enumerate(v.frames):
-            frame.image.save(frames / f"{t:05d}.jpg", quality=95)
-            mask = Image.fromarray(v.label_map(t).astype(np.uint8), "P")
-            mask.putpalette(voc_palette())  # DAVIS uses VOC's color map
-            mask.save(annotations / f"{t:05d}.png")
-    return root
-
-
-def _write_image_folder(root: Path, samples) -> Path:
-    for k, sample in enumerate(samples):
-        folder = root / f"n0144{k:04d}"
-        folder.mkdir(parents=True)
-        sample.image.save(folder / f"ILSVRC2012_val_{k:08d}.JPEG", format="JPEG", quality=95)
+def _voc(root: Path, maps) -> Path:
+    write_voc(root, maps)
     return root
 
 
@@ -180,12 +99,12 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {
         "coco": export_coco(scenes(), root / "coco"),
         "lens": export_coco(lens_scenes(), root / "lens"),
-        "voc": _write_voc(root / "VOC2012", shapes_tasks.semantic_maps(2, seed=3)),
-        "refcoco": _write_refcoco(root / "refcoco", shapes_tasks.referring_expressions(2, seed=6)),
-        "spair": _write_spair(root / "SPair-71k", shapes_tasks.correspondence_pairs(2, seed=7)),
-        "davis": _write_davis(root / "DAVIS", shapes_tasks.videos(2, seed=8, frames=3)),
-        "blink": _write_blink(root / "art_style.parquet", mc_items()),
-        "imagenet": _write_image_folder(root / "imagenet",
+        "voc": _voc(root / "VOC2012", shapes_tasks.semantic_maps(2, seed=3)),
+        "refcoco": write_refcoco(root / "refcoco", shapes_tasks.referring_expressions(2, seed=6)),
+        "spair": write_spair(root / "SPair-71k", shapes_tasks.correspondence_pairs(2, seed=7)),
+        "davis": write_davis(root / "DAVIS", shapes_tasks.videos(2, seed=8, frames=3)),
+        "blink": write_blink(root / "art_style.parquet", mc_items()),
+        "imagenet": write_image_folder(root / "imagenet",
                                         [m.sample for m in shapes_tasks.semantic_maps(2, seed=4)]),
     }
 

@@ -10,10 +10,10 @@ from rich.table import Table
 
 from vislens.cli import samples as S
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     console,
     emit,
     progress_for,
@@ -23,7 +23,7 @@ from vislens.cli.common import (
 
 
 def ablate(
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
     n: int = typer.Option(200, "--n", help="number of images to draw (ShapesWorld) or read"),
     out: Path = typer.Option(Path("runs/ablate"), help="run directory (rerun to resume)"),
@@ -36,9 +36,9 @@ def ablate(
                              "(default: small objects; COCO 1000:2000)"),
     ig_steps: int = typer.Option(16, help="integrated-gradients steps"),
     seed: int = typer.Option(0, help="seed for targets, random token sets and noise"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Ablate object / buffer / register / random / gradient tokens and count broken answers.
 

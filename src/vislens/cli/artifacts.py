@@ -10,10 +10,10 @@ from rich.table import Table
 
 from vislens.cli import perception as P
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     console,
     emit,
     positive,
@@ -24,7 +24,7 @@ from vislens.cli.common import (
 
 
 def artifacts(
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     data: list[str] = typer.Option(None, help=P.DATA_HELP),
     n_images: int = typer.Option(32, help="images the artifact scores are computed on"),
     z: float = typer.Option(2.0, help="flag positions scoring above mean + z * std of the layer"),
@@ -37,9 +37,9 @@ def artifacts(
     out: Path = typer.Option(Path("runs/artifacts"), help="run directory (resumable)"),
     seed: int = typer.Option(0, help="seed for clustering and sampling"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Find input-agnostic image keys per layer, block text from reading them, re-measure
     perception (sem-seg, ref-seg) and multiple-choice accuracy (Liu et al. B2).

@@ -48,6 +48,11 @@ def one_line(err: BaseException) -> str:
 
 
 DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1"
+# options every model command takes, declared once (typer reads them, never changes them)
+MODEL_OPTION = typer.Option("toy", help=MODEL_HELP)
+DEVICE_OPTION = typer.Option("cpu", help=DEVICE_HELP)
+DTYPE_OPTION = typer.Option(None, help=DTYPE_HELP)
+JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
 
 
 def positive(name: str, value: int) -> None:

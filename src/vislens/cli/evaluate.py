@@ -7,10 +7,10 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     emit,
     positive,
     progress_for,
@@ -20,13 +20,13 @@ from vislens.cli.common import (
 
 
 def evaluate(
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     n: int = typer.Option(50, "--n", help="number of fresh ShapesWorld scenes"),
     seed: int = typer.Option(1000, help="ShapesWorld seed (held out; the toys trained on 0)"),
     batch_size: int = typer.Option(32, help="questions per forward pass"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Measure a model's accuracy on fresh ShapesWorld scenes in each setting.
 

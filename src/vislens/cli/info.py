@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli.common import JSON_HELP, MODEL_HELP, emit, quiet, user_errors
+from vislens.cli.common import JSON_OPTION, MODEL_OPTION, emit, quiet, user_errors
 
 
 def info(
-    model: str = typer.Option("toy", help=MODEL_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    model: str = MODEL_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Describe a model: family, layers, sizes, image-token grid, where the weights live.
 

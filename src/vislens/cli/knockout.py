@@ -10,10 +10,10 @@ from rich.table import Table
 
 from vislens.cli import samples as S
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     emit,
     fmt,
     progress_for,
@@ -23,7 +23,7 @@ from vislens.cli.common import (
 
 
 def knockout(
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
     n: int = typer.Option(100, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/knockout"), help="run directory (rerun to resume)"),
@@ -32,9 +32,9 @@ def knockout(
     stride: int = typer.Option(None, help="window stride (default: 5/32 of the depth)"),
     area: str = typer.Option("", help="target area range MIN:MAX in pixels"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Block attention edges in windows of layers; measure how much of the answer survives.
 

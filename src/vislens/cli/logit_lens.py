@@ -8,10 +8,10 @@ import typer
 
 from vislens.cli import samples as S
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     console,
     emit,
     fmt,
@@ -23,7 +23,7 @@ from vislens.cli.common import (
 
 
 def logit_lens(
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
     n: int = typer.Option(60, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/logit-lens"), help="run directory (rerun to resume)"),
@@ -33,9 +33,9 @@ def logit_lens(
     viewers: int = typer.Option(3, help="interactive HTML viewers for the first N images"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Decode every image token at every layer (final norm + unembedding, applied once).
 

@@ -9,10 +9,10 @@ from rich.console import Console
 
 from vislens.cli import perception as P
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     console,
     emit,
     progress_for,
@@ -22,7 +22,7 @@ from vislens.cli.common import (
 
 
 def perceive(
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     data: list[str] = typer.Option(None, help=P.DATA_HELP),
     tasks: str = typer.Option(P.ALL_TASKS, help=P.TASKS_HELP),
     n: int = typer.Option(20, "--n", help="items per task (episodes, sets, images, pairs, videos)"),
@@ -31,9 +31,9 @@ def perceive(
     seed: int = typer.Option(0, help="seed for clustering and sampling (the data's world is "
                               "set by --data shapesworld:SEED)"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Zero-shot perception from image keys / values in every LM layer (Liu et al. B1).
 

@@ -9,10 +9,10 @@ from rich.console import Console
 
 from vislens.cli import perception as P
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     emit,
     progress_for,
     quiet,
@@ -22,7 +22,7 @@ from vislens.errors import VislensError
 
 
 def prefix(
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     text: str = typer.Option("task", "--prefix",
                              help="text before the image: 'task' (the task in words), "
                                   "'classes' (the data set's class names), 'classes-present' "
@@ -34,9 +34,9 @@ def prefix(
     out: Path = typer.Option(Path("runs/prefix"), help="run directory (resumable)"),
     seed: int = typer.Option(0, help="seed for clustering and sampling"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Re-run perceive with a text prefix before the image; report the change (Liu et al. B3).
 

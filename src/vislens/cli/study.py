@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     console,
     emit,
     progress_for,
@@ -22,13 +22,13 @@ from vislens.errors import VislensError
 
 def study(
     out: Path = typer.Option(Path("runs/study"), help="study directory (rerun to resume)"),
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     data: str = typer.Option("shapesworld:1000", help='"shapesworld[:SEED]" (held out)'),
     scale: float = typer.Option(1.0, help="multiply every step's number of images"),
     seed: int = typer.Option(0, help="seed for targets and random token sets"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Run every experiment with sensible defaults and write one self-contained report.
 

@@ -10,10 +10,10 @@ from rich.table import Table
 
 from vislens.cli import perception as P
 from vislens.cli.common import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    JSON_HELP,
-    MODEL_HELP,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
     console,
     emit,
     positive,
@@ -25,7 +25,7 @@ from vislens.errors import VislensError
 
 
 def surface(
-    model: str = typer.Option("toy", help=MODEL_HELP),
+    model: str = MODEL_OPTION,
     data: str = typer.Option("shapesworld", help="multiple-choice items: shapesworld[:SEED] "
                                                   "(held-out world 1000 by default) or "
                                                   "blink:PARQUET"),
@@ -38,9 +38,9 @@ def surface(
                                 help="readouts to compare: values plus projector and/or vision "
                                      "(drop vision where a family resamples its features)"),
     batch_size: int = typer.Option(8, help="items per forward pass"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Is the answer in the image values but not in the model's output? (Liu et al. B4)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vislens.cli.common import JSON_HELP, console, emit, user_errors
+from vislens.cli.common import JSON_OPTION, console, emit, user_errors
 from vislens.errors import VislensError
 
 
@@ -19,7 +19,7 @@ def train_toy(
                                 "interrupted run resumes on a plain rerun"),
     donor: Path = typer.Option(None, help="qwen: the LLaVA toy directory whose language "
                                "model toy-qwen starts from (default: the shipped toy)"),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a toy VLM on ShapesWorld (llava: from scratch; qwen: from the LLaVA toy's LM).
 

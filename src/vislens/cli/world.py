@@ -6,14 +6,14 @@ from pathlib import Path
 
 import typer
 
-from vislens.cli.common import JSON_HELP, console, emit, positive, user_errors
+from vislens.cli.common import JSON_OPTION, console, emit, positive, user_errors
 
 
 def world(
     out: Path = typer.Option(..., help="directory to write (COCO layout)"),
     n: int = typer.Option(100, "--n", help="number of scenes"),
     seed: int = typer.Option(1000, help="ShapesWorld seed"),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Write ShapesWorld scenes as a COCO instances data set plus questions.jsonl.
 
