@@ -42,7 +42,7 @@ from vislens.toy.stages import (
     load_stage_state,
     probe,
     save_stage_state,
-    schedule,
+    stage_optimizer,
     vision_loss,
 )
 
@@ -306,13 +306,7 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
         p.requires_grad_(name != "A")
     for p in list(parts.lm.parameters()) + list(parts.head.parameters()):
         p.requires_grad_(name != "B")  # B trains the vision side only
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
-    start = 0
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        start = saved["step"]
+    optimizer, sched, start = stage_optimizer(params, lr, recipe.warmup, steps, saved)
     task = (bar.add_task(f"stage {name}", total=steps, completed=start, info="")
             if bar else None)
     for step in range(start, steps):

@@ -144,6 +144,18 @@ def schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def stage_optimizer(params, lr: float, warmup: int, steps: int, saved: dict | None = None):
+    """(optimizer, scheduler, first step) of a stage; `saved` (a state saved inside the
+    stage) continues both from its step, so a resumed stage follows the same schedule."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = schedule(optimizer, min(warmup, steps // 4 + 1), steps)
+    if saved is None:
+        return optimizer, sched, 0
+    optimizer.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    return optimizer, sched, saved["step"]
+
+
 def probe(parts: Parts, oracle: OracleHead, pool: Pool, encoder: Encoder, image_id: int,
           use_vision: bool, n: int = 48, seed: int = 1,
           make_batch: Callable[..., dict] = qa_batch) -> dict[str, float]:

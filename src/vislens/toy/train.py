@@ -31,9 +31,9 @@ from vislens.toy.stages import (
     load_stage_state,
     probe,
     save_stage_state,
-    schedule,
     stage_a_step,
     stage_c_step,
+    stage_optimizer,
     vision_loss,
 )
 
@@ -222,13 +222,7 @@ def _train_stage(name, steps, params, lr, recipe, parts, oracle, draw, image_id,
                  checkpoint=None) -> None:
     """Run one stage; `saved` (a state saved inside this stage) continues it from its step,
     and `checkpoint(stage, steps_done, steps, optimizer, scheduler)` follows every step."""
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = schedule(optimizer, min(recipe.warmup, steps // 4 + 1), steps)
-    start = 0
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        start = saved["step"]
+    optimizer, sched, start = stage_optimizer(params, lr, recipe.warmup, steps, saved)
     task = (bar.add_task(f"stage {name}", total=steps, completed=start, info="")
             if bar else None)
     use_vision = name not in ("A", "A2")
