@@ -211,3 +211,52 @@ def _images_only(cls):
     from vislens.models.novideo import images_only
 
     return images_only(cls)
+
+
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def save_gemma3(path: Path, tokens_per_image: int = 16) -> Path:
+    """A tiny Gemma 3 (a family vislens has no layout for): the generic fallback's fixture."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    vocab = {t: i for i, t in enumerate(specials + ["user", "model"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>", extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>"})
+    torch.manual_seed(0)
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, sliding_window=64),
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         image_size=224, patch_size=14),
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=fast.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=fast.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=fast.convert_tokens_to_ids("<image_soft_token>"))
+    Gemma3ForConditionalGeneration(cfg).eval().save_pretrained(path)
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 224, "width": 224}),
+                    tokenizer=fast, chat_template=GEMMA3_TEMPLATE,
+                    image_seq_length=tokens_per_image).save_pretrained(path)
+    return Path(path)

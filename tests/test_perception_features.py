@@ -9,6 +9,7 @@ import torch
 from vislens.data import shapesworld
 from vislens.experiments.perception.features import KeyCells, extract, text_columns
 from vislens.interventions.vision import match_rows, projector_module, record_projector
+from vislens.models.families import FAMILIES
 from vislens.models.vlm import VLM
 from vislens.toy.build import ToySpec, build_model, build_processor
 
@@ -66,6 +67,7 @@ def test_projector_record_ties_merged_rows():
 
     class Fake:
         family = "qwen2_5_vl"
+        spec = FAMILIES["qwen2_5_vl"]
         model = torch.nn.Module()
 
     fake = Fake()

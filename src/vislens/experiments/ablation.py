@@ -99,6 +99,7 @@ def _jsonable(config: dict) -> dict:
 def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
         reference_images=None, progress=None) -> dict:
     """Rows go to `out` as they are made (resumable); returns the summary."""
+    vlm.require_layout("maps object masks to image tokens")
     config.validate()
     if not samples:
         raise ValueError("no samples to ablate; check --data / --n")

@@ -136,6 +136,7 @@ def execute(vlm, samples: list[Sample], config: AttentionConfig, out: Path, meta
 def run(vlm, samples: list[Sample], config: AttentionConfig, out: RunDir, progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for the attention view; check --data / --n")
+    vlm.require_layout("maps object masks to image tokens")
     config.validate()
     rng = np.random.default_rng(config.seed)
     chosen = [(s, t) for s, t in zip(samples, choose_targets(samples, config.area, rng))

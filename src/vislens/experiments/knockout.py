@@ -98,6 +98,7 @@ def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta:
 def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for knockout; check --data / --n")
+    vlm.require_layout("maps object masks to image tokens")
     config.validate()
     windows = layer_windows(vlm.num_layers, config.window, config.stride)
     windows.append((0, vlm.num_layers - 1))  # "all"

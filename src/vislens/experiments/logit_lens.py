@@ -83,6 +83,7 @@ def execute(vlm, samples: list[Sample], config: LensConfig, out: Path, meta: dic
 def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for the logit lens; check --data / --n")
+    vlm.require_layout("maps object masks to image tokens")
     rng = np.random.default_rng(config.seed)
     chosen = [(s, t) for s, t in zip(samples, choose_targets(samples, config.area, rng))
               if t is not None]

@@ -25,9 +25,12 @@ def model_key(vlm) -> str:
     h = hashlib.sha256()
     h.update(vlm.family.encode())
     h.update(json.dumps(vlm.config.to_dict(), sort_keys=True, default=str).encode())
-    projector = getattr(vlm.model.model, "multi_modal_projector", None)
-    if projector is None:  # Qwen2.5-VL: the merger is the projector
-        projector = vlm.model.model.visual.merger
+    from vislens.interventions.vision import projector_module
+
+    try:
+        projector = projector_module(vlm)
+    except ValueError:  # a generic family: the whole model's weights then
+        projector = vlm.model
     for name, tensor in sorted(projector.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())

@@ -18,20 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-PROJECTORS = {  # family -> attribute path of the projector under model.model
-    "llava": "multi_modal_projector",
-    "llava_next": "multi_modal_projector",
-    "llava_onevision": "multi_modal_projector",
-    "qwen2_5_vl": "visual.merger",
-}
-
 
 def projector_module(vlm) -> torch.nn.Module:
-    """The module whose input is the vision encoder output and whose output feeds the LM."""
-    path = PROJECTORS.get(vlm.family)
-    if path is None:
-        raise ValueError(f"no projector known for family {vlm.family!r}; "
-                         f"supported: {', '.join(PROJECTORS)}")
+    """The module whose input is the vision encoder output and whose output feeds the LM
+    (where it lives is declared by the family: vislens.models.families)."""
+    path = vlm.spec.projector
+    if not path:
+        raise ValueError(f"no projector is declared for {vlm.family!r}; the vision-encoder "
+                         "baseline needs a family module (vislens/models/families/)")
     module = vlm.model.model
     for part in path.split("."):
         module = getattr(module, part)

@@ -1,8 +1,8 @@
 """Resolve "toy" / "toy-qwen" / a local HF directory to an unmodified transformers model.
 
 The family is read from config.json (model_type), never guessed from names,
-so a renamed directory still loads; anything else fails with one line naming
-the supported families.
+so a renamed directory still loads; what each family needs is declared in
+vislens.models.families.
 """
 
 from __future__ import annotations
@@ -12,15 +12,9 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = {
-    "llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),
-    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextProcessor"),
-    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor"),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
-}
+from vislens.models.families import SUPPORTED, Family, family_for
+
 TOYS = {"toy": "toy", "toy-qwen": "toy_qwen"}
-SUPPORTED = "LLaVA-1.5 (llava), LLaVA-NeXT (llava_next), LLaVA-OneVision (llava_onevision), " \
-    "Qwen2.5-VL (qwen2_5_vl)"
 
 
 def assets_dir() -> Path:
@@ -46,15 +40,19 @@ def resolve(model: str | Path) -> Path:
     return path
 
 
-def detect_family(path: Path) -> str:
+def detect_family(path: Path) -> Family:
     config = json.loads((path / "config.json").read_text())
-    family = config.get("model_type")
-    if family not in FAMILIES:
-        raise ValueError(f"{path} holds a {family!r} model; vislens supports {SUPPORTED}")
-    return family
+    try:
+        return family_for(config.get("model_type"))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
-def load_processor(path: Path, family: str):
+def _family(family: Family | str) -> Family:
+    return family if isinstance(family, Family) else family_for(family)
+
+
+def load_processor(path: Path, family: Family | str):
     """AutoProcessor when it works; else the same processor class built from its parts.
 
     The fallback exists because OneVision / Qwen2.5-VL processors require a
@@ -64,10 +62,11 @@ def load_processor(path: Path, family: str):
     import transformers
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+    family = _family(family)
     try:
         return AutoProcessor.from_pretrained(path)
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as err:
-        if family not in ("llava_onevision", "qwen2_5_vl"):
+        if not family.video_processor:
             raise ValueError(f"could not load the processor from {path}: {err}") from err
     from vislens.models.novideo import NoVideoProcessor, images_only
 
@@ -83,7 +82,7 @@ def load_processor(path: Path, family: str):
             text = file.read_text()
             template = json.loads(text)["chat_template"] if name.endswith(".json") else text
             break
-    cls = images_only(getattr(transformers, FAMILIES[family][1]))
+    cls = images_only(getattr(transformers, family.processor_class))
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     return cls(image_processor=image_processor, tokenizer=tokenizer,
@@ -131,12 +130,13 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load_model(path: Path, family: str, device: str | torch.device = "cpu",
+def load_model(path: Path, family: Family | str, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = None):
     import transformers
     from safetensors import SafetensorError
 
-    cls = getattr(transformers, FAMILIES[family][0])
+    family = _family(family)
+    cls = getattr(transformers, family.model_class or "AutoModelForImageTextToText")
     dev = parse_device(device)
     dtype = parse_dtype(dtype) or saved_dtype(path)
     try:

@@ -79,9 +79,10 @@ def encode(processor, images: Sequence, texts: Sequence[str]) -> dict[str, torch
     specials = {adds_special_tokens(tokenizer, t) for t in texts}
     if len(specials) != 1:
         raise ValueError("texts of one batch disagree on whether they start with BOS")
-    nested = [list(entry) if isinstance(entry, list | tuple) else [entry] for entry in images]
-    # nested lists tell multi-image processors which images share a prompt
-    batch_images = nested if any(len(n) != 1 for n in nested) else [n[0] for n in nested]
+    # nested lists tell every processor which images belong to which prompt (Gemma 3 and
+    # the multi-image families read a flat list as one prompt's images)
+    batch_images = [list(entry) if isinstance(entry, list | tuple) else [entry]
+                    for entry in images]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

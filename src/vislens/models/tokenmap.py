@@ -15,6 +15,16 @@ import numpy as np
 from vislens.models.geometry import Layout
 
 
+def no_layout(family: str, what: str):
+    """The error of a family without a layout meeting an experiment that needs pixels."""
+    from vislens.errors import VislensError
+
+    return VislensError(f"this experiment {what}, which needs an image-token layout; vislens "
+                        f"has none for {family or 'this model'!r} (add one in "
+                        "vislens/models/families/); without it vislens.interventions (capture, "
+                        "knockout and ablation of token positions) and `vislens surface` work")
+
+
 @dataclass
 class ImageTokenMap:
     """One row per image patch token; newline tokens are kept apart (`newline_*`)."""
@@ -36,10 +46,12 @@ class ImageTokenMap:
     image_sizes: list[tuple[int, int]]  # per sample (its first image): (width, height)
     image_grids: list[list[dict[int, tuple[int, int]]]]  # per sample, per image
     all_image_sizes: list[list[tuple[int, int]]]  # per sample, per image
+    geometric: bool = True  # False: the family has no layout (positions only, no boxes)
+    family: str = ""
 
     @classmethod
-    def build(cls, layouts: list[Layout] | list[list[Layout]], positions: list[np.ndarray]
-              ) -> ImageTokenMap:
+    def build(cls, layouts: list[Layout] | list[list[Layout]], positions: list[np.ndarray],
+              family: str = "") -> ImageTokenMap:
         """Tie each sample's layouts (one per image, sequence order) to the columns of its
         image tokens."""
         per_sample = [lay if isinstance(lay, list | tuple) else [lay] for lay in layouts]
@@ -83,6 +95,8 @@ class ImageTokenMap:
             image_sizes=[lays[0].image_size for lays in per_sample],
             image_grids=[[dict(lay.grids) for lay in lays] for lays in per_sample],
             all_image_sizes=[[lay.image_size for lay in lays] for lays in per_sample],
+            geometric=all(lay.geometric for lays in per_sample for lay in lays),
+            family=family,
         )
 
     def __len__(self) -> int:
@@ -142,6 +156,7 @@ class ImageTokenMap:
         nor what a center crop or `unpad_image` cuts away. Mask pixels there
         count for no token, so a mask lying wholly in such a gap covers nothing.
         """
+        self.require_geometry("maps object masks to image tokens")
         mask = np.asarray(mask, dtype=bool)
         rows = self._rows(sample)
         rows = rows[self.image[rows] == image]
@@ -163,6 +178,11 @@ class ImageTokenMap:
         frac = np.where(area > 0, inside / np.maximum(area, 1), 0.0)
         return self.position[rows], frac
 
+    def require_geometry(self, what: str) -> None:
+        """One clear line where an experiment needs pixels and the family has none."""
+        if not self.geometric:
+            raise no_layout(self.family, what)
+
     def positions(self, sample: int, mask: np.ndarray, min_coverage: float = 0.0) -> np.ndarray:
         """Patch tokens covering `mask`: any overlap when min_coverage is 0, else that fraction."""
         if not 0.0 <= min_coverage <= 1.0:
@@ -173,6 +193,7 @@ class ImageTokenMap:
 
     def dilate(self, positions, k: int, sample: int = 0) -> np.ndarray:
         """Grow a token set by k cells (8-neighbour, Chebyshev), staying inside each tile."""
+        self.require_geometry("grows token sets by neighbouring cells")
         if k < 0:
             raise ValueError(f"dilation k must be >= 0, got {k}")
         rows = self._rows(sample)

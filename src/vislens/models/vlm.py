@@ -1,8 +1,8 @@
 """VLM: one unmodified transformers model + processor, and the geometry of its image tokens.
 
-Families differ only in `_layouts` (where image tokens come from in the
-image); everything else (prompting, batching, running) is shared, so a new
-family is one more layout function.
+What differs between families (where the decoder lives, how positions are made,
+where image tokens come from in the image) is declared in vislens.models.families;
+everything here (prompting, batching, running) is shared.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from vislens.models import geometry, prompting
+from vislens.models.families import Family, family_for
 from vislens.models.loading import detect_family, load_model, load_processor, resolve
 from vislens.models.tokenmap import ImageTokenMap
 
 PIXEL_KEYS = ("pixel_values",)
-MROPE_FAMILIES = ("qwen2_5_vl",)  # positions come from image grids and the attention mask
 
 
 @dataclass
@@ -68,16 +68,17 @@ class Batch:
 class VLM:
     """A loaded vision-language model. Interventions (vislens.interventions) act on it."""
 
-    def __init__(self, model, processor, family: str, name: str = "") -> None:
+    def __init__(self, model, processor, family: str | Family, name: str = "") -> None:
         self.model = model
         self.processor = processor
-        self.family = family
+        self.spec = family if isinstance(family, Family) else family_for(family)
+        self.family = self.spec.model_type
         self.name = name or str(getattr(model.config, "_name_or_path", ""))
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.image_token_id = int(model.config.image_token_id)
+        self.image_token_id = self.spec.image_token_id(model.config)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -95,7 +96,7 @@ class VLM:
     @property
     def language_model(self) -> torch.nn.Module:
         """The decoder (embeddings, layers, final norm), without the LM head."""
-        return self.model.model.language_model
+        return self.spec.decoder(self.model)
 
     @property
     def layers(self) -> torch.nn.ModuleList:
@@ -111,23 +112,23 @@ class VLM:
 
     @property
     def lm_head(self) -> torch.nn.Module:
-        return self.model.lm_head
+        return self.spec.lm_head(self.model)
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of residual-stream vectors: final norm applied once, then the LM head."""
         return self.lm_head(self.final_norm(hidden))
 
+    def require_layout(self, what: str) -> None:
+        """Refuse, before any work, an experiment that maps pixels to tokens on a family
+        without a layout (the generic fallback)."""
+        if not self.spec.geometric:
+            from vislens.models.tokenmap import no_layout
+
+            raise no_layout(self.family, what)
+
     def native_image_size(self) -> str:
         """The size the vision tower works at: fixed, or the range a dynamic one accepts."""
-        ip = self.processor.image_processor
-        if self.family in MROPE_FAMILIES:
-            size = geometry._size_dict(getattr(ip, "size", None))
-            lo = size.get("shortest_edge") or getattr(ip, "min_pixels", None)
-            hi = size.get("longest_edge") or getattr(ip, "max_pixels", None)
-            side = lambda px: int(round(px ** 0.5))  # noqa: E731
-            return f"dynamic ({side(lo)}x{side(lo)} to {side(hi)}x{side(hi)} px area)"
-        side = self.config.vision_config.image_size
-        return f"{side}x{side}" + (" tiles + base view" if self.family != "llava" else "")
+        return self.spec.native_image_size(self)
 
     # ---- inputs ----------------------------------------------------------------------------
     def chat_text(self, prompt: str, answer_prefix: str | None = None,
@@ -169,7 +170,7 @@ class VLM:
                 mask = inputs["attention_mask"][b].numpy()
                 self._check_prefix(texts[b], prefix, ids[b][mask > 0], positions[b] - int(
                     (mask == 0).sum()))
-        token_map = ImageTokenMap.build(layouts, positions)
+        token_map = ImageTokenMap.build(layouts, positions, family=self.family)
         for key, value in inputs.items():
             value = value.to(self.device)
             if value.is_floating_point():
@@ -195,32 +196,8 @@ class VLM:
 
     def _layouts(self, images: list[list[Image.Image]], inputs: dict
                  ) -> list[list[geometry.Layout]]:
-        """Per sample, one layout per image, in sequence order."""
-        ip = self.processor.image_processor
-        cfg = self.config
-        flat = iter(range(sum(len(ims) for ims in images)))  # Qwen's grids are per image
-        out = []
-        for ims in images:
-            lays = []
-            for im in ims:
-                i = next(flat)
-                if self.family == "llava":
-                    hw = tuple(inputs["pixel_values"].shape[-2:])
-                    lays.append(geometry.llava_layout(ip, im.size, cfg.vision_config.patch_size,
-                                                      hw))
-                elif self.family == "llava_onevision" and len(ims) > 1:
-                    lays.append(geometry.onevision_multi_layout(ip, cfg, im.size))
-                elif self.family in ("llava_next", "llava_onevision"):
-                    lays.append(geometry.anyres_layout(ip, cfg, im.size,
-                                                       self.family == "llava_onevision"))
-                elif self.family == "qwen2_5_vl":
-                    vc = cfg.vision_config
-                    lays.append(geometry.qwen_layout(im.size, inputs["image_grid_thw"][i].tolist(),
-                                                     vc.patch_size, vc.spatial_merge_size))
-                else:
-                    raise ValueError(f"no image-token geometry for family {self.family!r}")
-            out.append(lays)
-        return out
+        """Per sample, one layout per image, in sequence order (the family's own)."""
+        return self.spec.layouts(self, images, inputs)
 
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,7 +228,7 @@ class VLM:
         themselves.
         """
         inputs = batch.model_inputs(image_features)
-        if "position_ids" not in kwargs and self.family not in MROPE_FAMILIES:
+        if "position_ids" not in kwargs and not self.spec.mrope:
             mask = batch.attention_mask.long()
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
         with torch.set_grad_enabled(grad):

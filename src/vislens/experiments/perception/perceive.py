@@ -88,6 +88,7 @@ def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
         condition: str = "clean", blocked: dict | None = None,
         items: dict[str, list] | None = None) -> dict:
     """Score every task item not yet in `out` (a RunDir keyed condition/task/item)."""
+    vlm.require_layout("scores tokens against pixel masks and points")
     tasks = check_tasks(config.tasks)
     for task in tasks:
         todo = items[task] if items and task in items else load_items(task, config)

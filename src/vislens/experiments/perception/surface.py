@@ -36,7 +36,6 @@ from vislens.experiments.perception.perceive import PROMPT
 from vislens.experiments.stats import rate
 
 PAPER = {"blink-art-style": 0.333}  # share of items solved by the values, missed by the model
-MULTI_IMAGE = ("llava_onevision", "qwen2_5_vl")  # families trained on several images per prompt
 READOUT_SOURCES = ("values", "projector", "vision")
 
 
@@ -97,7 +96,7 @@ def parse_choice(text: str, choices: Sequence[str]) -> int | None:
 
 def shown_images(vlm, item) -> list[Image.Image] | Image.Image:
     """What the model sees of an item: its images, or their composite for one-image models."""
-    return list(item.images) if vlm.family in MULTI_IMAGE else composite(item.images)
+    return list(item.images) if vlm.spec.multi_image else composite(item.images)
 
 
 def _scoreable(vlm) -> bool:

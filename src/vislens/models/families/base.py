@@ -1,0 +1,58 @@
+"""What vislens must know about one model family, declared in one place.
+
+A family is a `model_type` of transformers' image-text-to-text models. Everything
+else (prompting, batching, interventions, experiments) is shared, so supporting a
+new family means one module here that says:
+
+- where its text decoder (layers, final norm) and unembedding live;
+- where its projector lives (the vision-encoder baseline of the perception tasks);
+- how its positions are made (mRoPE families derive them from image grids and the
+  attention mask, so vislens must never pass its own position ids);
+- whether it was trained on several images per prompt;
+- and, for the experiments that map masks to tokens, its `layouts`: where every image
+  token of an image comes from in the original pixels (vislens.models.geometry has the
+  shared primitives that replay image processors).
+
+A family without `layouts` still loads (models.families.generic): the experiments that
+need only token positions run, those that need pixels refuse with one line.
+"""
+
+from __future__ import annotations
+
+from vislens.models.geometry import Layout
+
+
+class Family:
+    model_type = ""
+    label = ""  # how a researcher names it
+    model_class = ""  # transformers class; "" = AutoModelForImageTextToText
+    processor_class = ""  # transformers processor class (for the torchvision-free fallback)
+    mrope = False  # positions come from image grids and the attention mask
+    multi_image = False  # trained on several images per prompt
+    video_processor = False  # its processor insists on a (torchvision) video processor
+    projector = "multi_modal_projector"  # attribute path under model.model
+    geometric = True  # has `layouts`
+
+    def decoder(self, model):
+        """The text decoder: embeddings, `layers`, final `norm` (no LM head)."""
+        return model.model.language_model
+
+    def lm_head(self, model):
+        return model.lm_head
+
+    def image_token_id(self, config) -> int:
+        value = getattr(config, "image_token_id", None)
+        if value is None:
+            value = getattr(config, "image_token_index", None)
+        if value is None:
+            raise ValueError(f"{self.model_type} config has no image_token_id; vislens needs "
+                             "the image tokens in the language model's sequence")
+        return int(value)
+
+    def layouts(self, vlm, images: list[list], inputs: dict) -> list[list[Layout]]:
+        """Per sample, one Layout per image (sequence order of its image tokens)."""
+        raise NotImplementedError
+
+    def native_image_size(self, vlm) -> str:
+        side = vlm.config.vision_config.image_size
+        return f"{side}x{side}"
