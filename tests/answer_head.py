@@ -41,7 +41,12 @@ Nothing else is fitted, so everything an experiment measures beyond these answer
 model's own behaviour.
 
 `fitted_dir(name)` caches the result like checkpoints.checkpoint_dir, keyed by this
-file, the fixture fingerprint and the vislens sources the states depend on.
+file, the fixture fingerprint and the vislens sources the states depend on; it takes
+the look-alikes of checkpoints.py and of checkpoints_more.py alike.
+
+A family whose model soft-caps its logits (PaliGemma 2: 30 * tanh(z / 30)) would flatten
+large fitted logits into ties, so there the fit also keeps every state's target logit
+under half the cap, where the cap still keeps 79% of each margin.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import checkpoints
+import checkpoints_more
 import numpy as np
-from checkpoints import cache_root, checkpoint_dir, fingerprint
+from checkpoints import cache_root
 from PIL import Image
 
 from vislens.data._io import mask_box
@@ -277,7 +284,7 @@ class Fit:
     seconds: float
 
 
-def fit_head(vlm, states: States, margin: float = 4.0) -> Fit:
+def fit_head(vlm, states: States, margin: float = 4.0, ceiling: float | None = None) -> Fit:
     """Rows of lm_head for the target tokens: the smallest (L1) change that gives every
     state its target with `margin`, as one linear programme.
 
@@ -287,7 +294,8 @@ def fit_head(vlm, states: States, margin: float = 4.0) -> Fit:
     margin; a top-k state must beat every other fitted row and the k-th best fixed
     row. Clean and noised states differ by ~0.1-1% of their norm, which gradient
     descent on a soft margin loss did not resolve; the linear programme either meets
-    every inequality or says the states are not separable.
+    every inequality or says the states are not separable. `ceiling` bounds every
+    state's target logit from above (for a soft-capped head).
     """
     import torch
     from scipy.optimize import linprog
@@ -329,6 +337,8 @@ def fit_head(vlm, states: States, margin: float = 4.0) -> Fit:
     for state in range(len(xs)):
         t = int(label[state])
         add(state, [(t, 1.0)], -(bound[state] + margin))
+        if ceiling is not None:
+            add(state, [(t, -1.0)], ceiling)
         for r in range(n_rows):
             if r != t:
                 add(state, [(t, 1.0), (r, -1.0)], -margin)
@@ -358,11 +368,17 @@ SOURCES = (  # vislens files the recorded states depend on
 )
 
 
-def key() -> str:
+def source(name: str) -> tuple[Path, str]:
+    """(look-alike directory, its fixture fingerprint) of checkpoint `name`."""
+    module = checkpoints if name in checkpoints.NAMES else checkpoints_more
+    return module.checkpoint_dir(name), module.fingerprint()
+
+
+def key(name: str) -> str:
     import vislens
 
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(fingerprint().encode())
+    digest.update(source(name)[1].encode())
     root = Path(vislens.__file__).parent
     for rel in SOURCES:
         digest.update((root / rel).read_bytes())
@@ -378,14 +394,15 @@ def build(name: str, out: Path) -> dict:
 
     import vislens
 
-    src = checkpoint_dir(name)
+    src = source(name)[0]
     vlm = vislens.load(str(src))
     t = time.perf_counter()
     states = answer_states(vlm, scenes())
     lens_states(vlm, lens_scenes(), states)
     mc_states(vlm, mc_items(), states)
     record = time.perf_counter() - t
-    fit = fit_head(vlm, states)
+    cap = vlm.spec.logit_softcap(vlm.config)
+    fit = fit_head(vlm, states, ceiling=None if cap is None else cap / 2)
     for f in src.iterdir():
         if f.name != "model.safetensors":
             shutil.copy2(f, out / f.name)
@@ -405,7 +422,7 @@ def build(name: str, out: Path) -> dict:
 def fitted_dir(name: str) -> Path:
     """The cached fitted copy of fixture `name`, built first when this source has none."""
     root = cache_root()
-    target = root / f"{name}-answers-{key()}"
+    target = root / f"{name}-answers-{key(name)}"
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,36 @@ def _tiles(pv: np.ndarray, patch: int) -> np.ndarray:
     return pv.transpose(0, 2, 4, 1, 3, 5).reshape(t, g * g, c, patch, patch)
 
 
-def seen(family: str, model, image_processor, size: tuple[int, int]) -> np.ndarray:
+def _grid(pv: np.ndarray, patch: int) -> np.ndarray:
+    """[3, H, W] -> [gh * gw, 3, patch, patch] in raster order (a rectangular image)."""
+    c, hh, ww = pv.shape
+    gh, gw = hh // patch, ww // patch
+    pv = pv[:, :gh * patch, :gw * patch].reshape(c, gh, patch, gw, patch)
+    return pv.transpose(1, 3, 0, 2, 4).reshape(gh * gw, c, patch, patch)
+
+
+def _merge(sub: np.ndarray) -> np.ndarray:
+    """[..., k, 7] per-patch stats of the k patches one token merges -> [..., 7]."""
+    return np.concatenate([sub[..., :3].sum(-2), sub[..., [3]].min(-2), sub[..., [4]].max(-2),
+                           sub[..., [5]].min(-2), sub[..., [6]].max(-2)], -1)
+
+
+def _shuffled(family: str, model, sums: np.ndarray) -> np.ndarray:
+    """Per-patch stats [tiles, g*g, 7] grouped into tokens by the model's own pixel shuffle:
+    [tiles * tokens, 7]. Both shuffles lay a token's vector out patch by patch (each patch's
+    7 values contiguous), so the merged patches are read back from it."""
+    t, n, _ = sums.shape
+    x = torch.from_numpy(sums)
+    if family == "idefics3":
+        out = model.model.connector.pixel_shuffle(x, model.config.scale_factor)
+    else:
+        g = int(round(n ** 0.5))
+        out = model.model.pixel_shuffle(x.reshape(t, g, g, 7), model.config.downsample_ratio)
+    out = out.reshape(t, -1, out.shape[-1]).numpy()
+    return _merge(out.reshape(t, out.shape[1], -1, 7)).reshape(-1, 7)
+
+
+def seen(family: str, model, image_processor, size: tuple[int, int], **kwargs) -> np.ndarray:
     """[image patch tokens, 7] in LM sequence order: image pixels seen, centre x, centre y,
     x0, x1, y0, y1 (extent of those pixels).
 
@@ -116,11 +145,26 @@ def seen(family: str, model, image_processor, size: tuple[int, int]) -> np.ndarr
     """
     w, h = size
     px, py = (np.asarray(image_processor(images=[im], do_rescale=False, do_normalize=False,
-                                         return_tensors="np")["pixel_values"])
+                                         return_tensors="np", **kwargs)["pixel_values"])
               for im in probes(w, h))
     vc = model.config.vision_config
-    if family == "llava":
+    if family in ("llava", "paligemma"):
         sums = _sums(_tiles(px, vc.patch_size), _tiles(py, vc.patch_size), w, h)[0]
+    elif family in ("idefics3", "internvl"):
+        if family == "idefics3":  # [1, crops, 3, S, S]: this sample's crops, global view last
+            px, py = px[0], py[0]
+        p = vc.patch_size if family == "idefics3" else vc.patch_size[0]
+        sums = _shuffled(family, model, _sums(_tiles(px, p), _tiles(py, p), w, h))
+    elif family == "mistral3":
+        import copy
+
+        p = vc.patch_size
+        sub = _sums(_grid(px[0], p), _grid(py[0], p), w, h)  # raster patches of the image
+        merger = copy.deepcopy(model.model.multi_modal_projector.patch_merger)
+        merger.merging_layer = torch.nn.Identity()  # its own unfold groups them, no weights
+        hh, ww = px.shape[-2:]
+        grouped = merger(torch.from_numpy(sub), [(hh, ww)]).numpy()  # [tokens, 7 * m * m]
+        sums = _merge(np.swapaxes(grouped.reshape(len(grouped), 7, -1), 1, 2))
     elif family in ("llava_next", "llava_onevision"):
         feats = torch.from_numpy(_sums(_tiles(px[0], vc.patch_size),
                                        _tiles(py[0], vc.patch_size), w, h))
@@ -149,9 +193,17 @@ def seen(family: str, model, image_processor, size: tuple[int, int]) -> np.ndarr
 
 
 def real_geometry(family: str):
-    """(model, processor) with the released checkpoints' geometry, Qwen's real pixel bounds too."""
+    """(model, processor) with the released checkpoints' geometry, Qwen's real pixel bounds too
+    (the families of checkpoints_more.py: their look-alikes, real processor settings)."""
+    from checkpoints_more import FAMILY, checkpoint_dir
     from helpers_models import build
 
+    more = {f: name for name, f in FAMILY.items()}
+    if family in more:
+        from vislens.models import load
+
+        vlm = load(str(checkpoint_dir(more[family])))
+        return vlm.model, vlm.processor
     model, proc = build(family)
     if family == "qwen2_5_vl":
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -165,11 +217,17 @@ def real_geometry(family: str):
 
 def compare(family: str, model, proc, size: tuple[int, int]):
     """(token map, `seen` [n, 7], box centres [n, 2]) for one image of `size`."""
+    from vislens.models.families.internvl import tiling
     from vislens.models.vlm import VLM
 
     vlm = VLM(model, proc, family)
     tm = vlm.prepare([Image.new("RGB", size)], ["what"]).token_map
-    measured = seen(family, model, proc.image_processor, size)
+    kwargs = {}  # what each processor passes its image processor on top of its settings
+    if family == "internvl":
+        kwargs = tiling(proc)
+    elif family == "mistral3":
+        kwargs = {"patch_size": proc.patch_size * proc.spatial_merge_size}
+    measured = seen(family, model, proc.image_processor, size, **kwargs)
     if len(measured) != len(tm):
         raise AssertionError(f"{len(measured)} measured tokens, {len(tm)} in the map")
     centre = np.stack([(tm.box[:, 0] + tm.box[:, 2]) / 2, (tm.box[:, 1] + tm.box[:, 3]) / 2], 1)

@@ -117,15 +117,23 @@ def test_qwen_rows_cols_are_mrope_positions(vlm):
 
 # ---- boxes against the pixels each patch really sees (real processors, real geometry) ----------
 REAL = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl"]
-CASES = [(f, s) for f in REAL for s in [(640, 480), (200, 640), (1000, 250), (40, 30)]] + [
+# crops + global view, tiles + thumbnail, a variable grid, a fixed square (checkpoints_more.py)
+MORE = ["idefics3", "internvl", "mistral3", "paligemma"]
+CASES = [(f, s) for f in REAL + MORE for s in [(640, 480), (200, 640), (1000, 250), (40, 30)]] + [
     ("llava_onevision", (2304, 1728)),  # 6x5 crops, anyres_max_9 shrinks 121x162 to 70x93
     ("llava_onevision", (1900, 1500)),
+    ("idefics3", (2000, 1500)),  # shrunk to 1536 px, then 4x3 crops
+    ("internvl", (2000, 1500)),
+    ("mistral3", (2000, 1500)),  # shrunk to fit 1540 px, then whole 28-px cells
 ]
 # A decoded pixel is within 0.5 px of its coordinate (uint8 rounding of one resize, see
 # helpers_geometry), so a patch's measured centre and extent are too, bar a fraction of a pixel
 # where PIL truncates its kernel at the image border; 1 px leaves room for that and nothing
 # else. It holds for shrunk OneVision grids as well: their measured centres are blended by
-# transformers' own pack_image_features, which the geometry replays exactly.
+# transformers' own pack_image_features, which the geometry replays exactly. A pixel-shuffled
+# token (Idefics3 3x3, InternVL 2x2, Mistral 3's 2x2 merger) is measured over every patch it
+# merges (grouped by the model's own shuffle / unfold), and its box is their union: the same
+# 1 px holds, as it does through Idefics3's three chained resizes.
 TOL = 1.0
 
 
@@ -178,7 +186,7 @@ def test_box_is_what_the_patch_sees(real_models, family, size):
     assert np.abs(box - extent)[known].max() <= TOL
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "idefics3"])
 def test_pixels_no_patch_sees_belong_to_no_token(real_models, family):
     """Strips cut away by a crop or left over at a crop's far edge are covered by no token."""
     model, proc = real_models(family)

@@ -197,7 +197,8 @@ def _patch_features(vlm, batch, feats) -> torch.Tensor:
     tm = batch.token_map
     columns = np.flatnonzero(batch.input_ids[0].cpu().numpy() == vlm.image_token_id)
     keep = np.isin(columns, tm.image_positions(0))
-    return feats[0][torch.as_tensor(keep, device=feats[0].device)]
+    rows = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])  # per image, crop or tile
+    return rows[torch.as_tensor(keep, device=rows.device)]
 
 
 def answer_token(vlm, clean: list[int], q: Question) -> tuple[torch.Tensor, int]:

@@ -71,7 +71,9 @@ class Capture:
     def wants_attention(self, layer: int, q_len: int) -> bool:
         return self.recording and len(self._qb) > 0 and layer in self.layers
 
-    def on_attention(self, module, layer, query, key, mask, scaling) -> None:
+    def on_attention(self, module, layer, query, key, mask, scaling, softcap=None) -> None:
+        """Keep keys and attention rows; `softcap` is the logit soft-cap the model's own
+        attention applies before masking (Gemma 2: 50 * tanh(scores / 50))."""
         if not self.recording or layer not in self.layers:
             return
         if self.want_keys:
@@ -87,6 +89,8 @@ class Capture:
         for b in torch.unique(qb).tolist():
             sel = (qb == b).nonzero().flatten()
             scores = torch.einsum("nhd,hkd->nhk", q[sel].float(), keys[b].float()) * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
             if mask is not None:
                 m = mask[b if mask.shape[0] > 1 else 0, 0][qp[sel]]  # [n, K]
                 scores = scores + m[:, None, :].float()

@@ -74,11 +74,10 @@ def vislens_attention(module, query, key, value, attention_mask, **kwargs):
     if blocked is not None:
         mask = with_blocked(attention_mask, blocked, query, key)
     for cap in state.captures:
-        if cap.wants_attention(layer, query.shape[2]):
-            cap.on_attention(module, layer, query, key, as_additive(mask, query, key),
-                             kwargs.get("scaling"))
-        else:
-            cap.on_attention(module, layer, query, key, None, kwargs.get("scaling"))
+        additive = as_additive(mask, query, key) if cap.wants_attention(layer, query.shape[2]) \
+            else None
+        cap.on_attention(module, layer, query, key, additive, kwargs.get("scaling"),
+                         kwargs.get("softcap"))
     return fn(module, query, key, value, mask, **kwargs)
 
 

@@ -60,14 +60,20 @@ def mean_image_embedding(vlm, images: list[Image.Image], batch_size: int = 8,
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         batch = vlm.prepare(chunk, [prompt] * len(chunk))
-        feats = vlm.image_embeddings(batch)
+        # feature rows come per image, per sample or per crop as the model splits them;
+        # in batch order they are the samples' image-token columns, in sequence order
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in vlm.image_embeddings(batch)])
         tm = batch.token_map
-        for b, f in enumerate(feats):
+        patch = []
+        for b in range(len(chunk)):
             columns = np.sort(np.concatenate([tm.image_positions(b), tm.newline_positions(b)]))
-            patch = ~np.isin(columns, tm.newline_positions(b))
-            f = f[torch.as_tensor(patch, device=f.device)].float()
-            total = f.sum(0) if total is None else total + f.sum(0)
-            count += f.shape[0]
+            patch.append(~np.isin(columns, tm.newline_positions(b)))
+        patch = np.concatenate(patch)
+        if len(patch) != len(feats):
+            raise ValueError(f"{len(feats)} image feature rows for {len(patch)} image tokens")
+        f = feats[torch.as_tensor(patch, device=feats.device)].float()
+        total = f.sum(0) if total is None else total + f.sum(0)
+        count += f.shape[0]
     mean = (total / count).to(vlm.dtype)
     root.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")

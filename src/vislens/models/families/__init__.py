@@ -6,12 +6,21 @@ without one loads through the generic fallback (positions only).
 
 from __future__ import annotations
 
-from vislens.models.families import llava, llava_next, llava_onevision, qwen2_5_vl
+from vislens.models.families import (
+    idefics3,
+    internvl,
+    llava,
+    llava_next,
+    llava_onevision,
+    mistral3,
+    paligemma,
+    qwen2_5_vl,
+)
 from vislens.models.families.base import Family
 from vislens.models.families.generic import Generic, refuse_cross_attention
 
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in (
-    llava, llava_next, llava_onevision, qwen2_5_vl)}
+    llava, llava_next, llava_onevision, qwen2_5_vl, idefics3, internvl, mistral3, paligemma)}
 SUPPORTED = ", ".join(f"{f.label} ({name})" for name, f in FAMILIES.items())
 
 
