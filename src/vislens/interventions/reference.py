@@ -33,6 +33,9 @@ def model_key(vlm) -> str:
         projector = vlm.model
     for name, tensor in sorted(projector.state_dict().items()):
         h.update(name.encode())
+        if tensor.device.type == "meta":  # offloaded to disk by a device map: not in memory
+            h.update(f"{tuple(tensor.shape)}{vlm.name}".encode())
+            continue
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:20]
 

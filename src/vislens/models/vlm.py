@@ -87,7 +87,13 @@ class VLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device of the input embeddings (the first module that runs,
+        also when accelerate spreads the model over several devices)."""
+        weight = self.model.get_input_embeddings().weight
+        if weight.device.type != "meta":
+            return weight.device
+        hooked = getattr(self.model.get_input_embeddings(), "_hf_hook", None)
+        return torch.device(getattr(hooked, "execution_device", None) or "cpu")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -276,10 +282,17 @@ def _per_sample(values, n: int, name: str) -> list:
 
 
 def load(model: str | Path = "toy", device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None) -> VLM:
-    """Load "toy", "toy-qwen" or a local Hugging Face directory (family read from config.json)."""
+         dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
+         max_memory: str | dict | None = None, offload_folder: str | Path | None = None) -> VLM:
+    """Load "toy", "toy-qwen" or a local Hugging Face directory (family read from config.json).
+
+    device_map ("auto", "balanced", or {module: device}) spreads a model too large for one
+    GPU over several GPUs, the CPU and disk with accelerate; every intervention works
+    across devices (each hook moves what it adds to the device of the tensor it meets).
+    """
     path = resolve(model)
     family = detect_family(path)
     processor = load_processor(path, family)
-    hf_model = load_model(path, family, device=device, dtype=dtype)
+    hf_model = load_model(path, family, device=device, dtype=dtype, device_map=device_map,
+                          max_memory=max_memory, offload_folder=offload_folder)
     return VLM(hf_model, processor, family, name=str(model))
