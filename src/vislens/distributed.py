@@ -212,6 +212,7 @@ class RayPool:
         self.name, self.device = name, device
         self.actors, self.options, self.owns_ray = actors, options, owns_ray
         self.family, self.num_layers = family, num_layers
+        self.deaths: list[BaseException] = []  # why workers were lost, newest last
 
     @property
     def info(self) -> RayPool:
@@ -297,9 +298,10 @@ class RayPool:
                 return ray.get(actor.call.remote(fn, args))
             except RayTaskError as err:
                 raise _cause(err) from None
-            except RayError:
-                self._lost(actor)
-        raise VislensError("every Ray worker died; rerun the same command to resume")
+            except RayError as err:
+                self._lost(actor, err)
+        raise VislensError(f"every Ray worker died{self._why()}; rerun the same command to "
+                           "resume")
 
     def map(self, fn: Callable, units: Sequence, *args, out=None,
             progress: Callable | None = None, label: str = "") -> list:
@@ -333,16 +335,16 @@ class RayPool:
                     ref = actor.unit.remote(fn, units[i], shared, base + i, i in redo)
                     running[ref] = (actor, i)
                 if not running:
-                    raise VislensError("every Ray worker died; rerun the same command to "
-                                       "resume from the parts written so far")
+                    raise VislensError(f"every Ray worker died{self._why()}; rerun the same "
+                                       "command to resume from the parts written so far")
                 (ref,), _ = ray.wait(list(running), num_returns=1)
                 actor, i = running.pop(ref)
                 try:
                     results[i] = ray.get(ref)
                 except RayTaskError as err:
                     raise _cause(err) from None
-                except RayError:  # the worker died (killed, crashed, out of memory)
-                    self._lost(actor)
+                except RayError as err:  # the worker died (killed, crashed, out of memory)
+                    self._lost(actor, err)
                     queue.appendleft(i)
                     redo.add(i)
                     continue
@@ -357,27 +359,34 @@ class RayPool:
                 out.reload()
         return results
 
-    def _lost(self, actor) -> None:
+    def _lost(self, actor, err: BaseException | None = None) -> None:
         import ray
 
         with suppress(Exception):
             ray.kill(actor)
         if actor in self.actors:
             self.actors.remove(actor)
+        if err is not None:
+            self.deaths.append(err)
+
+    def _why(self) -> str:
+        """The one cause worth naming: Ray's memory monitor kills workers whenever the node is
+        over 95% full, whoever filled it."""
+        last = " ".join(str(self.deaths[-1]).split()) if self.deaths else ""
+        if "OOM" in last or "out of memory" in last.lower():
+            return (" (the last one was killed for memory: Ray stops workers when the node's "
+                    "memory is over 95% full; free memory or use fewer workers)")
+        return ""
 
     def _stop(self, busy: list) -> None:
         """A map left early (an error, Ctrl-C): its busy workers are killed, so none of them
         writes a part later under a number the next map hands out, and replaced by fresh
-        ones (which the killed workers' resources go to)."""
-        import ray
-
+        ones (which get the killed workers' resources; they load in the background, and
+        calls to them wait for that)."""
         for actor in busy:
             self._lost(actor)
             with suppress(Exception):
                 self.actors.append(self.options["make"].remote(*self.options["args"]))
-        if busy:
-            with suppress(Exception):
-                ray.get([a.info.remote() for a in self.actors])
 
     def close(self) -> None:
         import ray
