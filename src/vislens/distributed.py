@@ -372,8 +372,14 @@ class RayPool:
     def _why(self) -> str:
         """The one cause worth naming: Ray's memory monitor kills workers whenever the node is
         over 95% full, whoever filled it."""
-        last = " ".join(str(self.deaths[-1]).split()) if self.deaths else ""
-        if "OOM" in last or "out of memory" in last.lower():
+        from ray.exceptions import OutOfMemoryError
+
+        last = " ".join(str(self.deaths[-1]).split()).lower() if self.deaths else ""
+        # the monitor's own words (a crash lists "the OOM killer" among its "common causes",
+        # which says nothing)
+        if (self.deaths and isinstance(self.deaths[-1], OutOfMemoryError)) or \
+                "running low on memory" in last or \
+                ("memory usage" in last and "exceeded threshold" in last):
             return (" (the last one was killed for memory: Ray stops workers when the node's "
                     "memory is over 95% full; free memory or use fewer workers)")
         return ""
