@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vislens.data.samples import Question, Sample
+from vislens.distributed import executor
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
@@ -98,29 +99,39 @@ def _jsonable(config: dict) -> dict:
 
 def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
         reference_images=None, progress=None) -> dict:
-    """Rows go to `out` as they are made (resumable); returns the summary."""
+    """Rows go to `out` as they are made (resumable); returns the summary.
+
+    `vlm` may be a vislens.distributed.RayPool: the vector is then computed by one
+    worker and the samples are shared out, one unit per sample.
+    """
     vlm.require_layout("maps object masks to image tokens")
     config.validate()
     if not samples:
         raise ValueError("no samples to ablate; check --data / --n")
-    vector = _vector(vlm, config, reference_images or [s.image for s in samples])
-    rng = np.random.default_rng(config.seed)
-    targets = choose_targets(samples, config.area, rng)
-    for idx in _progress(progress, range(len(samples)), "ablation"):
-        sample, target = samples[idx], targets[idx]
-        if target is None:
+    ex = executor(vlm)
+    vector = ex.call(_vector, config, reference_images or [s.image for s in samples])
+    # targets draw from one generator over the whole list, and `idx` seeds the noise and
+    # the random sets: both are fixed here, before any sharding
+    targets = choose_targets(samples, config.area, np.random.default_rng(config.seed))
+    units = [(idx, s, t) for idx, (s, t) in enumerate(zip(samples, targets, strict=True))
+             if t is not None and not all(out.done(sample=s.id, setting=setting,
+                                                   condition="clean")
+                                          for setting in config.settings)]
+    ex.map(_unit, units, vector, config, out=out, progress=progress, label="ablation")
+    return summarise(out.rows(), ex.info, config)
+
+
+def _unit(vlm, out: RunDir, unit: tuple[int, Sample, int], vector, config: AblationConfig
+          ) -> None:
+    """Every setting of one sample not yet in `out`."""
+    idx, sample, target = unit
+    if isinstance(vector, torch.Tensor):  # from another process: back to this model's device
+        vector = vector.to(vlm.device)
+    for setting in config.settings:
+        if out.done(sample=sample.id, setting=setting, condition="clean"):
             continue
-        for setting in config.settings:
-            if out.done(sample=sample.id, setting=setting, condition="clean"):
-                continue
-            for row in _sample_rows(vlm, sample, target, setting, vector, config, idx):
-                out.add(row)
-        out.flush()
-    return summarise(out.rows(), vlm, config)
-
-
-def _progress(progress, items, label):
-    return progress(items, label) if progress is not None else items
+        for row in _sample_rows(vlm, sample, target, setting, vector, config, idx):
+            out.add(row)
 
 
 def _vector(vlm, config: AblationConfig, images) -> torch.Tensor | str:

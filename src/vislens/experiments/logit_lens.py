@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vislens.data.samples import Sample
+from vislens.distributed import executor
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import wilson_ci
@@ -91,11 +92,15 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     viewer_dir = out.path / "viewer"
     kept_ids = [s.id for s, _ in chosen]
-    for chunk in (progress(chunks, "logit lens") if progress else chunks):
-        for row in _chunk_rows(vlm, chunk, config, viewer_dir, kept_ids):
-            out.add(row)
-        out.flush()
-    return summarise(out.rows(), vlm, config, viewer_dir)
+    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
+    ex.map(_chunk, chunks, config, viewer_dir, kept_ids, out=out, progress=progress,
+           label="logit lens")
+    return summarise(out.rows(), ex.info, config, viewer_dir)
+
+
+def _chunk(vlm, out: RunDir, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list[str]):
+    for row in _chunk_rows(vlm, chunk, config, viewer_dir, kept_ids):
+        out.add(row)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -62,6 +63,7 @@ class RunDir:
                 )
         self._pending: list[dict[str, Any]] = []
         self._done = self._load_keys()
+        self._index: int | None = None  # part number of the next flush (flush_as)
 
     def ensure(self) -> Path:
         """Create the directory and its config.json when the first result is written, so a
@@ -88,6 +90,18 @@ class RunDir:
             done.update(zip(*(table.column(k).to_pylist() for k in self.key), strict=True))
         return done
 
+    def reload(self) -> None:
+        """Reread the keys on disk: other processes (Ray workers) write parts here too."""
+        self.flush()
+        self._done = self._load_keys()
+
+    def next_index(self) -> int:
+        """One past the highest part number on disk. Not the count: a sharded run numbers
+        its parts by unit and can leave gaps (vislens.distributed)."""
+        numbers = [int(m.group(1)) for p in self._parts()
+                   if (m := re.match(r"part-(\d+)", p.name))]
+        return max(numbers, default=-1) + 1
+
     def done(self, **key: Any) -> bool:
         return tuple(key[k] for k in self.key) in self._done
 
@@ -100,12 +114,22 @@ class RunDir:
             return
         self.ensure()
         self.rows_dir.mkdir(exist_ok=True)
-        index = len(self._parts())
+        index = self.next_index() if self._index is None else self._index
         final = self.rows_dir / f"part-{index:05d}.parquet"
         tmp = self.rows_dir / f".part-{index:05d}.parquet.tmp"
         pq.write_table(pa.Table.from_pylist(self._pending), tmp)
         os.replace(tmp, final)
         self._pending = []
+
+    def flush_as(self, index: int) -> None:
+        """Flush into part number `index`, replacing a part of that number: a sharded run's
+        unit always writes the same part, so a unit redone after its worker died cannot
+        leave its rows twice."""
+        self._index = index
+        try:
+            self.flush()
+        finally:
+            self._index = None
 
     def rows(self) -> list[dict[str, Any]]:
         self.flush()

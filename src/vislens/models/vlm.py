@@ -125,12 +125,7 @@ class VLM:
         return self.lm_head(self.final_norm(hidden))
 
     def require_layout(self, what: str) -> None:
-        """Refuse, before any work, an experiment that maps pixels to tokens on a family
-        without a layout (the generic fallback)."""
-        if not self.spec.geometric:
-            from vislens.models.tokenmap import no_layout
-
-            raise no_layout(self.family, what)
+        self.spec.require_layout(what)
 
     def native_image_size(self) -> str:
         """The size the vision tower works at: fixed, or the range a dynamic one accepts."""

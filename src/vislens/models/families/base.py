@@ -49,6 +49,14 @@ class Family:
                              "the image tokens in the language model's sequence")
         return int(value)
 
+    def require_layout(self, what: str) -> None:
+        """Refuse, before any work, an experiment that maps pixels to tokens on a family
+        without a layout (the generic fallback)."""
+        if not self.geometric:
+            from vislens.models.tokenmap import no_layout
+
+            raise no_layout(self.model_type, what)
+
     def layouts(self, vlm, images: list[list], inputs: dict) -> list[list[Layout]]:
         """Per sample, one Layout per image (sequence order of its image tokens)."""
         raise NotImplementedError
