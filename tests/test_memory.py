@@ -208,3 +208,62 @@ def test_capture_sink_hands_over_each_layer_and_keeps_none(tiny):
         (k, ly) for k in ("keys_pre", "keys_post", "values") for ly in range(tiny.num_layers))
     for kind, layer, x in got:
         assert torch.equal(x, getattr(kept, kind)[layer])
+
+
+# ---- the reference set of a mean embedding ---------------------------------------------------
+def test_reference_set_is_read_a_batch_at_a_time_and_keeps_its_cache_key(tiny, tmp_path,
+                                                                         monkeypatch):
+    """imagenet:DIR as `ablate --reference` reads it: never more than one batch of images in
+    memory (every image the loader made is watched), the same mean as the whole list, and
+    the cache key of the list, so a vector cached from a list is found again."""
+    from native_formats import write_image_folder
+
+    from vislens.data import imagenet
+    from vislens.data.resolve import reference_images
+    from vislens.interventions import reference
+
+    write_image_folder(tmp_path / "val", shapesworld.generate(7, seed=4))
+    folder = reference_images(f"imagenet:{tmp_path / 'val'}")
+    assert isinstance(folder, imagenet.ImageFolder) and len(folder) == 7
+    as_list = list(folder)
+    assert reference.data_key(folder) == reference.data_key(as_list)
+    want = reference.mean_image_embedding(tiny, as_list, batch_size=3,
+                                          cache_dir=tmp_path / "list")
+    del as_list
+
+    alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # PIL: unhashable
+    loaded, held, ids = [], [], iter(range(10**9))
+    read = imagenet.read_image
+
+    def watched(path, *args, **kwargs):
+        im = read(path, *args, **kwargs)
+        loaded.append(1)
+        alive[next(ids)] = im
+        held.append(len(alive))
+        return im
+
+    prepare = tiny.prepare
+
+    def counting(images, *args, **kwargs):
+        held.append(len(alive))
+        return prepare(images, *args, **kwargs)
+
+    monkeypatch.setattr(imagenet, "read_image", watched)
+    monkeypatch.setattr(tiny, "prepare", counting)
+    got = reference.mean_image_embedding(tiny, folder, batch_size=3, cache_dir=tmp_path / "lazy")
+    assert len(loaded) == 14  # once for the key, once for the mean
+    assert max(held) <= 3
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # a one-shot generator: read once, hashed as it is summed, cached under the same key
+    loaded.clear()
+    once = reference.mean_image_embedding(tiny, iter(folder), batch_size=3,
+                                          cache_dir=tmp_path / "once")
+    assert len(loaded) == 7 and max(held) <= 3 and torch.equal(once, want)
+    names = {p.name for d in ("list", "lazy", "once") for p in (tmp_path / d).glob("*.pt")}
+    assert len(names) == 1
+    # and the lazy set finds the vector the list cached (no image is read for the mean)
+    loaded.clear()
+    again = reference.mean_image_embedding(tiny, folder, cache_dir=tmp_path / "list")
+    assert len(loaded) == 7 and torch.equal(again, want)
+    with pytest.raises(ValueError, match="at least one"):
+        reference.mean_image_embedding(tiny, iter([]), cache_dir=tmp_path / "empty")
