@@ -57,8 +57,10 @@ class FeatureStore:
 
     def write(self, image: int, name: str, x: torch.Tensor) -> None:
         x = x.detach().to("cpu").contiguous()
-        data = x.view(torch.uint8).numpy().tobytes() if x.numel() else b""
-        os.pwrite(self._file.fileno(), data, self._end)
+        data = memoryview(x.reshape(-1).view(torch.uint8).numpy()) if x.numel() else b""
+        done = 0
+        while done < len(data):  # pwrite may write less than asked (over 2 GB at once)
+            done += os.pwrite(self._file.fileno(), data[done:], self._end + done)
         self._index[(image, name)] = (self._end, tuple(x.shape), x.dtype)
         self._end += len(data)
 
