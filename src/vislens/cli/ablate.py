@@ -65,9 +65,9 @@ def ablate(
         vlm = models.load(model, device, dtype, local=S.load_model)
         ref_images = None
         if reference:
-            from vislens.data import open_dataset
+            from vislens.data.resolve import reference_images
 
-            ref_images = [s.image for s in open_dataset(reference)]
+            ref_images = reference_images(reference)  # imagenet:DIR is read lazily
         summary = ablation.execute(vlm, samples, config, out,
                                    S.meta(model, data, n, device, dtype, reference=reference),
                                    reference_images=ref_images, progress=progress_for(as_json))

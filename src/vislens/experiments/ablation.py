@@ -139,7 +139,7 @@ def _vector(vlm, config: AblationConfig, images) -> torch.Tensor | str:
         return "zeros"
     if config.vector != "mean":
         raise ValueError(f"unknown ablation vector {config.vector!r}; choose mean or zeros")
-    return mean_image_embedding(vlm, list(images))
+    return mean_image_embedding(vlm, images)  # streamed: a lazy reference set stays lazy
 
 
 def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, config: AblationConfig,

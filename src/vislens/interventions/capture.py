@@ -5,6 +5,10 @@ grows with what was asked, not with layers x sequence. Capture records the
 prompt pass (under generate: the prefill); with generated=True it also keeps
 the residual stream of every generated token ([B, steps, hidden] per layer).
 
+With a `sink`, keys and values are handed over as each layer produces them and
+not kept: what a caller stores or reduces is then its own choice, and the
+capture itself never holds more than one layer (perceive spills them to disk).
+
 Residual index l is the input of decoder layer l (0 = LM input embeddings,
 after any ablation); index num_layers is the last layer's output, before the
 final norm, so `vlm.unembed(residual[num_layers])` gives the model's logits.
@@ -49,12 +53,27 @@ class Captured:
         return table[torch.as_tensor(np.flatnonzero(rows[:, 0] == sample), device=table.device)]
 
 
+class _Sink(dict):
+    """A layer -> tensor table that passes every tensor on instead of keeping it."""
+
+    def __init__(self, kind: str, sink):
+        super().__init__()
+        self.kind, self.sink = kind, sink
+
+    def __setitem__(self, layer: int, value: torch.Tensor) -> None:
+        self.sink(self.kind, layer, value)
+
+
 class Capture:
-    def __init__(self, vlm, positions, layers, residual, keys, values, attention_queries):
+    def __init__(self, vlm, positions, layers, residual, keys, values, attention_queries,
+                 sink=None):
         self.num_layers = vlm.num_layers
         self.layers = set(range(self.num_layers)) if layers is None else {int(x) for x in layers}
         self.out = Captured(rows=_rows(positions),
                             attention_rows=_rows(attention_queries or []))
+        if sink is not None:
+            for kind in ("keys_pre", "keys_post", "values"):
+                setattr(self.out, kind, _Sink(kind, sink))
         self.want_residual, self.want_keys, self.want_values = residual, keys, values
         self.recording = False
         self.steps: dict[int, list[torch.Tensor]] = {}
@@ -100,7 +119,7 @@ class Capture:
 @contextmanager
 def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool = True,
             keys: bool = False, values: bool = False, attention_queries=None,
-            generated: bool = False):
+            generated: bool = False, sink=None):
     """Record what the LM computes at chosen positions while the context is open.
 
     positions: one sequence of prompt columns per sample (residual, keys, values).
@@ -111,9 +130,12 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
     any active knockout) are recorded per layer.
     generated: also keep the residual of each token generate produces
     (`generated[l]` is [B, steps, hidden]; its logits are vlm.unembed of the last).
+    sink: a callable (kind, layer, rows) given each layer's keys_pre / keys_post /
+    values rows ([N, kv_heads, head_dim], rows as in `Captured.rows`) as soon as they
+    exist; those tables then stay empty.
     """
     state = attach(vlm)
-    cap = Capture(vlm, positions, layers, residual, keys, values, attention_queries)
+    cap = Capture(vlm, positions, layers, residual, keys, values, attention_queries, sink)
     handles = []
 
     def keep_step(idx, hidden):

@@ -3,6 +3,13 @@
 Computed once and cached on disk, keyed by the model (name, config, projector
 weights) and by the exact image bytes, so reruns and other experiments reuse
 it and a different model or data set never picks up a stale vector.
+
+The images are streamed: the key is hashed one image at a time and the mean is
+summed a batch at a time, so a reference set (ImageNet val: 50,000 images) is
+never in memory at once. An iterable that can be iterated again (a list, a
+`vislens.data.imagenet.ImageFolder`) is read twice, once for the key and once,
+only when the key is not cached, for the mean; a one-shot iterator is read once,
+hashed and summed together.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -40,28 +49,45 @@ def model_key(vlm) -> str:
     return h.hexdigest()[:20]
 
 
-def data_key(images: list[Image.Image]) -> str:
-    h = hashlib.sha256()
+def data_key(images: Iterable[Image.Image], h=None) -> str:
+    """Hash of the images' sizes, modes and RGB bytes, in order, one image at a time
+    (h: a sha256 to continue, for a set hashed a batch at a time)."""
+    h = hashlib.sha256() if h is None else h
     for im in images:
         h.update(f"{im.size}{im.mode}".encode())
         h.update(np.asarray(im.convert("RGB")).tobytes())
     return h.hexdigest()[:20]
 
 
+def _batches(images: Iterable[Image.Image], size: int) -> Iterator[list[Image.Image]]:
+    it = iter(images)
+    while chunk := list(islice(it, size)):
+        yield chunk
+        del chunk  # released before the next batch is read
+
+
 @torch.no_grad()
-def mean_image_embedding(vlm, images: list[Image.Image], batch_size: int = 8,
+def mean_image_embedding(vlm, images: Iterable[Image.Image], batch_size: int = 8,
                          cache_dir: str | Path | None = None, prompt: str = "describe this image ."
                          ) -> torch.Tensor:
-    """Mean over every image PATCH token (newline slots excluded) of every reference image."""
-    if not images:
-        raise ValueError("mean_image_embedding needs at least one reference image")
+    """Mean over every image PATCH token (newline slots excluded) of every reference image.
+
+    images: any iterable of PIL images; at most `batch_size` of them are held at once
+    when it yields them lazily (see the module docstring).
+    """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    file = root / f"mean_embedding_{model_key(vlm)}_{data_key(images)}.pt"
-    if file.is_file():
-        return torch.load(file, map_location=vlm.device)
-    total, count = None, 0
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+    one_shot = iter(images) is images
+    if not one_shot:
+        key = data_key(images)
+        file = root / f"mean_embedding_{model_key(vlm)}_{key}.pt"
+        if file.is_file():
+            return torch.load(file, map_location=vlm.device)
+    h = hashlib.sha256()
+    total, count, n_images = None, 0, 0
+    for chunk in _batches(images, batch_size):
+        n_images += len(chunk)
+        if one_shot:
+            data_key(chunk, h)
         batch = vlm.prepare(chunk, [prompt] * len(chunk))
         feats = vlm.image_embeddings(batch)
         tm = batch.token_map
@@ -71,6 +97,11 @@ def mean_image_embedding(vlm, images: list[Image.Image], batch_size: int = 8,
             f = f[torch.as_tensor(patch, device=f.device)].float()
             total = f.sum(0) if total is None else total + f.sum(0)
             count += f.shape[0]
+        del batch, feats, chunk  # this batch's images go before the next batch is read
+    if n_images == 0:
+        raise ValueError("mean_image_embedding needs at least one reference image")
+    if one_shot:
+        file = root / f"mean_embedding_{model_key(vlm)}_{data_key([], h)}.pt"
     mean = (total / count).to(vlm.dtype)
     root.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")

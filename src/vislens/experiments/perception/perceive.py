@@ -313,6 +313,7 @@ def score_temp_corr(vlm, video, config, blocked, names=()):
         pred_grids = [_grid(f, p, b, full=True) for f, p, b in zip(feats, preds, base,
                                                                     strict=True)]
         stats[name] = M.j_and_f(pred_grids, grids)
+        del x  # before the next source is read: one source of the video in memory at a time
     stats["static"] = M.j_and_f([grids[0]] * len(grids), grids)  # no tracking at all
     return video.id, stats
 
