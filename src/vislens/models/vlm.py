@@ -30,7 +30,7 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     token_map: ImageTokenMap
     texts: list[str]
-    features: ImageFeatures | None = None  # cached by VLM.image_embeddings
+    features: ImageEmbeddings | None = None  # cached by VLM.image_embeddings
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -57,14 +57,14 @@ class Batch:
             image_features = self.features
         if image_features is None:
             return dict(self.inputs)
-        if not isinstance(image_features, ImageFeatures):
-            image_features = ImageFeatures(image_features)
+        if not isinstance(image_features, ImageEmbeddings):
+            image_features = ImageEmbeddings(image_features)
         kwargs = {k: v for k, v in self.inputs.items() if k not in PIXEL_KEYS}
         kwargs["mm_encoder_outputs"] = {"image": image_features.encoder_output()}
         return kwargs
 
 
-class ImageFeatures(list):
+class ImageEmbeddings(list):
     """Post-projector features per image (LM sequence order), in the form the model takes back.
 
     A list of [n_tokens, hidden] tensors, one per image, so experiments can index an
@@ -84,16 +84,16 @@ class ImageFeatures(list):
         if injected is not None and len(injected) != len(self):
             raise ValueError(f"{len(injected)} injected feature sets for {len(self)} images")
 
-    def _like(self, per_image, injected) -> ImageFeatures:
-        return ImageFeatures(per_image, injected, self.tokens_per_view)
+    def _like(self, per_image, injected) -> ImageEmbeddings:
+        return ImageEmbeddings(per_image, injected, self.tokens_per_view)
 
-    def __mul__(self, n: int) -> ImageFeatures:
+    def __mul__(self, n: int) -> ImageEmbeddings:
         return self._like(list(self) * n, None if self.injected is None else self.injected * n)
 
     __rmul__ = __mul__
 
-    def __add__(self, other) -> ImageFeatures:
-        other = other if isinstance(other, ImageFeatures) else ImageFeatures(other)
+    def __add__(self, other) -> ImageEmbeddings:
+        other = other if isinstance(other, ImageEmbeddings) else ImageEmbeddings(other)
         if (self.injected is None) != (other.injected is None):
             raise ValueError("cannot join features with and without injected (DeepStack) parts")
         injected = None if self.injected is None else self.injected + other.injected
@@ -259,14 +259,14 @@ class VLM:
 
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()
-    def image_embeddings(self, batch: Batch) -> ImageFeatures:
+    def image_embeddings(self, batch: Batch) -> ImageEmbeddings:
         """Post-projector features per image, in LM sequence order (newline slots included).
 
         They are cached on the batch, and every later `forward` / `generate` of
         that batch reuses them: one vision pass per image whatever the number
         of conditions that only change the LM's inputs or attention. What else
         the family's LM reads from the vision pass (Qwen3-VL's DeepStack
-        features) travels with them (see ImageFeatures).
+        features) travels with them (see ImageEmbeddings).
         """
         if batch.features is not None:
             return batch.features

@@ -42,11 +42,11 @@ class Family:
         """Adjust a loaded processor so that it does what its saved settings say."""
 
     def split_features(self, out, batch):
-        """`get_image_features` output as vislens.models.vlm.ImageFeatures (one entry per
+        """`get_image_features` output as vislens.models.vlm.ImageEmbeddings (one entry per
         image, sequence order)."""
-        from vislens.models.vlm import ImageFeatures
+        from vislens.models.vlm import ImageEmbeddings
 
-        return ImageFeatures([f.detach() for f in out.pooler_output])
+        return ImageEmbeddings([f.detach() for f in out.pooler_output])
 
     def projector_inputs(self, x, y):
         """The projector's input rows behind each of its output rows: [M, r * d_in] for y's

@@ -99,7 +99,7 @@ class Gemma3(Family):
     def split_features(self, out, batch):
         """The processor's views ([views, 256, hidden]: every image's whole view, then its
         crops) regrouped per image, as many rows as the image has tokens."""
-        from vislens.models.vlm import ImageFeatures
+        from vislens.models.vlm import ImageEmbeddings
 
         views = out.pooler_output.detach()
         tm = batch.token_map
@@ -111,7 +111,7 @@ class Gemma3(Family):
         if sum(counts) != flat.shape[0]:
             raise ValueError(f"Gemma 3 vision pass gave {flat.shape[0]} token features for "
                              f"{sum(counts)} image tokens")
-        return ImageFeatures(list(flat.split(counts)), tokens_per_view=views.shape[1])
+        return ImageEmbeddings(list(flat.split(counts)), tokens_per_view=views.shape[1])
 
     def projector_inputs(self, x, y):
         """Per pooled token, the mean of the 4x4 vision patches its average pool reads (the

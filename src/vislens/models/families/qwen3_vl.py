@@ -20,12 +20,12 @@ class Qwen3VL(Qwen25VL):
     def split_features(self, out, batch):
         """Per image: its merged features, and its DeepStack features per injection layer
         (`get_image_features` splits both per image, layer by layer)."""
-        from vislens.models.vlm import ImageFeatures
+        from vislens.models.vlm import ImageEmbeddings
 
         per_image = [f.detach() for f in out.pooler_output]
         layers = [[f.detach() for f in layer] for layer in out.deepstack_features]
         injected = [[layer[i] for layer in layers] for i in range(len(per_image))]
-        return ImageFeatures(per_image, injected)
+        return ImageEmbeddings(per_image, injected)
 
 
 FAMILY = Qwen3VL()
