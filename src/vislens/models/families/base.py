@@ -9,6 +9,10 @@ new family means one module here that says:
 - how its positions are made (mRoPE families derive them from image grids and the
   attention mask, so vislens must never pass its own position ids);
 - whether it was trained on several images per prompt;
+- whether its LM reads image features anywhere but its input embeddings (Qwen3-VL's
+  DeepStack adds per-layer features at the image positions of its first layers, which
+  an ablation must replace too), and how the vision pass's output is split per image
+  and handed back to the model;
 - and, for the experiments that map masks to tokens, its `layouts`: where every image
   token of an image comes from in the original pixels (vislens.models.geometry has the
   shared primitives that replay image processors).
@@ -32,6 +36,28 @@ class Family:
     video_processor = False  # its processor insists on a (torchvision) video processor
     projector = "multi_modal_projector"  # attribute path under model.model
     geometric = True  # has `layouts`
+    deepstack = False  # the LM adds per-layer image features after its first layers
+
+    def configure(self, processor) -> None:
+        """Adjust a loaded processor so that it does what its saved settings say."""
+
+    def split_features(self, out, batch):
+        """`get_image_features` output as vislens.models.vlm.ImageEmbeddings (one entry per
+        image, sequence order)."""
+        from vislens.models.vlm import ImageEmbeddings
+
+        return ImageEmbeddings([f.detach() for f in out.pooler_output])
+
+    def projector_inputs(self, x, y):
+        """The projector's input rows behind each of its output rows: [M, r * d_in] for y's
+        M rows. Default: r consecutive input rows per output row (Qwen's 2x2 merger reads
+        its merge windows as consecutive rows; LLaVA projectors map row to row)."""
+        y = y.reshape(-1, y.shape[-1])
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] % y.shape[0]:
+            raise ValueError(f"projector maps {x.shape[0]} rows to {y.shape[0]}; "
+                             "cannot tie its inputs to its outputs")
+        return x.reshape(y.shape[0], -1)
 
     def decoder(self, model):
         """The text decoder: embeddings, `layers`, final `norm` (no LM head)."""
