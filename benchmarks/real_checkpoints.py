@@ -15,8 +15,11 @@ process so its peak memory is its own. The 7B columns then price the counted wor
   layer), at SUSTAINED_FLOPS (an assumption, stated in the output);
 - decode: each decode call reads the bf16 weights once, at MEMORY_BANDWIDTH;
 - memory: bf16 weights, plus the largest call's activations (rows x sequence x
-  (4 hidden + 2 MLP width) x 2 bytes); for perceive also the keys and values it keeps
-  per image on the CPU (tokens x layers x 2 x KV width x 4 bytes, every layer).
+  (4 hidden + 2 MLP width) x 2 bytes); for perceive also the keys and values it spills
+  per image to its temporary feature file (tokens x layers x 2 x KV width x 2 bytes,
+  every layer, bf16) and what it holds in RAM per image while a task compares the
+  images of an item (one source at a time: tokens x hidden x 4 bytes at most, the
+  projector's width, in float32).
 
 They are estimates of a GPU run, not measurements: where a device is lent, time the
 real shapes with benchmarks/run.py instead.
@@ -149,10 +152,11 @@ def extrapolate(name: str, experiment: str, work: dict) -> dict:
     weights = 2 * (r["params"] + r["vision"])
     seconds = flops / SUSTAINED_FLOPS + work["decode_calls"] * weights / MEMORY_BANDWIDTH
     act = work["max_rows_x_seq"] * (4 * r["hidden"] + 2 * r["ff"]) * 2
-    kept = work["prefill_tokens"] * r["layers"] * 2 * r["kv"] * 4 if experiment == "perceive" \
-        else 0
+    spilled = work["prefill_tokens"] * r["layers"] * 2 * r["kv"] * 2 \
+        if experiment == "perceive" else 0
+    held = work["prefill_tokens"] * r["hidden"] * 4 if experiment == "perceive" else 0
     return {"seconds": seconds, "weights_gb": weights / 1e9, "activations_gb": act / 1e9,
-            "cpu_features_gb": kept / 1e9}
+            "disk_features_gb": spilled / 1e9, "ram_features_mb": held / 1e6}
 
 
 def main() -> None:
@@ -181,7 +185,7 @@ def main() -> None:
         "",
         "| checkpoint | experiment | LM prompt tokens / image | decode calls / image | "
         "fixture s / image | fixture peak RSS MB | 7B s / image (est.) | 7B GPU GB (est.: "
-        "weights + largest call) | 7B CPU GB / image kept (est.) |",
+        "weights + largest call) | 7B features / image (est.): disk GB (bf16) + RAM MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     raw_path = args.out.with_suffix(".json")
@@ -200,7 +204,8 @@ def main() -> None:
                 f"{work['decode_calls']:,.0f} | {work['seconds']:.2f} | "
                 f"{three['peak_rss_mb']:,.0f} | {est['seconds']:.2f} | "
                 f"{est['weights_gb']:.1f} + {est['activations_gb']:.1f} | "
-                f"{est['cpu_features_gb']:.2f} |")
+                + (f"{est['disk_features_gb']:.2f} + {est['ram_features_mb']:.0f} |"
+                   if experiment == "perceive" else "- |"))
             print(lines[-1], flush=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out)

@@ -33,6 +33,7 @@ from benchmarks import models, rivals  # noqa: E402
 from benchmarks.measure import compare  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
+MEMORY_START, MEMORY_END = "<!-- memory:start -->", "<!-- memory:end -->"  # memory.py writes it
 
 
 def build_context(vlm, args) -> C.Context:
@@ -274,6 +275,9 @@ def main(argv=None) -> None:
     text = render(results, info, os.getloadavg(), args, time.time() - t0)
     if args.notes.exists():
         text += "\n" + args.notes.read_text()
+    old = args.out.read_text() if args.out.exists() else ""
+    if MEMORY_START in old and MEMORY_END in old:  # benchmarks/memory.py's section stays
+        text += "\n" + old[old.index(MEMORY_START):old.index(MEMORY_END) + len(MEMORY_END)] + "\n"
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(args.out)

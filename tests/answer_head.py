@@ -41,8 +41,12 @@ Nothing else is fitted, so everything an experiment measures beyond these answer
 model's own behaviour.
 
 `fitted_dir(name)` caches the result like checkpoints.checkpoint_dir, keyed by this
-file, the fixture fingerprint and the vislens sources the states depend on; it takes
-the look-alikes of checkpoints.py and of checkpoints_more.py alike.
+file, the fixture fingerprint and the vislens sources the states depend on. It takes
+the paper fixtures (checkpoints.py) and the later families' (checkpoints_qwen_gemma.py,
+checkpoints_more.py) alike. A fixture that ties its unembedding to its input embeddings
+(Gemma 3, PaliGemma) gets its own lm_head in the fitted copy (tie_word_embeddings off):
+fitting a tied row would also move that token's input embedding, which the recorded
+states were computed with.
 
 A family whose model soft-caps its logits (PaliGemma 2: 30 * tanh(z / 30)) would flatten
 large fitted logits into ties, so there the fit also keeps every state's target logit
@@ -53,17 +57,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import checkpoints
 import checkpoints_more
+import checkpoints_qwen_gemma
 import numpy as np
-from checkpoints import cache_root
+from checkpoints import cache_root, fingerprint, publish
 from PIL import Image
 
 from vislens.data._io import mask_box
@@ -368,17 +370,21 @@ SOURCES = (  # vislens files the recorded states depend on
 )
 
 
-def source(name: str) -> tuple[Path, str]:
-    """(look-alike directory, its fixture fingerprint) of checkpoint `name`."""
-    module = checkpoints if name in checkpoints.NAMES else checkpoints_more
-    return module.checkpoint_dir(name), module.fingerprint()
+def owner(name: str):
+    """The module that builds fixture `name` (checkpoints, checkpoints_qwen_gemma or
+    checkpoints_more)."""
+    import checkpoints
+
+    if name in checkpoints_more.NAMES:
+        return checkpoints_more
+    return checkpoints_qwen_gemma if name in checkpoints_qwen_gemma.NAMES else checkpoints
 
 
-def key(name: str) -> str:
+def key(name: str | None = None) -> str:
     import vislens
 
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(source(name)[1].encode())
+    digest.update((fingerprint() if name is None else owner(name).fingerprint()).encode())
     root = Path(vislens.__file__).parent
     for rel in SOURCES:
         digest.update((root / rel).read_bytes())
@@ -394,7 +400,7 @@ def build(name: str, out: Path) -> dict:
 
     import vislens
 
-    src = source(name)[0]
+    src = owner(name).checkpoint_dir(name)
     vlm = vislens.load(str(src))
     t = time.perf_counter()
     states = answer_states(vlm, scenes())
@@ -407,7 +413,16 @@ def build(name: str, out: Path) -> dict:
         if f.name != "model.safetensors":
             shutil.copy2(f, out / f.name)
     tensors = load_file(str(src / "model.safetensors"))
-    (head,) = [k for k in tensors if k.endswith("lm_head.weight")]
+    heads = [k for k in tensors if k.endswith("lm_head.weight")]
+    if heads:
+        (head,) = heads
+    else:  # tied to the input embeddings: the fitted copy gets a head of its own
+        head = "lm_head.weight"
+        config = json.loads((out / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors[head] = fit.weight.contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     report = {"checkpoint": name, "states": fit.n_states, "rows": fit.n_rows,
@@ -421,20 +436,4 @@ def build(name: str, out: Path) -> dict:
 
 def fitted_dir(name: str) -> Path:
     """The cached fitted copy of fixture `name`, built first when this source has none."""
-    root = cache_root()
-    target = root / f"{name}-answers-{key(name)}"
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-answers-", dir=root))
-    try:
-        build(name, tmp)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return publish(cache_root() / f"{name}-answers-{key(name)}", lambda tmp: build(name, tmp))

@@ -494,14 +494,19 @@ def checkpoint_dir(name: str) -> Path:
     """The cached look-alike of `name`, built first if this source/version has none yet."""
     if name not in NAMES:
         raise ValueError(f"unknown checkpoint {name!r}; choose one of {', '.join(NAMES)}")
-    root = cache_root()
-    target = root / f"{name}-{fingerprint()}"
+    return publish(cache_root() / f"{name}-{fingerprint()}", lambda tmp: build(name, tmp))
+
+
+def publish(target: Path, make) -> Path:
+    """`target`, made by `make(directory)` in a temporary sibling first when it does not
+    exist, then published with one atomic rename (a concurrent or interrupted session never
+    sees half of it; whoever renames first wins)."""
     if target.is_dir():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(name, tmp)
+        make(tmp)
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             os.rename(tmp, target)

@@ -19,23 +19,17 @@ Values are those of public copies of the hub files where they could be found;
 what could not be verified is marked UNVERIFIED where it is chosen, with the
 reason for the choice. Deviations on purpose:
 
-- PaliGemma 2 ties its unembedding to the input embeddings; the look-alike unties
-  them (a copy of the same random matrix), so that answer_head.py can fit the
-  unembedding without changing what the model reads.
 - Mistral Small 3.1's template writes today's date (strftime_now) into its default
   system prompt; the look-alike writes a fixed date, so that states recorded for a
   fitted answer head stay valid from one day to the next.
 
 `checkpoint_dir(name)` caches each directory as checkpoints.checkpoint_dir does
-(key: this file, checkpoints.py and the library versions; one atomic rename).
+(key: this file, checkpoints.py and the library versions; checkpoints.publish).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from checkpoints import (
@@ -53,6 +47,7 @@ from checkpoints import (
     _train_bpe,
     cache_root,
     corpus,
+    publish,
 )
 
 SMOLVLM = "SmolVLM-Instruct"
@@ -379,12 +374,12 @@ def model_config(name: str) -> dict:
             architectures=["PaliGemmaForConditionalGeneration"], bos_token_id=2,
             eos_token_id=1, image_token_index=257152, model_type="paligemma", pad_token_id=0,
             projection_dim=LM["hidden_size"], torch_dtype="float32",
-            tie_word_embeddings=False,  # real: tied (see the module docstring)
+            tie_word_embeddings=True,
             text_config=_text(name, model_type="gemma2", attn_logit_softcapping=50.0,
                               final_logit_softcapping=30.0, head_dim=SHORT_HEAD_DIM,
                               hidden_activation="gelu_pytorch_tanh", num_image_tokens=256,
                               query_pre_attn_scalar=SHORT_HEAD_DIM,  # real: 256 = head_dim
-                              sliding_window=4096, tie_word_embeddings=False,
+                              sliding_window=4096, tie_word_embeddings=True,
                               vocab_size=257216),
             vision_config=dict(TOWER, model_type="siglip_vision_model", image_size=224,
                                num_image_tokens=256, patch_size=14,
@@ -457,9 +452,6 @@ def build(name: str, out: Path) -> Path:
     hf_config = transformers.AutoConfig.from_pretrained(out)
     torch.manual_seed(SEED)
     model = getattr(transformers, config["architectures"][0])(hf_config).to(torch.float32)
-    if name == PALIGEMMA:  # untied, but the same matrix the real head reads
-        with torch.no_grad():
-            model.lm_head.weight.copy_(model.get_input_embeddings().weight)
     model.save_pretrained(out)
     _dump(out / "config.json", config)  # save_pretrained rewrote it in the nested 5.x layout
     _dump(out / "generation_config.json", generation_config(name))
@@ -493,20 +485,4 @@ def checkpoint_dir(name: str) -> Path:
     """The cached look-alike of `name`, built first if this source/version has none yet."""
     if name not in NAMES:
         raise ValueError(f"unknown checkpoint {name!r}; choose one of {', '.join(NAMES)}")
-    root = cache_root()
-    target = root / f"{name}-{fingerprint()}"
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        build(name, tmp)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return publish(cache_root() / f"{name}-{fingerprint()}", lambda tmp: build(name, tmp))

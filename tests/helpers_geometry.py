@@ -134,7 +134,24 @@ def _shuffled(family: str, model, sums: np.ndarray) -> np.ndarray:
     return _merge(out.reshape(t, out.shape[1], -1, 7)).reshape(-1, 7)
 
 
-def seen(family: str, model, image_processor, size: tuple[int, int], **kwargs) -> np.ndarray:
+QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+
+
+def _pooled(sums: np.ndarray, side: int) -> np.ndarray:
+    """Per-patch sums [views, g*g, 7] of raster patches average-pooled side x side cells
+    (Gemma 3's 4x4 pool): counts and coordinate sums add, extents take min / max."""
+    v, n, _ = sums.shape
+    g = int(round(n ** 0.5))
+    k = g // side
+    blocks = sums.reshape(v, side, k, side, k, 7).transpose(0, 1, 3, 2, 4, 5)
+    blocks = blocks.reshape(v * side * side, k * k, 7)
+    return np.concatenate([blocks[:, :, :3].sum(1), blocks[:, :, [3]].min(1),
+                           blocks[:, :, [4]].max(1), blocks[:, :, [5]].min(1),
+                           blocks[:, :, [6]].max(1)], 1)
+
+
+def seen(family: str, model, image_processor, size: tuple[int, int],
+         **processor_kwargs) -> np.ndarray:
     """[image patch tokens, 7] in LM sequence order: image pixels seen, centre x, centre y,
     x0, x1, y0, y1 (extent of those pixels).
 
@@ -145,7 +162,7 @@ def seen(family: str, model, image_processor, size: tuple[int, int], **kwargs) -
     """
     w, h = size
     px, py = (np.asarray(image_processor(images=[im], do_rescale=False, do_normalize=False,
-                                         return_tensors="np", **kwargs)["pixel_values"])
+                                         return_tensors="np", **processor_kwargs)["pixel_values"])
               for im in probes(w, h))
     vc = model.config.vision_config
     if family in ("llava", "paligemma"):
@@ -177,7 +194,11 @@ def seen(family: str, model, image_processor, size: tuple[int, int], **kwargs) -
             kwargs["vision_feature_select_strategy"] = model.config.vision_feature_select_strategy
         packed = model.model.pack_image_features(**kwargs)[0][0].numpy()
         sums = packed[packed[:, 0] >= 0]
-    elif family == "qwen2_5_vl":
+    elif family == "gemma3":
+        # every view (whole image, then pan-and-scan crops) read as 14-px patches, pooled 4x4
+        per_patch = _sums(_tiles(px, vc.patch_size), _tiles(py, vc.patch_size), w, h)
+        sums = _pooled(per_patch, int(round(model.config.mm_tokens_per_image ** 0.5)))
+    elif family in QWEN:
         p, m = vc.patch_size, vc.spatial_merge_size
         # rows are (merged row, merged col, sub row, sub col) x (C, T, p, p); one frame suffices
         fx, fy = (a.reshape(-1, 3, vc.temporal_patch_size, p, p)[:, :, 0] for a in (px, py))
@@ -192,17 +213,29 @@ def seen(family: str, model, image_processor, size: tuple[int, int], **kwargs) -
     return np.concatenate([n[:, None], centre, sums[:, 3:]], 1)
 
 
+FIXTURES = {"qwen2_vl": "Qwen2-VL-7B-Instruct", "qwen3_vl": "Qwen3-VL-8B-Instruct",
+            "gemma3": "gemma-3-4b-it"}
+
+
 def real_geometry(family: str):
-    """(model, processor) with the released checkpoints' geometry, Qwen's real pixel bounds too
-    (the families of checkpoints_more.py: their look-alikes, real processor settings)."""
+    """(model, processor) with the released checkpoints' geometry, Qwen's real pixel bounds too.
+
+    The families added after the paper's four read their geometry from their look-alike
+    checkpoints (checkpoints_qwen_gemma, checkpoints_more), whose processors carry the
+    released settings."""
+    import vislens
+
+    if family in FIXTURES:
+        from checkpoints_qwen_gemma import checkpoint_dir
+
+        vlm = vislens.load(str(checkpoint_dir(FIXTURES[family])))
+        return vlm.model, vlm.processor
     from checkpoints_more import FAMILY, checkpoint_dir
     from helpers_models import build
 
     more = {f: name for name, f in FAMILY.items()}
     if family in more:
-        from vislens.models import load
-
-        vlm = load(str(checkpoint_dir(more[family])))
+        vlm = vislens.load(str(checkpoint_dir(more[family])))
         return vlm.model, vlm.processor
     model, proc = build(family)
     if family == "qwen2_5_vl":
@@ -222,13 +255,33 @@ def compare(family: str, model, proc, size: tuple[int, int]):
 
     vlm = VLM(model, proc, family)
     tm = vlm.prepare([Image.new("RGB", size)], ["what"]).token_map
-    kwargs = {}  # what each processor passes its image processor on top of its settings
-    if family == "internvl":
-        kwargs = tiling(proc)
+    extra = {}  # what each processor passes its image processor on every call
+    if family == "gemma3":
+        from vislens.models.families.gemma3 import pan_and_scan_settings
+
+        extra = pan_and_scan_settings(proc)
+    elif family == "internvl":
+        extra = tiling(proc)
     elif family == "mistral3":
-        kwargs = {"patch_size": proc.patch_size * proc.spatial_merge_size}
-    measured = seen(family, model, proc.image_processor, size, **kwargs)
+        extra = {"patch_size": proc.patch_size * proc.spatial_merge_size}
+    measured = seen(family, model, proc.image_processor, size, **extra)
     if len(measured) != len(tm):
         raise AssertionError(f"{len(measured)} measured tokens, {len(tm)} in the map")
     centre = np.stack([(tm.box[:, 0] + tm.box[:, 2]) / 2, (tm.box[:, 1] + tm.box[:, 3]) / 2], 1)
     return tm, measured, centre
+
+
+def pan_and_scan(proc):
+    """A copy of a Gemma 3 processor with pan-and-scan on (the processor's default crop rules),
+    as a preprocessor_config.json with "do_pan_and_scan": true loads it."""
+    import copy
+
+    from vislens.models.families.gemma3 import FAMILY
+
+    proc = copy.deepcopy(proc)
+    ip = proc.image_processor
+    ip.do_pan_and_scan = True
+    ip.pan_and_scan_min_crop_size, ip.pan_and_scan_max_num_crops = 256, 4
+    ip.pan_and_scan_min_ratio_to_activate = 1.2
+    FAMILY.configure(proc)
+    return proc

@@ -1,6 +1,9 @@
 """The family seam: every supported family is one declared module; any other
 image-text-to-text model loads through the generic fallback (positions only), and the
-experiments that need pixels refuse it with one line."""
+experiments that need pixels refuse it with one line.
+
+The fallback is exercised on a tiny Gemma 3 with its family module taken out of the
+registry: a model type vislens has no module for, whose image tokens sit in the sequence."""
 
 import json
 
@@ -22,12 +25,21 @@ def gemma3(tmp_path_factory):
     return save_gemma3(tmp_path_factory.mktemp("gemma3") / "gemma3")
 
 
+@pytest.fixture
+def unregistered(monkeypatch):
+    """Gemma 3 as a model type without a family module."""
+    monkeypatch.delitem(FAMILIES, "gemma3")
+
+
 def test_every_family_is_one_declared_module():
-    assert set(FAMILIES) == {"llava", "llava_next", "llava_onevision", "qwen2_5_vl",
-                             "idefics3", "internvl", "mistral3", "paligemma"}
+    assert set(FAMILIES) == {"llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl",
+                             "qwen3_vl", "gemma3", "idefics3", "internvl", "mistral3", "paligemma"}
     for name, family in FAMILIES.items():
         assert family.model_type == name and family.geometric and family.model_class
     assert family_for("qwen2_5_vl").mrope and not family_for("llava").mrope
+    assert family_for("qwen2_vl").mrope and family_for("qwen3_vl").mrope
+    assert not family_for("gemma3").mrope
+    assert family_for("qwen3_vl").deepstack and not family_for("qwen2_vl").deepstack
     assert family_for("llava_onevision").multi_image and not family_for("llava").multi_image
 
 
@@ -36,10 +48,14 @@ def test_unknown_and_cross_attention_models_are_one_line():
         family_for("bert")
     with pytest.raises(ValueError, match="cross-attention"):
         family_for("mllama")
+    assert not isinstance(family_for("gemma3"), Generic)
+
+
+def test_a_type_without_module_falls_back(unregistered):
     assert isinstance(family_for("gemma3"), Generic)
 
 
-def test_generic_fallback_runs_position_experiments(gemma3):
+def test_generic_fallback_runs_position_experiments(gemma3, unregistered):
     vlm = vislens.load(str(gemma3))
     assert isinstance(vlm.spec, Generic) and vlm.num_layers == 2
     batch = vlm.prepare([Image.new("RGB", (300, 200), (200, 40, 40)),
@@ -61,7 +77,7 @@ def test_generic_fallback_runs_position_experiments(gemma3):
         tm.positions(0, np.ones((200, 300), bool))
 
 
-def test_generic_fallback_info_and_refusal_through_the_cli(gemma3, tmp_path):
+def test_generic_fallback_info_and_refusal_through_the_cli(gemma3, unregistered, tmp_path):
     runner = CliRunner()
     info = runner.invoke(app, ["info", "--model", str(gemma3), "--json"])
     assert info.exit_code == 0, info.output

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers_geometry import compare, real_geometry
+from helpers_geometry import FIXTURES, compare, pan_and_scan, real_geometry
 from helpers_models import build
 from PIL import Image
 
@@ -20,11 +20,14 @@ from vislens.models.vlm import VLM
 
 torch.set_num_threads(2)
 SIZES = [(500, 300), (200, 640), (336, 336), (97, 61)]
+QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision", "qwen2_5_vl",
+                                        "qwen2_vl", "qwen3_vl", "gemma3"])
 def vlm(request):
-    model, proc = build(request.param)
+    model, proc = real_geometry(request.param) if request.param in FIXTURES else \
+        build(request.param)
     return VLM(model, proc, request.param)
 
 
@@ -96,8 +99,8 @@ def test_anyres_grid_is_transformers_choice(vlm):
 
 
 def test_qwen_rows_cols_are_mrope_positions(vlm):
-    if vlm.family != "qwen2_5_vl":
-        pytest.skip("Qwen2.5-VL only")
+    if vlm.family not in QWEN:
+        pytest.skip("Qwen families only")
     images = [Image.new("RGB", s) for s in SIZES]
     batch = vlm.prepare(images, ["what"] * len(images))
     tm = batch.token_map
@@ -116,16 +119,23 @@ def test_qwen_rows_cols_are_mrope_positions(vlm):
 
 
 # ---- boxes against the pixels each patch really sees (real processors, real geometry) ----------
-REAL = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl"]
+REAL = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 # crops + global view, tiles + thumbnail, a variable grid, a fixed square (checkpoints_more.py)
 MORE = ["idefics3", "internvl", "mistral3", "paligemma"]
-CASES = [(f, s) for f in REAL + MORE for s in [(640, 480), (200, 640), (1000, 250), (40, 30)]] + [
+SIZES = [(640, 480), (200, 640), (1000, 250), (40, 30)]
+CASES = [(f, s) for f in REAL + MORE for s in SIZES] + [
     ("llava_onevision", (2304, 1728)),  # 6x5 crops, anyres_max_9 shrinks 121x162 to 70x93
     ("llava_onevision", (1900, 1500)),
+    ("gemma3", (640, 480)), ("gemma3", (200, 640)), ("gemma3", (40, 30)),
+    # pan-and-scan on (the processor's default crop rules): 2 crops, the last one a pixel
+    # narrower; 4 crops; 2 crops of a portrait; an aspect ratio too small to cut
+    ("gemma3+pas", (641, 480)), ("gemma3+pas", (1100, 300)), ("gemma3+pas", (300, 700)),
+    ("gemma3+pas", (500, 450)),
     ("idefics3", (2000, 1500)),  # shrunk to 1536 px, then 4x3 crops
     ("internvl", (2000, 1500)),
     ("mistral3", (2000, 1500)),  # shrunk to fit 1540 px, then whole 28-px cells
 ]
+CROPS = {(641, 480): 2, (1100, 300): 4, (300, 700): 2, (500, 450): 0}
 # A decoded pixel is within 0.5 px of its coordinate (uint8 rounding of one resize, see
 # helpers_geometry), so a patch's measured centre and extent are too, bar a fraction of a pixel
 # where PIL truncates its kernel at the image border; 1 px leaves room for that and nothing
@@ -143,7 +153,11 @@ def real_models():
 
     def get(family):
         if family not in cache:
-            cache[family] = real_geometry(family)
+            if family == "gemma3+pas":
+                model, proc = get("gemma3")
+                cache[family] = model, pan_and_scan(proc)
+            else:
+                cache[family] = real_geometry(family)
         return cache[family]
 
     return get
@@ -167,7 +181,12 @@ def _unpadded(config, size) -> tuple[int, int]:
 def test_box_is_what_the_patch_sees(real_models, family, size):
     """Each token's box centre (and, unblended, its extent) is that of the pixels it reads."""
     model, proc = real_models(family)
+    pas = family == "gemma3+pas"
+    family = "gemma3" if pas else family
     tm, measured, centre = compare(family, model, proc, size)
+    if pas:  # the crops are views of their own, each mapped back into the original image
+        assert sorted(tm.grids[0]) == list(range(CROPS[size] + 1))
+        assert set(tm.crop.tolist()) == set(range(CROPS[size] + 1))
     sees = measured[:, 0] > 0
     area = (tm.box[:, 2] - tm.box[:, 0]) * (tm.box[:, 3] - tm.box[:, 1])
     assert np.array_equal(area > 0, sees)

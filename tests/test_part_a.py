@@ -31,11 +31,12 @@ def test_logit_lens_last_layer_is_the_models_own_prediction(vlm, scenes, tmp_pat
     rows = run.rows()
     L = vlm.num_layers
     n_img = 144
-    assert len(rows) == 2 * n_img * (L + 1)
+    assert len(rows) == 2 * n_img  # one row per image token, lists over the layers
+    assert all(len(r["topk_ids"]) == L + 1 and len(r["hit"]) == L + 1 for r in rows)
     batch = vlm.prepare([scenes[0].image], [logit_lens.PROMPT])
     logits = vlm.forward(batch).logits[0]
-    top1 = {r["position"]: r["topk_ids"][0] for r in rows
-            if r["sample"] == scenes[0].id and r["layer"] == L}
+    top1 = {r["position"]: r["topk_ids"][L][0] for r in rows if r["sample"] == scenes[0].id}
+    assert len(top1) == n_img
     for pos, tok in top1.items():
         assert int(logits[pos].argmax()) == tok
     assert summary["n_layers"] == L + 1 and len(summary["per_layer"]) == L + 1
@@ -46,18 +47,72 @@ def test_logit_lens_last_layer_is_the_models_own_prediction(vlm, scenes, tmp_pat
     assert "http://" not in page and "https://" not in page
 
 
+def _token_table(tokens, n_layers):
+    """Token rows as the lens stores them: (position, hits, class probs, coverage, bg)."""
+    import pyarrow as pa
+
+    hit = np.array([t[1] for t in tokens], dtype=bool)
+    prob = np.array([t[2] for t in tokens], dtype=np.float32)
+    return pa.table({"sample": ["s"] * len(tokens), "position": [t[0] for t in tokens],
+                     "coverage": [float(t[3]) for t in tokens],
+                     "background": [t[4] for t in tokens],
+                     "hit": logit_lens._lists(hit), "class_prob": logit_lens._lists(prob)})
+
+
 def test_logit_lens_summary_on_hand_built_rows(vlm, tmp_path):
-    def row(pos, layer, hit, p, cover, bg=False):
-        return {"sample": "s", "position": pos, "layer": layer, "hit": hit, "class_prob": p,
-                "coverage": cover, "background": bg}
     L = vlm.num_layers + 1
-    rows = [row(1, la, la == 3, 0.9 if la == 3 else 0.1, 1.0) for la in range(L)]
-    rows += [row(2, la, False, 0.0, 0.8) for la in range(L)]
-    rows += [row(3, la, la == 0, 0.5, 0.0, bg=True) for la in range(L)]
-    s = logit_lens.summarise(rows, vlm, logit_lens.LensConfig(), tmp_path)
+    tokens = [(1, [la == 3 for la in range(L)], [0.9 if la == 3 else 0.1 for la in range(L)],
+               1.0, False),
+              (2, [False] * L, [0.0] * L, 0.8, False),
+              (3, [la == 0 for la in range(L)], [0.5] * L, 0.0, True)]
+    table = _token_table(tokens, L)
+    s = logit_lens.summarise([table], vlm, logit_lens.LensConfig(), tmp_path)
     assert s["hit_rate"] == 0.5 and s["peak_layer_mean"] == 3.0
     assert s["per_layer"][3] == 0.5 and s["per_layer"][0] == 0.0
     assert s["background_rate"] == 1.0
+    # the same tokens split over parts (as flushes write them) give the same summary
+    parts = [table.slice(0, 1), table.slice(1, 0), table.slice(1, 2)]
+    assert logit_lens.summarise(parts, vlm, logit_lens.LensConfig(), tmp_path) == s
+
+
+def test_logit_lens_summary_streams_parts_without_loading_rows(vlm, scenes, tmp_path,
+                                                               monkeypatch):
+    """The summary is tallied part by part from the columns it needs: RunDir.rows (every
+    column of every part at once) is never called, no top-k column is read, and a resumed
+    run (one image already done) summarises to exactly what one uninterrupted run does."""
+    import pyarrow.parquet as pq
+
+    config = logit_lens.LensConfig(viewers=0, batch_size=1)
+    whole = logit_lens.run(vlm, scenes, config, RunDir(tmp_path / "a", {"t": 1}, ["sample"]))
+    first = RunDir(tmp_path / "b", {"t": 1}, key=["sample"])
+    logit_lens.run(vlm, scenes[:1], config, first)
+    read = []
+    real = pq.read_table
+
+    def spy(path, *args, columns=None, **kwargs):
+        read.append(columns)
+        return real(path, *args, columns=columns, **kwargs)
+
+    def refuse(self):
+        raise AssertionError("the lens summary must not load every row")
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    monkeypatch.setattr(RunDir, "rows", refuse)
+    resumed = RunDir(tmp_path / "b", {"t": 1}, key=["sample"])
+    assert resumed.done(sample=scenes[0].id)
+    decoded = []
+    monkeypatch.setattr(logit_lens, "_decode", lambda *a: decoded.append(1) or real_decode(*a))
+    again = logit_lens.run(vlm, scenes, config, resumed)
+    assert len(decoded) == 2 * (vlm.num_layers + 1)  # only the two images not done before
+    assert again == whole
+    assert read and all(c is not None and "topk_ids" not in c and "topk_probs" not in c
+                        for c in read)
+    assert len(list((tmp_path / "b" / "rows.parquet").glob("part-*.parquet"))) == 3
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in
+               (tmp_path / "b" / "rows.parquet").glob("part-*.parquet")) == 3 * 144
+
+
+real_decode = logit_lens._decode
 
 
 def test_ablation_batch_equals_one_condition_at_a_time(vlm, scenes):

@@ -214,12 +214,16 @@ def test_logit_lens_decodes_every_image_token_batched_as_alone(fitted, data, tmp
     assert widest and max(widest) <= logit_lens.MAX_LOGITS
     last = vlm.num_layers
     assert s["n_images"] == 2 and s["n_layers"] == last + 1 and len(s["viewer"]) == 2
-    rows = rows_of(out)
+    tokens = rows_of(out)
     for sample in lens_scenes():
-        mine = [r for r in rows if r["sample"] == sample.id]
         alone = vlm.prepare([sample.image], [logit_lens.PROMPT])
         tm = alone.token_map
-        assert len(mine) == len(tm) * (last + 1)  # every patch token, every layer
+        # one stored row per patch token, each with a list entry per layer
+        assert sum(r["sample"] == sample.id for r in tokens) == len(tm)
+        mine = [{**r, "layer": layer, "topk_ids": r["topk_ids"][layer],
+                 "topk_probs": r["topk_probs"][layer], "hit": r["hit"][layer]}
+                for r in tokens if r["sample"] == sample.id for layer in range(last + 1)]
+        assert all(len(r["class_prob"]) == last + 1 for r in tokens)
         if sample.image.size == (640, 480):
             assert len(tm) == PATCHES_640x480[fitted.name]
         starts = word_starts(vlm.tokenizer, sample.instances[0].name)

@@ -37,3 +37,24 @@ def test_nothing_is_written_before_the_first_result(tmp_path):
     assert not out.exists()
     RunDir(out, {"model": "toy", "seed": 1}, key=["sample"]).write_summary({})
     assert json.loads((out / "config.json").read_text())["seed"] == 1
+
+
+def test_numbered_parts_leave_gaps_and_a_later_flush_never_overwrites(tmp_path):
+    """A sharded run numbers parts by unit (vislens.distributed), so numbers can skip; the
+    next plain flush goes past the highest, and a part written again under its own
+    number replaces itself instead of adding its rows twice."""
+    run = RunDir(tmp_path, {"model": "toy"}, key=["sample"])
+    run.add({"sample": "c"})
+    run.flush_as(2)
+    run.add({"sample": "a"})
+    run.flush_as(0)
+    run.add({"sample": "d"})
+    run.flush()
+    assert sorted(p.name for p in run.rows_dir.iterdir()) == [
+        "part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
+    assert [r["sample"] for r in run.rows()] == ["a", "c", "d"]
+    other = RunDir(tmp_path, {"model": "toy"}, key=["sample"])
+    other.add({"sample": "c"})
+    other.flush_as(2)
+    run.reload()
+    assert [r["sample"] for r in run.rows()] == ["a", "c", "d"] and run.done(sample="c")

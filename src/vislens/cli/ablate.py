@@ -14,10 +14,13 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     console,
     emit,
     progress_for,
     quiet,
+    scale_out,
     user_errors,
 )
 
@@ -38,6 +41,8 @@ def ablate(
     seed: int = typer.Option(0, help="seed for targets, random token sets and noise"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Ablate object / buffer / register / random / gradient tokens and count broken answers.
@@ -49,7 +54,7 @@ def ablate(
 
     Example: vislens ablate --model toy --n 200 --out runs/ablate --json
     """
-    with user_errors(), quiet(as_json):
+    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments import ablation
 
         config = ablation.AblationConfig(settings=S.names(settings),
@@ -57,12 +62,12 @@ def ablate(
                                          vector=vector, ig_steps=ig_steps, seed=seed)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
-        vlm = S.load_model(model, device, dtype)
+        vlm = models.load(model, device, dtype, local=S.load_model)
         ref_images = None
         if reference:
-            from vislens.data import open_dataset
+            from vislens.data.resolve import reference_images
 
-            ref_images = [s.image for s in open_dataset(reference)]
+            ref_images = reference_images(reference)  # imagenet:DIR is read lazily
         summary = ablation.execute(vlm, samples, config, out,
                                    S.meta(model, data, n, device, dtype, reference=reference),
                                    reference_images=ref_images, progress=progress_for(as_json))

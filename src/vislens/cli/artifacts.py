@@ -14,11 +14,14 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     console,
     emit,
     positive,
     progress_for,
     quiet,
+    scale_out,
     user_errors,
 )
 
@@ -39,6 +42,8 @@ def artifacts(
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Find input-agnostic image keys per layer, block text from reading them, re-measure
@@ -46,7 +51,7 @@ def artifacts(
 
     Example: vislens artifacts --model toy --out runs/artifacts
     """
-    with user_errors(), quiet(as_json):
+    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments.perception import artifacts as exp
         from vislens.experiments.perception.surface import SurfaceConfig
 
@@ -58,7 +63,7 @@ def artifacts(
             layers=pcfg.layers, perceive=pcfg, batch_size=batch_size,
             mc=SurfaceConfig(data=specs.get("mc", specs["*"]), n=n, kind=kind,
                              batch_size=batch_size))
-        vlm = P.load_model(model, device, dtype)
+        vlm = models.load(model, device, dtype, local=P.load_model)
         P.check_layers(vlm, config.layers)
         summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
         if as_json:

@@ -14,12 +14,15 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     console,
     emit,
     fmt,
     positive,
     progress_for,
     quiet,
+    scale_out,
     user_errors,
 )
 
@@ -40,6 +43,8 @@ def attention(
     batch_size: int = typer.Option(4, help="images per forward pass"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Where the answer position looks: its attention over image patches in every layer.
@@ -51,7 +56,7 @@ def attention(
 
     Example: vislens attention --model toy --n 40 --query last --out runs/attention
     """
-    with user_errors(), quiet(as_json):
+    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         positive("--batch-size", batch_size)
         from vislens.experiments import attention as att
 
@@ -59,7 +64,7 @@ def attention(
                                      batch_size=batch_size)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "large")
-        vlm = S.load_model(model, device, dtype)
+        vlm = models.load(model, device, dtype, local=S.load_model)
         summary = att.execute(vlm, samples, config, out, S.meta(model, data, n, device, dtype),
                               progress=progress_for(as_json))
         if as_json:

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vislens.errors import VislensError
 from vislens.progress import progress_bar
@@ -27,7 +28,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (VislensError, FileNotFoundError, ValueError) as err:
-        console.print(f"[bold red]error:[/] {one_line(err)}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(one_line(err))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume from its last saved step")
@@ -53,6 +54,28 @@ MODEL_OPTION = typer.Option("toy", help=MODEL_HELP)
 DEVICE_OPTION = typer.Option("cpu", help=DEVICE_HELP)
 DTYPE_OPTION = typer.Option(None, help=DTYPE_HELP)
 JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
+WORKERS_HELP = ("share the images out over N Ray workers on this machine, one model each "
+                "(one GPU each with --device cuda); 0 = this process alone. Needs "
+                "pip install 'vislens\\[ray]'")
+RAY_HELP = ("run the workers on the Ray cluster at ADDRESS (HOST:PORT, ray://HOST:PORT or "
+            "auto; default one per GPU, or per node on CPUs); --out must be on a filesystem "
+            "every node sees")
+WORKERS_OPTION = typer.Option(0, "--workers", help=WORKERS_HELP)
+RAY_OPTION = typer.Option("", "--ray", metavar="ADDRESS", help=RAY_HELP)
+
+
+@contextmanager
+def scale_out(workers: int, address: str) -> Iterator[Any]:
+    """--workers / --ray checked now, before anything is loaded; yields a
+    vislens.distributed.Models whose load() gives the model or a pool of Ray workers,
+    shut down when the command ends (Ray is imported only when one is asked for)."""
+    from vislens.distributed import Models
+
+    models = Models(workers, address or None)
+    try:
+        yield models
+    finally:
+        models.close()
 
 
 def positive(name: str, value: int) -> None:

@@ -14,10 +14,13 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     emit,
     fmt,
     progress_for,
     quiet,
+    scale_out,
     user_errors,
 )
 
@@ -34,6 +37,8 @@ def knockout(
     seed: int = typer.Option(0, help="seed for choosing targets"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Block attention edges in windows of layers; measure how much of the answer survives.
@@ -44,14 +49,14 @@ def knockout(
 
     Example: vislens knockout --model toy --n 100 --window 1 --out runs/knockout --json
     """
-    with user_errors(), quiet(as_json):
+    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments import knockout as ko
 
         config = ko.KnockoutConfig(settings=S.names(settings), window=window, stride=stride,
                                    seed=seed)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
-        vlm = S.load_model(model, device, dtype)
+        vlm = models.load(model, device, dtype, local=S.load_model)
         summary = ko.execute(vlm, samples, config, out, S.meta(model, data, n, device, dtype),
                              progress=progress_for(as_json))
         if as_json:

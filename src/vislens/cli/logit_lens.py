@@ -12,12 +12,15 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     console,
     emit,
     fmt,
     positive,
     progress_for,
     quiet,
+    scale_out,
     user_errors,
 )
 
@@ -35,6 +38,8 @@ def logit_lens(
     batch_size: int = typer.Option(4, help="images per forward pass"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Decode every image token at every layer (final norm + unembedding, applied once).
@@ -45,7 +50,7 @@ def logit_lens(
 
     Example: vislens logit-lens --model toy --n 60 --out runs/lens --viewers 3
     """
-    with user_errors(), quiet(as_json):
+    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         positive("--top-k", top_k)
         positive("--batch-size", batch_size)
         from vislens.experiments import logit_lens as lens
@@ -53,7 +58,7 @@ def logit_lens(
         samples, chosen = S.open_samples(data, n, area or None, "large")
         config = lens.LensConfig(top_k=top_k, area=chosen, viewers=viewers, seed=seed,
                                  batch_size=batch_size)
-        vlm = S.load_model(model, device, dtype)
+        vlm = models.load(model, device, dtype, local=S.load_model)
         summary = lens.execute(vlm, samples, config, out, S.meta(model, data, n, device, dtype),
                                progress=progress_for(as_json))
         if as_json:

@@ -13,10 +13,13 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     console,
     emit,
     progress_for,
     quiet,
+    scale_out,
     user_errors,
 )
 
@@ -33,6 +36,8 @@ def perceive(
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Zero-shot perception from image keys / values in every LM layer (Liu et al. B1).
@@ -45,11 +50,11 @@ def perceive(
 
     Example: vislens perceive --model toy --out runs/perceive
     """
-    with user_errors(), quiet(as_json):
+    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments.perception import perceive as exp
 
         config = P.perceive_config(tasks, data, seed, n, layers, batch_size)
-        vlm = P.load_model(model, device, dtype)
+        vlm = models.load(model, device, dtype, local=P.load_model)
         P.check_layers(vlm, config.layers)
         summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
         if as_json:

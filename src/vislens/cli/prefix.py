@@ -13,9 +13,12 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     emit,
     progress_for,
     quiet,
+    scale_out,
     user_errors,
 )
 from vislens.errors import VislensError
@@ -36,19 +39,21 @@ def prefix(
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Re-run perceive with a text prefix before the image; report the change (Liu et al. B3).
 
     Example: vislens prefix --model toy --prefix classes --out runs/prefix
     """
-    with user_errors(), quiet(as_json):
+    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments.perception import prefix as exp
 
         if not text.strip():
             raise VislensError("--prefix is empty; give 'task', 'classes' or some text")
         config = P.perceive_config(tasks, data, seed, n, layers, batch_size, prefix=text)
-        vlm = P.load_model(model, device, dtype)
+        vlm = models.load(model, device, dtype, local=P.load_model)
         P.check_layers(vlm, config.layers)
         summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
         if as_json:

@@ -11,6 +11,8 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     console,
     emit,
     progress_for,
@@ -28,6 +30,8 @@ def study(
     seed: int = typer.Option(0, help="seed for targets and random token sets"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run every experiment with sensible defaults and write one self-contained report.
@@ -37,10 +41,12 @@ def study(
     with user_errors(), quiet(as_json):
         if scale <= 0:
             raise VislensError(f"--scale must be positive (got {scale})")
+        from vislens.distributed import check
         from vislens.experiments.study import StudyConfig, run_study
 
+        check(workers, ray or None)
         config = StudyConfig(model=model, data=data, scale=scale, seed=seed, device=device,
-                             dtype=dtype)
+                             dtype=dtype, workers=workers, ray=ray or None)
         log = (lambda m: None) if as_json else (lambda m: console.print(m, highlight=False))
         result = run_study(config, out, progress=progress_for(as_json), log=log)
         if as_json:

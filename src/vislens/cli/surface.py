@@ -14,11 +14,14 @@ from vislens.cli.common import (
     DTYPE_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    RAY_OPTION,
+    WORKERS_OPTION,
     console,
     emit,
     positive,
     progress_for,
     quiet,
+    scale_out,
     user_errors,
 )
 from vislens.errors import VislensError
@@ -40,6 +43,8 @@ def surface(
     batch_size: int = typer.Option(8, help="items per forward pass"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    workers: int = WORKERS_OPTION,
+    ray: str = RAY_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Is the answer in the image values but not in the model's output? (Liu et al. B4)
@@ -50,7 +55,7 @@ def surface(
 
     Example: vislens surface --model toy --n 40 --out runs/surface
     """
-    with user_errors(), quiet(as_json):
+    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments.perception import surface as exp
 
         positive("--n", n)
@@ -60,7 +65,7 @@ def surface(
         config = exp.SurfaceConfig(data=data, n=n, kind=kind, layers=P.parse_layers(layers),
                                    batch_size=batch_size, sources=P.parse_sources(sources))
         config.validate()
-        vlm = P.load_model(model, device, dtype)
+        vlm = models.load(model, device, dtype, local=P.load_model)
         P.check_layers(vlm, config.layers)
         summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
         if as_json:

@@ -39,28 +39,54 @@ def load_image_folder(root: str | Path, per_class: int | None = None, limit: int
     meta: label (the folder name, e.g. a synset), class_name (from `names`, a
     dict or a synset mapping file, else the folder name). `per_class` keeps the
     first images of each class (balanced reference sets), `limit` caps the total.
+    All of them are read into memory: `ImageFolder` reads the same files one at a time.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} not found")
-    if names is not None and not isinstance(names, dict):
-        names = read_synset_names(names)
-    names = names or {}
-    out: list[Sample] = []
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    for class_dir in class_dirs or [root]:  # a flat folder is one unlabeled class
-        label = class_dir.name if class_dirs else ""
-        for path in sorted_files(class_dir, IMAGE_SUFFIXES)[:per_class]:
-            if limit is not None and len(out) >= limit:
-                return out
-            out.append(Sample(id=f"{label}/{path.stem}" if label else path.stem,
-                              image=read_image(path),
-                              meta={"label": label, "file": str(path),
-                                    "class_name": names.get(label, label),
-                                    "source": "imagenet"}))
-    if not out:
-        raise ValueError(f"no images under {root}; expected <root>/<class>/*.jpg or <root>/*.jpg")
-    return out
+    return list(ImageFolder(root, per_class, limit, names).samples())
+
+
+class ImageFolder:
+    """The files of an image folder (same layout and order as `load_image_folder`), read one
+    at a time each time it is iterated.
+
+    A reference set for a mean embedding can be the 50,000 ImageNet val images: as a
+    list they would all be in memory at once. Iterating yields PIL images (what
+    `mean_image_embedding` takes), `samples()` yields Samples; the file list is made,
+    and a missing or empty folder refused, when the folder is opened, before any
+    pixel is read.
+    """
+
+    def __init__(self, root: str | Path, per_class: int | None = None,
+                 limit: int | None = None, names: dict[str, str] | str | Path | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} not found")
+        if names is not None and not isinstance(names, dict):
+            names = read_synset_names(names)
+        self.names = names or {}
+        self.files: list[tuple[str, Path]] = []
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        for class_dir in class_dirs or [root]:  # a flat folder is one unlabeled class
+            label = class_dir.name if class_dirs else ""
+            self.files += [(label, path) for path in
+                           sorted_files(class_dir, IMAGE_SUFFIXES)[:per_class]]
+        self.files = self.files[:limit]
+        if not self.files:
+            raise ValueError(f"no images under {root}; expected <root>/<class>/*.jpg or "
+                             "<root>/*.jpg")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self):
+        return (read_image(path) for _, path in self.files)
+
+    def samples(self):
+        for label, path in self.files:
+            yield Sample(id=f"{label}/{path.stem}" if label else path.stem,
+                         image=read_image(path),
+                         meta={"label": label, "file": str(path),
+                               "class_name": self.names.get(label, label),
+                               "source": "imagenet"})
 
 
 def load_imagenet_s(root: str | Path, split: str = "validation",

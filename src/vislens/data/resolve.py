@@ -40,6 +40,21 @@ def open_dataset(spec: str, n: int | None = None, images_dir: str | None = None,
     raise ValueError(f"unknown dataset {spec!r}; use one of: {SPECS}")
 
 
+def reference_images(spec: str, n: int | None = None):
+    """The images of a dataset spec for a mean embedding, iterable more than once.
+
+    imagenet:DIR is read lazily, one image at a time on each pass (an `ImageFolder`),
+    so a reference set of any size never sits in memory; other specs are read as
+    `open_dataset` reads them.
+    """
+    kind, arg = _split(spec)
+    if kind == "imagenet":
+        from vislens.data.imagenet import ImageFolder
+
+        return ImageFolder(_path(arg, kind), limit=n)
+    return [s.image for s in open_dataset(spec, n)]
+
+
 TASKS: dict[str, tuple[str, ...]] = {  # task -> native formats it reads besides ShapesWorld
     "fewshot": ("voc",),
     "coseg": ("voc", "imagenet-s"),

@@ -4,7 +4,10 @@ Per kept sample and setting, every condition replaces the LM input
 embeddings of one token set with the ablation vector (mean post-projector
 image embedding, or zeros) and re-asks the question; the metric is the % of
 initially-correct samples that become incorrect. All conditions of a sample
-run as one batch over one vision pass.
+run as one batch over one vision pass. Where the LM also adds image features
+inside its first layers (Qwen3-VL's DeepStack), those are replaced at the same
+tokens, by their reference means (or zeros): ablating a token removes all the
+image puts there.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import numpy as np
 import torch
 
 from vislens.data.samples import Question, Sample
+from vislens.distributed import executor
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.experiments.stats import wilson_ci
-from vislens.interventions import ablate, mean_image_embedding
+from vislens.interventions import ablate, mean_image_embedding, mean_injected_features
 from vislens.report.plots import grouped_bars
 
 RANDOM_KS = (5, 10, 20, 40, 60, 100, 250)
@@ -98,29 +102,45 @@ def _jsonable(config: dict) -> dict:
 
 def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
         reference_images=None, progress=None) -> dict:
-    """Rows go to `out` as they are made (resumable); returns the summary."""
+    """Rows go to `out` as they are made (resumable); returns the summary.
+
+    `vlm` may be a vislens.distributed.RayPool: the vector is then computed by one
+    worker and the samples are shared out, one unit per sample.
+    """
     vlm.require_layout("maps object masks to image tokens")
     config.validate()
     if not samples:
         raise ValueError("no samples to ablate; check --data / --n")
-    vector = _vector(vlm, config, reference_images or [s.image for s in samples])
-    rng = np.random.default_rng(config.seed)
-    targets = choose_targets(samples, config.area, rng)
-    for idx in _progress(progress, range(len(samples)), "ablation"):
-        sample, target = samples[idx], targets[idx]
-        if target is None:
+    ex = executor(vlm)
+    reference = reference_images or [s.image for s in samples]
+    vector = ex.call(_vector, config, reference)
+    injected = ex.call(_injected, config, reference)
+    # targets draw from one generator over the whole list, and `idx` seeds the noise and
+    # the random sets: both are fixed here, before any sharding
+    targets = choose_targets(samples, config.area, np.random.default_rng(config.seed))
+    units = [(idx, s, t) for idx, (s, t) in enumerate(zip(samples, targets, strict=True))
+             if t is not None and not all(out.done(sample=s.id, setting=setting,
+                                                   condition="clean")
+                                          for setting in config.settings)]
+    ex.map(_unit, units, vector, injected, config, out=out, progress=progress,
+           label="ablation")
+    return summarise(out.rows(), ex.info, config)
+
+
+def _unit(vlm, out: RunDir, unit: tuple[int, Sample, int], vector, injected,
+          config: AblationConfig) -> None:
+    """Every setting of one sample not yet in `out`."""
+    idx, sample, target = unit
+    # from another process: back to this model's device
+    if isinstance(vector, torch.Tensor):
+        vector = vector.to(vlm.device)
+    if isinstance(injected, list):
+        injected = [t.to(vlm.device) for t in injected]
+    for setting in config.settings:
+        if out.done(sample=sample.id, setting=setting, condition="clean"):
             continue
-        for setting in config.settings:
-            if out.done(sample=sample.id, setting=setting, condition="clean"):
-                continue
-            for row in _sample_rows(vlm, sample, target, setting, vector, config, idx):
-                out.add(row)
-        out.flush()
-    return summarise(out.rows(), vlm, config)
-
-
-def _progress(progress, items, label):
-    return progress(items, label) if progress is not None else items
+        for row in _sample_rows(vlm, sample, target, setting, vector, injected, config, idx):
+            out.add(row)
 
 
 def _vector(vlm, config: AblationConfig, images) -> torch.Tensor | str:
@@ -128,11 +148,19 @@ def _vector(vlm, config: AblationConfig, images) -> torch.Tensor | str:
         return "zeros"
     if config.vector != "mean":
         raise ValueError(f"unknown ablation vector {config.vector!r}; choose mean or zeros")
-    return mean_image_embedding(vlm, list(images))
+    return mean_image_embedding(vlm, images)  # streamed: a lazy reference set stays lazy
 
 
-def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, config: AblationConfig,
-                 idx: int) -> Iterator[dict]:
+def _injected(vlm, config: AblationConfig, images):
+    """What replaces injected (DeepStack) image features at ablated tokens: the vector's kind
+    (zeros, or the references' per-layer means); None for a family without injection."""
+    if not getattr(vlm.spec, "deepstack", False):
+        return None
+    return "zeros" if config.vector == "zeros" else mean_injected_features(vlm, images)
+
+
+def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, injected,
+                 config: AblationConfig, idx: int) -> Iterator[dict]:
     q = question(sample, target, setting)
     max_new = config.max_new_tokens[setting]
     inst = sample.instances[target]
@@ -153,10 +181,10 @@ def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, config:
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
     feats = vlm.image_embeddings(one)
     sets = token_sets(vlm, one, feats, inst.mask, config, idx, q, vector,
-                      vlm.trim(generated[0]))
+                      vlm.trim(generated[0]), injected)
     names = [n for n in config.condition_names(len(one.token_map)) if n in sets]
     rows = repeat_batch(one, len(names))
-    with ablate(vlm, [sets[n] for n in names], vector):
+    with ablate(vlm, [sets[n] for n in names], vector, injected=injected):
         gen = vlm.generate(rows, max_new_tokens=max_new, image_features=feats * len(names))
     for name, text in zip(names, vlm.decode(gen), strict=True):
         yield {**base, "condition": name, "n_tokens": len(sets[name]),
@@ -164,7 +192,7 @@ def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, config:
 
 
 def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx: int,
-               q: Question, vector, clean: list[int]) -> dict[str, np.ndarray]:
+               q: Question, vector, clean: list[int], injected=None) -> dict[str, np.ndarray]:
     """Every condition's token positions for the one-sample `batch`.
 
     clean: the clean generation's token ids (its answer word is what integrated
@@ -187,18 +215,22 @@ def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx:
     if wanted:
         prefix, target_id = answer_token(vlm, clean, q)
         scores = integrated_gradients(vlm, extend_batch(batch, prefix), feats, target_id,
-                                      vector, config.ig_steps, config.ig_batch)
+                                      vector, config.ig_steps, config.ig_batch, injected)
         sets["ig-matched"] = np.sort(image[np.argsort(-scores, kind="stable")[:len(obj1)]])
     return sets
 
 
 def _patch_features(vlm, batch, feats) -> torch.Tensor:
     """Post-projector features of the image PATCH tokens, in image_positions order."""
+    return feats[0][_patch_rows(vlm, batch, feats)]
+
+
+def _patch_rows(vlm, batch, feats) -> torch.Tensor:
+    """Which of sample 0's feature rows are PATCH tokens (not newlines)."""
     tm = batch.token_map
     columns = np.flatnonzero(batch.input_ids[0].cpu().numpy() == vlm.image_token_id)
     keep = np.isin(columns, tm.image_positions(0))
-    rows = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])  # per image, crop or tile
-    return rows[torch.as_tensor(keep, device=rows.device)]
+    return torch.as_tensor(keep, device=feats[0].device)
 
 
 def answer_token(vlm, clean: list[int], q: Question) -> tuple[torch.Tensor, int]:
@@ -232,12 +264,16 @@ def frozen(model: torch.nn.Module):
 
 
 def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
-                         chunk: int = 8) -> np.ndarray:
+                         chunk: int = 8, injected=None) -> np.ndarray:
     """IG attribution of each image patch token to the `target_id` logit at the last position.
 
     The path runs from the ablation baseline (mean embedding, or zeros) to the
     clean embeddings in `steps` midpoint steps, `chunk` steps per forward pass;
     attributions sum to logit(clean) - logit(baseline) up to the quadrature error.
+    Where the LM also adds image features inside its first layers (Qwen3-VL's
+    DeepStack), those move along the path from their baseline (`injected`: "zeros"
+    or per-layer means) too, and a token's attribution sums over all its inputs,
+    so the baseline is the token ablated as the ablation conditions ablate it.
     """
     if steps < 1 or chunk < 1:
         raise ValueError(f"integrated gradients need steps >= 1 and chunk >= 1 (got {steps}, "
@@ -246,19 +282,33 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
     x = _patch_features(vlm, batch, feats).float()
     base = torch.zeros_like(x) if isinstance(vector, str) else \
         vector.float().to(x.device)[None].expand_as(x)
+    inputs, bases = [x], [base]
+    if injected is not None and getattr(feats, "injected", None) is not None:
+        rows = _patch_rows(vlm, batch, feats)
+        for layer, f in enumerate(feats.injected[0]):
+            xi = f[rows.to(f.device)].float().to(x.device)
+            inputs.append(xi)
+            bases.append(torch.zeros_like(xi) if isinstance(injected, str) else
+                         injected[layer].float().to(x.device)[None].expand_as(xi))
     alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps
-    total = torch.zeros_like(x)
+    totals = [torch.zeros_like(v) for v in inputs]
     with frozen(vlm.model):
         for part in alphas.split(chunk):
-            path = (base[None] + part[:, None, None] * (x - base)[None]).to(vlm.dtype)
-            path.requires_grad_(True)
-            rows = repeat_batch(batch, len(part))
-            with ablate(vlm, [image] * len(part), list(path.unbind(0))):
-                logits = vlm.forward(rows, image_features=feats * len(part), grad=True,
+            paths = [(b[None] + part[:, None, None] * (v - b)[None]).to(vlm.dtype)
+                     for v, b in zip(inputs, bases, strict=True)]
+            for path in paths:
+                path.requires_grad_(True)
+            rows_ = repeat_batch(batch, len(part))
+            per_sample = [[p[j] for p in paths[1:]] for j in range(len(part))]
+            with ablate(vlm, [image] * len(part), list(paths[0].unbind(0)),
+                        injected=per_sample if len(paths) > 1 else injected):
+                logits = vlm.forward(rows_, image_features=feats * len(part), grad=True,
                                      logits_to_keep=1).logits
-            (grad,) = torch.autograd.grad(logits[:, -1, target_id].sum(), path)
-            total += grad.float().sum(0)
-    return ((x - base) * total / steps).sum(-1).detach().cpu().numpy()
+            grads = torch.autograd.grad(logits[:, -1, target_id].sum(), paths)
+            for total, grad in zip(totals, grads, strict=True):
+                total += grad.float().sum(0)
+    return sum(((v - b) * t / steps).sum(-1) for v, b, t in
+               zip(inputs, bases, totals, strict=True)).detach().cpu().numpy()
 
 
 def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> dict:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vislens.data.samples import SETTINGS, Sample
+from vislens.distributed import executor
 from vislens.experiments.logit_lens import display_token
 from vislens.experiments.prompts import question
 from vislens.experiments.runs import RunDir
@@ -143,12 +144,15 @@ def run(vlm, samples: list[Sample], config: AttentionConfig, out: RunDir, progre
               if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-    for chunk in (progress(chunks, "attention") if progress else chunks):
-        for row in _chunk_rows(vlm, chunk, config, out):
-            out.add(row)
-        out.flush()
-    viewers = write_viewers(vlm, chosen[:config.viewers], out.path)
-    return summarise(out.rows(), vlm, config, viewers)
+    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
+    ex.map(_chunk, chunks, config, out=out, progress=progress, label="attention")
+    viewers = write_viewers(ex.info, chosen[:config.viewers], out.path)
+    return summarise(out.rows(), ex.info, config, viewers)
+
+
+def _chunk(vlm, out: RunDir, chunk, config: AttentionConfig) -> None:
+    for row in _chunk_rows(vlm, chunk, config, out):
+        out.add(row)
 
 
 def maps_path(run_dir: Path, sample_id: str) -> Path:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vislens.data.samples import Sample
+from vislens.distributed import executor
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
@@ -100,18 +101,26 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
         raise ValueError("no samples for knockout; check --data / --n")
     vlm.require_layout("maps object masks to image tokens")
     config.validate()
-    windows = layer_windows(vlm.num_layers, config.window, config.stride)
-    windows.append((0, vlm.num_layers - 1))  # "all"
+    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per sample
+    layers = ex.info.num_layers
+    windows = layer_windows(layers, config.window, config.stride)
+    windows.append((0, layers - 1))  # "all"
     rng = np.random.default_rng(config.seed)
     targets = choose_targets(samples, config.area, rng)
-    items = [(s, t) for s, t in zip(samples, targets) if t is not None]
-    for sample, target in (progress(items, "knockout") if progress else items):
-        for setting in config.settings:
-            if not out.done(sample=sample.id, setting=setting, condition="clean", window=-1):
-                for row in _sample_rows(vlm, sample, target, setting, config, windows):
-                    out.add(row)
-        out.flush()
+    items = [(s, t) for s, t in zip(samples, targets) if t is not None
+             and not all(out.done(sample=s.id, setting=setting, condition="clean", window=-1)
+                         for setting in config.settings)]
+    ex.map(_unit, items, config, windows, out=out, progress=progress, label="knockout")
     return summarise(out.rows(), config, windows)
+
+
+def _unit(vlm, out: RunDir, item: tuple[Sample, int], config: KnockoutConfig, windows) -> None:
+    """Every setting of one sample not yet in `out`."""
+    sample, target = item
+    for setting in config.settings:
+        if not out.done(sample=sample.id, setting=setting, condition="clean", window=-1):
+            for row in _sample_rows(vlm, sample, target, setting, config, windows):
+                out.add(row)
 
 
 @torch.no_grad()

@@ -4,17 +4,31 @@ Residual streams are captured at image positions only, then decoded one
 layer at a time (final norm applied once: index L is the last layer's output
 BEFORE the norm, unlike HF's `hidden_states[-1]`), keeping only the top-k and
 the class words' probabilities, so [layers x tokens x vocab] never exists.
+
+Storage: one parquet row per image TOKEN (sample, target, position, tile, row,
+col, coverage, background) whose list columns run over the layers: topk_ids
+[layers][k] int32, topk_probs [layers][k] float32, class_prob [layers] float32,
+hit [layers] bool. The rows are built as arrow arrays straight from the decoded
+numpy arrays, so no Python object is made per (token, layer): a dict per
+(token, layer) came to ~16 M of them for 170 LLaVA-NeXT images. Words are not
+stored: `display_token(tokenizer.convert_ids_to_tokens(id))` gives them back.
+The summary is a running tally over the parts, read one at a time and only the
+columns it needs (SUMMARY_COLUMNS), so its memory does not grow with the images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from vislens.data.samples import Sample
+from vislens.distributed import executor
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import wilson_ci
@@ -25,6 +39,7 @@ from vislens.report.viewer import LensToken, render_viewer
 PROMPT = "describe this image ."
 PAPER = {"hit_rate": 0.237, "peak_layer_mean": 25.7, "n_layers": 33}  # LLaVA-1.5-7B, COCO
 MAX_LOGITS = 1 << 24  # logits decoded at once (64 MB in float32): rows per slice = this / vocab
+SUMMARY_COLUMNS = ("sample", "coverage", "background", "hit", "class_prob")
 
 
 @dataclass
@@ -91,22 +106,26 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     viewer_dir = out.path / "viewer"
     kept_ids = [s.id for s, _ in chosen]
-    for chunk in (progress(chunks, "logit lens") if progress else chunks):
-        for row in _chunk_rows(vlm, chunk, config, viewer_dir, kept_ids):
-            out.add(row)
-        out.flush()
-    return summarise(out.rows(), vlm, config, viewer_dir)
+    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
+    ex.map(_chunk, chunks, config, viewer_dir, kept_ids, out=out, progress=progress,
+           label="logit lens")
+    return summarise(out.tables(SUMMARY_COLUMNS), ex.info, config, viewer_dir)
+
+
+def _chunk(vlm, out: RunDir, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list[str]):
+    for table in _chunk_tables(vlm, chunk, config, viewer_dir, kept_ids):
+        out.add_table(table)
 
 
 @torch.no_grad()
-def _chunk_rows(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list[str]):
+def _chunk_tables(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list[str]
+                  ) -> Iterator[pa.Table]:
+    """One table per image of the chunk: a row per image token, lists over layers."""
     batch = vlm.prepare([s.image for s, _ in chunk], [config.prompt] * len(chunk))
     tm = batch.token_map
     positions = [tm.image_positions(b) for b in range(len(chunk))]
     with capture(vlm, positions, residual=True) as cap:
         vlm.forward(batch, logits_to_keep=1)
-    vocab = [display_token(t) for t in
-             vlm.tokenizer.convert_ids_to_tokens(list(range(len(vlm.tokenizer))))]
     for b, (sample, target) in enumerate(chunk):
         inst = sample.instances[target]
         pos, frac = tm.coverage(b, inst.mask)
@@ -119,31 +138,59 @@ def _chunk_rows(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list
             background &= np.array([ofrac[oorder[int(p)]] == 0 for p in positions[b]])
         cls = torch.tensor(word_ids(vlm.tokenizer, inst.name), dtype=torch.long)
         cells = tm.cells(positions[b], b)
-        layers = [_decode(vlm, cap.of("residual", layer, b), cls, config.top_k)
-                  for layer in range(vlm.num_layers + 1)]
-        for t, p in enumerate(positions[b]):
-            for layer, (ids, pr, cp, hit) in enumerate(layers):
-                yield {"sample": sample.id, "target": inst.name, "position": int(p),
-                       "row": int(cells[t, 1]), "col": int(cells[t, 2]), "tile": int(cells[t, 0]),
-                       "layer": layer, "coverage": float(cover[t]),
-                       "background": bool(background[t]),
-                       "topk_ids": ids[t].tolist(), "topk_tokens": [vocab[i] for i in ids[t]],
-                       "topk_probs": pr[t].tolist(), "class_prob": float(cp[t]),
-                       "hit": bool(hit[t])}
+        decoded = [_decode(vlm, cap.of("residual", layer, b), cls, config.top_k)
+                   for layer in range(vlm.num_layers + 1)]
+        # [layers, tokens, ...] -> [tokens, layers, ...]: a row per token
+        ids, probs, class_p, hit = (np.stack([d[k] for d in decoded], 1) for k in range(4))
+        n = len(positions[b])
+        yield pa.table({
+            "sample": pa.array([sample.id] * n, pa.string()),
+            "target": pa.array([inst.name] * n, pa.string()),
+            "position": pa.array(np.asarray(positions[b], dtype=np.int64)),
+            "row": pa.array(cells[:, 1].astype(np.int64)),
+            "col": pa.array(cells[:, 2].astype(np.int64)),
+            "tile": pa.array(cells[:, 0].astype(np.int64)),
+            "coverage": pa.array(cover.astype(np.float64)),
+            "background": pa.array(background),
+            "topk_ids": _lists(ids.astype(np.int32)),
+            "topk_probs": _lists(probs.astype(np.float32)),
+            "class_prob": _lists(class_p.astype(np.float32)),
+            "hit": _lists(hit.astype(bool)),
+        })
         if sample.id in kept_ids[:config.viewers]:
-            toks = [LensToken(position=int(p), row=int(cells[t, 1]), col=int(cells[t, 2]),
-                              box=tuple(tm.boxes([p], b)[0]),
-                              topk=[[(vocab[i], float(q)) for i, q in zip(ids[t], pr[t])]
-                                    for ids, pr, _, _ in layers],
-                              on_object=bool(cover[t] >= config.object_coverage))
-                    for t, p in enumerate(positions[b])]
-            page = render_viewer(sample.image, toks, title=f"logit lens: {sample.id} "
-                                 f"({inst.name}, {vlm.name})", object_words=inst.name.split())
-            viewer_dir.mkdir(parents=True, exist_ok=True)
-            path = viewer_dir / f"{sample.id}.html"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(page)
-            tmp.replace(path)
+            _write_viewer(vlm, sample, inst, tm, b, positions[b], cells, cover, ids, probs,
+                          config, viewer_dir)
+        del decoded, ids, probs, class_p, hit
+
+
+def _lists(x: np.ndarray) -> pa.Array:
+    """A [rows, a, b, ...] numpy array as a column of nested fixed-size lists, one per row."""
+    arr: pa.Array = pa.array(np.ascontiguousarray(x).reshape(-1))
+    for size in reversed(x.shape[1:]):
+        arr = pa.FixedSizeListArray.from_arrays(arr, size)
+    return arr
+
+
+def _write_viewer(vlm, sample, inst, tm, b, positions, cells, cover, ids, probs,
+                  config: LensConfig, viewer_dir: Path) -> None:
+    """The interactive page of one image; ids / probs are [tokens, layers, k]."""
+    wanted = np.unique(ids).tolist()
+    words = dict(zip(wanted, (display_token(t) for t in
+                              vlm.tokenizer.convert_ids_to_tokens(wanted)), strict=True))
+    toks = [LensToken(position=int(p), row=int(cells[t, 1]), col=int(cells[t, 2]),
+                      box=tuple(tm.boxes([p], b)[0]),
+                      topk=[[(words[int(i)], float(q)) for i, q in zip(ids[t, layer],
+                                                                      probs[t, layer])]
+                            for layer in range(ids.shape[1])],
+                      on_object=bool(cover[t] >= config.object_coverage))
+            for t, p in enumerate(positions)]
+    page = render_viewer(sample.image, toks, title=f"logit lens: {sample.id} "
+                         f"({inst.name}, {vlm.name})", object_words=inst.name.split())
+    viewer_dir.mkdir(parents=True, exist_ok=True)
+    path = viewer_dir / f"{sample.id}.html"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
 
 
 def _decode(vlm, residual: torch.Tensor, cls: torch.Tensor, top_k: int) -> tuple:
@@ -168,38 +215,68 @@ def _decode(vlm, residual: torch.Tensor, cls: torch.Tensor, top_k: int) -> tuple
     return tuple(torch.cat([p[k] for p in parts]).numpy() for k in range(4))
 
 
-def summarise(rows: list[dict], vlm, config: LensConfig, viewer_dir: Path) -> dict:
-    """Hit rate over object patches, best layer, per-layer curve, background false alarms."""
+def layer_matrix(column: pa.ChunkedArray | pa.Array, n_layers: int) -> np.ndarray:
+    """A list-over-layers column as a [rows, n_layers] numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, n_layers)
+
+
+class LensTally:
+    """The summary's counts, updated one table of token rows at a time."""
+
+    def __init__(self, n_layers: int, object_coverage: float):
+        self.n_layers, self.object_coverage = n_layers, object_coverage
+        self.samples: set[str] = set()
+        self.n_obj = self.n_obj_hits = self.n_bg = self.n_bg_hits = 0
+        self.peak_sum = 0
+        self.layer_hits = np.zeros(n_layers, dtype=np.int64)
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.samples.update(pc.unique(table.column("sample")).to_pylist())
+        cover = table.column("coverage").to_numpy()
+        bg = table.column("background").to_numpy(zero_copy_only=False).astype(bool)
+        hit = layer_matrix(table.column("hit"), self.n_layers).astype(bool)
+        prob = layer_matrix(table.column("class_prob"), self.n_layers)
+        obj = cover >= self.object_coverage
+        any_hit = hit.any(1)
+        self.n_obj += int(obj.sum())
+        self.layer_hits += hit[obj].sum(0)
+        found = obj & any_hit
+        self.n_obj_hits += int(found.sum())
+        # a patch's peak: the hit layer where the class word is most likely (first on ties)
+        self.peak_sum += int(np.argmax(np.where(hit[found], prob[found], -1.0), 1).sum())
+        self.n_bg += int(bg.sum())
+        self.n_bg_hits += int((bg & any_hit).sum())
+
+
+def summarise(tables: Iterable[pa.Table], vlm, config: LensConfig, viewer_dir: Path) -> dict:
+    """Hit rate over object patches, best layer, per-layer curve, background false alarms.
+
+    tables: token rows (at least SUMMARY_COLUMNS), e.g. the run's parts one at a time.
+    """
     n_layers = vlm.num_layers + 1
-    tokens: dict[tuple, dict] = {}
-    for r in rows:
-        key = (r["sample"], r["position"])
-        tok = tokens.setdefault(key, {"cover": r["coverage"], "bg": r["background"],
-                                      "hit": np.zeros(n_layers, bool),
-                                      "p": np.zeros(n_layers)})
-        tok["hit"][r["layer"]] = r["hit"]
-        tok["p"][r["layer"]] = r["class_prob"]
-    obj = [t for t in tokens.values() if t["cover"] >= config.object_coverage]
-    bg = [t for t in tokens.values() if t["bg"]]
-    hits = [t for t in obj if t["hit"].any()]
-    per_layer = [float(np.mean([t["hit"][layer] for t in obj])) if obj else 0.0
-                 for layer in range(n_layers)]
-    peak = [int(np.argmax(np.where(t["hit"], t["p"], -1.0))) for t in hits]
-    n_bg_hits = sum(bool(t["hit"].any()) for t in bg)
+    tally = LensTally(n_layers, config.object_coverage)
+    for table in tables:
+        tally.add(table)
+    n_obj, n_bg = tally.n_obj, tally.n_bg
     return {
         "model": getattr(vlm, "name", ""),
-        "hit_rate": len(hits) / len(obj) if obj else 0.0,
+        "hit_rate": tally.n_obj_hits / n_obj if n_obj else 0.0,
         # patches of one image are not independent: the interval is a lower bound on the
         # real uncertainty (report n_images beside it)
-        "hit_rate_ci95": list(wilson_ci(len(hits), len(obj))) if obj else None,
-        "background_rate_ci95": list(wilson_ci(n_bg_hits, len(bg))) if bg else None,
-        "peak_layer_mean": float(np.mean(peak)) if peak else None,
+        "hit_rate_ci95": list(wilson_ci(tally.n_obj_hits, n_obj)) if n_obj else None,
+        "background_rate_ci95": list(wilson_ci(tally.n_bg_hits, n_bg)) if n_bg else None,
+        "peak_layer_mean": tally.peak_sum / tally.n_obj_hits if tally.n_obj_hits else None,
         "n_layers": n_layers,
-        "per_layer": per_layer,
-        "background_rate": n_bg_hits / len(bg) if bg else 0.0,
-        "n_images": len({r["sample"] for r in rows}),
-        "n_object_patches": len(obj),
-        "n_background_patches": len(bg),
+        "per_layer": [int(h) / n_obj if n_obj else 0.0 for h in tally.layer_hits],
+        "background_rate": tally.n_bg_hits / n_bg if n_bg else 0.0,
+        "n_images": len(tally.samples),
+        "n_object_patches": n_obj,
+        "n_background_patches": n_bg,
         "viewer": sorted(str(p) for p in viewer_dir.glob("*.html")),
         "paper": PAPER,
         "config": asdict(config),

@@ -3,15 +3,20 @@ crash never leaves half a file and a rerun of the same command resumes.
 
 Rows go to numbered parquet parts (one per flush); a part is written to a
 temporary name and renamed, so a part either exists whole or not at all. A
-rerun reads the keys already present and skips them.
+rerun reads the keys already present and skips them. Rows come as dicts
+(`add`) or, for experiments with many numbers per key, as columnar tables
+(`add_table`); `tables` reads the parts back one at a time and only the
+columns asked for, so a summary can be computed in memory that does not grow
+with the number of rows.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +66,9 @@ class RunDir:
                     "pass a new --out directory (or delete the old one) to start afresh"
                 )
         self._pending: list[dict[str, Any]] = []
+        self._pending_tables: list[pa.Table] = []
         self._done = self._load_keys()
+        self._index: int | None = None  # part number of the next flush (flush_as)
 
     def ensure(self) -> Path:
         """Create the directory and its config.json when the first result is written, so a
@@ -84,9 +91,20 @@ class RunDir:
     def _load_keys(self) -> set[tuple]:
         done: set[tuple] = set()
         for part in self._parts():
-            table = pq.read_table(part, columns=list(self.key))
-            done.update(zip(*(table.column(k).to_pylist() for k in self.key), strict=True))
+            done.update(_key_tuples(pq.read_table(part, columns=list(self.key)), self.key))
         return done
+
+    def reload(self) -> None:
+        """Reread the keys on disk: other processes (Ray workers) write parts here too."""
+        self.flush()
+        self._done = self._load_keys()
+
+    def next_index(self) -> int:
+        """One past the highest part number on disk. Not the count: a sharded run numbers
+        its parts by unit and can leave gaps (vislens.distributed)."""
+        numbers = [int(m.group(1)) for p in self._parts()
+                   if (m := re.match(r"part-(\d+)", p.name))]
+        return max(numbers, default=-1) + 1
 
     def done(self, **key: Any) -> bool:
         return tuple(key[k] for k in self.key) in self._done
@@ -95,17 +113,39 @@ class RunDir:
         self._pending.append(row)
         self._done.add(tuple(row[k] for k in self.key))
 
+    def add_table(self, table: pa.Table) -> None:
+        """Rows as one columnar table (written by the next flush, like `add`'s rows).
+
+        Array columns (top-k over layers, ...) stay numpy-backed from the experiment
+        to the file: no Python object is made per number.
+        """
+        self._pending_tables.append(table)
+        self._done.update(_key_tuples(table.select(list(self.key)), self.key))
+
     def flush(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._pending_tables:
             return
         self.ensure()
         self.rows_dir.mkdir(exist_ok=True)
-        index = len(self._parts())
+        index = self.next_index() if self._index is None else self._index
         final = self.rows_dir / f"part-{index:05d}.parquet"
         tmp = self.rows_dir / f".part-{index:05d}.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(self._pending), tmp)
+        tables = list(self._pending_tables)
+        if self._pending:
+            tables.append(pa.Table.from_pylist(self._pending))
+        pq.write_table(pa.concat_tables(tables, promote_options="default"), tmp)
         os.replace(tmp, final)
-        self._pending = []
+        self._pending, self._pending_tables = [], []
+
+    def flush_as(self, index: int) -> None:
+        """Flush into part number `index`, replacing a part of that number: a sharded run's
+        unit always writes the same part, so a unit redone after its worker died cannot
+        leave its rows twice."""
+        self._index = index
+        try:
+            self.flush()
+        finally:
+            self._index = None
 
     def rows(self) -> list[dict[str, Any]]:
         self.flush()
@@ -114,12 +154,28 @@ class RunDir:
             out.extend(pq.read_table(part).to_pylist())
         return out
 
+    def tables(self, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
+        """Each part as a table of `columns` only (all when None), one part at a time."""
+        self.flush()
+        columns = None if columns is None else list(columns)
+        for part in self._parts():
+            yield pq.read_table(part, columns=columns)
+
     def write_summary(self, summary: dict[str, Any]) -> Path:
         self.flush()
         self.ensure()
         path = self.path / "summary.json"
         write_json_atomic(path, summary)
         return path
+
+
+def _key_tuples(table: pa.Table, key: tuple[str, ...]) -> set[tuple]:
+    """The distinct key tuples of a table, deduplicated by arrow before any Python object
+    is made (a columnar part holds many rows per key)."""
+    if table.num_rows == 0:
+        return set()
+    distinct = table.group_by(list(key)).aggregate([])
+    return set(zip(*(distinct.column(k).to_pylist() for k in key), strict=True))
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,8 @@ class StudyConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str | None = None
+    workers: int = 0  # Ray workers, one model each (0 = this process only)
+    ray: str | None = None  # address of a Ray cluster to run them on
 
     def n(self, base: int) -> int:
         return max(2, round(base * self.scale))
@@ -70,8 +72,7 @@ class StepClock:
 def run_study(config: StudyConfig, out: Path, progress=None,
               log: Callable[[str], None] = print) -> dict:
     from vislens.data import open_dataset
-    from vislens.experiments import ablation, attention, knockout, logit_lens
-    from vislens.models import load
+    from vislens.distributed import Models
 
     out = Path(out)
     kind = config.data.partition(":")[0]
@@ -79,9 +80,19 @@ def run_study(config: StudyConfig, out: Path, progress=None,
         raise ValueError("study runs on ShapesWorld (questions need its ground truth); run "
                          "ablate / logit-lens / knockout with --data coco:DIR for COCO")
     samples = open_dataset(config.data, n=config.n(120))  # checks the world is held out
+    models = Models(config.workers, config.ray)
     start = time.perf_counter()
-    vlm = load(config.model, device=config.device, dtype=config.dtype)
-    loaded = time.perf_counter() - start
+    try:
+        # the model in this process, or a pool of Ray workers every step shares out to
+        vlm = models.load(config.model, device=config.device, dtype=config.dtype)
+        return _steps(vlm, config, samples, out, time.perf_counter() - start, progress, log)
+    finally:
+        models.close()
+
+
+def _steps(vlm, config: StudyConfig, samples, out: Path, loaded: float, progress, log) -> dict:
+    from vislens.experiments import ablation, attention, knockout, logit_lens
+
     out.mkdir(parents=True, exist_ok=True)
     clock = StepClock(out / "timing.json")
     clock.seconds["load model"] = clock.seconds.get("load model", 0.0) + loaded
@@ -141,18 +152,23 @@ def run_study(config: StudyConfig, out: Path, progress=None,
 def _accuracy(vlm, config: StudyConfig, seed: int, path: Path, progress) -> dict:
     """Accuracy on fresh held-out scenes, kept in accuracy.json so a rerun reuses it."""
     from vislens.data import shapesworld
-    from vislens.experiments.accuracy import evaluate
+    from vislens.distributed import executor
 
     key = {"model": config.model, "seed": seed, "n": config.n(60), "dtype": config.dtype}
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["result"]
-    result = {"seed": seed, **evaluate(vlm.model, vlm.processor,
-                                       shapesworld.generate(key["n"], seed=seed),
-                                       progress=progress)}
+    scenes = shapesworld.generate(key["n"], seed=seed)
+    result = {"seed": seed, **executor(vlm).call(_evaluate, scenes, progress=progress)}
     write_json_atomic(path, {"key": key, "result": result})
     return result
+
+
+def _evaluate(vlm, scenes, progress=None) -> dict:
+    from vislens.experiments.accuracy import evaluate
+
+    return evaluate(vlm.model, vlm.processor, scenes, progress=progress)
 
 
 def part_b(vlm, config: StudyConfig, out: Path, step, progress) -> None:

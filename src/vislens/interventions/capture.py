@@ -5,9 +5,18 @@ grows with what was asked, not with layers x sequence. Capture records the
 prompt pass (under generate: the prefill); with generated=True it also keeps
 the residual stream of every generated token ([B, steps, hidden] per layer).
 
+With a `sink`, keys and values are handed over as each layer produces them and
+not kept: what a caller stores or reduces is then its own choice, and the
+capture itself never holds more than one layer (perceive spills them to disk).
+
 Residual index l is the input of decoder layer l (0 = LM input embeddings,
 after any ablation); index num_layers is the last layer's output, before the
 final norm, so `vlm.unembed(residual[num_layers])` gives the model's logits.
+Inputs are read where each layer receives them, not from the previous layer's
+output: Qwen3-VL adds DeepStack image features between its first layers.
+
+Pre-RoPE keys are the key as RoPE receives it: k_proj's output, through the
+family's key norm where it has one (Qwen3-VL, Gemma 3).
 """
 
 from __future__ import annotations
@@ -49,12 +58,27 @@ class Captured:
         return table[torch.as_tensor(np.flatnonzero(rows[:, 0] == sample), device=table.device)]
 
 
+class _Sink(dict):
+    """A layer -> tensor table that passes every tensor on instead of keeping it."""
+
+    def __init__(self, kind: str, sink):
+        super().__init__()
+        self.kind, self.sink = kind, sink
+
+    def __setitem__(self, layer: int, value: torch.Tensor) -> None:
+        self.sink(self.kind, layer, value)
+
+
 class Capture:
-    def __init__(self, vlm, positions, layers, residual, keys, values, attention_queries):
+    def __init__(self, vlm, positions, layers, residual, keys, values, attention_queries,
+                 sink=None):
         self.num_layers = vlm.num_layers
         self.layers = set(range(self.num_layers)) if layers is None else {int(x) for x in layers}
         self.out = Captured(rows=_rows(positions),
                             attention_rows=_rows(attention_queries or []))
+        if sink is not None:
+            for kind in ("keys_pre", "keys_post", "values"):
+                setattr(self.out, kind, _Sink(kind, sink))
         self.want_residual, self.want_keys, self.want_values = residual, keys, values
         self.recording = False
         self.steps: dict[int, list[torch.Tensor]] = {}
@@ -72,8 +96,6 @@ class Capture:
         return self.recording and len(self._qb) > 0 and layer in self.layers
 
     def on_attention(self, module, layer, query, key, mask, scaling, softcap=None) -> None:
-        """Keep keys and attention rows; `softcap` is the logit soft-cap the model's own
-        attention applies before masking (Gemma 2: 50 * tanh(scores / 50))."""
         if not self.recording or layer not in self.layers:
             return
         if self.want_keys:
@@ -89,7 +111,7 @@ class Capture:
         for b in torch.unique(qb).tolist():
             sel = (qb == b).nonzero().flatten()
             scores = torch.einsum("nhd,hkd->nhk", q[sel].float(), keys[b].float()) * scale
-            if softcap is not None:
+            if softcap:
                 scores = softcap * torch.tanh(scores / softcap)
             if mask is not None:
                 m = mask[b if mask.shape[0] > 1 else 0, 0][qp[sel]]  # [n, K]
@@ -104,7 +126,7 @@ class Capture:
 @contextmanager
 def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool = True,
             keys: bool = False, values: bool = False, attention_queries=None,
-            generated: bool = False):
+            generated: bool = False, sink=None):
     """Record what the LM computes at chosen positions while the context is open.
 
     positions: one sequence of prompt columns per sample (residual, keys, values).
@@ -115,9 +137,12 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
     any active knockout) are recorded per layer.
     generated: also keep the residual of each token generate produces
     (`generated[l]` is [B, steps, hidden]; its logits are vlm.unembed of the last).
+    sink: a callable (kind, layer, rows) given each layer's keys_pre / keys_post /
+    values rows ([N, kv_heads, head_dim], rows as in `Captured.rows`) as soon as they
+    exist; those tables then stay empty.
     """
     state = attach(vlm)
-    cap = Capture(vlm, positions, layers, residual, keys, values, attention_queries)
+    cap = Capture(vlm, positions, layers, residual, keys, values, attention_queries, sink)
     handles = []
 
     def keep_step(idx, hidden):
@@ -125,34 +150,44 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
 
     def start(module, args, kwargs):
         cap.recording = _past_length(kwargs) == 0
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if cap.recording and residual and 0 in cap.layers:
-            cap.out.residual[0] = cap.gather(hidden)
-        if generated and residual and 0 in cap.layers:
-            keep_step(0, hidden)
+        read(0, args, kwargs)
 
-    handles.append(vlm.layers[0].register_forward_pre_hook(start, with_kwargs=True))
+    def read(idx, args, kwargs):
+        """The input of decoder layer idx: residual[idx]."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if cap.recording and residual and idx in wanted:
+            cap.out.residual[idx] = cap.gather(hidden)
+        if generated and residual and idx in wanted:
+            keep_step(idx, hidden)
+
     wanted = set(cap.layers) | ({cap.num_layers} if cap.num_layers - 1 in cap.layers else set())
+    handles.append(vlm.layers[0].register_forward_pre_hook(start, with_kwargs=True))
     for idx, layer in enumerate(vlm.layers):
-        if residual and idx + 1 in wanted:
-            def after(module, args, output, idx=idx):
+        if residual and idx > 0 and idx in wanted:
+            handles.append(layer.register_forward_pre_hook(
+                lambda module, args, kwargs, idx=idx: read(idx, args, kwargs), with_kwargs=True))
+        if residual and idx == cap.num_layers - 1 and cap.num_layers in wanted:
+            def last(module, args, output, idx=idx):
                 hidden = output[0] if isinstance(output, tuple) else output
                 if cap.recording:
                     cap.out.residual[idx + 1] = cap.gather(hidden)
                 if generated:
                     keep_step(idx + 1, hidden)
-            handles.append(layer.register_forward_hook(after))
+            handles.append(layer.register_forward_hook(last))
         if idx not in cap.layers:
             continue
         attn = layer.self_attn
         head_dim = getattr(attn, "head_dim", None)
-        for want, proj, table in ((keys, attn.k_proj, cap.out.keys_pre),
-                                  (values, attn.v_proj, cap.out.values)):
+        for want, proj, table, norm in ((keys, attn.k_proj, cap.out.keys_pre,
+                                         getattr(attn, "k_norm", None)),
+                                        (values, attn.v_proj, cap.out.values, None)):
             if want:
-                def hook(module, args, output, idx=idx, table=table, head_dim=head_dim):
+                def hook(module, args, output, idx=idx, table=table, head_dim=head_dim,
+                         norm=norm):
                     if cap.recording:
                         got = cap.gather(output)
-                        table[idx] = got.view(got.shape[0], got.shape[-1] // head_dim, head_dim)
+                        got = got.view(got.shape[0], got.shape[-1] // head_dim, head_dim)
+                        table[idx] = got if norm is None else norm(got).detach()
                 handles.append(proj.register_forward_hook(hook))
     state.captures.append(cap)
     try:

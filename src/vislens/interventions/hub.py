@@ -27,6 +27,7 @@ class State:
 
     knockouts: list = field(default_factory=list)
     captures: list = field(default_factory=list)
+    key_end: int | None = None  # tokens the LM has seen, current pass included (set per pass)
 
     def active(self) -> bool:
         return bool(self.knockouts or self.captures)
@@ -67,17 +68,20 @@ def vislens_attention(module, query, key, value, attention_mask, **kwargs):
     layer = module.layer_idx
     blocked = None
     for ko in state.knockouts:
-        b = ko.blocked(layer, query.shape[2], key.shape[2], query.shape[0], query.device)
+        b = ko.blocked(layer, query.shape[2], key.shape[2], query.shape[0], query.device,
+                       key_end=state.key_end)
         if b is not None:
             blocked = b if blocked is None else blocked | b
     mask = attention_mask
     if blocked is not None:
         mask = with_blocked(attention_mask, blocked, query, key)
     for cap in state.captures:
-        additive = as_additive(mask, query, key) if cap.wants_attention(layer, query.shape[2]) \
-            else None
-        cap.on_attention(module, layer, query, key, additive, kwargs.get("scaling"),
-                         kwargs.get("softcap"))
+        # the logits the inner function computes: its scaling, and its softcap where it has one
+        args = (kwargs.get("scaling"), kwargs.get("softcap"))
+        if cap.wants_attention(layer, query.shape[2]):
+            cap.on_attention(module, layer, query, key, as_additive(mask, query, key), *args)
+        else:
+            cap.on_attention(module, layer, query, key, None, *args)
     return fn(module, query, key, value, mask, **kwargs)
 
 
@@ -133,7 +137,23 @@ def attach(vlm) -> State:
         lm.config._attn_implementation = PREFIX + impl
     for layer in vlm.layers:
         layer.self_attn._vislens_state = state
+    if getattr(lm, "_vislens_counter", None) is None:
+        lm._vislens_counter = lm.register_forward_pre_hook(_count_tokens, with_kwargs=True)
     return state
+
+
+def _count_tokens(module, args, kwargs) -> None:
+    """Record, before each LM pass, how many tokens it will have seen: knockout places its
+    columns by it where a sliding-window cache hands attention fewer keys than that."""
+    layers = getattr(module, "layers", None)
+    state = getattr(layers[0].self_attn, "_vislens_state", None) if layers else None
+    if state is None:
+        return
+    embeds = kwargs.get("inputs_embeds")
+    tokens = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = 0 if cache is None else int(cache.get_seq_length())
+    state.key_end = None if tokens is None else past + int(tokens.shape[1])
 
 
 def set_inner(vlm, inner: str) -> None:

@@ -60,28 +60,39 @@ class Knockout:
         self.generated = generated.to(device)
         self._device = device
 
-    def blocked(self, layer: int, q_len: int, k_len: int, batch: int, device
-                ) -> torch.Tensor | None:
-        """[B, 1, q_len, k_len] pairs to block in this call, or None when nothing is."""
+    def blocked(self, layer: int, q_len: int, k_len: int, batch: int, device,
+                key_end: int | None = None) -> torch.Tensor | None:
+        """[B, 1, q_len, k_len] pairs to block in this call, or None when nothing is.
+
+        key_end: the absolute column one past this call's last key (tokens seen so far,
+        the current ones included; default k_len). Queries are the last q_len columns
+        before it and keys the last k_len: a sliding-window layer's cache (Gemma 3)
+        hands attention only the keys of its window once the sequence outgrows it.
+        """
         if self.empty or layer not in self.layers:
             return None
         if batch != self.batch:
             raise ValueError(f"knockout was built for {self.batch} samples, model got {batch}")
-        if q_len == k_len and self.seq_len != k_len:  # a prefill: positions are its columns
-            self._build(k_len, device)
+        end = k_len if key_end is None else int(key_end)
+        if end == q_len:  # a pass without cache (a prefill): positions are its columns
+            if self.seq_len != q_len:
+                self._build(q_len, device)
         elif self.seq_len is None:
             raise ValueError("knockout saw no prompt pass; run a forward or generate from scratch")
-        elif self._device != device:
+        if self._device != device:
             self.prompt, self.generated = self.prompt.to(device), self.generated.to(device)
             self._device = device
-        q_start = k_len - q_len
+        # a static cache hands every slot, filled or not: its keys are columns from 0
+        q0, k0, prompt_len = end - q_len, max(end - k_len, 0), self.seq_len
         out = torch.zeros(batch, q_len, k_len, dtype=torch.bool, device=device)
-        kp = min(k_len, self.seq_len)
-        n_prompt_q = max(0, min(self.seq_len, k_len) - q_start)
-        if n_prompt_q > 0:
-            out[:, :n_prompt_q, :kp] = self.prompt[:, q_start:q_start + n_prompt_q, :kp]
-        if q_len > n_prompt_q:
-            out[:, n_prompt_q:, :kp] = self.generated[:, None, :kp]
+        k1 = min(end, prompt_len)  # keys [k0, k1) are prompt columns
+        if k1 > k0:
+            q1 = min(end, prompt_len)
+            if q1 > q0:  # prompt queries [q0, q1)
+                out[:, :q1 - q0, :k1 - k0] = self.prompt[:, q0:q1, k0:k1]
+            g0 = max(q0, prompt_len)
+            if end > g0:  # generated queries [g0, end)
+                out[:, g0 - q0:, :k1 - k0] = self.generated[:, None, k0:k1]
         if not bool(out.any()):
             return None
         self.applied += 1

@@ -3,6 +3,18 @@
 Computed once and cached on disk, keyed by the model (name, config, projector
 weights) and by the exact image bytes, so reruns and other experiments reuse
 it and a different model or data set never picks up a stale vector.
+
+The images are streamed: the key is hashed one image at a time and the mean is
+summed a batch at a time, so a reference set (ImageNet val: 50,000 images) is
+never in memory at once. An iterable that can be iterated again (a list, a
+`vislens.data.imagenet.ImageFolder`) is read twice, once for the key and once,
+only when the key is not cached, for the mean; a one-shot iterator is read once,
+hashed and summed together.
+
+A family that also adds image features inside its LM (Qwen3-VL's DeepStack) gets
+the same kind of mean for those: per injection layer, the mean injected feature over
+every image patch token of the references (`mean_injected_features`), so a mean
+ablation replaces what every path of the image carries with its reference mean.
 """
 
 from __future__ import annotations
@@ -10,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -33,50 +47,104 @@ def model_key(vlm) -> str:
         projector = vlm.model
     for name, tensor in sorted(projector.state_dict().items()):
         h.update(name.encode())
+        if tensor.device.type == "meta":  # offloaded to disk by a device map: not in memory
+            h.update(f"{tuple(tensor.shape)}{vlm.name}".encode())
+            continue
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:20]
 
 
-def data_key(images: list[Image.Image]) -> str:
-    h = hashlib.sha256()
+def data_key(images: Iterable[Image.Image], h=None) -> str:
+    """Hash of the images' sizes, modes and RGB bytes, in order, one image at a time
+    (h: a sha256 to continue, for a set hashed a batch at a time)."""
+    h = hashlib.sha256() if h is None else h
     for im in images:
         h.update(f"{im.size}{im.mode}".encode())
         h.update(np.asarray(im.convert("RGB")).tobytes())
     return h.hexdigest()[:20]
 
 
+def _batches(images: Iterable[Image.Image], size: int) -> Iterator[list[Image.Image]]:
+    it = iter(images)
+    while chunk := list(islice(it, size)):
+        yield chunk
+        del chunk  # released before the next batch is read
+
+
 @torch.no_grad()
-def mean_image_embedding(vlm, images: list[Image.Image], batch_size: int = 8,
+def mean_image_embedding(vlm, images: Iterable[Image.Image], batch_size: int = 8,
                          cache_dir: str | Path | None = None, prompt: str = "describe this image ."
                          ) -> torch.Tensor:
-    """Mean over every image PATCH token (newline slots excluded) of every reference image."""
-    if not images:
-        raise ValueError("mean_image_embedding needs at least one reference image")
+    """Mean over every image PATCH token (newline slots excluded) of every reference image.
+
+    images: any iterable of PIL images; at most `batch_size` of them are held at once
+    when it yields them lazily (see the module docstring).
+    """
+    (mean,) = _reference_means(vlm, images, "mean_embedding", batch_size, cache_dir, prompt,
+                               lambda rows, injected: [rows])
+    return mean
+
+
+@torch.no_grad()
+def mean_injected_features(vlm, images: Iterable[Image.Image], batch_size: int = 8,
+                           cache_dir: str | Path | None = None,
+                           prompt: str = "describe this image .") -> list[torch.Tensor]:
+    """Per injection layer, the mean injected (DeepStack) feature over every image patch
+    token of the reference images: what `ablate(..., injected=...)` puts in for a mean
+    ablation. Empty for a family without injection."""
+    if not getattr(vlm.spec, "deepstack", False):
+        return []
+    return _reference_means(vlm, images, "mean_injected", batch_size, cache_dir, prompt,
+                            lambda rows, injected: injected)
+
+
+def _reference_means(vlm, images: Iterable[Image.Image], kind: str, batch_size: int,
+                     cache_dir, prompt: str, pick: Callable) -> list[torch.Tensor]:
+    """Means over the references' patch tokens of the tensors `pick(rows, injected)` chooses,
+    cached under `kind`, streamed a batch at a time (see the module docstring)."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    file = root / f"mean_embedding_{model_key(vlm)}_{data_key(images)}.pt"
-    if file.is_file():
-        return torch.load(file, map_location=vlm.device)
-    total, count = None, 0
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        batch = vlm.prepare(chunk, [prompt] * len(chunk))
-        # feature rows come per image, per sample or per crop as the model splits them;
-        # in batch order they are the samples' image-token columns, in sequence order
-        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in vlm.image_embeddings(batch)])
-        tm = batch.token_map
-        patch = []
-        for b in range(len(chunk)):
-            columns = np.sort(np.concatenate([tm.image_positions(b), tm.newline_positions(b)]))
-            patch.append(~np.isin(columns, tm.newline_positions(b)))
-        patch = np.concatenate(patch)
-        if len(patch) != len(feats):
-            raise ValueError(f"{len(feats)} image feature rows for {len(patch)} image tokens")
-        f = feats[torch.as_tensor(patch, device=feats.device)].float()
-        total = f.sum(0) if total is None else total + f.sum(0)
-        count += f.shape[0]
-    mean = (total / count).to(vlm.dtype)
-    root.mkdir(parents=True, exist_ok=True)
+    one_shot = iter(images) is images
+    if not one_shot:
+        file = root / f"{kind}_{model_key(vlm)}_{data_key(images)}.pt"
+        if file.is_file():
+            return _load(file, vlm.device)
+    h = hashlib.sha256()
+    totals, count, n_images = None, 0, 0
+    for chunk in _batches(images, batch_size):
+        n_images += len(chunk)
+        if one_shot:
+            data_key(chunk, h)
+        for rows, injected in _patch_rows(vlm, chunk, prompt):
+            sums = [x.sum(0) for x in pick(rows, injected)]
+            totals = sums if totals is None else [t + x for t, x in zip(totals, sums, strict=True)]
+            count += rows.shape[0]
+        del chunk  # this batch's images go before the next batch is read
+    if n_images == 0:
+        raise ValueError(f"{kind.replace('_', ' ')} needs at least one reference image")
+    if one_shot:
+        file = root / f"{kind}_{model_key(vlm)}_{data_key([], h)}.pt"
+    means = [(t / count).to(vlm.dtype).cpu() for t in totals]
+    file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
-    torch.save(mean.cpu(), tmp)
+    torch.save(means, tmp)
     tmp.replace(file)
-    return mean.to(vlm.device)
+    return [m.to(vlm.device) for m in means]
+
+
+def _load(file: Path, device) -> list[torch.Tensor]:
+    value = torch.load(file, map_location=device)
+    return [value] if isinstance(value, torch.Tensor) else list(value)  # older single-tensor files
+
+
+def _patch_rows(vlm, chunk: list[Image.Image], prompt: str) -> Iterator[tuple]:
+    """Per image of one batch: (its patch tokens' features [n, hidden] float32, and per
+    injection layer its patch tokens' injected features); newline slots excluded."""
+    batch = vlm.prepare(chunk, [prompt] * len(chunk))
+    feats = vlm.image_embeddings(batch)
+    tm = batch.token_map
+    for b, f in enumerate(feats):
+        columns = np.sort(np.concatenate([tm.image_positions(b), tm.newline_positions(b)]))
+        patch = torch.as_tensor(~np.isin(columns, tm.newline_positions(b)), device=f.device)
+        injected = [] if feats.injected is None else \
+            [x[patch.to(x.device)].float() for x in feats.injected[b]]
+        yield f[patch].float(), injected

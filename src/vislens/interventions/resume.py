@@ -57,7 +57,8 @@ def resume(vlm, layer: int, hidden: torch.Tensor):
 
     for mod in skipped:
         mod.forward = identity
-    handle = vlm.layers[layer].register_forward_pre_hook(inject, with_kwargs=True)
+    # first among the layer's pre-hooks, so that a capture reads the resumed input
+    handle = vlm.layers[layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
     try:
         yield
     finally:

@@ -38,24 +38,24 @@ class ProjectorRecord:
 
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
+    family: object = None  # whose `projector_inputs` ties input rows to output rows
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(vision rows [M, r * d_vision], projector rows [M, d_lm]), one row per output row.
 
-        A projector that merges r consecutive input rows into one output row (Qwen's
-        2x2 merger) gets those r rows concatenated, as the merger itself reads them.
+        How input rows belong to an output row is the family's (Family.projector_inputs):
+        a merger of r consecutive rows (Qwen's 2x2) gets those r rows concatenated, as it
+        reads them; a pooling projector (Gemma 3's 4x4 average) gets the pooled rows.
         """
         if not self.outputs:
             raise ValueError("the projector never ran; capture the vision pass inside the context")
+        from vislens.models.families.base import Family
+
+        family = self.family or Family()
         ins, outs = [], []
         for x, y in zip(self.inputs, self.outputs, strict=True):
-            y = y.reshape(-1, y.shape[-1])
-            x = x.reshape(-1, x.shape[-1])
-            if x.shape[0] % y.shape[0]:
-                raise ValueError(f"projector maps {x.shape[0]} rows to {y.shape[0]}; "
-                                 "cannot tie its inputs to its outputs")
-            ins.append(x.reshape(y.shape[0], -1))
-            outs.append(y)
+            ins.append(family.projector_inputs(x, y))
+            outs.append(y.reshape(-1, y.shape[-1]))
         return torch.cat(ins), torch.cat(outs)
 
 
@@ -68,7 +68,7 @@ def record_projector(vlm):
     grouped, one row per output row (`projector_input`); its input is recorded
     instead.
     """
-    rec = ProjectorRecord()
+    rec = ProjectorRecord(family=vlm.spec)
 
     def read_input(module, args):
         x = args[0] if args else None
@@ -80,7 +80,7 @@ def record_projector(vlm):
         out = output[0] if isinstance(output, tuple) else output
         rec.outputs.append(out.detach())
 
-    source = vlm.spec.projector_input
+    source = getattr(vlm.spec, "projector_input", "")
     handles = [projector_module(vlm, source or None).register_forward_pre_hook(read_input),
                projector_module(vlm).register_forward_hook(read_output)]
     try:

@@ -132,22 +132,50 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def parse_max_memory(text: str | dict | None) -> dict | None:
+    """--max-memory "0=40GiB,1=40GiB,cpu=120GiB" -> accelerate's {0: "40GiB", ...}."""
+    if text is None or isinstance(text, dict):
+        return text
+    out: dict = {}
+    for part in str(text).split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise ValueError(f"--max-memory {text!r}: give DEVICE=SIZE pairs, e.g. "
+                             "0=40GiB,1=40GiB,cpu=120GiB")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out
+
+
 def load_model(path: Path, family: Family | str, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = None):
+               dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
+               max_memory: str | dict | None = None, offload_folder: str | Path | None = None):
+    """The transformers model, on one device, or spread by accelerate over several GPUs,
+    the CPU and disk (`device_map` "auto" / "balanced" / an explicit {module: device})."""
     import transformers
     from safetensors import SafetensorError
 
     family = _family(family)
     cls = getattr(transformers, family.model_class or "AutoModelForImageTextToText")
-    dev = parse_device(device)
     dtype = parse_dtype(dtype) or saved_dtype(path)
     attn = family.attn_implementation(json.loads((path / "config.json").read_text()))
+    spread: dict = {}
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ValueError("--device-map needs accelerate: pip install accelerate") from None
+        spread = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
+        if offload_folder is not None:
+            spread["offload_folder"] = str(offload_folder)
+    else:
+        dev = parse_device(device)
     try:
-        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn, **spread)
     except (SafetensorError, OSError, EOFError) as err:
         raise ValueError(f"cannot read the weights in {path} ({one_line(err)}); the file is "
                          "incomplete or corrupt: copy the checkpoint again") from None
-    return model.to(dev).eval()
+    return model.eval() if device_map is not None else model.to(dev).eval()
 
 
 def one_line(err: BaseException) -> str:

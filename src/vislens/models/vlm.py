@@ -30,8 +30,8 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     token_map: ImageTokenMap
     texts: list[str]
-    features: list[torch.Tensor] | None = None  # cached by VLM.image_embeddings
-    family: Family | None = None  # how its model takes features and appended tokens
+    features: ImageEmbeddings | None = None  # cached by VLM.image_embeddings
+    family: Family | None = None  # what its appended (answer) tokens carry
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -58,14 +58,73 @@ class Batch:
             image_features = self.features
         if image_features is None:
             return dict(self.inputs)
+        if not isinstance(image_features, ImageEmbeddings):
+            image_features = ImageEmbeddings(image_features)
+        kwargs = {k: v for k, v in self.inputs.items() if k not in PIXEL_KEYS}
+        kwargs["mm_encoder_outputs"] = {"image": image_features.encoder_output()}
+        return kwargs
+
+
+class ImageEmbeddings(list):
+    """Post-projector features per image (LM sequence order), in the form the model takes back.
+
+    A list of [n_tokens, hidden] tensors, one per image, so experiments can index an
+    image's rows and repeat a one-sample batch's features (`feats * n`). Two families
+    need more than that list to skip the vision pass exactly, and it travels with it:
+    Qwen3-VL also adds per-layer DeepStack features to the image positions of its
+    first decoder layers (`injected[i][l]`: image i, injection layer l), and Gemma 3
+    takes its features as one [views, tokens_per_view, hidden] tensor (pan-and-scan
+    crops are views of one image); InternVL and PaliGemma take them as one
+    [tokens, hidden] tensor (`concat`).
+    """
+
+    def __init__(self, per_image=(), injected: list[list[torch.Tensor]] | None = None,
+                 tokens_per_view: int | None = None, concat: bool = False) -> None:
+        super().__init__(per_image)
+        self.injected = injected
+        self.tokens_per_view = tokens_per_view
+        self.concat = concat
+        if injected is not None and len(injected) != len(self):
+            raise ValueError(f"{len(injected)} injected feature sets for {len(self)} images")
+
+    def _like(self, per_image, injected) -> ImageEmbeddings:
+        return ImageEmbeddings(per_image, injected, self.tokens_per_view, self.concat)
+
+    def __mul__(self, n: int) -> ImageEmbeddings:
+        return self._like(list(self) * n, None if self.injected is None else self.injected * n)
+
+    __rmul__ = __mul__
+
+    def __add__(self, other) -> ImageEmbeddings:
+        other = other if isinstance(other, ImageEmbeddings) else ImageEmbeddings(other)
+        if (self.injected is None) != (other.injected is None):
+            raise ValueError("cannot join features with and without injected (DeepStack) parts")
+        injected = None if self.injected is None else self.injected + other.injected
+        return self._like(list(self) + list(other), injected)
+
+    def encoder_output(self):
+        """What `mm_encoder_outputs["image"]` must hold for the model to use these features."""
+        if self.tokens_per_view:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            flat = torch.cat(list(self))
+            return BaseModelOutputWithPooling(
+                pooler_output=flat.view(-1, self.tokens_per_view, flat.shape[-1]))
+        if self.injected is not None:
+            from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+                BaseModelOutputWithDeepstackFeatures,
+            )
+
+            layers = len(self.injected[0]) if self.injected else 0
+            return BaseModelOutputWithDeepstackFeatures(
+                pooler_output=list(self),
+                deepstack_features=[tuple(img[layer] for img in self.injected)
+                                    for layer in range(layers)])
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        kwargs = {k: v for k, v in self.inputs.items() if k not in PIXEL_KEYS}
-        pooled = list(image_features)
-        if self.family is not None and self.family.features_tensor:
-            pooled = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled])
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
-        return kwargs
+        if self.concat:
+            return BaseModelOutputWithPooling(pooler_output=torch.cat(list(self)))
+        return BaseModelOutputWithPooling(pooler_output=list(self))
 
 
 class VLM:
@@ -82,6 +141,7 @@ class VLM:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token_id = self.spec.image_token_id(model.config)
+        self.spec.configure(processor)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -90,7 +150,13 @@ class VLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device of the input embeddings (the first module that runs,
+        also when accelerate spreads the model over several devices)."""
+        weight = self.model.get_input_embeddings().weight
+        if weight.device.type != "meta":
+            return weight.device
+        hooked = getattr(self.model.get_input_embeddings(), "_hf_hook", None)
+        return torch.device(getattr(hooked, "execution_device", None) or "cpu")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,12 +191,7 @@ class VLM:
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def require_layout(self, what: str) -> None:
-        """Refuse, before any work, an experiment that maps pixels to tokens on a family
-        without a layout (the generic fallback)."""
-        if not self.spec.geometric:
-            from vislens.models.tokenmap import no_layout
-
-            raise no_layout(self.family, what)
+        self.spec.require_layout(what)
 
     def native_image_size(self) -> str:
         """The size the vision tower works at: fixed, or the range a dynamic one accepts."""
@@ -238,12 +299,14 @@ class VLM:
 
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()
-    def image_embeddings(self, batch: Batch) -> list[torch.Tensor]:
+    def image_embeddings(self, batch: Batch) -> ImageEmbeddings:
         """Post-projector features per image, in LM sequence order (newline slots included).
 
         They are cached on the batch, and every later `forward` / `generate` of
         that batch reuses them: one vision pass per image whatever the number
-        of conditions that only change the LM's inputs or attention.
+        of conditions that only change the LM's inputs or attention. What else
+        the family's LM reads from the vision pass (Qwen3-VL's DeepStack
+        features) travels with them (see ImageEmbeddings).
         """
         if batch.features is not None:
             return batch.features
@@ -252,7 +315,7 @@ class VLM:
         kwargs = {k: v for k, v in batch.inputs.items()
                   if k in params and k not in ("input_ids", "attention_mask")}
         out = fn(**kwargs, return_dict=True)
-        batch.features = [f.detach() for f in out.pooler_output]
+        batch.features = self.spec.split_features(out, batch)
         return batch.features
 
     def forward(self, batch: Batch, image_features: list[torch.Tensor] | None = None,
@@ -264,6 +327,7 @@ class VLM:
         keys included), starting where the family starts (PaliGemma: 1). mRoPE
         families derive their positions from the mask themselves.
         """
+        self._check_features(image_features)
         inputs = batch.model_inputs(image_features)
         if "position_ids" not in kwargs and not self.spec.mrope:
             mask = batch.attention_mask.long()
@@ -277,9 +341,18 @@ class VLM:
         """Greedy continuation; returns only the new tokens [batch, new]."""
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        self._check_features(image_features)
         out = self.model.generate(**batch.model_inputs(image_features),
                                   max_new_tokens=max_new_tokens, **kwargs)
         return out[:, batch.seq_len:]
+
+    def _check_features(self, image_features) -> None:
+        """Features without their injected parts would run a DeepStack model on half its image."""
+        if image_features is not None and self.spec.deepstack and \
+                getattr(image_features, "injected", None) is None:
+            raise ValueError(f"{self.spec.label} also injects per-layer visual features into its "
+                             "first decoder layers; pass the features vlm.image_embeddings "
+                             "returned (they carry those), not a plain list")
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -313,10 +386,17 @@ def _per_sample(values, n: int, name: str) -> list:
 
 
 def load(model: str | Path = "toy", device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None) -> VLM:
-    """Load "toy", "toy-qwen" or a local Hugging Face directory (family read from config.json)."""
+         dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
+         max_memory: str | dict | None = None, offload_folder: str | Path | None = None) -> VLM:
+    """Load "toy", "toy-qwen" or a local Hugging Face directory (family read from config.json).
+
+    device_map ("auto", "balanced", or {module: device}) spreads a model too large for one
+    GPU over several GPUs, the CPU and disk with accelerate; every intervention works
+    across devices (each hook moves what it adds to the device of the tensor it meets).
+    """
     path = resolve(model)
     family = detect_family(path)
     processor = load_processor(path, family)
-    hf_model = load_model(path, family, device=device, dtype=dtype)
+    hf_model = load_model(path, family, device=device, dtype=dtype, device_map=device_map,
+                          max_memory=max_memory, offload_folder=offload_folder)
     return VLM(hf_model, processor, family, name=str(model))

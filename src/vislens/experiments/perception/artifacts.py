@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from vislens.data.resolve import open_dataset
+from vislens.distributed import executor
 from vislens.experiments.perception import perceive, surface
 from vislens.experiments.perception.features import KeyCells, extract
 
@@ -149,7 +150,8 @@ def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
     images = [s.image for s in open_dataset(config.data, config.n_images)][:config.n_images]
     if len(images) < 2:
         raise ValueError("artifact scores need at least 2 images; raise --n-images")
-    art = agnostic_scores(vlm, images, config, progress)
+    ex = executor(vlm)  # a vislens.distributed.RayPool scores on one worker, then shares out
+    art = ex.call(agnostic_scores, images, config, progress=progress)
     blocked = {ly: art.cells(ly) for ly, idx in art.flagged.items() if len(idx)}
     pcfg = config.perceive
     items = {t: perceive.load_items(t, pcfg) for t in pcfg.tasks}
@@ -157,8 +159,10 @@ def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
     knocked = perceive.run(vlm, pcfg, out, progress, condition="knockout", blocked=blocked,
                            items=items) if blocked else clean
     mc_items = surface.load_items(config.mc)
-    mc_clean = surface.model_answers(vlm, mc_items, config.batch_size)
-    mc_knock = surface.model_answers(vlm, mc_items, config.batch_size, blocked=blocked) \
+    size = config.batch_size  # units of whole batches: the batches model_answers makes
+    chunks = [mc_items[i:i + size] for i in range(0, len(mc_items), size)]
+    mc_clean = [a for part in ex.map(surface.answers, chunks, size) for a in part]
+    mc_knock = [a for part in ex.map(surface.answers, chunks, size, blocked) for a in part] \
         if blocked else mc_clean
     truth = [it.answer_index for it in mc_items]
 

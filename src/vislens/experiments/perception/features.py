@@ -7,15 +7,24 @@ positions = projector output); "vision" (the vision encoder output the projector
 Text spans of the prompt get the same LM sources (mean over the span's tokens;
 "projector" = their input embeddings); the vision encoder has no text side.
 
-Only image positions and the requested text tokens are captured, so memory grows
-with images x layers x image tokens, never with the sequence or the vocabulary.
+Only image positions and the requested text tokens are captured, and image
+features go to a temporary file as each layer produces them (a FeatureStore, in
+the dtype the model computed them in, so nothing is rounded): what stays in
+memory is one layer's rows of one batch while the forward runs, and afterwards
+one source of the images a task compares at once (`ImageFeatures.sources` reads
+a source when it is asked for). Memory then grows with (images of one item x
+image tokens x one layer), not x every layer: LLaVA-1.5's 32 layers of keys and
+values were ~0.6 GB per image in float32, NeXT's ~3 GB. The file lives in the
+temporary directory (TMPDIR) and goes when the features do.
 A text prefix (placed BEFORE the image in the user turn) and attention knockouts
 of flagged image keys are options, for the `prefix` and `artifacts` experiments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -29,13 +38,73 @@ from vislens.interventions.vision import record_projector, vision_rows
 SOURCES = ("keys", "values", "projector", "vision")  # the default set
 LM_KINDS = {"keys": "keys_post", "keys-pre": "keys_pre", "values": "values"}  # name -> capture
 ALL_SOURCES = ("keys", "keys-pre", "values", "projector", "vision")
+CAPTURED = {table: kind for kind, table in LM_KINDS.items()}  # capture table -> name
+
+
+class FeatureStore:
+    """Image-token features on disk: one (image, source) segment each, read back whole.
+
+    A plain file read with pread, not a memory map: pages of a map that has been read
+    count in the process' resident memory until it is unmapped, while file reads land
+    in the page cache, which the kernel reclaims. Tensors keep their dtype (bf16 stays
+    bf16), so what is read back is bit for bit what was written.
+    """
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile(prefix="vislens-features-")
+        self._end = 0
+        self._index: dict[tuple[int, str], tuple[int, tuple[int, ...], torch.dtype]] = {}
+
+    def write(self, image: int, name: str, x: torch.Tensor) -> None:
+        x = x.detach().to("cpu").contiguous()
+        data = memoryview(x.reshape(-1).view(torch.uint8).numpy()) if x.numel() else b""
+        done = 0
+        while done < len(data):  # pwrite may write less than asked (over 2 GB at once)
+            done += os.pwrite(self._file.fileno(), data[done:], self._end + done)
+        self._index[(image, name)] = (self._end, tuple(x.shape), x.dtype)
+        self._end += len(data)
+
+    def read(self, image: int, name: str) -> torch.Tensor:
+        """The stored rows as float32 (what every metric computes in)."""
+        offset, shape, dtype = self._index[(image, name)]
+        size = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        raw = torch.empty(size, dtype=torch.uint8)
+        got = os.preadv(self._file.fileno(), [raw.numpy()], offset) if size else 0
+        if got != size:
+            raise OSError(f"feature file cut short reading {name} of image {image}")
+        return raw.view(dtype).reshape(shape).float()
+
+    @property
+    def nbytes(self) -> int:
+        return self._end
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class StoredSources(Mapping):
+    """One image's sources, each read from its FeatureStore when asked for (not kept)."""
+
+    def __init__(self, store: FeatureStore, image: int, names: Sequence[str]):
+        self.store, self.image, self.names = store, image, list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.store.read(self.image, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclass
 class ImageFeatures:
     """Features of one image's tokens plus where each token sits in the image."""
 
-    sources: dict[str, torch.Tensor]  # name -> [n_tokens, dim] float32, cpu
+    sources: Mapping[str, torch.Tensor]  # name -> [n_tokens, dim] float32, cpu
     boxes: np.ndarray  # [n_tokens, 4] x0, y0, x1, y1 original pixels
     rows: np.ndarray  # grid row of each token
     cols: np.ndarray
@@ -178,20 +247,24 @@ def extract(vlm, images, prompts: Sequence[str], spans: Sequence[Sequence[tuple[
 
     spans: per image, (start, end) character spans of its prompt whose text
     features are wanted (e.g. class names). blocked: layer -> the image key cells
-    that text positions may not attend to in that layer.
+    that text positions may not attend to in that layer. Image features are read
+    from disk when a source is asked for (see the module docstring); text features
+    (one vector per span and source) stay in memory.
     """
     images, prompts = list(images), list(prompts)
     spans = [list(s) for s in spans] if spans is not None else [[] for _ in images]
     prefixes = list(prefixes) if prefixes is not None else [None] * len(images)
+    store = FeatureStore()
     out: list[ImageFeatures] = []
     for i in range(0, len(images), batch_size):
         sl = slice(i, i + batch_size)
         out.extend(_extract_batch(vlm, images[sl], prompts[sl], spans[sl], layers, sources,
-                                  prefixes[sl], blocked))
+                                  prefixes[sl], blocked, store, i))
     return out
 
 
-def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, blocked):
+def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, blocked,
+                   store: FeatureStore, first: int):
     batch = vlm.prepare(list(images), list(prompts), prefixes=prefixes)
     tm = batch.token_map
     n = batch.size
@@ -201,44 +274,57 @@ def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, block
                  for b in range(n)]
     want_kv = any(s in sources for s in LM_KINDS)
     lm_layers = list(range(vlm.num_layers)) if layers is None else [int(x) for x in layers]
+    texts: list[list[dict[str, torch.Tensor]]] = [[{} for _ in text_pos[b]] for b in range(n)]
+    starts = np.cumsum([0] + [len(p) for p in positions])  # capture rows of each sample
+
+    def keep(b: int, name: str, x: torch.Tensor, image: bool = True) -> None:
+        """Rows of sample b (its image tokens, then each span's): image rows to the store,
+        each span's mean to memory."""
+        if image:
+            store.write(first + b, name, x[:len(image_pos[b])])
+        start = len(image_pos[b])
+        for s, cols in enumerate(text_pos[b]):
+            texts[b][s][name] = x[start:start + len(cols)].float().cpu().mean(0)
+            start += len(cols)
+
+    def sink(table: str, layer: int, x: torch.Tensor) -> None:
+        kind = CAPTURED[table]
+        if kind in sources:
+            x = x.reshape(x.shape[0], -1)
+            for b in range(n):
+                keep(b, f"{kind}/{layer}", x[starts[b]:starts[b + 1]])
+
     with ExitStack() as stack:
         rec = stack.enter_context(record_projector(vlm)) if "vision" in sources else None
         stack.enter_context(block_keys(vlm, batch, blocked))
-        kv = stack.enter_context(capture(
-            vlm, positions, layers=lm_layers, residual=False,
-            keys="keys" in sources or "keys-pre" in sources, values="values" in sources)) \
-            if want_kv else None
+        if want_kv:  # keys / values go to `sink` layer by layer, never all kept at once
+            stack.enter_context(capture(
+                vlm, positions, layers=lm_layers, residual=False,
+                keys="keys" in sources or "keys-pre" in sources, values="values" in sources,
+                sink=sink))
         emb = stack.enter_context(capture(vlm, positions, layers=[0], residual=True))
         vlm.forward(batch, logits_to_keep=1)
-    vision = None
+    for b in range(n):
+        keep(b, "projector", emb.of("residual", 0, b), image="projector" in sources)
     if rec is not None:
         lm_in = [emb.of("residual", 0, b)[:len(image_pos[b])] for b in range(n)]
-        vision = torch.split(vision_rows(torch.cat(lm_in), rec).float().cpu(),
-                             [len(p) for p in image_pos])
+        vision = torch.split(vision_rows(torch.cat(lm_in), rec), [len(p) for p in image_pos])
+        for b in range(n):
+            store.write(first + b, "vision", vision[b])
+        del rec, vision, lm_in
+    del emb
+    lm_names = [f"{kind}/{layer}" for layer in lm_layers for kind in LM_KINDS
+                if kind in sources] if want_kv else []
+    names = lm_names + (["projector"] if "projector" in sources else []) + \
+        (["vision"] if "vision" in sources else [])
     feats = []
     for b in range(n):
-        n_img = len(image_pos[b])
-        per: dict[str, torch.Tensor] = {}
-        if kv is not None:
-            for layer in lm_layers:
-                for kind, table in LM_KINDS.items():
-                    if kind in sources:
-                        x = kv.of(table, layer, b)
-                        per[f"{kind}/{layer}"] = x.reshape(x.shape[0], -1).float().cpu()
-        per["projector"] = emb.of("residual", 0, b).float().cpu()
-        if vision is not None:
-            per["vision"] = vision[b]
-        texts = []
-        start = n_img
-        for cols in text_pos[b]:
-            texts.append({k: v[start:start + len(cols)].mean(0) for k, v in per.items()
-                          if k != "vision"})
-            start += len(cols)
-        image = {k: v[:n_img] for k, v in per.items()}
-        if "projector" not in sources:
-            image.pop("projector")
+        # text features in the order of the image sources (projector even when not asked:
+        # the text side of the LM input)
+        span_feats = [{k: t[k] for k in [*lm_names, "projector"]} for t in texts[b]]
         rows = tm._rows(b)
-        feats.append(ImageFeatures(sources=image, boxes=tm.box[rows], rows=tm.row[rows],
-                                   cols=tm.col[rows], tiles=tm.tile[rows], token_map=tm,
-                                   index=b, text=texts))
+        feats.append(ImageFeatures(sources=StoredSources(store, first + b, names),
+                                   boxes=tm.box[rows], rows=tm.row[rows], cols=tm.col[rows],
+                                   tiles=tm.tile[rows], token_map=tm, index=b,
+                                   text=span_feats))
     return feats

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vislens.data.resolve import open_task
+from vislens.distributed import executor
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import SOURCES, ImageFeatures, extract
 from vislens.experiments.stats import bootstrap_metric
@@ -87,9 +88,14 @@ def load_items(task: str, config: PerceiveConfig) -> list:
 def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
         condition: str = "clean", blocked: dict | None = None,
         items: dict[str, list] | None = None) -> dict:
-    """Score every task item not yet in `out` (a RunDir keyed condition/task/item)."""
+    """Score every task item not yet in `out` (a RunDir keyed condition/task/item).
+
+    One unit per batch of items, every task's units in one map, so that a
+    vislens.distributed.RayPool passed as `vlm` keeps all its workers busy across tasks.
+    """
     vlm.require_layout("scores tokens against pixel masks and points")
     tasks = check_tasks(config.tasks)
+    units = []
     for task in tasks:
         todo = items[task] if items and task in items else load_items(task, config)
         if not todo:
@@ -100,19 +106,22 @@ def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
         # text tasks: one image per item, so items share a batch; the others batch
         # the images of one item (an episode, a set, a pair, a video)
         step = config.batch_size if task in TEXT_TASKS else 1
-        chunks = [pending[k:k + step] for k in range(0, len(pending), step)]
-        for chunk in (progress(chunks, f"{condition} {task}") if progress and chunks
-                      else chunks):
-            if task in TEXT_TASKS:
-                results = score_text_items(task, vlm, [it for _, it in chunk], config, blocked,
-                                           names)
-            else:
-                results = [SCORERS[task](vlm, chunk[0][1], config, blocked, names)]
-            for (i, _), (cls, stats) in zip(chunk, results, strict=True):
-                out.add({"condition": condition, "task": task, "item": str(i), "class": cls,
-                         "stats": json.dumps(stats)})
-            out.flush()
-    return summarise(out.rows(), condition, tasks, vlm.num_layers, config)
+        units += [(task, pending[k:k + step], names) for k in range(0, len(pending), step)]
+    ex = executor(vlm)
+    ex.map(_score_unit, units, config, condition, blocked, out=out, progress=progress,
+           label=f"{condition} perception")
+    return summarise(out.rows(), condition, tasks, ex.info.num_layers, config)
+
+
+def _score_unit(vlm, out, unit, config: PerceiveConfig, condition: str, blocked) -> None:
+    task, chunk, names = unit
+    if task in TEXT_TASKS:
+        results = score_text_items(task, vlm, [it for _, it in chunk], config, blocked, names)
+    else:
+        results = [SCORERS[task](vlm, chunk[0][1], config, blocked, names)]
+    for (i, _), (cls, stats) in zip(chunk, results, strict=True):
+        out.add({"condition": condition, "task": task, "item": str(i), "class": cls,
+                 "stats": json.dumps(stats)})
 
 
 # ---- per-task scoring --------------------------------------------------------------------------
@@ -304,6 +313,7 @@ def score_temp_corr(vlm, video, config, blocked, names=()):
         pred_grids = [_grid(f, p, b, full=True) for f, p, b in zip(feats, preds, base,
                                                                     strict=True)]
         stats[name] = M.j_and_f(pred_grids, grids)
+        del x  # before the next source is read: one source of the video in memory at a time
     stats["static"] = M.j_and_f([grids[0]] * len(grids), grids)  # no tracking at all
     return video.id, stats
 

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from vislens.data.resolve import open_task
+from vislens.distributed import executor
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import block_keys, extract
 from vislens.experiments.perception.perceive import PROMPT
@@ -182,17 +183,25 @@ def run(vlm, config: SurfaceConfig, out, progress: Callable | None = None) -> di
         raise ValueError("surface needs at least 2 items (half choose the layer); raise --n")
     todo = [(i, it) for i, it in enumerate(items) if not out.done(item=str(i))]
     chunks = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
-    for chunk in (progress(chunks, "surface") if progress else chunks):
-        answers = model_answers(vlm, [it for _, it in chunk], config.batch_size,
-                                max_new_tokens=config.max_new_tokens)
-        for (i, it), ans in zip(chunk, answers, strict=True):
-            out.add({"item": str(i), "id": it.id, "truth": it.answer_index,
-                     "n_choices": len(it.choices),
-                     "model": -1 if ans["choice"] is None else ans["choice"],
-                     "model_text": ans["text"], "mode": ans["mode"],
-                     "readout": json.dumps(readout(vlm, it, config))})
-        out.flush()
-    return summarise(out.rows(), vlm.num_layers, config)
+    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
+    ex.map(_chunk, chunks, config, out=out, progress=progress, label="surface")
+    return summarise(out.rows(), ex.info.num_layers, config)
+
+
+def _chunk(vlm, out, chunk, config: SurfaceConfig) -> None:
+    answers = model_answers(vlm, [it for _, it in chunk], config.batch_size,
+                            max_new_tokens=config.max_new_tokens)
+    for (i, it), ans in zip(chunk, answers, strict=True):
+        out.add({"item": str(i), "id": it.id, "truth": it.answer_index,
+                 "n_choices": len(it.choices),
+                 "model": -1 if ans["choice"] is None else ans["choice"],
+                 "model_text": ans["text"], "mode": ans["mode"],
+                 "readout": json.dumps(readout(vlm, it, config))})
+
+
+def answers(vlm, _out, items: list, batch_size: int, blocked: dict | None = None) -> list[dict]:
+    """model_answers as a unit of vislens.distributed (artifacts shares its items out)."""
+    return model_answers(vlm, items, batch_size, blocked=blocked)
 
 
 def summarise(rows: list[dict], num_layers: int, config: SurfaceConfig) -> dict:

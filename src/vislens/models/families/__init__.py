@@ -7,6 +7,7 @@ without one loads through the generic fallback (positions only).
 from __future__ import annotations
 
 from vislens.models.families import (
+    gemma3,
     idefics3,
     internvl,
     llava,
@@ -15,12 +16,15 @@ from vislens.models.families import (
     mistral3,
     paligemma,
     qwen2_5_vl,
+    qwen2_vl,
+    qwen3_vl,
 )
 from vislens.models.families.base import Family
 from vislens.models.families.generic import Generic, refuse_cross_attention
 
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in (
-    llava, llava_next, llava_onevision, qwen2_5_vl, idefics3, internvl, mistral3, paligemma)}
+    llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl, gemma3,
+    idefics3, internvl, mistral3, paligemma)}
 SUPPORTED = ", ".join(f"{f.label} ({name})" for name, f in FAMILIES.items())
 
 

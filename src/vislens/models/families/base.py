@@ -15,6 +15,10 @@ new family means one module here that says:
   continue with a value of their own, a logit soft-cap);
 - which text tokens frame its image tokens (row / column markers, break and end
   tokens), so that they are kept apart from both the patches and the prompt;
+- whether its LM reads image features anywhere but its input embeddings (Qwen3-VL's
+  DeepStack adds per-layer features at the image positions of its first layers, which
+  an ablation must replace too), and how the vision pass's output is split per image
+  and handed back to the model;
 - and, for the experiments that map masks to tokens, its `layouts`: where every image
   token of an image comes from in the original pixels (vislens.models.geometry has the
   shared primitives that replay image processors).
@@ -44,12 +48,51 @@ class Family:
     projector_input = ""
     geometric = True  # has `layouts`
     position_offset = 0  # first real token's position (PaliGemma counts from 1)
-    features_tensor = False  # the model takes precomputed image features as one tensor
     # per-token inputs that appended (answer) tokens carry, beyond ids and mask (e.g.
     # PaliGemma's token_type_ids: 1 = the causal suffix); everything else continues with 0
     text_fill: dict[str, int] = {}
     image_open = ""  # token opening each image's block of tokens ("" = its first patch)
     image_close = ""  # token closing it ("" = its last patch)
+    deepstack = False  # the LM adds per-layer image features after its first layers
+
+    def configure(self, processor) -> None:
+        """Adjust a loaded processor so that it does what its saved settings say."""
+
+    def split_features(self, out, batch):
+        """`get_image_features` output as vislens.models.vlm.ImageEmbeddings (one entry per
+        image, sequence order)."""
+        from vislens.models.vlm import ImageEmbeddings
+
+        return ImageEmbeddings([f.detach() for f in out.pooler_output])
+
+    @staticmethod
+    def per_image(flat, batch) -> list:
+        """Feature rows [tokens, hidden] of a whole batch (sequence order) split per image,
+        as many rows as each image has tokens (for models that split them per sample,
+        per crop or per tile)."""
+        import numpy as np
+
+        tm = batch.token_map
+        counts = []
+        for b in range(batch.size):
+            n_images = len(tm.all_image_sizes[b])
+            counts += np.bincount(tm.image[tm.batch == b], minlength=n_images).tolist()
+        flat = flat.reshape(-1, flat.shape[-1]).detach()
+        if sum(counts) != flat.shape[0]:
+            raise ValueError(f"the vision pass gave {flat.shape[0]} token features for "
+                             f"{sum(counts)} image tokens")
+        return list(flat.split(counts))
+
+    def projector_inputs(self, x, y):
+        """The projector's input rows behind each of its output rows: [M, r * d_in] for y's
+        M rows. Default: r consecutive input rows per output row (Qwen's 2x2 merger reads
+        its merge windows as consecutive rows; LLaVA projectors map row to row)."""
+        y = y.reshape(-1, y.shape[-1])
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] % y.shape[0]:
+            raise ValueError(f"projector maps {x.shape[0]} rows to {y.shape[0]}; "
+                             "cannot tie its inputs to its outputs")
+        return x.reshape(y.shape[0], -1)
 
     def decoder(self, model):
         """The text decoder: embeddings, `layers`, final `norm` (no LM head)."""
@@ -81,6 +124,14 @@ class Family:
             raise ValueError(f"{self.model_type} config has no image_token_id; vislens needs "
                              "the image tokens in the language model's sequence")
         return int(value)
+
+    def require_layout(self, what: str) -> None:
+        """Refuse, before any work, an experiment that maps pixels to tokens on a family
+        without a layout (the generic fallback)."""
+        if not self.geometric:
+            from vislens.models.tokenmap import no_layout
+
+            raise no_layout(self.model_type, what)
 
     def layouts(self, vlm, images: list[list], inputs: dict) -> list[list[Layout]]:
         """Per sample, one Layout per image (sequence order of its image tokens)."""

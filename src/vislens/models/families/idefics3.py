@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from vislens.models.families.base import Family
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
@@ -102,6 +104,14 @@ class Idefics3(Family):
     def layouts(self, vlm, images, inputs):
         ip = vlm.processor.image_processor
         return [[idefics3_layout(ip, vlm.config, im.size) for im in ims] for ims in images]
+
+    def split_features(self, out, batch):
+        """`get_image_features` splits its rows per sample (every crop and global view of
+        the sample's images); regrouped per image."""
+        from vislens.models.vlm import ImageEmbeddings
+
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output])
+        return ImageEmbeddings(self.per_image(flat, batch))
 
     def native_image_size(self, vlm) -> str:
         ip = vlm.processor.image_processor

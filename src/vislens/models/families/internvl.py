@@ -73,9 +73,15 @@ class InternVL(Family):
     processor_class = "InternVLProcessor"
     multi_image = True
     video_processor = True
-    features_tensor = True  # its forward moves the features with `.to`: one tensor
     image_open = "<img>"
     image_close = "</img>"
+
+    def split_features(self, out, batch):
+        """Its vision pass gives [views, tokens, hidden] (tiles and thumbnail, or one view per
+        image), regrouped per image; its forward takes them back as one tensor."""
+        from vislens.models.vlm import ImageEmbeddings
+
+        return ImageEmbeddings(self.per_image(out.pooler_output, batch), concat=True)
 
     def layouts(self, vlm, images, inputs):
         ip, kw = vlm.processor.image_processor, tiling(vlm.processor)

@@ -22,7 +22,6 @@ class PaliGemma(Family):
     model_class = "PaliGemmaForConditionalGeneration"
     processor_class = "PaliGemmaProcessor"
     position_offset = 1
-    features_tensor = True  # its forward moves the features with `.to`: one tensor
     text_fill = {"token_type_ids": 1}  # appended answer tokens are the causal suffix
 
     def attn_implementation(self, config: dict) -> str:
@@ -31,6 +30,13 @@ class PaliGemma(Family):
 
     def logit_softcap(self, config) -> float | None:
         return getattr(config.get_text_config(), "final_logit_softcapping", None)
+
+    def split_features(self, out, batch):
+        """Its vision pass gives [views, tokens, hidden] (tiles and thumbnail, or one view per
+        image), regrouped per image; its forward takes them back as one tensor."""
+        from vislens.models.vlm import ImageEmbeddings
+
+        return ImageEmbeddings(self.per_image(out.pooler_output, batch), concat=True)
 
     def layouts(self, vlm, images, inputs):
         ip = vlm.processor.image_processor

@@ -1,0 +1,157 @@
+"""Every experiment through the CLI on the Qwen2-VL, Qwen3-VL and Gemma 3 look-alikes.
+
+The fixtures (checkpoints_qwen_gemma.py) get an unembedding fitted by construction
+(answer_head.py), so the experiments that keep only correctly answered samples keep
+some and run their conditions on the real geometries: Qwen3-VL's DeepStack (the mean
+ablation replaces the injected features too), Gemma 3's bidirectional image blocks and
+256-token images. Sizes are the smallest that run every path once (n = 1 or 2): this
+module checks that each experiment runs and keeps samples, test_real_checkpoints.py
+checks the experiments' numbers on the paper fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from answer_head import answer, fitted_dir, lens_scenes, mc_answer, mc_items, scenes
+from checkpoints_qwen_gemma import GEMMA3, NAMES, QWEN2VL, QWEN3VL
+from native_formats import write_blink, write_image_folder, write_voc
+from typer.testing import CliRunner
+
+from vislens.cli import app
+from vislens.data import tasks as shapes_tasks
+from vislens.data.coco import export_coco
+
+FAMILY = {QWEN2VL: "qwen2_vl", QWEN3VL: "qwen3_vl", GEMMA3: "gemma3"}
+LAYERS = {QWEN2VL: 2, QWEN3VL: 4, GEMMA3: 2}
+CONDITIONS = "object,object+1,random-matched,ig-matched,all-but-object+1"
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def fitted(request) -> tuple[str, Path]:
+    return request.param, fitted_dir(request.param)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qwen-gemma-data")
+    write_voc(root / "VOC2012", shapes_tasks.semantic_maps(2, seed=3))
+    return {
+        "coco": export_coco(scenes(), root / "coco"),
+        "lens": export_coco(lens_scenes(), root / "lens"),
+        "voc": root / "VOC2012",
+        "blink": write_blink(root / "art_style.parquet", mc_items()),
+        "imagenet": write_image_folder(root / "imagenet",
+                                        [m.sample for m in shapes_tasks.semantic_maps(2, seed=4)]),
+    }
+
+
+def cli(*args) -> dict:
+    result = CliRunner().invoke(app, [str(a) for a in args] + ["--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def rows_of(out: Path) -> list[dict]:
+    return pq.read_table(out / "rows.parquet").to_pylist()
+
+
+def test_info(fitted):
+    name, path = fitted
+    s = cli("info", "--model", path)
+    assert s["family"] == FAMILY[name]
+
+
+def test_ablate_keeps_samples(fitted, data, tmp_path):
+    """Mean ablation (reference images; for Qwen3-VL the injected features' means too), the
+    noise filter, integrated gradients (through the injected features on Qwen3-VL)."""
+    name, path = fitted
+    out = tmp_path / "ablate"
+    s = cli("ablate", "--model", path, "--data", f"coco:{data['coco']}", "--n", 1,
+            "--settings", "vqa", "--ig-steps", 1, "--conditions", CONDITIONS,
+            "--reference", f"imagenet:{data['imagenet']}", "--out", out)
+    assert s["n_kept"] == {"vqa": 1}, s["n_kept"]
+    rows = rows_of(out)
+    assert {r["condition"] for r in rows} == {"clean", "noised", *CONDITIONS.split(",")}
+    clean = [r for r in rows if r["condition"] == "clean"][0]
+    assert clean["text"].strip() == answer(scenes()[0], "vqa", False)
+
+
+def test_logit_lens_finds_the_fitted_hits(fitted, data, tmp_path):
+    name, path = fitted
+    s = cli("logit-lens", "--model", path, "--data", f"coco:{data['lens']}", "--n", 1,
+            "--viewers", 1, "--out", tmp_path / "lens")
+    assert s["n_images"] == 1 and s["n_layers"] == LAYERS[name] + 1
+    assert s["hit_rate"] > 0 and s["per_layer"][LAYERS[name]] > 0
+
+
+def test_knockout_keeps_samples(fitted, data, tmp_path):
+    name, path = fitted
+    out = tmp_path / "knockout"
+    windows = ["--window", 2, "--stride", 2] if LAYERS[name] > 2 else []  # 2 windows + all
+    s = cli("knockout", "--model", path, "--data", f"coco:{data['coco']}", "--n", 1,
+            "--settings", "vqa", *windows, "--out", out)
+    assert s["n_kept"] == {"vqa": 1}
+    conditions = {r["condition"] for r in rows_of(out)}
+    assert len(conditions) > 1 and "clean" in conditions
+
+
+def test_attention(fitted, data, tmp_path):
+    name, path = fitted
+    s = cli("attention", "--model", path, "--data", f"coco:{data['lens']}", "--n", 1,
+            "--viewers", 1, "--out", tmp_path / "attention")
+    assert s["n_images"] == 1 and s["n_layers"] == LAYERS[name]
+    image = [m for m in s["per_layer"]["image"] if m is not None]
+    assert len(image) == LAYERS[name] and all(0 < m < 1 for m in image)
+
+
+def test_perceive(fitted, data, tmp_path):
+    """Every source of every layer is computed, the vision encoder's (through the family's
+    projector grouping: Qwen's 2x2 merge windows, Gemma's 4x4 pool) included."""
+    name, path = fitted
+    out = tmp_path / "perceive"
+    s = cli("perceive", "--model", path, "--tasks", "fg-seg,sem-seg", "--n", 2,
+            "--data", f"sem-seg=voc:{data['voc']}", "--out", out)
+    assert s["tasks"]["fg-seg"]["n"] == 2 and s["tasks"]["sem-seg"]["n"] == 2
+    lm = {f"{k}/{layer}" for k in ("keys", "values") for layer in range(LAYERS[name])}
+    for r in rows_of(out):
+        stats = json.loads(r["stats"])
+        wanted = lm | {"projector"} | ({"vision"} if r["task"] == "fg-seg" else set())
+        assert wanted <= set(stats), (r["task"], sorted(stats))
+
+
+def test_artifacts(fitted, data, tmp_path):
+    name, path = fitted
+    s = cli("artifacts", "--model", path, "--n", 1, "--n-images", 2, "--z", 0, "--min-score", 0,
+            "--layers", "0,1", "--data", f"mc=blink:{data['blink']}",
+            "--out", tmp_path / "artifacts")
+    assert any(s["n_flagged"].values()) and s["multiple_choice"]["n"] == 1
+
+
+def test_prefix(fitted, data, tmp_path):
+    name, path = fitted
+    out = tmp_path / "prefix"
+    s = cli("prefix", "--model", path, "--prefix", "classes", "--tasks", "sem-seg", "--n", 1,
+            "--out", out)
+    assert {r["condition"] for r in rows_of(out)} == {"clean", "prefix"}
+    assert "sem-seg" in s["delta"]
+
+
+def test_surface_reads_the_fitted_choices(fitted, data, tmp_path):
+    name, path = fitted
+    out = tmp_path / "surface"
+    s = cli("surface", "--model", path, "--data", f"blink:{data['blink']}", "--n", 2,
+            "--out", out)
+    assert s["n_items"] == 2
+    rows = sorted(rows_of(out), key=lambda r: int(r["item"]))
+    assert [r["model_text"] for r in rows] == [mc_answer(k, item)
+                                               for k, item in enumerate(mc_items())]
+
+
+def test_eval(fitted):
+    name, path = fitted
+    s = cli("eval", "--model", path, "--n", 1)
+    assert all(0.0 <= a <= 1.0 for a in s["accuracy"].values())
