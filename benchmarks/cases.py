@@ -75,6 +75,17 @@ def _topk(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def lens_floor(ctx: Context) -> torch.Tensor:
+    """What a logit lens cannot do with less: one plain forward with hidden states, then one
+    batched unembedding (final norm + LM head) and top-k of every image row at every layer."""
+    vlm, pos = ctx.vlm, torch.as_tensor(ctx.positions)
+    with plain(vlm):
+        hidden = vlm.model(**ctx.batch.inputs, use_cache=False, output_hidden_states=True,
+                           logits_to_keep=1).hidden_states
+    return _topk(vlm.unembed(torch.stack([h[0, pos] for h in hidden])))
+
+
+@torch.no_grad()
 def lens_vislens(ctx: Context) -> torch.Tensor:
     """As experiments/logit_lens: capture image positions, decode one layer at a time."""
     vlm = ctx.vlm
@@ -217,7 +228,7 @@ def knockout_resumed(ctx: Context, grid, edges) -> torch.Tensor:
     one = ctx.fresh()
     feats = vlm.image_embeddings(one)
     _, cached = experiment.clean_pass(vlm, one, feats, [s for s, _ in ctx.windows])
-    return experiment.sweep(vlm, one, feats, edges, grid, ctx.windows, cached)
+    return experiment.sweep(vlm, one, feats, edges, grid, ctx.windows, cached)[:, -1]
 
 
 @torch.no_grad()

@@ -148,3 +148,35 @@ def test_info_reports_the_native_size_and_example_counts():
     assert facts["image_tokens_for"]["96x96 (ShapesWorld scene)"]["image_tokens"] == 144
     toy = json.loads(runner.invoke(app, ["info", "--model", "toy", "--json"]).stdout)
     assert toy["native_image_size"] == "96x96"
+
+
+def test_device_map_options_are_checked_and_run(tmp_path):
+    out = tmp_path / "run"
+    for args, words in ((["--device-map", "everywhere"], "auto, balanced"),
+                        (["--max-memory", "0=1GiB"], "--device-map auto"),
+                        (["--device-map", "auto", "--max-memory", "0"], "DEVICE=SIZE"),
+                        (["--device-map", "auto", "--device", "cuda"], "leave out --device"),
+                        (["--device-map", "auto", "--workers", "2"], "one or the other")):
+        line = _one_line_error(runner.invoke(app, ["logit-lens", "--n", "2", "--out", str(out),
+                                                   *args]))
+        assert words in line and not out.exists(), (args, line)
+    # on a machine without GPUs accelerate's "auto" map keeps every module on the CPU
+    mapped = runner.invoke(app, ["eval", "--n", "4", "--device-map", "auto", "--max-memory",
+                                 "cpu=8GiB", "--json"])
+    assert mapped.exit_code == 0, mapped.output
+    whole = runner.invoke(app, ["eval", "--n", "4", "--json"])
+    assert json.loads(mapped.stdout)["accuracy"] == json.loads(whole.stdout)["accuracy"]
+
+
+def test_out_of_memory_says_what_to_try(monkeypatch):
+    import torch
+
+    import vislens.models
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(vislens.models, "load", full)
+    line = _one_line_error(runner.invoke(app, ["eval", "--n", "1"]))
+    for hint in ("out of memory", "--batch-size", "--dtype bfloat16", "--device-map auto"):
+        assert hint in line, line

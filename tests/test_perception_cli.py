@@ -9,7 +9,7 @@ from native_formats import write_voc
 from typer.testing import CliRunner
 
 from vislens.cli import COMMANDS
-from vislens.cli import perception as cli_perception
+from vislens.cli import samples as cli_samples
 from vislens.data import tasks as shapes_tasks
 from vislens.models.vlm import VLM
 from vislens.toy.build import ToySpec, build_model, build_processor
@@ -23,7 +23,7 @@ TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "ref-seg", "ref-se
 @pytest.fixture()
 def app(monkeypatch):
     tiny = VLM(build_model(TINY).eval(), build_processor(TINY), "llava", name="tiny")
-    monkeypatch.setattr(cli_perception, "load_model", lambda model, device, dtype: tiny)
+    monkeypatch.setattr(cli_samples, "load_model", lambda model, device, dtype, **where: tiny)
     app = typer.Typer(pretty_exceptions_enable=False)
     for name in ("perceive", "prefix", "artifacts", "surface"):
         app.command(name)(COMMANDS[name])

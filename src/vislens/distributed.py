@@ -130,15 +130,19 @@ class Models:
         return bool(self.workers or self.address)
 
     def load(self, model: str, device: str = "cpu", dtype: str | None = None,
-             local: Callable | None = None):
-        """The model here (`local(model, device, dtype)`, vislens.models.load by default) or
-        a started RayPool."""
+             local: Callable | None = None, **where):
+        """The model here (`local(model, device, dtype, **where)`, vislens.models.load by
+        default; where: a device map) or a started RayPool."""
         if not self.pooled:
             if local is not None:
-                return local(model, device, dtype)
+                return local(model, device, dtype, **where)
             from vislens.models import load
 
-            return load(model, device=device, dtype=dtype)
+            return load(model, device=device, dtype=dtype, **where)
+        if where:
+            raise VislensError("--device-map spreads one model over this machine's devices; "
+                               "--workers / --ray give each worker a whole model: use one "
+                               "or the other")
         self.close()
         self.pool = RayPool.start(model, device, dtype, self.workers, self.address)
         return self.pool

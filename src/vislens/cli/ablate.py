@@ -10,14 +10,17 @@ from rich.table import Table
 
 from vislens.cli import samples as S
 from vislens.cli.common import (
+    DEVICE_MAP_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     JSON_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_OPTION,
     RAY_OPTION,
     WORKERS_OPTION,
     console,
     emit,
+    placement,
     progress_for,
     quiet,
     scale_out,
@@ -40,6 +43,8 @@ def ablate(
     ig_steps: int = typer.Option(16, help="integrated-gradients steps"),
     seed: int = typer.Option(0, help="seed for targets, random token sets and noise"),
     device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     dtype: str = DTYPE_OPTION,
     workers: int = WORKERS_OPTION,
     ray: str = RAY_OPTION,
@@ -62,7 +67,8 @@ def ablate(
                                          vector=vector, ig_steps=ig_steps, seed=seed)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
-        vlm = models.load(model, device, dtype, local=S.load_model)
+        vlm = models.load(model, device, dtype, local=S.load_model,
+                          **placement(device, device_map, max_memory))
         ref_images = None
         if reference:
             from vislens.data.resolve import reference_images

@@ -9,15 +9,19 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli import perception as P
+from vislens.cli import samples as S
 from vislens.cli.common import (
+    DEVICE_MAP_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     JSON_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_OPTION,
     RAY_OPTION,
     WORKERS_OPTION,
     console,
     emit,
+    placement,
     positive,
     progress_for,
     quiet,
@@ -41,6 +45,8 @@ def artifacts(
     seed: int = typer.Option(0, help="seed for clustering and sampling"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     dtype: str = DTYPE_OPTION,
     workers: int = WORKERS_OPTION,
     ray: str = RAY_OPTION,
@@ -63,7 +69,8 @@ def artifacts(
             layers=pcfg.layers, perceive=pcfg, batch_size=batch_size,
             mc=SurfaceConfig(data=specs.get("mc", specs["*"]), n=n, kind=kind,
                              batch_size=batch_size))
-        vlm = models.load(model, device, dtype, local=P.load_model)
+        vlm = models.load(model, device, dtype, local=S.load_model,
+                          **placement(device, device_map, max_memory))
         P.check_layers(vlm, config.layers)
         summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
         if as_json:

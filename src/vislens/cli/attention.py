@@ -10,15 +10,18 @@ from rich.table import Table
 
 from vislens.cli import samples as S
 from vislens.cli.common import (
+    DEVICE_MAP_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     JSON_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_OPTION,
     RAY_OPTION,
     WORKERS_OPTION,
     console,
     emit,
     fmt,
+    placement,
     positive,
     progress_for,
     quiet,
@@ -42,6 +45,8 @@ def attention(
     seed: int = typer.Option(0, help="seed for choosing targets"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
     device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     dtype: str = DTYPE_OPTION,
     workers: int = WORKERS_OPTION,
     ray: str = RAY_OPTION,
@@ -64,7 +69,8 @@ def attention(
                                      batch_size=batch_size)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "large")
-        vlm = models.load(model, device, dtype, local=S.load_model)
+        vlm = models.load(model, device, dtype, local=S.load_model,
+                          **placement(device, device_map, max_memory))
         summary = att.execute(vlm, samples, config, out, S.meta(model, data, n, device, dtype),
                               progress=progress_for(as_json))
         if as_json:

@@ -34,10 +34,9 @@ def user_errors() -> Iterator[None]:
         console.print("interrupted: rerun the same command to resume from its last saved step")
         raise typer.Exit(130) from None
     except RuntimeError as err:  # torch raises OOM as RuntimeError subclasses
-        if "out of memory" not in str(err).lower():
+        if not any(m in str(err).lower() for m in ("out of memory", "can't allocate memory")):
             raise
-        console.print("[bold red]error:[/] out of memory on the chosen device: lower "
-                      "--batch-size, pass --dtype bfloat16, or use --device cpu")
+        console.print(f"[bold red]error:[/] {OUT_OF_MEMORY}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -54,6 +53,17 @@ MODEL_OPTION = typer.Option("toy", help=MODEL_HELP)
 DEVICE_OPTION = typer.Option("cpu", help=DEVICE_HELP)
 DTYPE_OPTION = typer.Option(None, help=DTYPE_HELP)
 JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
+DEVICE_MAP_HELP = ("spread a model too large for one GPU over every GPU, then the CPU, with "
+                   "accelerate: auto, balanced, balanced_low_0 or sequential (replaces --device)")
+MAX_MEMORY_HELP = ('with --device-map, the memory each device may hold, e.g. '
+                   '"0=70GiB,1=70GiB,cpu=200GiB"')
+DEVICE_MAP_OPTION = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP)
+MAX_MEMORY_OPTION = typer.Option(None, "--max-memory", metavar="DEVICE=SIZE,...",
+                                 help=MAX_MEMORY_HELP)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+OUT_OF_MEMORY = ("out of memory on the chosen device: lower --batch-size, pass --dtype "
+                 "bfloat16, or spread the model over more devices with --device-map auto "
+                 "(--max-memory to cap each)")
 WORKERS_HELP = ("share the images out over N Ray workers on this machine, one model each "
                 "(one GPU each with --device cuda); 0 = this process alone. Needs "
                 "pip install 'vislens\\[ray]'")
@@ -76,6 +86,23 @@ def scale_out(workers: int, address: str) -> Iterator[Any]:
         yield models
     finally:
         models.close()
+
+
+def placement(device: str, device_map: str | None, max_memory: str | None) -> dict[str, Any]:
+    """An accelerate device map and its memory caps as vislens.models.load's keywords ({}:
+    the model goes whole on --device), checked before anything loads."""
+    if device_map is None:
+        if max_memory is not None:
+            raise VislensError("--max-memory caps the devices of a --device-map: pass "
+                               "--device-map auto with it")
+        return {}
+    if device_map not in DEVICE_MAPS:
+        raise VislensError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+    if device != "cpu":
+        raise VislensError("--device-map places the model itself: leave out --device")
+    from vislens.models.loading import parse_max_memory
+
+    return {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
 
 
 def positive(name: str, value: int) -> None:

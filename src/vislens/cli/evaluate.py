@@ -7,11 +7,14 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli.common import (
+    DEVICE_MAP_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     JSON_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_OPTION,
     emit,
+    placement,
     positive,
     progress_for,
     quiet,
@@ -25,6 +28,8 @@ def evaluate(
     seed: int = typer.Option(1000, help="ShapesWorld seed (held out; the toys trained on 0)"),
     batch_size: int = typer.Option(32, help="questions per forward pass"),
     device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -43,7 +48,8 @@ def evaluate(
         from vislens.models import load
 
         shapesworld.check_held_out(seed)
-        vlm = load(model, device=device, dtype=dtype)
+        vlm = load(model, device=device, dtype=dtype,
+                   **placement(device, device_map, max_memory))
         samples = shapesworld.generate(n, seed=seed)
         result = run(vlm.model, vlm.processor, samples, batch_size=batch_size,
                      progress=progress_for(as_json))

@@ -10,14 +10,17 @@ from rich.table import Table
 
 from vislens.cli import samples as S
 from vislens.cli.common import (
+    DEVICE_MAP_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     JSON_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_OPTION,
     RAY_OPTION,
     WORKERS_OPTION,
     emit,
     fmt,
+    placement,
     progress_for,
     quiet,
     scale_out,
@@ -36,6 +39,8 @@ def knockout(
     area: str = typer.Option("", help="target area range MIN:MAX in pixels"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
     device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     dtype: str = DTYPE_OPTION,
     workers: int = WORKERS_OPTION,
     ray: str = RAY_OPTION,
@@ -56,7 +61,8 @@ def knockout(
                                    seed=seed)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
-        vlm = models.load(model, device, dtype, local=S.load_model)
+        vlm = models.load(model, device, dtype, local=S.load_model,
+                          **placement(device, device_map, max_memory))
         summary = ko.execute(vlm, samples, config, out, S.meta(model, data, n, device, dtype),
                              progress=progress_for(as_json))
         if as_json:

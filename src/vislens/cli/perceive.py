@@ -8,15 +8,19 @@ import typer
 from rich.console import Console
 
 from vislens.cli import perception as P
+from vislens.cli import samples as S
 from vislens.cli.common import (
+    DEVICE_MAP_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     JSON_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_OPTION,
     RAY_OPTION,
     WORKERS_OPTION,
     console,
     emit,
+    placement,
     progress_for,
     quiet,
     scale_out,
@@ -35,6 +39,8 @@ def perceive(
                               "set by --data shapesworld:SEED)"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     dtype: str = DTYPE_OPTION,
     workers: int = WORKERS_OPTION,
     ray: str = RAY_OPTION,
@@ -54,7 +60,8 @@ def perceive(
         from vislens.experiments.perception import perceive as exp
 
         config = P.perceive_config(tasks, data, seed, n, layers, batch_size)
-        vlm = models.load(model, device, dtype, local=P.load_model)
+        vlm = models.load(model, device, dtype, local=S.load_model,
+                          **placement(device, device_map, max_memory))
         P.check_layers(vlm, config.layers)
         summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
         if as_json:

@@ -51,12 +51,6 @@ def parse_sources(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
-def load_model(model: str, device: str, dtype: str | None):
-    from vislens.models import load
-
-    return load(model, device=device, dtype=dtype)
-
-
 def check_layers(vlm, layers) -> None:
     if layers is not None:
         bad = [x for x in layers if not 0 <= x < vlm.num_layers]

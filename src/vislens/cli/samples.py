@@ -34,10 +34,11 @@ def open_samples(data: str, n: int, area: str | None, which: str):
     return samples, chosen
 
 
-def load_model(model: str, device: str, dtype: str | None):
+def load_model(model: str, device: str, dtype: str | None, **where):
+    """where: a device map and its memory caps (common.placement), in place of `device`."""
     from vislens.models import load
 
-    return load(model, device=device, dtype=dtype)
+    return load(model, device=device, dtype=dtype, **where)
 
 
 def meta(model: str, data: str, n: int, device: str, dtype: str | None, **extra) -> dict:

@@ -7,14 +7,17 @@ from pathlib import Path
 import typer
 
 from vislens.cli.common import (
+    DEVICE_MAP_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     JSON_OPTION,
+    MAX_MEMORY_OPTION,
     MODEL_OPTION,
     RAY_OPTION,
     WORKERS_OPTION,
     console,
     emit,
+    placement,
     progress_for,
     quiet,
     user_errors,
@@ -29,6 +32,8 @@ def study(
     scale: float = typer.Option(1.0, help="multiply every step's number of images"),
     seed: int = typer.Option(0, help="seed for targets and random token sets"),
     device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
     dtype: str = DTYPE_OPTION,
     workers: int = WORKERS_OPTION,
     ray: str = RAY_OPTION,
@@ -45,8 +50,10 @@ def study(
         from vislens.experiments.study import StudyConfig, run_study
 
         check(workers, ray or None)
+        placement(device, device_map, max_memory)  # checked now; study loads it later
         config = StudyConfig(model=model, data=data, scale=scale, seed=seed, device=device,
-                             dtype=dtype, workers=workers, ray=ray or None)
+                             device_map=device_map, max_memory=max_memory, dtype=dtype,
+                             workers=workers, ray=ray or None)
         log = (lambda m: None) if as_json else (lambda m: console.print(m, highlight=False))
         result = run_study(config, out, progress=progress_for(as_json), log=log)
         if as_json:

@@ -36,6 +36,8 @@ class StudyConfig:
     scale: float = 1.0  # multiplies every step's sample count
     seed: int = 0
     device: str = "cpu"
+    device_map: str | None = None  # accelerate's, over several GPUs (replaces device)
+    max_memory: str | None = None  # with device_map: "0=70GiB,1=70GiB,cpu=200GiB"
     dtype: str | None = None
     workers: int = 0  # Ray workers, one model each (0 = this process only)
     ray: str | None = None  # address of a Ray cluster to run them on
@@ -84,7 +86,9 @@ def run_study(config: StudyConfig, out: Path, progress=None,
     start = time.perf_counter()
     try:
         # the model in this process, or a pool of Ray workers every step shares out to
-        vlm = models.load(config.model, device=config.device, dtype=config.dtype)
+        where = {"device_map": config.device_map, "max_memory": config.max_memory} \
+            if config.device_map else {}
+        vlm = models.load(config.model, device=config.device, dtype=config.dtype, **where)
         return _steps(vlm, config, samples, out, time.perf_counter() - start, progress, log)
     finally:
         models.close()
