@@ -9,6 +9,8 @@ original pixels each patch reads; see helpers_geometry).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,8 @@ CASES = [(f, s) for f in REAL + MORE for s in SIZES] + [
     ("idefics3", (2000, 1500)),  # shrunk to 1536 px, then 4x3 crops
     ("internvl", (2000, 1500)),
     ("mistral3", (2000, 1500)),  # shrunk to fit 1540 px, then whole 28-px cells
+    # image splitting off: the global view alone, 81 tokens
+    ("idefics3+nosplit", (640, 480)), ("idefics3+nosplit", (200, 640)),
 ]
 CROPS = {(641, 480): 2, (1100, 300): 4, (300, 700): 2, (500, 450): 0}
 # A decoded pixel is within 0.5 px of its coordinate (uint8 rounding of one resize, see
@@ -156,6 +160,11 @@ def real_models():
             if family == "gemma3+pas":
                 model, proc = get("gemma3")
                 cache[family] = model, pan_and_scan(proc)
+            elif family == "idefics3+nosplit":
+                model, proc = get("idefics3")
+                proc = copy.deepcopy(proc)
+                proc.image_processor.do_image_splitting = False
+                cache[family] = model, proc
             else:
                 cache[family] = real_geometry(family)
         return cache[family]
@@ -181,9 +190,11 @@ def _unpadded(config, size) -> tuple[int, int]:
 def test_box_is_what_the_patch_sees(real_models, family, size):
     """Each token's box centre (and, unblended, its extent) is that of the pixels it reads."""
     model, proc = real_models(family)
-    pas = family == "gemma3+pas"
-    family = "gemma3" if pas else family
+    pas, nosplit = family == "gemma3+pas", family == "idefics3+nosplit"
+    family = family.split("+")[0]
     tm, measured, centre = compare(family, model, proc, size)
+    if nosplit:  # the global view alone
+        assert len(tm) == 81 and set(tm.grids[0]) == {0}
     if pas:  # the crops are views of their own, each mapped back into the original image
         assert sorted(tm.grids[0]) == list(range(CROPS[size] + 1))
         assert set(tm.crop.tolist()) == set(range(CROPS[size] + 1))
