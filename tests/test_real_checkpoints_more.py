@@ -100,8 +100,8 @@ def test_logit_lens_finds_the_fitted_patches(fitted, data, tmp_path):
 def test_knockout_and_attention_keep_samples(fitted, data, tmp_path):
     name, path, vlm = fitted
     s = cli("knockout", "--model", path, "--data", f"coco:{data['coco']}", "--n", 1,
-            "--out", tmp_path / "knockout")
-    assert s["n_kept"] == {"polling": 1, "vqa": 1}
+            "--settings", "vqa", "--out", tmp_path / "knockout")
+    assert s["n_kept"] == {"vqa": 1}
     rows = rows_of(tmp_path / "knockout")
     assert all(r["kept"] for r in rows if r["condition"] == "clean")
     s = cli("attention", "--model", path, "--data", f"coco:{data['lens']}", "--n", 1,
@@ -118,11 +118,11 @@ def test_perception_commands_run_every_source(fitted, data, tmp_path):
     stats = [json.loads(r["stats"]) for r in rows_of(tmp_path / "perceive")
              if r["task"] == "fg-seg"]
     assert all({"vision", "projector", "values/0", "keys/1"} <= set(st) for st in stats)
-    s = cli("artifacts", "--model", path, "--n", 2, "--n-images", 2, "--z", 0,
-            "--min-score", 0, "--out", tmp_path / "artifacts")
+    s = cli("artifacts", "--model", path, "--n", 1, "--n-images", 2, "--z", 0,
+            "--min-score", 0, "--layers", "0,1", "--out", tmp_path / "artifacts")
     assert any(s["n_flagged"].values())
     assert {r["condition"] for r in rows_of(tmp_path / "artifacts")} == {"clean", "knockout"}
-    s = cli("prefix", "--model", path, "--prefix", "classes", "--tasks", "sem-seg", "--n", 2,
+    s = cli("prefix", "--model", path, "--prefix", "classes", "--tasks", "sem-seg", "--n", 1,
             "--out", tmp_path / "prefix")
     assert set(s["delta"]) >= {"sem-seg"}
     assert {r["condition"] for r in rows_of(tmp_path / "prefix")} == {"clean", "prefix"}
