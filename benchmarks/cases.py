@@ -309,7 +309,7 @@ def knockout_tl(ctx: Context, grid, edges) -> torch.Tensor:
 @torch.no_grad()
 def kv_vislens(ctx: Context) -> torch.Tensor:
     vlm = ctx.vlm
-    with capture(vlm, [ctx.positions], residual=False, keys=True, values=True) as cap:
+    with capture(vlm, [ctx.positions], residual=False, keys="pre", values=True) as cap:
         vlm.forward(ctx.fresh(), logits_to_keep=1)
     return torch.stack([torch.stack([cap.keys_pre[i].flatten(1), cap.values[i].flatten(1)])
                         for i in range(vlm.num_layers)])

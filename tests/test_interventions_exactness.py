@@ -332,3 +332,21 @@ def test_capture_under_generate_keeps_each_step():
     for t in range(3):
         close(vlm.unembed(last[:, t]), out.logits[t], atol=1e-5)
     close(cap.residual[vlm.num_layers], last[:, 0], atol=1e-6)  # prefill row == step 0
+
+
+def test_one_kind_of_key_is_all_that_is_gathered(case):
+    vlm, batch, _ = case
+    cols = [batch.token_map.image_positions(b)[:5] for b in range(batch.size)]
+    with capture(vlm, cols, residual=False, keys=True, values=True) as both:
+        vlm.forward(batch)
+    for kind, kept, dropped in (("pre", "keys_pre", "keys_post"),
+                                ("post", "keys_post", "keys_pre")):
+        with capture(vlm, cols, residual=False, keys=kind, values=True) as one:
+            vlm.forward(batch)
+        assert not getattr(one, dropped) and len(getattr(one, kept)) == vlm.num_layers
+        for layer in range(vlm.num_layers):
+            assert torch.equal(getattr(one, kept)[layer], getattr(both, kept)[layer])
+            assert torch.equal(one.values[layer], both.values[layer])
+    with pytest.raises(ValueError, match="keys="):
+        with capture(vlm, cols, keys="both"):
+            pass

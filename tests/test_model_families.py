@@ -84,8 +84,8 @@ def test_generic_fallback_info_and_refusal_through_the_cli(gemma3, unregistered,
     facts = json.loads(info.stdout)
     assert facts["family"] == "gemma3" and "no token layout" in facts["native_image_size"]
     out = tmp_path / "run"
-    r = runner.invoke(app, ["ablate", "--model", str(gemma3), "--n", "3", "--settings",
-                            "polling", "--out", str(out)])
+    r = runner.invoke(app, ["perceive", "--model", str(gemma3), "--n", "2", "--tasks", "fg-seg",
+                            "--out", str(out)])
     assert r.exit_code == 2 and "needs an image-token layout" in r.output, r.output
     said = [ln for ln in r.output.splitlines() if ln.strip() and "it/s]" not in ln]
     assert len(said) == 1 and said[0].startswith("error:")  # besides the weight-loading bar

@@ -155,3 +155,43 @@ def test_eval(fitted):
     name, path = fitted
     s = cli("eval", "--model", path, "--n", 1)
     assert all(0.0 <= a <= 1.0 for a in s["accuracy"].values())
+
+
+@pytest.fixture
+def generic_gemma3(monkeypatch) -> Path:
+    """The fitted Gemma 3 look-alike as a model type without a family module: the generic
+    fallback (positions only) on a model that answers right."""
+    from vislens.models.families import FAMILIES
+
+    monkeypatch.delitem(FAMILIES, "gemma3")
+    return fitted_dir(GEMMA3)
+
+
+def test_generic_fallback_runs_the_layout_free_experiments(generic_gemma3, data, tmp_path):
+    """Without a layout: ablation of register / random-K tokens, knockout of image ->
+    question, the logit lens over every image token; what needs pixels is one line."""
+    path, coco = generic_gemma3, f"coco:{data['coco']}"
+    out = tmp_path / "ablate"
+    s = cli("ablate", "--model", path, "--data", coco, "--n", 1, "--settings", "vqa",
+            "--out", out)
+    assert s["n_kept"] == {"vqa": 1}
+    conditions = {r["condition"] for r in rows_of(out)} - {"clean", "noised"}
+    assert conditions and all(c == "register" or c.startswith("random-") for c in conditions)
+    assert "random-matched" not in conditions
+    s = cli("knockout", "--model", path, "--data", coco, "--n", 1, "--settings", "vqa",
+            "--out", tmp_path / "knockout")
+    assert s["n_kept"] == {"vqa": 1}
+    assert set(s["relative_accuracy"]) == {"image->question"}
+    assert all(v is not None for v in s["relative_accuracy"]["image->question"])
+    s = cli("logit-lens", "--model", path, "--data", f"coco:{data['lens']}", "--n", 1,
+            "--out", tmp_path / "lens")
+    assert s["layout"] is False and s["hit_rate"] is None and s["viewer"] == []
+    assert s["n_image_tokens"] == 256 and s["image_hit_rate"] > 0  # the fitted hits
+    assert s["n_object_patches"] == 0
+    for command, extra in (("ablate", ["--conditions", "object,random-40"]),
+                           ("knockout", ["--conditions", "object->last"])):
+        bad = tmp_path / f"bad-{command}"
+        r = CliRunner().invoke(app, [command, "--model", str(path), "--data", coco, "--n", "1",
+                                     "--out", str(bad), *extra])
+        assert r.exit_code == 2 and "needs a token layout" in r.output, r.output
+        assert not bad.exists()

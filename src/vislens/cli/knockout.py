@@ -34,6 +34,9 @@ def knockout(
     n: int = typer.Option(100, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/knockout"), help="run directory (rerun to resume)"),
     settings: str = typer.Option("polling,vqa", help="comma-separated settings"),
+    conditions: str = typer.Option("", help="comma-separated edge sets, e.g. object+1->last,"
+                                   "image->question (default: every one the model's family "
+                                   "can run; an unknown name lists them)"),
     window: int = typer.Option(None, help="layers per window (default: 10/32 of the depth)"),
     stride: int = typer.Option(None, help="window stride (default: 5/32 of the depth)"),
     area: str = typer.Option("", help="target area range MIN:MAX in pixels"),
@@ -57,8 +60,9 @@ def knockout(
     with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments import knockout as ko
 
-        config = ko.KnockoutConfig(settings=S.names(settings), window=window, stride=stride,
-                                   seed=seed)
+        config = ko.KnockoutConfig(settings=S.names(settings),
+                                   conditions=S.names(conditions) or ko.CONDITIONS,
+                                   window=window, stride=stride, seed=seed)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
         vlm = models.load(model, device, dtype, local=S.load_model,

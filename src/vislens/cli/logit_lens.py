@@ -70,6 +70,12 @@ def logit_lens(
         if as_json:
             emit(summary, True)
             return
+        if not summary["layout"]:
+            console.print(f"no token layout for this family: image tokens decoding to the "
+                          f"target's word at some layer: {summary['image_hit_rate']:.1%} of "
+                          f"{summary['n_image_tokens']} (object / background split and "
+                          "viewers need a layout)")
+            return
         lo, hi = summary.get("hit_rate_ci95") or (None, None)
         console.print(
             f"object patches decoding to their word at some layer: {summary['hit_rate']:.1%} "

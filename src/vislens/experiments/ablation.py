@@ -12,6 +12,7 @@ image puts there.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ import torch
 
 from vislens.data.samples import Question, Sample
 from vislens.distributed import executor
+from vislens.errors import VislensError
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
@@ -96,6 +98,23 @@ def execute(vlm, samples: list[Sample], config: AblationConfig, out: Path, meta:
     return summary
 
 
+def needs_layout(condition: str) -> bool:
+    """Conditions built from the object's mask (its tokens, their count) need a token layout;
+    register tokens and random-K sets are positions only."""
+    return not (condition == "register" or re.fullmatch(r"random-\d+", condition))
+
+
+def _check_layout(spec, conditions) -> None:
+    """On a family without a layout, only layout-free conditions run: all of them by default,
+    and a condition asked for by name that needs pixels is one clear line."""
+    bad = [c for c in conditions or () if needs_layout(c)]
+    if not spec.geometric and bad:
+        raise VislensError(f"ablation conditions {', '.join(bad)} map the object's mask to "
+                           f"image tokens, which needs a token layout; vislens has none for "
+                           f"{spec.model_type!r}: leave out --conditions (register and "
+                           "random-K run) or add a family module")
+
+
 def _jsonable(config: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
@@ -107,8 +126,8 @@ def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
     `vlm` may be a vislens.distributed.RayPool: the vector is then computed by one
     worker and the samples are shared out, one unit per sample.
     """
-    vlm.require_layout("maps object masks to image tokens")
     config.validate()
+    _check_layout(vlm.spec, config.conditions)
     if not samples:
         raise ValueError("no samples to ablate; check --data / --n")
     ex = executor(vlm)
@@ -200,16 +219,18 @@ def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx:
     """
     tm = batch.token_map
     image = tm.image_positions(0)
-    obj = tm.positions(0, mask)
-    obj1 = tm.dilate(obj, 1)
-    sets = {"object": obj, "object+1": obj1, "object+2": tm.dilate(obj, 2),
-            "all-but-object+1": np.setdiff1d(image, obj1)}
     norms = _patch_features(vlm, batch, feats).norm(dim=-1).float().cpu().numpy()
-    sets["register"] = image[norms > norms.mean() + 2 * norms.std()]
+    sets = {"register": image[norms > norms.mean() + 2 * norms.std()]}
     rng = np.random.default_rng([config.seed, idx])
     for k in config.random_ks:
         if k <= len(image):
             sets[f"random-{k}"] = np.sort(rng.choice(image, size=k, replace=False))
+    if not tm.geometric:  # positions only: no object tokens, nothing matched to their count
+        return sets
+    obj = tm.positions(0, mask)
+    obj1 = tm.dilate(obj, 1)
+    sets.update({"object": obj, "object+1": obj1, "object+2": tm.dilate(obj, 2),
+                 "all-but-object+1": np.setdiff1d(image, obj1)})
     sets["random-matched"] = np.sort(rng.choice(image, size=len(obj1), replace=False))
     wanted = config.conditions is None or "ig-matched" in config.conditions
     if wanted:

@@ -11,7 +11,7 @@ layers below s are never recomputed; the vision pass runs once per sample.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from vislens.data.samples import Sample
 from vislens.distributed import executor
+from vislens.errors import VislensError
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
 from vislens.experiments.runs import RunDir
@@ -29,6 +30,7 @@ from vislens.report.plots import heatmap
 
 CONDITIONS = ("object->last", "object+1->last", "object+2->last", "image-but-object+1->last",
               "object+1->last-row", "rest->last-row", "image->question")
+LAYOUT_FREE = ("image->question",)  # the conditions that need image positions only
 SETTINGS = ("polling", "vqa")
 PAPER = {"object+1->last": {"mid-late": 0.82, "all": 0.67}, "object+1->last-row": {"all": 1.0}}
 
@@ -58,15 +60,18 @@ class KnockoutConfig:
 
 
 def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None) -> dict:
-    """(queries, keys) per condition for one sample; LAST = the answer position."""
+    """(queries, keys) per condition for one sample; LAST = the answer position (only the
+    layout-free conditions where the family has no layout)."""
     image = tm.image_positions(sample)
-    obj = tm.positions(sample, mask)
-    obj1, obj2 = tm.dilate(obj, 1, sample), tm.dilate(obj, 2, sample)
-    last_row = tm.last_row(sample)
     seq = batch.input_ids.shape[1]
     valid = np.flatnonzero(batch.attention_mask[sample].cpu().numpy() > 0)
     after_image = valid[valid > tm.image_end(sample)]  # markers closing the image excluded
     question_cols = after_image[after_image < seq - 1]
+    if not tm.geometric:
+        return {"image->question": (question_cols, image)}
+    obj = tm.positions(sample, mask)
+    obj1, obj2 = tm.dilate(obj, 1, sample), tm.dilate(obj, 2, sample)
+    last_row = tm.last_row(sample)
     return {
         "object->last": (LAST, obj),
         "object+1->last": (LAST, obj1),
@@ -81,6 +86,8 @@ def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None) -> dic
 def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta: dict,
             progress=None) -> dict:
     """Run into directory `out` (resuming), plot, and write summary.json."""
+    if not vlm.spec.geometric and config.conditions == CONDITIONS:  # the default: what runs
+        config = replace(config, conditions=LAYOUT_FREE)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     run_dir = RunDir(out, {"experiment": "knockout", **meta, **cfg},
                      key=["sample", "setting", "condition", "window"])
@@ -99,8 +106,13 @@ def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta:
 def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for knockout; check --data / --n")
-    vlm.require_layout("maps object masks to image tokens")
     config.validate()
+    bad = [c for c in config.conditions if c not in LAYOUT_FREE]
+    if not vlm.spec.geometric and bad:
+        raise VislensError(f"knockout conditions {', '.join(bad)} map the object's mask to "
+                           f"image tokens, which needs a token layout; vislens has none for "
+                           f"{vlm.spec.model_type!r}: run --conditions "
+                           f"{','.join(LAYOUT_FREE)} or add a family module")
     ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per sample
     layers = ex.info.num_layers
     windows = layer_windows(layers, config.window, config.stride)

@@ -87,10 +87,12 @@ def execute(vlm, samples: list[Sample], config: LensConfig, out: Path, meta: dic
     run_dir = RunDir(out, {"experiment": "logit-lens", **meta, **cfg}, key=["sample"])
     summary = run(vlm, samples, config, run_dir, progress)
     summary["model"] = meta.get("model", summary["model"])
+    curves = {"object patches": summary["per_layer"]} if summary["layout"] else {}
+    curves["every image token"] = summary["per_layer_image"]
     summary["plot"] = str(layer_curves(
-        {"object patches": summary["per_layer"]}, run_dir.path / "logit_lens.png",
+        curves, run_dir.path / "logit_lens.png",
         f"Logit lens ({summary['model']}): object word in top-{config.top_k}",
-        "share of object patches"))
+        "share of patches"))
     run_dir.write_summary(summary)
     return summary
 
@@ -98,7 +100,6 @@ def execute(vlm, samples: list[Sample], config: LensConfig, out: Path, meta: dic
 def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for the logit lens; check --data / --n")
-    vlm.require_layout("maps object masks to image tokens")
     rng = np.random.default_rng(config.seed)
     chosen = [(s, t) for s, t in zip(samples, choose_targets(samples, config.area, rng))
               if t is not None]
@@ -128,14 +129,7 @@ def _chunk_tables(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: li
         vlm.forward(batch, logits_to_keep=1)
     for b, (sample, target) in enumerate(chunk):
         inst = sample.instances[target]
-        pos, frac = tm.coverage(b, inst.mask)
-        order = {int(p): i for i, p in enumerate(pos)}
-        cover = np.array([frac[order[int(p)]] for p in positions[b]])
-        background = np.ones(len(positions[b]), dtype=bool)
-        for other in sample.instances:
-            opos, ofrac = tm.coverage(b, other.mask)
-            oorder = {int(p): i for i, p in enumerate(opos)}
-            background &= np.array([ofrac[oorder[int(p)]] == 0 for p in positions[b]])
+        cover, background = _object_cover(tm, b, sample, inst, positions[b])
         cls = torch.tensor(word_ids(vlm.tokenizer, inst.name), dtype=torch.long)
         cells = tm.cells(positions[b], b)
         decoded = [_decode(vlm, cap.of("residual", layer, b), cls, config.top_k)
@@ -157,10 +151,27 @@ def _chunk_tables(vlm, chunk, config: LensConfig, viewer_dir: Path, kept_ids: li
             "class_prob": _lists(class_p.astype(np.float32)),
             "hit": _lists(hit.astype(bool)),
         })
-        if sample.id in kept_ids[:config.viewers]:
+        if tm.geometric and sample.id in kept_ids[:config.viewers]:
             _write_viewer(vlm, sample, inst, tm, b, positions[b], cells, cover, ids, probs,
                           config, viewer_dir)
         del decoded, ids, probs, class_p, hit
+
+
+def _object_cover(tm, b: int, sample, inst, positions) -> tuple[np.ndarray, np.ndarray]:
+    """Per image token: the share of it the target covers, and whether no object touches it.
+    Without a layout (generic family) no token has pixels: coverage NaN, never background,
+    and the image-token tallies are all the summary can say."""
+    if not tm.geometric:
+        return np.full(len(positions), np.nan), np.zeros(len(positions), dtype=bool)
+    pos, frac = tm.coverage(b, inst.mask)
+    order = {int(p): i for i, p in enumerate(pos)}
+    cover = np.array([frac[order[int(p)]] for p in positions])
+    background = np.ones(len(positions), dtype=bool)
+    for other in sample.instances:
+        opos, ofrac = tm.coverage(b, other.mask)
+        oorder = {int(p): i for i, p in enumerate(opos)}
+        background &= np.array([ofrac[oorder[int(p)]] == 0 for p in positions])
+    return cover, background
 
 
 def _lists(x: np.ndarray) -> pa.Array:
@@ -232,6 +243,9 @@ class LensTally:
         self.n_obj = self.n_obj_hits = self.n_bg = self.n_bg_hits = 0
         self.peak_sum = 0
         self.layer_hits = np.zeros(n_layers, dtype=np.int64)
+        # every image token, whatever it shows: the rate a layout-free model can report
+        self.n_img = self.n_img_hits = 0
+        self.img_layer_hits = np.zeros(n_layers, dtype=np.int64)
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -251,6 +265,9 @@ class LensTally:
         self.peak_sum += int(np.argmax(np.where(hit[found], prob[found], -1.0), 1).sum())
         self.n_bg += int(bg.sum())
         self.n_bg_hits += int((bg & any_hit).sum())
+        self.n_img += len(hit)
+        self.n_img_hits += int(any_hit.sum())
+        self.img_layer_hits += hit.sum(0)
 
 
 def summarise(tables: Iterable[pa.Table], vlm, config: LensConfig, viewer_dir: Path) -> dict:
@@ -262,10 +279,12 @@ def summarise(tables: Iterable[pa.Table], vlm, config: LensConfig, viewer_dir: P
     tally = LensTally(n_layers, config.object_coverage)
     for table in tables:
         tally.add(table)
-    n_obj, n_bg = tally.n_obj, tally.n_bg
+    n_obj, n_bg, n_img = tally.n_obj, tally.n_bg, tally.n_img
+    layout = vlm.spec.geometric
     return {
         "model": getattr(vlm, "name", ""),
-        "hit_rate": tally.n_obj_hits / n_obj if n_obj else 0.0,
+        "layout": layout,  # False: no token has pixels; only the image-token rates exist
+        "hit_rate": tally.n_obj_hits / n_obj if n_obj else (0.0 if layout else None),
         # patches of one image are not independent: the interval is a lower bound on the
         # real uncertainty (report n_images beside it)
         "hit_rate_ci95": list(wilson_ci(tally.n_obj_hits, n_obj)) if n_obj else None,
@@ -273,7 +292,11 @@ def summarise(tables: Iterable[pa.Table], vlm, config: LensConfig, viewer_dir: P
         "peak_layer_mean": tally.peak_sum / tally.n_obj_hits if tally.n_obj_hits else None,
         "n_layers": n_layers,
         "per_layer": [int(h) / n_obj if n_obj else 0.0 for h in tally.layer_hits],
-        "background_rate": tally.n_bg_hits / n_bg if n_bg else 0.0,
+        "background_rate": tally.n_bg_hits / n_bg if n_bg else (0.0 if layout else None),
+        # any image token whose top-k holds the target's word (object or not)
+        "image_hit_rate": tally.n_img_hits / n_img if n_img else 0.0,
+        "per_layer_image": [int(h) / n_img if n_img else 0.0 for h in tally.img_layer_hits],
+        "n_image_tokens": n_img,
         "n_images": len(tally.samples),
         "n_object_patches": n_obj,
         "n_background_patches": n_bg,

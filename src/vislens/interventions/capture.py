@@ -79,7 +79,11 @@ class Capture:
         if sink is not None:
             for kind in ("keys_pre", "keys_post", "values"):
                 setattr(self.out, kind, _Sink(kind, sink))
-        self.want_residual, self.want_keys, self.want_values = residual, keys, values
+        if keys not in (False, True, "pre", "post"):
+            raise ValueError(f"capture keys={keys!r}: pass True (pre- and post-RoPE), 'pre', "
+                             "'post' or False")
+        self.want_residual, self.want_values = residual, values
+        self.want_keys_pre, self.want_keys_post = keys in (True, "pre"), keys in (True, "post")
         self.recording = False
         self.steps: dict[int, list[torch.Tensor]] = {}
         self.heads = vlm.language_model.config.num_attention_heads
@@ -98,7 +102,7 @@ class Capture:
     def on_attention(self, module, layer, query, key, mask, scaling, softcap=None) -> None:
         if not self.recording or layer not in self.layers:
             return
-        if self.want_keys:
+        if self.want_keys_post:
             self.out.keys_post[layer] = self.gather(key.transpose(1, 2))
         if len(self._qb) == 0:
             return
@@ -125,13 +129,15 @@ class Capture:
 
 @contextmanager
 def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool = True,
-            keys: bool = False, values: bool = False, attention_queries=None,
+            keys: bool | str = False, values: bool = False, attention_queries=None,
             generated: bool = False, sink=None):
     """Record what the LM computes at chosen positions while the context is open.
 
     positions: one sequence of prompt columns per sample (residual, keys, values).
     layers: which layers (None = all); residual[l] is recorded for l in layers
     and residual[num_layers] when the last layer is included.
+    keys: True for keys before and after RoPE (`keys_pre`, `keys_post`), "pre" or "post"
+    for one of them (the other is then not gathered at all).
     attention_queries: one sequence of query columns per sample; their
     attention rows over all keys ([Nq, heads, keys], post-softmax, including
     any active knockout) are recorded per layer.
@@ -178,7 +184,7 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
             continue
         attn = layer.self_attn
         head_dim = getattr(attn, "head_dim", None)
-        for want, proj, table, norm in ((keys, attn.k_proj, cap.out.keys_pre,
+        for want, proj, table, norm in ((cap.want_keys_pre, attn.k_proj, cap.out.keys_pre,
                                          getattr(attn, "k_norm", None)),
                                         (values, attn.v_proj, cap.out.values, None)):
             if want:

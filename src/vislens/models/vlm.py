@@ -74,21 +74,19 @@ class ImageEmbeddings(list):
     Qwen3-VL also adds per-layer DeepStack features to the image positions of its
     first decoder layers (`injected[i][l]`: image i, injection layer l), and Gemma 3
     takes its features as one [views, tokens_per_view, hidden] tensor (pan-and-scan
-    crops are views of one image); InternVL and PaliGemma take them as one
-    [tokens, hidden] tensor (`concat`).
+    crops are views of one image; Idefics3, InternVL and PaliGemma likewise).
     """
 
     def __init__(self, per_image=(), injected: list[list[torch.Tensor]] | None = None,
-                 tokens_per_view: int | None = None, concat: bool = False) -> None:
+                 tokens_per_view: int | None = None) -> None:
         super().__init__(per_image)
         self.injected = injected
         self.tokens_per_view = tokens_per_view
-        self.concat = concat
         if injected is not None and len(injected) != len(self):
             raise ValueError(f"{len(injected)} injected feature sets for {len(self)} images")
 
     def _like(self, per_image, injected) -> ImageEmbeddings:
-        return ImageEmbeddings(per_image, injected, self.tokens_per_view, self.concat)
+        return ImageEmbeddings(per_image, injected, self.tokens_per_view)
 
     def __mul__(self, n: int) -> ImageEmbeddings:
         return self._like(list(self) * n, None if self.injected is None else self.injected * n)
@@ -122,8 +120,6 @@ class ImageEmbeddings(list):
                                     for layer in range(layers)])
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        if self.concat:
-            return BaseModelOutputWithPooling(pooler_output=torch.cat(list(self)))
         return BaseModelOutputWithPooling(pooler_output=list(self))
 
 

@@ -142,6 +142,12 @@ def source_names(num_layers: int, layers: Sequence[int] | None, sources=SOURCES)
     return names + [s for s in ("projector", "vision") if s in sources]
 
 
+def _keys_wanted(sources) -> bool | str:
+    """capture's `keys`: only the kinds of key asked for are gathered (and spilled)."""
+    post, pre = "keys" in sources, "keys-pre" in sources
+    return (post and pre) or ("post" if post else "pre" if pre else False)
+
+
 def text_columns(vlm, batch, sample: int, text: str, span: tuple[int, int]) -> np.ndarray:
     """Columns of the tokens of text[span[0]:span[1]], `text` being the end of the prompt.
 
@@ -300,7 +306,7 @@ def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, block
         if want_kv:  # keys / values go to `sink` layer by layer, never all kept at once
             stack.enter_context(capture(
                 vlm, positions, layers=lm_layers, residual=False,
-                keys="keys" in sources or "keys-pre" in sources, values="values" in sources,
+                keys=_keys_wanted(sources), values="values" in sources,
                 sink=sink))
         emb = stack.enter_context(capture(vlm, positions, layers=[0], residual=True))
         vlm.forward(batch, logits_to_keep=1)

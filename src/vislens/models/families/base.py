@@ -65,24 +65,6 @@ class Family:
 
         return ImageEmbeddings([f.detach() for f in out.pooler_output])
 
-    @staticmethod
-    def per_image(flat, batch) -> list:
-        """Feature rows [tokens, hidden] of a whole batch (sequence order) split per image,
-        as many rows as each image has tokens (for models that split them per sample,
-        per crop or per tile)."""
-        import numpy as np
-
-        tm = batch.token_map
-        counts = []
-        for b in range(batch.size):
-            n_images = len(tm.all_image_sizes[b])
-            counts += np.bincount(tm.image[tm.batch == b], minlength=n_images).tolist()
-        flat = flat.reshape(-1, flat.shape[-1]).detach()
-        if sum(counts) != flat.shape[0]:
-            raise ValueError(f"the vision pass gave {flat.shape[0]} token features for "
-                             f"{sum(counts)} image tokens")
-        return list(flat.split(counts))
-
     def projector_inputs(self, x, y):
         """The projector's input rows behind each of its output rows: [M, r * d_in] for y's
         M rows. Default: r consecutive input rows per output row (Qwen's 2x2 merger reads
@@ -140,3 +122,24 @@ class Family:
     def native_image_size(self, vlm) -> str:
         side = vlm.config.vision_config.image_size
         return f"{side}x{side}"
+
+
+def regroup_views(views, batch, label: str):
+    """Features a model returns as ONE [views, tokens_per_view, hidden] tensor (Gemma 3 and
+    its like) as ImageEmbeddings: rows regrouped per image, as many as the image has tokens
+    in the sequence, and handed back to the model in the same one-tensor form."""
+    import numpy as np
+
+    from vislens.models.vlm import ImageEmbeddings
+
+    views = views.detach()
+    tm = batch.token_map
+    counts = []
+    for b in range(batch.size):
+        n_images = len(tm.all_image_sizes[b])
+        counts += np.bincount(tm.image[tm.batch == b], minlength=n_images).tolist()
+    flat = views.reshape(-1, views.shape[-1])
+    if sum(counts) != flat.shape[0]:
+        raise ValueError(f"{label} vision pass gave {flat.shape[0]} token features for "
+                         f"{sum(counts)} image tokens")
+    return ImageEmbeddings(list(flat.split(counts)), tokens_per_view=views.shape[1])

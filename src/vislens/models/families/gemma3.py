@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vislens.models.families.base import Family
+from vislens.models.families.base import Family, regroup_views
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
 PAN_AND_SCAN = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
@@ -99,19 +99,7 @@ class Gemma3(Family):
     def split_features(self, out, batch):
         """The processor's views ([views, 256, hidden]: every image's whole view, then its
         crops) regrouped per image, as many rows as the image has tokens."""
-        from vislens.models.vlm import ImageEmbeddings
-
-        views = out.pooler_output.detach()
-        tm = batch.token_map
-        counts = []
-        for b in range(batch.size):
-            n_images = len(tm.all_image_sizes[b])
-            counts += np.bincount(tm.image[tm.batch == b], minlength=n_images).tolist()
-        flat = views.reshape(-1, views.shape[-1])
-        if sum(counts) != flat.shape[0]:
-            raise ValueError(f"Gemma 3 vision pass gave {flat.shape[0]} token features for "
-                             f"{sum(counts)} image tokens")
-        return ImageEmbeddings(list(flat.split(counts)), tokens_per_view=views.shape[1])
+        return regroup_views(out.pooler_output, batch, "Gemma 3")
 
     def projector_inputs(self, x, y):
         """Per pooled token, the mean of the 4x4 vision patches its average pool reads (the

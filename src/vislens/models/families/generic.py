@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from vislens.errors import VislensError
-from vislens.models.families.base import Family
+from vislens.models.families.base import Family, regroup_views
 from vislens.models.geometry import Layout
 
 DECODER_PATHS = ("model.language_model", "model.text_model", "language_model.model",
@@ -51,6 +51,15 @@ class Generic(Family):
         if head is None:
             raise VislensError(f"{type(model).__name__} has no lm_head; add a family module")
         return head
+
+    def split_features(self, out, batch):
+        """Per-image features as the model gave them: a list per image, or one
+        [views, tokens, hidden] tensor handed back in that form."""
+        import torch
+
+        if isinstance(out.pooler_output, torch.Tensor) and out.pooler_output.dim() == 3:
+            return regroup_views(out.pooler_output, batch, self.model_type)
+        return super().split_features(out, batch)
 
     def layouts(self, vlm, images, inputs):
         """One slot per image token, numbered in sequence order; no pixels. Several images

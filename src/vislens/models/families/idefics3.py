@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from vislens.models.families.base import Family
+from vislens.models.families.base import Family, regroup_views
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
 
@@ -107,11 +107,11 @@ class Idefics3(Family):
 
     def split_features(self, out, batch):
         """`get_image_features` splits its rows per sample (every crop and global view of
-        the sample's images); regrouped per image."""
-        from vislens.models.vlm import ImageEmbeddings
-
+        the sample's images, as many views as the vision tower read): regrouped per image,
+        handed back as one [views, tokens, hidden] tensor, which its forward also takes."""
         flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output])
-        return ImageEmbeddings(self.per_image(flat, batch))
+        views = out.last_hidden_state.shape[0]
+        return regroup_views(flat.view(views, -1, flat.shape[-1]), batch, "Idefics3")
 
     def native_image_size(self, vlm) -> str:
         ip = vlm.processor.image_processor

@@ -9,7 +9,7 @@ The LM reads <img>, every tile's tokens (tiles in raster order, the thumbnail la
 
 from __future__ import annotations
 
-from vislens.models.families.base import Family
+from vislens.models.families.base import Family, regroup_views
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
 
@@ -77,11 +77,9 @@ class InternVL(Family):
     image_close = "</img>"
 
     def split_features(self, out, batch):
-        """Its vision pass gives [views, tokens, hidden] (tiles and thumbnail, or one view per
-        image), regrouped per image; its forward takes them back as one tensor."""
-        from vislens.models.vlm import ImageEmbeddings
-
-        return ImageEmbeddings(self.per_image(out.pooler_output, batch), concat=True)
+        """Its vision pass gives one [views, tokens, hidden] tensor (tiles and thumbnail, or
+        one view per image): regrouped per image, handed back in that form."""
+        return regroup_views(out.pooler_output, batch, "InternVL")
 
     def layouts(self, vlm, images, inputs):
         ip, kw = vlm.processor.image_processor, tiling(vlm.processor)

@@ -12,7 +12,7 @@ logits are soft-capped too.
 
 from __future__ import annotations
 
-from vislens.models.families.base import Family
+from vislens.models.families.base import Family, regroup_views
 from vislens.models.families.llava import llava_layout
 
 
@@ -32,11 +32,9 @@ class PaliGemma(Family):
         return getattr(config.get_text_config(), "final_logit_softcapping", None)
 
     def split_features(self, out, batch):
-        """Its vision pass gives [views, tokens, hidden] (tiles and thumbnail, or one view per
-        image), regrouped per image; its forward takes them back as one tensor."""
-        from vislens.models.vlm import ImageEmbeddings
-
-        return ImageEmbeddings(self.per_image(out.pooler_output, batch), concat=True)
+        """Its vision pass gives one [views, tokens, hidden] tensor (tiles and thumbnail, or
+        one view per image): regrouped per image, handed back in that form."""
+        return regroup_views(out.pooler_output, batch, "PaliGemma")
 
     def layouts(self, vlm, images, inputs):
         ip = vlm.processor.image_processor
