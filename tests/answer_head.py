@@ -42,10 +42,15 @@ model's own behaviour.
 
 `fitted_dir(name)` caches the result like checkpoints.checkpoint_dir, keyed by this
 file, the fixture fingerprint and the vislens sources the states depend on. It takes
-the paper fixtures (checkpoints.py) and the later families' (checkpoints_qwen_gemma.py)
-alike. A fixture that ties its unembedding to its input embeddings (Gemma 3) gets its
-own lm_head in the fitted copy (tie_word_embeddings off): fitting a tied row would also
-move that token's input embedding, which the recorded states were computed with.
+the paper fixtures (checkpoints.py) and the later families' (checkpoints_qwen_gemma.py,
+checkpoints_more.py) alike. A fixture that ties its unembedding to its input embeddings
+(Gemma 3, PaliGemma) gets its own lm_head in the fitted copy (tie_word_embeddings off):
+fitting a tied row would also move that token's input embedding, which the recorded
+states were computed with.
+
+A family whose model soft-caps its logits (PaliGemma 2: 30 * tanh(z / 30)) would flatten
+large fitted logits into ties, so there the fit also keeps every state's target logit
+under half the cap, where the cap still keeps 79% of each margin.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import checkpoints_more
 import checkpoints_qwen_gemma
 import numpy as np
 from checkpoints import cache_root, fingerprint, publish
@@ -280,7 +286,7 @@ class Fit:
     seconds: float
 
 
-def fit_head(vlm, states: States, margin: float = 4.0) -> Fit:
+def fit_head(vlm, states: States, margin: float = 4.0, ceiling: float | None = None) -> Fit:
     """Rows of lm_head for the target tokens: the smallest (L1) change that gives every
     state its target with `margin`, as one linear programme.
 
@@ -290,7 +296,8 @@ def fit_head(vlm, states: States, margin: float = 4.0) -> Fit:
     margin; a top-k state must beat every other fitted row and the k-th best fixed
     row. Clean and noised states differ by ~0.1-1% of their norm, which gradient
     descent on a soft margin loss did not resolve; the linear programme either meets
-    every inequality or says the states are not separable.
+    every inequality or says the states are not separable. `ceiling` bounds every
+    state's target logit from above (for a soft-capped head).
     """
     import torch
     from scipy.optimize import linprog
@@ -332,6 +339,8 @@ def fit_head(vlm, states: States, margin: float = 4.0) -> Fit:
     for state in range(len(xs)):
         t = int(label[state])
         add(state, [(t, 1.0)], -(bound[state] + margin))
+        if ceiling is not None:
+            add(state, [(t, -1.0)], ceiling)
         for r in range(n_rows):
             if r != t:
                 add(state, [(t, 1.0), (r, -1.0)], -margin)
@@ -362,9 +371,12 @@ SOURCES = (  # vislens files the recorded states depend on
 
 
 def owner(name: str):
-    """The module that builds fixture `name` (checkpoints or checkpoints_qwen_gemma)."""
+    """The module that builds fixture `name` (checkpoints, checkpoints_qwen_gemma or
+    checkpoints_more)."""
     import checkpoints
 
+    if name in checkpoints_more.NAMES:
+        return checkpoints_more
     return checkpoints_qwen_gemma if name in checkpoints_qwen_gemma.NAMES else checkpoints
 
 
@@ -395,7 +407,8 @@ def build(name: str, out: Path) -> dict:
     lens_states(vlm, lens_scenes(), states)
     mc_states(vlm, mc_items(), states)
     record = time.perf_counter() - t
-    fit = fit_head(vlm, states)
+    cap = vlm.spec.logit_softcap(vlm.config)
+    fit = fit_head(vlm, states, ceiling=None if cap is None else cap / 2)
     for f in src.iterdir():
         if f.name != "model.safetensors":
             shutil.copy2(f, out / f.name)

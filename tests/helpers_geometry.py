@@ -105,6 +105,35 @@ def _tiles(pv: np.ndarray, patch: int) -> np.ndarray:
     return pv.transpose(0, 2, 4, 1, 3, 5).reshape(t, g * g, c, patch, patch)
 
 
+def _grid(pv: np.ndarray, patch: int) -> np.ndarray:
+    """[3, H, W] -> [gh * gw, 3, patch, patch] in raster order (a rectangular image)."""
+    c, hh, ww = pv.shape
+    gh, gw = hh // patch, ww // patch
+    pv = pv[:, :gh * patch, :gw * patch].reshape(c, gh, patch, gw, patch)
+    return pv.transpose(1, 3, 0, 2, 4).reshape(gh * gw, c, patch, patch)
+
+
+def _merge(sub: np.ndarray) -> np.ndarray:
+    """[..., k, 7] per-patch stats of the k patches one token merges -> [..., 7]."""
+    return np.concatenate([sub[..., :3].sum(-2), sub[..., [3]].min(-2), sub[..., [4]].max(-2),
+                           sub[..., [5]].min(-2), sub[..., [6]].max(-2)], -1)
+
+
+def _shuffled(family: str, model, sums: np.ndarray) -> np.ndarray:
+    """Per-patch stats [tiles, g*g, 7] grouped into tokens by the model's own pixel shuffle:
+    [tiles * tokens, 7]. Both shuffles lay a token's vector out patch by patch (each patch's
+    7 values contiguous), so the merged patches are read back from it."""
+    t, n, _ = sums.shape
+    x = torch.from_numpy(sums)
+    if family == "idefics3":
+        out = model.model.connector.pixel_shuffle(x, model.config.scale_factor)
+    else:
+        g = int(round(n ** 0.5))
+        out = model.model.pixel_shuffle(x.reshape(t, g, g, 7), model.config.downsample_ratio)
+    out = out.reshape(t, -1, out.shape[-1]).numpy()
+    return _merge(out.reshape(t, out.shape[1], -1, 7)).reshape(-1, 7)
+
+
 QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 
 
@@ -136,8 +165,23 @@ def seen(family: str, model, image_processor, size: tuple[int, int],
                                          return_tensors="np", **processor_kwargs)["pixel_values"])
               for im in probes(w, h))
     vc = model.config.vision_config
-    if family == "llava":
+    if family in ("llava", "paligemma"):
         sums = _sums(_tiles(px, vc.patch_size), _tiles(py, vc.patch_size), w, h)[0]
+    elif family in ("idefics3", "internvl"):
+        if family == "idefics3":  # [1, crops, 3, S, S]: this sample's crops, global view last
+            px, py = px[0], py[0]
+        p = vc.patch_size if family == "idefics3" else vc.patch_size[0]
+        sums = _shuffled(family, model, _sums(_tiles(px, p), _tiles(py, p), w, h))
+    elif family == "mistral3":
+        import copy
+
+        p = vc.patch_size
+        sub = _sums(_grid(px[0], p), _grid(py[0], p), w, h)  # raster patches of the image
+        merger = copy.deepcopy(model.model.multi_modal_projector.patch_merger)
+        merger.merging_layer = torch.nn.Identity()  # its own unfold groups them, no weights
+        hh, ww = px.shape[-2:]
+        grouped = merger(torch.from_numpy(sub), [(hh, ww)]).numpy()  # [tokens, 7 * m * m]
+        sums = _merge(np.swapaxes(grouped.reshape(len(grouped), 7, -1), 1, 2))
     elif family in ("llava_next", "llava_onevision"):
         feats = torch.from_numpy(_sums(_tiles(px[0], vc.patch_size),
                                        _tiles(py[0], vc.patch_size), w, h))
@@ -177,16 +221,22 @@ def real_geometry(family: str):
     """(model, processor) with the released checkpoints' geometry, Qwen's real pixel bounds too.
 
     The families added after the paper's four read their geometry from their look-alike
-    checkpoints (checkpoints_qwen_gemma), whose processors carry the released settings."""
+    checkpoints (checkpoints_qwen_gemma, checkpoints_more), whose processors carry the
+    released settings."""
+    import vislens
+
     if family in FIXTURES:
         from checkpoints_qwen_gemma import checkpoint_dir
 
-        import vislens
-
         vlm = vislens.load(str(checkpoint_dir(FIXTURES[family])))
         return vlm.model, vlm.processor
+    from checkpoints_more import FAMILY, checkpoint_dir
     from helpers_models import build
 
+    more = {f: name for name, f in FAMILY.items()}
+    if family in more:
+        vlm = vislens.load(str(checkpoint_dir(more[family])))
+        return vlm.model, vlm.processor
     model, proc = build(family)
     if family == "qwen2_5_vl":
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -200,15 +250,20 @@ def real_geometry(family: str):
 
 def compare(family: str, model, proc, size: tuple[int, int]):
     """(token map, `seen` [n, 7], box centres [n, 2]) for one image of `size`."""
+    from vislens.models.families.internvl import tiling
     from vislens.models.vlm import VLM
 
     vlm = VLM(model, proc, family)
     tm = vlm.prepare([Image.new("RGB", size)], ["what"]).token_map
-    extra = {}
-    if family == "gemma3":  # what the processor passes its image processor on every call
+    extra = {}  # what each processor passes its image processor on every call
+    if family == "gemma3":
         from vislens.models.families.gemma3 import pan_and_scan_settings
 
         extra = pan_and_scan_settings(proc)
+    elif family == "internvl":
+        extra = tiling(proc)
+    elif family == "mistral3":
+        extra = {"patch_size": proc.patch_size * proc.spatial_merge_size}
     measured = seen(family, model, proc.image_processor, size, **extra)
     if len(measured) != len(tm):
         raise AssertionError(f"{len(measured)} measured tokens, {len(tm)} in the map")

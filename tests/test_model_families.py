@@ -33,7 +33,7 @@ def unregistered(monkeypatch):
 
 def test_every_family_is_one_declared_module():
     assert set(FAMILIES) == {"llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl",
-                             "qwen3_vl", "gemma3"}
+                             "qwen3_vl", "gemma3", "idefics3", "internvl", "mistral3", "paligemma"}
     for name, family in FAMILIES.items():
         assert family.model_type == name and family.geometric and family.model_class
     assert family_for("qwen2_5_vl").mrope and not family_for("llava").mrope

@@ -9,6 +9,8 @@ original pixels each patch reads; see helpers_geometry).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -120,7 +122,10 @@ def test_qwen_rows_cols_are_mrope_positions(vlm):
 
 # ---- boxes against the pixels each patch really sees (real processors, real geometry) ----------
 REAL = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
-CASES = [(f, s) for f in REAL for s in [(640, 480), (200, 640), (1000, 250), (40, 30)]] + [
+# crops + global view, tiles + thumbnail, a variable grid, a fixed square (checkpoints_more.py)
+MORE = ["idefics3", "internvl", "mistral3", "paligemma"]
+SIZES = [(640, 480), (200, 640), (1000, 250), (40, 30)]
+CASES = [(f, s) for f in REAL + MORE for s in SIZES] + [
     ("llava_onevision", (2304, 1728)),  # 6x5 crops, anyres_max_9 shrinks 121x162 to 70x93
     ("llava_onevision", (1900, 1500)),
     ("gemma3", (640, 480)), ("gemma3", (200, 640)), ("gemma3", (40, 30)),
@@ -128,13 +133,21 @@ CASES = [(f, s) for f in REAL for s in [(640, 480), (200, 640), (1000, 250), (40
     # narrower; 4 crops; 2 crops of a portrait; an aspect ratio too small to cut
     ("gemma3+pas", (641, 480)), ("gemma3+pas", (1100, 300)), ("gemma3+pas", (300, 700)),
     ("gemma3+pas", (500, 450)),
+    ("idefics3", (2000, 1500)),  # shrunk to 1536 px, then 4x3 crops
+    ("internvl", (2000, 1500)),
+    ("mistral3", (2000, 1500)),  # shrunk to fit 1540 px, then whole 28-px cells
+    # image splitting off: the global view alone, 81 tokens
+    ("idefics3+nosplit", (640, 480)), ("idefics3+nosplit", (200, 640)),
 ]
 CROPS = {(641, 480): 2, (1100, 300): 4, (300, 700): 2, (500, 450): 0}
 # A decoded pixel is within 0.5 px of its coordinate (uint8 rounding of one resize, see
 # helpers_geometry), so a patch's measured centre and extent are too, bar a fraction of a pixel
 # where PIL truncates its kernel at the image border; 1 px leaves room for that and nothing
 # else. It holds for shrunk OneVision grids as well: their measured centres are blended by
-# transformers' own pack_image_features, which the geometry replays exactly.
+# transformers' own pack_image_features, which the geometry replays exactly. A pixel-shuffled
+# token (Idefics3 3x3, InternVL 2x2, Mistral 3's 2x2 merger) is measured over every patch it
+# merges (grouped by the model's own shuffle / unfold), and its box is their union: the same
+# 1 px holds, as it does through Idefics3's three chained resizes.
 TOL = 1.0
 
 
@@ -147,6 +160,11 @@ def real_models():
             if family == "gemma3+pas":
                 model, proc = get("gemma3")
                 cache[family] = model, pan_and_scan(proc)
+            elif family == "idefics3+nosplit":
+                model, proc = get("idefics3")
+                proc = copy.deepcopy(proc)
+                proc.image_processor.do_image_splitting = False
+                cache[family] = model, proc
             else:
                 cache[family] = real_geometry(family)
         return cache[family]
@@ -172,9 +190,11 @@ def _unpadded(config, size) -> tuple[int, int]:
 def test_box_is_what_the_patch_sees(real_models, family, size):
     """Each token's box centre (and, unblended, its extent) is that of the pixels it reads."""
     model, proc = real_models(family)
-    pas = family == "gemma3+pas"
-    family = "gemma3" if pas else family
+    pas, nosplit = family == "gemma3+pas", family == "idefics3+nosplit"
+    family = family.split("+")[0]
     tm, measured, centre = compare(family, model, proc, size)
+    if nosplit:  # the global view alone
+        assert len(tm) == 81 and set(tm.grids[0]) == {0}
     if pas:  # the crops are views of their own, each mapped back into the original image
         assert sorted(tm.grids[0]) == list(range(CROPS[size] + 1))
         assert set(tm.crop.tolist()) == set(range(CROPS[size] + 1))
@@ -196,7 +216,7 @@ def test_box_is_what_the_patch_sees(real_models, family, size):
     assert np.abs(box - extent)[known].max() <= TOL
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "idefics3"])
 def test_pixels_no_patch_sees_belong_to_no_token(real_models, family):
     """Strips cut away by a crop or left over at a crop's far edge are covered by no token."""
     model, proc = real_models(family)

@@ -20,7 +20,8 @@ def repeat_batch(batch: Batch, n: int) -> Batch:
         raise ValueError("repeat_batch takes a batch of one sample")
     inputs = {k: (v if k in PER_IMAGE_KEYS else v.repeat(n, *([1] * (v.dim() - 1))))
               for k, v in batch.inputs.items()}
-    return Batch(inputs=inputs, token_map=batch.token_map, texts=batch.texts * n)
+    return Batch(inputs=inputs, token_map=batch.token_map, texts=batch.texts * n,
+                 family=batch.family)
 
 
 def extend_batch(batch: Batch, tokens: torch.Tensor) -> Batch:
@@ -30,9 +31,12 @@ def extend_batch(batch: Batch, tokens: torch.Tensor) -> Batch:
         tokens = tokens[None].expand(batch.size, -1)
     inputs = dict(batch.inputs)
     fill = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    family_fill = batch.family.text_fill if batch.family is not None else {}
     for key, value in batch.inputs.items():
         # every per-token tensor grows: ids, mask, and e.g. Qwen's mm_token_type_ids (0 = text)
+        # or PaliGemma's token_type_ids (1 = the causal suffix, as generate continues them)
         if value.dim() == 2 and value.shape == batch.input_ids.shape:
-            extra = fill.get(key, torch.zeros_like(tokens))
+            extra = fill.get(key, torch.full_like(tokens, family_fill.get(key, 0)))
             inputs[key] = torch.cat([value, extra.to(value.dtype)], dim=1)
-    return Batch(inputs=inputs, token_map=batch.token_map, texts=batch.texts)
+    return Batch(inputs=inputs, token_map=batch.token_map, texts=batch.texts,
+                 family=batch.family)

@@ -65,7 +65,7 @@ def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None) -> dic
     image = tm.image_positions(sample)
     seq = batch.input_ids.shape[1]
     valid = np.flatnonzero(batch.attention_mask[sample].cpu().numpy() > 0)
-    after_image = valid[valid > max(image.max(), *tm.newline_positions(sample), 0)]
+    after_image = valid[valid > tm.image_end(sample)]  # markers closing the image excluded
     question_cols = after_image[after_image < seq - 1]
     if not tm.geometric:
         return {"image->question": (question_cols, image)}

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 
-def projector_module(vlm) -> torch.nn.Module:
+def projector_module(vlm, path: str | None = None) -> torch.nn.Module:
     """The module whose input is the vision encoder output and whose output feeds the LM
     (where it lives is declared by the family: vislens.models.families)."""
-    path = vlm.spec.projector
+    path = vlm.spec.projector if path is None else path
     if not path:
         raise ValueError(f"no projector is declared for {vlm.family!r}; the vision-encoder "
                          "baseline needs a family module (vislens/models/families/)")
@@ -61,22 +61,33 @@ class ProjectorRecord:
 
 @contextmanager
 def record_projector(vlm):
-    """Record the projector's input and output on every call inside the context."""
+    """Record the projector's input and output on every call inside the context.
+
+    A family whose projector merges patches itself (Mistral 3's patch merger reads
+    them in raster order) names the module inside it that reads them already
+    grouped, one row per output row (`projector_input`); its input is recorded
+    instead.
+    """
     rec = ProjectorRecord(family=vlm.spec)
 
-    def hook(module, args, output):
+    def read_input(module, args):
         x = args[0] if args else None
         if x is None:
             raise ValueError("the projector was called without a positional input")
-        out = output[0] if isinstance(output, tuple) else output
         rec.inputs.append(x.detach())
+
+    def read_output(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
         rec.outputs.append(out.detach())
 
-    handle = projector_module(vlm).register_forward_hook(hook)
+    source = getattr(vlm.spec, "projector_input", "")
+    handles = [projector_module(vlm, source or None).register_forward_pre_hook(read_input),
+               projector_module(vlm).register_forward_hook(read_output)]
     try:
         yield rec
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def match_rows(lm_input: torch.Tensor, projected: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:

@@ -74,6 +74,17 @@ class Layout:
             if newline:
                 self._slot(tile, i, nc, np.zeros(4), -1, True)
 
+    def add_cells(self, tile: int, x: tuple[np.ndarray, np.ndarray],
+                  y: tuple[np.ndarray, np.ndarray], row0: int = 0, col0: int = 0,
+                  crop: int = 0) -> None:
+        """Append one crop's cells in raster order as the block at (row0, col0) of a grid
+        stitched from several crops (the caller records the whole grid in `grids`)."""
+        (x0, x1), (y0, y1) = x, y
+        for i in range(len(y0)):
+            for j in range(len(x0)):
+                box = np.array([x0[j], y0[i], x1[j], y1[i]], dtype=np.float64)
+                self._slot(tile, row0 + i, col0 + j, box, crop, False)
+
     def _slot(self, tile, row, col, box, crop, is_newline) -> None:
         self.tile.append(tile)
         self.row.append(row)

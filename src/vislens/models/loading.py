@@ -55,18 +55,17 @@ def _family(family: Family | str) -> Family:
 def load_processor(path: Path, family: Family | str):
     """AutoProcessor when it works; else the same processor class built from its parts.
 
-    The fallback exists because OneVision / Qwen2.5-VL processors require a
-    video processor, which needs torchvision; images go through the real
-    image processor and tokenizer either way.
+    The fallback exists because OneVision / Qwen2.5-VL / InternVL processors require
+    a video processor, which needs torchvision, and Pixtral's module imports it;
+    images go through the real image processor and tokenizer either way.
     """
-    import transformers
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     family = _family(family)
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, **family.tokenizer_kwargs)
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as err:
-        if not family.video_processor:
+        if not (family.video_processor or family.torchvision_processor):
             raise ValueError(f"could not load the processor from {path}: {err}") from err
     from vislens.models.novideo import NoVideoProcessor, images_only
 
@@ -82,11 +81,14 @@ def load_processor(path: Path, family: Family | str):
             text = file.read_text()
             template = json.loads(text)["chat_template"] if name.endswith(".json") else text
             break
-    cls = images_only(getattr(transformers, family.processor_class))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    cls = family.processor_type()
+    tokenizer = AutoTokenizer.from_pretrained(path, **family.tokenizer_kwargs)
     image_processor = AutoImageProcessor.from_pretrained(path)
-    return cls(image_processor=image_processor, tokenizer=tokenizer,
-               video_processor=NoVideoProcessor(), chat_template=template, **kwargs)
+    if family.video_processor:
+        cls = images_only(cls)
+        kwargs["video_processor"] = NoVideoProcessor()
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+               **kwargs)
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -156,6 +158,7 @@ def load_model(path: Path, family: Family | str, device: str | torch.device = "c
     family = _family(family)
     cls = getattr(transformers, family.model_class or "AutoModelForImageTextToText")
     dtype = parse_dtype(dtype) or saved_dtype(path)
+    attn = family.attn_implementation(json.loads((path / "config.json").read_text()))
     spread: dict = {}
     if device_map is not None:
         try:
@@ -168,7 +171,7 @@ def load_model(path: Path, family: Family | str, device: str | torch.device = "c
     else:
         dev = parse_device(device)
     try:
-        model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **spread)
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn, **spread)
     except (SafetensorError, OSError, EOFError) as err:
         raise ValueError(f"cannot read the weights in {path} ({one_line(err)}); the file is "
                          "incomplete or corrupt: copy the checkpoint again") from None

@@ -8,7 +8,7 @@ be used directly to index `input_ids`, hidden states, keys and values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,12 +48,17 @@ class ImageTokenMap:
     all_image_sizes: list[list[tuple[int, int]]]  # per sample, per image
     geometric: bool = True  # False: the family has no layout (positions only, no boxes)
     family: str = ""
+    # text tokens inside an image's block (row / column markers, break and end tokens,
+    # crop-row newlines): neither patches nor prompt
+    marker_batch: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    marker_position: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    marker_image: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
     def build(cls, layouts: list[Layout] | list[list[Layout]], positions: list[np.ndarray],
-              family: str = "") -> ImageTokenMap:
+              family: str = "", markers: list[list[np.ndarray]] | None = None) -> ImageTokenMap:
         """Tie each sample's layouts (one per image, sequence order) to the columns of its
-        image tokens."""
+        image tokens; `markers`: per sample, per image, the columns of its marker tokens."""
         per_sample = [lay if isinstance(lay, list | tuple) else [lay] for lay in layouts]
         cols: dict[str, list] = {k: [] for k in (
             "batch", "position", "image", "tile", "row", "col", "box", "crop",
@@ -85,6 +90,10 @@ class ImageTokenMap:
         def arr(key):
             return np.asarray(cols[key], dtype=np.int64)
 
+        marks = [(b, i, int(c)) for b, per in enumerate(markers or [])
+                 for i, found in enumerate(per) for c in found]
+        marks = np.asarray(marks, dtype=np.int64).reshape(-1, 3)
+
         return cls(
             batch=arr("batch"), position=arr("position"), image=arr("image"), tile=arr("tile"),
             row=arr("row"), col=arr("col"),
@@ -97,6 +106,7 @@ class ImageTokenMap:
             all_image_sizes=[[lay.image_size for lay in lays] for lays in per_sample],
             geometric=all(lay.geometric for lays in per_sample for lay in lays),
             family=family,
+            marker_batch=marks[:, 0], marker_image=marks[:, 1], marker_position=marks[:, 2],
         )
 
     def __len__(self) -> int:
@@ -128,10 +138,21 @@ class ImageTokenMap:
     def newline_positions(self, sample: int) -> np.ndarray:
         return self.newline_position[self.newline_batch == sample]
 
+    def marker_positions(self, sample: int) -> np.ndarray:
+        """Columns of the text tokens that frame the sample's image tokens (sequence order)."""
+        return self.marker_position[self.marker_batch == sample]
+
+    def image_end(self, sample: int) -> int:
+        """The last column of the sample's image blocks (patches, newlines and markers)."""
+        return int(max(self.image_positions(sample).max(initial=-1),
+                       self.newline_positions(sample).max(initial=-1),
+                       self.marker_positions(sample).max(initial=-1)))
+
     def last_row(self, sample: int) -> np.ndarray:
-        """Patch tokens of the last image row the LM reads (last tile, bottom row)."""
+        """Patch tokens of the last image row the LM reads (bottom row of the tile it reads
+        last: the high-res view of NeXT / OneVision, the global view of tiling families)."""
         rows = self._rows(sample)
-        last_tile = self.tile[rows].max()
+        last_tile = self.tile[rows[np.argmax(self.position[rows])]]
         rows = rows[self.tile[rows] == last_tile]
         return self.position[rows[self.row[rows] == self.row[rows].max()]]
 

@@ -31,6 +31,7 @@ class Batch:
     token_map: ImageTokenMap
     texts: list[str]
     features: ImageEmbeddings | None = None  # cached by VLM.image_embeddings
+    family: Family | None = None  # what its appended (answer) tokens carry
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -73,7 +74,7 @@ class ImageEmbeddings(list):
     Qwen3-VL also adds per-layer DeepStack features to the image positions of its
     first decoder layers (`injected[i][l]`: image i, injection layer l), and Gemma 3
     takes its features as one [views, tokens_per_view, hidden] tensor (pan-and-scan
-    crops are views of one image).
+    crops are views of one image; Idefics3, InternVL and PaliGemma likewise).
     """
 
     def __init__(self, per_image=(), injected: list[list[torch.Tensor]] | None = None,
@@ -179,8 +180,11 @@ class VLM:
         return self.spec.lm_head(self.model)
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of residual-stream vectors: final norm applied once, then the LM head."""
-        return self.lm_head(self.final_norm(hidden))
+        """Logits of residual-stream vectors: final norm applied once, then the LM head (and
+        the family's logit soft-cap, so they are the model's own logits)."""
+        logits = self.lm_head(self.final_norm(hidden))
+        cap = self.spec.logit_softcap(self.config)
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def require_layout(self, what: str) -> None:
         self.spec.require_layout(what)
@@ -229,13 +233,44 @@ class VLM:
                 mask = inputs["attention_mask"][b].numpy()
                 self._check_prefix(texts[b], prefix, ids[b][mask > 0], positions[b] - int(
                     (mask == 0).sum()))
-        token_map = ImageTokenMap.build(layouts, positions, family=self.family)
+        markers = [self._markers(ids[b], positions[b], [len(lay) for lay in layouts[b]])
+                   for b in range(n)]
+        token_map = ImageTokenMap.build(layouts, positions, family=self.family, markers=markers)
         for key, value in inputs.items():
             value = value.to(self.device)
             if value.is_floating_point():
                 value = value.to(self.dtype)
             inputs[key] = value
-        return Batch(inputs=inputs, token_map=token_map, texts=texts)
+        return Batch(inputs=inputs, token_map=token_map, texts=texts, family=self.spec)
+
+    def _markers(self, ids: np.ndarray, image_cols: np.ndarray, per_image: list[int]
+                 ) -> list[np.ndarray]:
+        """Per image, the columns of the text tokens inside its block of image tokens.
+
+        A block runs from the family's opening token before the image's first image
+        token (or that token) to its closing token after the last one; row / column
+        markers, break tokens and the newlines between crop rows lie in between. They
+        are tokens of the prompt's own vocabulary, not patches.
+        """
+        opening, closing = (self.tokenizer.convert_tokens_to_ids(t) if t else None
+                            for t in (self.spec.image_open, self.spec.image_close))
+        out, start, floor = [], 0, 0
+        for count in per_image:
+            cols = image_cols[start:start + count]
+            start += count
+            if not len(cols):
+                out.append(np.zeros(0, dtype=np.int64))
+                continue
+            first, last = int(cols[0]), int(cols[-1])
+            if opening is not None:
+                before = np.flatnonzero(ids[floor:first] == opening)
+                first = floor + int(before[-1]) if len(before) else first
+            if closing is not None and last + 1 < len(ids) and ids[last + 1] == closing:
+                last += 1
+            span = np.arange(first, last + 1)
+            out.append(span[~np.isin(span, cols)])
+            floor = last + 1
+        return out
 
     def _check_prefix(self, text: str, prefix: str, ids: np.ndarray, image_cols: np.ndarray
                       ) -> None:
@@ -285,14 +320,14 @@ class VLM:
 
         Positions are counted from each row's first real token, as `generate` counts
         them, so a left-padded row computes exactly what it computes alone (RoPE
-        keys included). mRoPE families derive their positions from the mask
-        themselves.
+        keys included), starting where the family starts (PaliGemma: 1). mRoPE
+        families derive their positions from the mask themselves.
         """
         self._check_features(image_features)
         inputs = batch.model_inputs(image_features)
         if "position_ids" not in kwargs and not self.spec.mrope:
             mask = batch.attention_mask.long()
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0) + self.spec.position_offset
         with torch.set_grad_enabled(grad):
             return self.model(**inputs, use_cache=False, **kwargs)
 

@@ -177,8 +177,7 @@ def text_columns(vlm, batch, sample: int, text: str, span: tuple[int, int]) -> n
 def after_image(batch, sample: int) -> np.ndarray:
     """Text columns after the sample's last image token (the queries knockouts block)."""
     tm = batch.token_map
-    last = max(int(tm.image_positions(sample).max()),
-               int(tm.newline_positions(sample).max()) if len(tm.newline_positions(sample)) else 0)
+    last = tm.image_end(sample)
     valid = np.flatnonzero(batch.attention_mask[sample].cpu().numpy() > 0)
     return valid[valid > last]
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from vislens.models.families import (
     gemma3,
+    idefics3,
+    internvl,
     llava,
     llava_next,
     llava_onevision,
+    mistral3,
+    paligemma,
     qwen2_5_vl,
     qwen2_vl,
     qwen3_vl,
@@ -19,7 +23,8 @@ from vislens.models.families.base import Family
 from vislens.models.families.generic import Generic, refuse_cross_attention
 
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in (
-    llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl, gemma3)}
+    llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl, gemma3,
+    idefics3, internvl, mistral3, paligemma)}
 SUPPORTED = ", ".join(f"{f.label} ({name})" for name, f in FAMILIES.items())
 
 

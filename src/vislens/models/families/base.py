@@ -7,8 +7,14 @@ new family means one module here that says:
 - where its text decoder (layers, final norm) and unembedding live;
 - where its projector lives (the vision-encoder baseline of the perception tasks);
 - how its positions are made (mRoPE families derive them from image grids and the
-  attention mask, so vislens must never pass its own position ids);
+  attention mask, so vislens must never pass its own position ids; PaliGemma counts
+  from 1);
 - whether it was trained on several images per prompt;
+- what its model code needs that the others do not (an attention implementation other
+  than sdpa, image features as one tensor, a per-token input that generated tokens
+  continue with a value of their own, a logit soft-cap);
+- which text tokens frame its image tokens (row / column markers, break and end
+  tokens), so that they are kept apart from both the patches and the prompt;
 - whether its LM reads image features anywhere but its input embeddings (Qwen3-VL's
   DeepStack adds per-layer features at the image positions of its first layers, which
   an ablation must replace too), and how the vision pass's output is split per image
@@ -34,8 +40,19 @@ class Family:
     mrope = False  # positions come from image grids and the attention mask
     multi_image = False  # trained on several images per prompt
     video_processor = False  # its processor insists on a (torchvision) video processor
+    torchvision_processor = False  # its processor's module imports torchvision itself
+    tokenizer_kwargs: dict = {}  # passed when loading its tokenizer (and processor)
     projector = "multi_modal_projector"  # attribute path under model.model
+    # where the vision rows the projector reads are taken from, when not its own input
+    # (a projector that merges patches itself reads them in another order)
+    projector_input = ""
     geometric = True  # has `layouts`
+    position_offset = 0  # first real token's position (PaliGemma counts from 1)
+    # per-token inputs that appended (answer) tokens carry, beyond ids and mask (e.g.
+    # PaliGemma's token_type_ids: 1 = the causal suffix); everything else continues with 0
+    text_fill: dict[str, int] = {}
+    image_open = ""  # token opening each image's block of tokens ("" = its first patch)
+    image_close = ""  # token closing it ("" = its last patch)
     deepstack = False  # the LM adds per-layer image features after its first layers
 
     def configure(self, processor) -> None:
@@ -65,6 +82,21 @@ class Family:
 
     def lm_head(self, model):
         return model.lm_head
+
+    def attn_implementation(self, config: dict) -> str:
+        """The attention the model is loaded with, from its config.json (vislens wraps the
+        LM's; sdpa unless the LM cannot run it)."""
+        return "sdpa"
+
+    def processor_type(self) -> type:
+        """The processor class, for building it from its parts when AutoProcessor cannot."""
+        import transformers
+
+        return getattr(transformers, self.processor_class)
+
+    def logit_softcap(self, config) -> float | None:
+        """Final-logit soft-cap (cap * tanh(logits / cap)) the model applies after its head."""
+        return None
 
     def image_token_id(self, config) -> int:
         value = getattr(config, "image_token_id", None)
