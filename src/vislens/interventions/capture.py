@@ -89,12 +89,21 @@ class Capture:
         self.heads = vlm.language_model.config.num_attention_heads
         b, p = self.out.rows[:, 0], self.out.rows[:, 1]
         self._b, self._p = torch.as_tensor(b), torch.as_tensor(p)
+        self._flat: dict[tuple, torch.Tensor] = {}
         self._qb = torch.as_tensor(self.out.attention_rows[:, 0])
         self._qp = torch.as_tensor(self.out.attention_rows[:, 1])
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, S, ...] -> [N, ...] at the requested (sample, column) rows."""
-        return x[self._b.to(x.device), self._p.to(x.device)].detach()
+        """[B, S, ...] -> [N, ...] at the requested (sample, column) rows: one index_select
+        of the flattened rows (its index made once per sequence length and device; this
+        runs in every hook of every layer)."""
+        if not x.is_contiguous():  # flattening would copy all of it: index in place
+            return x[self._b.to(x.device), self._p.to(x.device)].detach()
+        key = (x.shape[1], x.device)
+        flat = self._flat.get(key)
+        if flat is None:
+            flat = self._flat[key] = (self._b * x.shape[1] + self._p).to(x.device)
+        return x.reshape(-1, *x.shape[2:]).index_select(0, flat).detach()
 
     def wants_attention(self, layer: int, q_len: int) -> bool:
         return self.recording and len(self._qb) > 0 and layer in self.layers
