@@ -181,7 +181,10 @@ def render(results: list[dict], info: dict, load_after, args, seconds: float) ->
                                          "bf16 model was not run; `--models llava7b` on a CUDA "
                                          "machine runs it)"),
              f"- load average (1, 5, 15 min) before: {_load(info['load'])}; after: "
-             f"{_load(load_after)} (other jobs shared the CPU: compare ratios, not seconds)",
+             f"{_load(load_after)} ("
+             + ("other jobs shared the CPU: compare ratios, not seconds"
+                if info["load"][0] > 1.5 else "no other job beside it: the 1-minute load is "
+                "the previous process fading and this run's own") + ")",
              f"- {versions()}, Python {info['python']}", "",
              "Each method is timed round-robin with the others (one warm-up call each), "
              "median and [min, max] over the runs. Peak = growth of the process RSS during "

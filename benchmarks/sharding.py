@@ -156,14 +156,17 @@ def table(results: list[dict]) -> str:
 
 ANALYSIS = """## What this shows, and what to expect on N GPUs
 
-This machine has 2 CPU cores shared with other jobs, so 2 workers share 2
-busy cores: the second worker only gets the time the other jobs leave, and a
-CPU run says nothing about GPU scaling. What it does show: sharded rows equal
-the single-process rows (last column), and the cost of going through Ray is
-small next to a unit's work (a unit is one task call: the unit's images
-pickled to the worker, its rows written as one parquet part). The 2-thread
-rows are slower than the 1-thread ones because torch's threads spin against
-the other jobs' threads on a loaded machine; that is the machine, not Ray.
+On 2 CPU cores one process already uses both through torch's intra-op
+threads, so 2 workers of 1 thread each only split the same cores: a CPU run
+says nothing about GPU scaling. What it does show: sharded rows equal the
+single-process rows (last column), and the cost of going through Ray (start-up
+column; per unit, the unit's images pickled to the worker and its rows written
+as one parquet part) is small next to a unit's work on the toy, where
+threads gain little; on the mid-size model, whose matrix products do use two
+threads, two 1-thread workers are slower than one 2-thread process. On a
+machine loaded by other jobs the picture turns: 2-thread processes spin
+against the other jobs' threads and 1-thread workers come out ahead; that is
+the machine, not Ray.
 
 On a machine with N GPUs, `--workers N --device cuda` runs one worker per
 GPU, each with its own model copy. What limits the speed-up:
@@ -238,8 +241,9 @@ def main() -> None:
             f"Generated {stamp} in {time.perf_counter() - start:.0f} s on {os.cpu_count()} "
             f"CPU cores ({platform.processor() or platform.machine()}), no GPU; ray "
             f"{ray.__version__}, torch {torch.__version__}, Python {platform.python_version()}. "
-            f"Load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (other jobs "
-            f"share this machine: compare ratios, not seconds).\n\n"
+            f"Load average before {load_before[0]:.1f}, after {load_after[0]:.1f} ("
+            + ("other jobs shared the cores: compare ratios, not seconds" if load_before[0] > 1.5
+               else "no other job beside it") + ").\n\n"
             f"{args.repeats} runs per setting into fresh directories (the workloads and "
             f"what is timed: the docstring of benchmarks/sharding.py).\n\n"
             f"{table(results)}\n\n{speedups(results)}\n\n{ANALYSIS}")
