@@ -60,7 +60,8 @@ def logit_lens_section(summary: dict, max_viewers: int = 3) -> Section:
         "the unembedding; top-k kept. Hover a cell in a viewer to see its patch and top-k.",
         tables=[TableData(f"{summary['n_images']} images, {summary['n_object_patches']} object "
                           "patches", ["measure", "ours", "paper (LLaVA-1.5-7B)"], rows)],
-        images=[("share of object patches whose top-k holds the object's word, per layer",
+        images=[("share of the object's patches, and of every image token, whose top-k holds "
+                 "the object's word, per layer",
                  Path(summary["plot"]))],
         pages=pages)
 
