@@ -22,3 +22,11 @@ def checkpoint(request):
     per checkpoint and the directories are built at most once per source.
     """
     return request.param, checkpoint_dir(request.param)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The end-to-end tests' data sets (tests/e2e.py), built once per session."""
+    from e2e import e2e_data
+
+    return e2e_data(tmp_path_factory.mktemp("real-data"))

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from answer_head import (
@@ -34,21 +33,10 @@ from answer_head import (
     scenes,
 )
 from checkpoints import LLAVA15, NAMES, NEXT, ONEVISION, QWEN25VL
-from native_formats import (
-    write_blink,
-    write_davis,
-    write_image_folder,
-    write_refcoco,
-    write_spair,
-    write_voc,
-)
+from e2e import cli, rows_of
 from PIL import Image
-from typer.testing import CliRunner
 
 import vislens
-from vislens.cli import app
-from vislens.data import tasks as shapes_tasks
-from vislens.data.coco import export_coco
 from vislens.data.voc import VOC_CLASSES
 from vislens.experiments import knockout, logit_lens, prompts
 from vislens.experiments.accuracy import generate_answers
@@ -84,39 +72,6 @@ def fitted(request):
     """Each look-alike with its fitted unembedding: name, directory, loaded VLM."""
     path = fitted_dir(request.param)
     return Fitted(request.param, path, vislens.load(str(path)))
-
-
-def _voc(root: Path, maps) -> Path:
-    write_voc(root, maps)
-    return root
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """The scenes as COCO data sets (small targets; one large object) and a fixture in each
-    native format a command reads: VOC, RefCOCO, SPair-71k, DAVIS, BLINK, ImageNet folders."""
-    root = tmp_path_factory.mktemp("real-data")
-    return {
-        "coco": export_coco(scenes(), root / "coco"),
-        "lens": export_coco(lens_scenes(), root / "lens"),
-        "voc": _voc(root / "VOC2012", shapes_tasks.semantic_maps(2, seed=3)),
-        "refcoco": write_refcoco(root / "refcoco", shapes_tasks.referring_expressions(2, seed=6)),
-        "spair": write_spair(root / "SPair-71k", shapes_tasks.correspondence_pairs(2, seed=7)),
-        "davis": write_davis(root / "DAVIS", shapes_tasks.videos(2, seed=8, frames=3)),
-        "blink": write_blink(root / "art_style.parquet", mc_items()),
-        "imagenet": write_image_folder(root / "imagenet",
-                                        [m.sample for m in shapes_tasks.semantic_maps(2, seed=4)]),
-    }
-
-
-def cli(*args) -> dict:
-    result = CliRunner().invoke(app, [str(a) for a in args] + ["--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def rows_of(out: Path) -> list[dict]:
-    return pq.read_table(out / "rows.parquet").to_pylist()
 
 
 def word_starts(tokenizer, name: str) -> set[int]:

@@ -15,14 +15,12 @@ import json
 
 import numpy as np
 import pytest
-from answer_head import fitted_dir, lens_scenes, mc_answer, mc_items, scenes
+from answer_head import fitted_dir, mc_answer, mc_items, scenes
 from checkpoints_more import FAMILY, NAMES, PALIGEMMA
-from native_formats import write_blink, write_image_folder, write_voc
-from test_real_checkpoints import TEXT_TASKS, cli, rows_of
+from e2e import cli, rows_of
+from test_real_checkpoints import TEXT_TASKS
 
 import vislens
-from vislens.data import tasks as shapes_tasks
-from vislens.data.coco import export_coco
 
 # patch tokens of a 640x480 scene: 12 crops + global view of 9x9, 12 tiles + thumbnail of
 # 16x16, an 18x23 grid, SigLIP's 16x16
@@ -32,21 +30,6 @@ PATCHES_640x480 = {"SmolVLM-Instruct": 1053, "InternVL3-8B-hf": 3328,
 # of <row_r_col_c>, crop-row newlines, <global-img>), <img> </img>, 17 breaks + [IMG_END]
 MARKERS_640x480 = {"SmolVLM-Instruct": None, "InternVL3-8B-hf": 2,
                    "Mistral-Small-3.1-24B-Instruct-2503": 18, PALIGEMMA: 0}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    """test_real_checkpoints' scenes and the native-format fixtures these commands read."""
-    root = tmp_path_factory.mktemp("real-data-more")
-    write_voc(root / "VOC2012", shapes_tasks.semantic_maps(2, seed=3))
-    return {
-        "coco": export_coco(scenes(), root / "coco"),
-        "lens": export_coco(lens_scenes(), root / "lens"),
-        "voc": root / "VOC2012",
-        "blink": write_blink(root / "art_style.parquet", mc_items()),
-        "imagenet": write_image_folder(root / "imagenet",
-                                        [m.sample for m in shapes_tasks.semantic_maps(2, seed=4)]),
-    }
 
 
 @pytest.fixture(scope="module", params=NAMES)

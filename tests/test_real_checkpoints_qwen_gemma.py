@@ -14,16 +14,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from answer_head import answer, fitted_dir, lens_scenes, mc_answer, mc_items, scenes
+from answer_head import answer, fitted_dir, mc_answer, mc_items, scenes
 from checkpoints_qwen_gemma import GEMMA3, NAMES, QWEN2VL, QWEN3VL
-from native_formats import write_blink, write_image_folder, write_voc
+from e2e import cli, rows_of
 from typer.testing import CliRunner
 
 from vislens.cli import app
-from vislens.data import tasks as shapes_tasks
-from vislens.data.coco import export_coco
 
 FAMILY = {QWEN2VL: "qwen2_vl", QWEN3VL: "qwen3_vl", GEMMA3: "gemma3"}
 LAYERS = {QWEN2VL: 2, QWEN3VL: 4, GEMMA3: 2}
@@ -33,30 +30,6 @@ CONDITIONS = "object,object+1,random-matched,ig-matched,all-but-object+1"
 @pytest.fixture(scope="module", params=NAMES)
 def fitted(request) -> tuple[str, Path]:
     return request.param, fitted_dir(request.param)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("qwen-gemma-data")
-    write_voc(root / "VOC2012", shapes_tasks.semantic_maps(2, seed=3))
-    return {
-        "coco": export_coco(scenes(), root / "coco"),
-        "lens": export_coco(lens_scenes(), root / "lens"),
-        "voc": root / "VOC2012",
-        "blink": write_blink(root / "art_style.parquet", mc_items()),
-        "imagenet": write_image_folder(root / "imagenet",
-                                        [m.sample for m in shapes_tasks.semantic_maps(2, seed=4)]),
-    }
-
-
-def cli(*args) -> dict:
-    result = CliRunner().invoke(app, [str(a) for a in args] + ["--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def rows_of(out: Path) -> list[dict]:
-    return pq.read_table(out / "rows.parquet").to_pylist()
 
 
 def test_info(fitted):

@@ -12,11 +12,13 @@ logits are soft-capped too.
 
 from __future__ import annotations
 
-from vislens.models.families.base import Family, regroup_views
-from vislens.models.families.llava import llava_layout
+from vislens.models.families.base import regroup_views
+from vislens.models.families.llava import Llava
 
 
-class PaliGemma(Family):
+class PaliGemma(Llava):
+    """LLaVA-1.5's layout (one raster grid of the processed square) with its own model."""
+
     model_type = "paligemma"
     label = "PaliGemma"
     model_class = "PaliGemmaForConditionalGeneration"
@@ -35,12 +37,6 @@ class PaliGemma(Family):
         """Its vision pass gives one [views, tokens, hidden] tensor (tiles and thumbnail, or
         one view per image): regrouped per image, handed back in that form."""
         return regroup_views(out.pooler_output, batch, "PaliGemma")
-
-    def layouts(self, vlm, images, inputs):
-        ip = vlm.processor.image_processor
-        hw = tuple(inputs["pixel_values"].shape[-2:])
-        patch = vlm.config.vision_config.patch_size
-        return [[llava_layout(ip, im.size, patch, hw) for im in ims] for ims in images]
 
 
 FAMILY = PaliGemma()
