@@ -5,7 +5,7 @@ import json
 
 import pytest
 import typer
-from native_formats import write_voc
+from native_formats import write_blink, write_voc
 from typer.testing import CliRunner
 
 from vislens.cli import COMMANDS
@@ -105,28 +105,8 @@ def test_artifacts_and_surface(app, tmp_path):
 
 
 def test_surface_reads_a_blink_fixture(app, tmp_path):
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def png(im):
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        return buf.getvalue()
-
-    items = shapes_tasks.multiple_choice(4, seed=9, kind="fill")
-    rows = [{"idx": f"val_Art_Style_{k}", "question": it.question, "choices": it.choices,
-             "answer": it.answer,
-             **{f"image_{j + 1}": ({"bytes": png(it.images[j]), "path": None}
-                                   if j < len(it.images) else None) for j in range(4)}}
-            for k, it in enumerate(items)]
-    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    schema = pa.schema([("idx", pa.string()), ("question", pa.string()),
-                        ("choices", pa.list_(pa.string())), ("answer", pa.string()),
-                        *[(f"image_{j}", image) for j in range(1, 5)]])
-    path = tmp_path / "art_style.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    path = write_blink(tmp_path / "art_style.parquet",
+                       shapes_tasks.multiple_choice(4, seed=9, kind="fill"))
     r = invoke(app, "surface", "--data", f"blink:{path}", "--n", 4, "--layers", "1",
                "--out", tmp_path / "run", "--json")
     assert r.exit_code == 0, r.output
