@@ -30,3 +30,19 @@ def data(tmp_path_factory):
     from e2e import e2e_data
 
     return e2e_data(tmp_path_factory.mktemp("real-data"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through playwright, once per module (skipped where either is missing)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium on this machine: apt-get install chromium (CI installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="pip install playwright (in the test extras)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield b
+        b.close()

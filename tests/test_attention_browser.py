@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -17,19 +15,6 @@ from vislens.report.page import render_page
 from vislens.report.sections import attention_section
 
 BRIGHTEST = "rgb(252, 255, 164)"  # the colour map's top, what the peak patch must show
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no Chromium on this machine: apt-get install chromium (CI installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="pip install playwright (in the test extras)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The study report as a person sees it: headless Chromium opens it from disk."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -51,30 +50,23 @@ def test_report_is_self_contained(report):
     assert "<script src" not in html and "<link" not in html
 
 
-def test_report_renders_in_chromium(report):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no Chromium on this machine: apt-get install chromium (CI installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="pip install playwright (in the test extras)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(report.as_uri())
-        for key in ("accuracy", "ablation", "logit-lens", "knockout"):
-            assert page.locator(f"section#{key}").is_visible(), key
-            assert page.locator(f"section#{key} table.result").count() >= 1, key
-        widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
-        assert len(widths) == 3 and all(w > 100 for w in widths)
-        frame = page.frame_locator("section#logit-lens iframe").first
-        cell = frame.locator('td[data-t="17"][data-l="2"]')
-        cell.scroll_into_view_if_needed()
-        assert "hl" not in (frame.locator("#p17").get_attribute("class") or "")
-        cell.hover()
-        assert "hl" in frame.locator("#p17").get_attribute("class")
-        assert "layer 2" in frame.locator("#detail").inner_text()
-        frame.locator("#filter").fill("describe")
-        assert "cells" in frame.locator("#count").inner_text()
-        page.screenshot(path=str(report.parent / "report.png"), full_page=True)
-        browser.close()
+def test_report_renders_in_chromium(report, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(report.as_uri())
+    for key in ("accuracy", "ablation", "logit-lens", "knockout"):
+        assert page.locator(f"section#{key}").is_visible(), key
+        assert page.locator(f"section#{key} table.result").count() >= 1, key
+    widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+    assert len(widths) == 3 and all(w > 100 for w in widths)
+    frame = page.frame_locator("section#logit-lens iframe").first
+    cell = frame.locator('td[data-t="17"][data-l="2"]')
+    cell.scroll_into_view_if_needed()
+    assert "hl" not in (frame.locator("#p17").get_attribute("class") or "")
+    cell.hover()
+    assert "hl" in frame.locator("#p17").get_attribute("class")
+    assert "layer 2" in frame.locator("#detail").inner_text()
+    frame.locator("#filter").fill("describe")
+    assert "cells" in frame.locator("#count").inner_text()
+    page.screenshot(path=str(report.parent / "report.png"), full_page=True)
+    page.close()
     assert (report.parent / "report.png").stat().st_size > 10_000
