@@ -446,31 +446,42 @@ def _dump(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def build(name: str, out: Path) -> Path:
-    """Write the look-alike of `name` into the (empty or new) directory `out`."""
+def write_look_alike(out: Path, config: dict, files: dict[str, dict | None], tokenizer,
+                     prepare=None) -> Path:
+    """One look-alike directory: config.json, random weights (seeded; `prepare(model)` may
+    change them before saving), the other JSON files (None = the release has none) and the
+    tokenizer (tokenizer_files' triple). Every fixture builder writes through this."""
     import torch
     import transformers
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = model_config(name)
     _dump(out / "config.json", config)
     hf_config = transformers.AutoConfig.from_pretrained(out)
     torch.manual_seed(SEED)
     model = getattr(transformers, config["architectures"][0])(hf_config).to(torch.float32)
+    if prepare is not None:
+        prepare(model)
     model.save_pretrained(out)
     _dump(out / "config.json", config)  # save_pretrained rewrote it in the nested 5.x layout
-    _dump(out / "generation_config.json", generation_config(name))
-    _dump(out / "preprocessor_config.json", preprocessor_config(name))
-    proc = processor_config(name)
-    if proc is not None:
-        _dump(out / "processor_config.json", proc)
-    _dump(out / "chat_template.json", {"chat_template": TEMPLATES[name]})
-    tok, tok_config, special = tokenizer_files(name)
+    for file, content in files.items():
+        if content is not None:
+            _dump(out / file, content)
+    tok, tok_config, special = tokenizer
     tok.save(str(out / "tokenizer.json"))
     _dump(out / "tokenizer_config.json", tok_config)
     _dump(out / "special_tokens_map.json", special)
     return out
+
+
+def build(name: str, out: Path) -> Path:
+    """Write the look-alike of `name` into the (empty or new) directory `out`."""
+    return write_look_alike(out, model_config(name), {
+        "generation_config.json": generation_config(name),
+        "preprocessor_config.json": preprocessor_config(name),
+        "processor_config.json": processor_config(name),
+        "chat_template.json": {"chat_template": TEMPLATES[name]},
+    }, tokenizer_files(name))
 
 
 def fingerprint() -> str:

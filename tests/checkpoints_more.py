@@ -40,14 +40,13 @@ from checkpoints import (
     QWEN2_SPLIT,
     QWEN25VL_SPECIALS,
     RESCALE,
-    SEED,
     _added_tokens_decoder,
-    _dump,
     _fillers,
     _train_bpe,
     cache_root,
     corpus,
     publish,
+    write_look_alike,
 )
 
 SMOLVLM = "SmolVLM-Instruct"
@@ -442,30 +441,13 @@ def generation_config(name: str) -> dict:
 # ---- building -----------------------------------------------------------------------------------
 def build(name: str, out: Path) -> Path:
     """Write the look-alike of `name` into the (empty or new) directory `out`."""
-    import torch
-    import transformers
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = model_config(name)
-    _dump(out / "config.json", config)
-    hf_config = transformers.AutoConfig.from_pretrained(out)
-    torch.manual_seed(SEED)
-    model = getattr(transformers, config["architectures"][0])(hf_config).to(torch.float32)
-    model.save_pretrained(out)
-    _dump(out / "config.json", config)  # save_pretrained rewrote it in the nested 5.x layout
-    _dump(out / "generation_config.json", generation_config(name))
-    _dump(out / "preprocessor_config.json", preprocessor_config(name))
-    proc = processor_config(name)
-    if proc is not None:
-        _dump(out / "processor_config.json", proc)
-    if TEMPLATES[name] is not None:
-        _dump(out / "chat_template.json", {"chat_template": TEMPLATES[name]})
-    tok, tok_config, special = tokenizer_files(name)
-    tok.save(str(out / "tokenizer.json"))
-    _dump(out / "tokenizer_config.json", tok_config)
-    _dump(out / "special_tokens_map.json", special)
-    return out
+    template = TEMPLATES[name]
+    return write_look_alike(out, model_config(name), {
+        "generation_config.json": generation_config(name),
+        "preprocessor_config.json": preprocessor_config(name),
+        "processor_config.json": processor_config(name),
+        "chat_template.json": None if template is None else {"chat_template": template},
+    }, tokenizer_files(name))
 
 
 def fingerprint() -> str:

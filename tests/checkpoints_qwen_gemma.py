@@ -42,15 +42,14 @@ from checkpoints import (
     QWEN25VL_SPECIALS,
     QWEN25VL_TEMPLATE,
     RESCALE,
-    SEED,
     _added_tokens_decoder,
-    _dump,
     _fillers,
     _train_bpe,
     bytelevel_tokenizer,
     cache_root,
     corpus,
     publish,
+    write_look_alike,
 )
 from checkpoints import fingerprint as base_fingerprint
 
@@ -357,34 +356,24 @@ def generation_config(name: str) -> dict:
 # ---- building -----------------------------------------------------------------------------------
 def build(name: str, out: Path) -> Path:
     """Write the look-alike of `name` into the (empty or new) directory `out`."""
-    import torch
-    import transformers
+    def prepare(model) -> None:
+        if name != GEMMA3:
+            return
+        import torch
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = model_config(name)
-    _dump(out / "config.json", config)
-    hf_config = transformers.AutoConfig.from_pretrained(out)
-    torch.manual_seed(SEED)
-    model = getattr(transformers, config["architectures"][0])(hf_config).to(torch.float32)
-    if name == GEMMA3:
         # Gemma 3 initialises its image projection to zeros (training starts there): a random
         # stand-in needs it random, or no image would ever reach the language model.
         with torch.no_grad():
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(
                 0.0, config["initializer_range"])
-    model.save_pretrained(out)
-    _dump(out / "config.json", config)  # save_pretrained rewrote it in the 5.x layout
-    _dump(out / "generation_config.json", generation_config(name))
-    _dump(out / "preprocessor_config.json", preprocessor_config(name))
-    for file, content in extra_files(name).items():
-        _dump(out / file, content)
-    _dump(out / "chat_template.json", {"chat_template": TEMPLATES[name]})
-    tok, tok_config, special = tokenizer_files(name)
-    tok.save(str(out / "tokenizer.json"))
-    _dump(out / "tokenizer_config.json", tok_config)
-    _dump(out / "special_tokens_map.json", special)
-    return out
+
+    config = model_config(name)
+    return write_look_alike(out, config, {
+        "generation_config.json": generation_config(name),
+        "preprocessor_config.json": preprocessor_config(name),
+        **extra_files(name),
+        "chat_template.json": {"chat_template": TEMPLATES[name]},
+    }, tokenizer_files(name), prepare)
 
 
 def fingerprint() -> str:
