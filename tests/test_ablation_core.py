@@ -2,6 +2,8 @@
 register threshold, the mean vector's reference set, integrated gradients as Neo ran them
 (the answer checks: test_answers_protocol.py). Each test failed on the code before its fix."""
 
+import ast
+import re
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,25 @@ def test_ig_runs_once_per_image_on_the_polling_prompt_for_every_setting(toy, tmp
     assert summary["reference"]["spec"] == "shapesworld:1001"
     assert summary["reference"]["disjoint"] is True
 
+
+# ---- docs/protocol-rows/ablation.md ---------------------------------------------------------
+def test_protocol_rows_defaults_match_the_code():
+    """Every row has the table's columns, every backticked default is the code's."""
+    text = (ROOT / "docs" / "protocol-rows" / "ablation.md").read_text()
+    rows = [r for r in text.splitlines() if r.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header == ["definition", "paper's text", "Neo's released code (file:line)",
+                      "vislens default", "vislens option"]
+    assert all(r.count("|") == len(header) + 1 for r in rows)
+    claims = re.findall(r"`(\w+)\.(\w+) = ([^`]+)`", text)
+    assert len(claims) >= 8
+
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    for cls, name, value in claims:
+        assert cls == "AblationConfig", cls
+        assert plain(getattr(ablation.AblationConfig(), name)) == plain(ast.literal_eval(value)), \
+            name
+    for bug in ('encode("Yes")[0]', '"yes" in answer_2.lower()', "startswith(generated_answer.lower())"):
+        assert bug in text
