@@ -166,6 +166,27 @@ def test_ig_runs_once_per_image_on_the_polling_prompt_for_every_setting(toy, tmp
         assert "is there a" in " ".join(texts) and word == "yes" and sign == "abs"
     assert summary["reference"]["spec"] == "shapesworld:1001"
     assert summary["reference"]["disjoint"] is True
+    # the labelled variant: each setting's own prompt, one IG per kept (image, setting)
+    calls.clear()
+    cfg = ablation.AblationConfig(settings=("vqa",), conditions=("ig-matched",), ig_steps=2,
+                                  area=(0.0, 350.0), ig_prompt="own")
+    out = RunDir(tmp_path / "own", {"t": 2}, key=["sample", "setting", "condition"])
+    summary = ablation.run(toy, samples, cfg, out)
+    assert len(calls) == summary["n_kept"]["vqa"] > 0
+    assert all("shape" in " ".join(texts) for texts, _, _ in calls)
+
+
+def test_cli_ig_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from vislens.cli import app
+
+    out = tmp_path / "run"
+    for option, bad in (("--ig-sign", "both"), ("--ig-prompt", "caption")):
+        result = CliRunner().invoke(app, ["ablate", option, bad, "--n", "2", "--out", str(out)])
+        assert result.exit_code != 0 and option in result.output and not out.exists()
+    help_text = CliRunner().invoke(app, ["ablate", "--help"]).output
+    assert all(o in help_text for o in ("--ig-steps", "--ig-sign", "--ig-prompt", "--reference"))
 
 
 # ---- docs/protocol-rows/ablation.md ---------------------------------------------------------
@@ -187,5 +208,6 @@ def test_protocol_rows_defaults_match_the_code():
         assert cls == "AblationConfig", cls
         assert plain(getattr(ablation.AblationConfig(), name)) == plain(ast.literal_eval(value)), \
             name
-    for bug in ('encode("Yes")[0]', '"yes" in answer_2.lower()', "startswith(generated_answer.lower())"):
-        assert bug in text
+    bugs = ('encode("Yes")[0]', '"yes" in answer_2.lower()',
+            "startswith(generated_answer.lower())")
+    assert all(bug in text for bug in bugs)
