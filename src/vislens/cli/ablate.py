@@ -88,6 +88,7 @@ def ablate(
         for c in rows:
             table.add_row(c, *[_pct(summary["drop"][s].get(c)) for s in config.settings])
         Console().print(table)
+        S.print_funnel(summary)
         console.print(f"rows, summary and plot in {out}")
 
 
