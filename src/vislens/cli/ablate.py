@@ -98,6 +98,7 @@ def ablate(
             console.print(f"mean vector over {ref['n_images']} images of {ref['spec']} "
                           f"({'disjoint from' if ref['disjoint'] else 'OVERLAPPING'} the "
                           f"evaluated images{'; vislens default' if ref['default'] else ''})")
+        S.print_funnel(summary)
         console.print(f"rows, summary and plot in {out}")
 
 

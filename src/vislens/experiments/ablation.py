@@ -28,8 +28,9 @@ from vislens.data import shapesworld
 from vislens.data.samples import Question, Sample
 from vislens.distributed import executor
 from vislens.errors import VislensError
+from vislens.experiments import funnel
 from vislens.experiments.batching import extend_batch, repeat_batch
-from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
+from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.experiments.stats import wilson_ci
@@ -161,7 +162,10 @@ def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
                                           for setting in config.settings)]
     ex.map(_unit, units, vector, injected, config, out=out, progress=progress,
            label="ablation")
-    return {**summarise(out.rows(), ex.info, config), "reference": record}
+    rows = out.rows()
+    summary = summarise(rows, ex.info, config)
+    summary["funnel"] = funnel.tally(samples, targets, rows, config.settings, noise=True)
+    return {**summary, "reference": record}
 
 
 def resolve_reference(samples: list[Sample], config: AblationConfig, given=None):
@@ -256,11 +260,15 @@ def _injected(vlm, config: AblationConfig, images):
 
 def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, injected,
                  config: AblationConfig, idx: int, ig=None) -> Iterator[dict]:
-    q = question(sample, target, setting)
+    q = asked(vlm, sample, target, setting)
     max_new = config.max_new_tokens[setting]
     inst = sample.instances[target]
     base = {"sample": sample.id, "setting": setting, "target": inst.name,
             "target_area": inst.area}
+    if q is None:  # VQA: the region word would not single out the target (funnel step)
+        yield {**base, "condition": "clean", "n_tokens": 0, "correct": False, "text": "",
+               "kept": False, "skipped": funnel.SKIPPED_REGION}
+        return
     noised = noise_object(sample.image, inst.mask, seed=config.seed + idx)
     batch = vlm.prepare([sample.image, noised], [q.prompt] * 2, [q.answer_prefix or None] * 2)
     generated = vlm.generate(batch, max_new_tokens=max_new)

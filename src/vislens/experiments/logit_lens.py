@@ -29,6 +29,7 @@ import torch
 
 from vislens.data.samples import Sample
 from vislens.distributed import executor
+from vislens.experiments import funnel
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import wilson_ci
@@ -101,8 +102,8 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     if not samples:
         raise ValueError("no samples for the logit lens; check --data / --n")
     rng = np.random.default_rng(config.seed)
-    chosen = [(s, t) for s, t in zip(samples, choose_targets(samples, config.area, rng))
-              if t is not None]
+    targets = choose_targets(samples, config.area, rng)
+    chosen = [(s, t) for s, t in zip(samples, targets) if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     viewer_dir = out.path / "viewer"
@@ -110,7 +111,9 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
     ex.map(_chunk, chunks, config, viewer_dir, kept_ids, out=out, progress=progress,
            label="logit lens")
-    return summarise(out.tables(SUMMARY_COLUMNS), ex.info, config, viewer_dir)
+    summary = summarise(out.tables(SUMMARY_COLUMNS), ex.info, config, viewer_dir)
+    summary["funnel"] = funnel.tally(samples, targets, None, ("lens",))
+    return summary
 
 
 def _chunk(vlm, out: RunDir, chunk, config: LensConfig, viewer_dir: Path, kept_ids: list[str]):
