@@ -5,9 +5,11 @@ with its own chance level and a permutation baseline."""
 
 import json
 
+import numpy as np
 import pytest
 
 from vislens.experiments.perception import prefix as P
+from vislens.experiments.perception import surface as S
 from vislens.experiments.perception.artifacts import held_out_delta
 from vislens.experiments.stats import selection_split
 
@@ -85,3 +87,35 @@ def test_old_prefix_names_that_leak_the_answer_are_refused_with_their_oracle_nam
     assert P.is_oracle("task-oracle") and P.is_oracle("classes-oracle")
     assert not P.is_oracle("classes") and not P.is_oracle("some text")
     assert P.PrefixConfig().prefix == "classes"
+
+
+def _surface_rows(truth, model, picked, n_choices=2):
+    return [{"item": str(2 * i + 1), "truth": t, "n_choices": n_choices, "model": m,
+             "mode": "generate", "readout": json.dumps({"values/0": p})}
+            for i, (t, m, p) in enumerate(zip(truth, model, picked))] + \
+           [{"item": str(2 * i), "truth": 0, "n_choices": n_choices, "model": 0,
+             "mode": "generate", "readout": json.dumps({"values/0": 0})}
+            for i in range(len(truth))]
+
+
+def test_present_not_surfaced_has_its_chance_level_and_a_permutation_baseline():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 40).tolist()
+    model = [1 - t if i % 4 else t for i, t in enumerate(truth)]  # right on a quarter
+    config = S.SurfaceConfig(layers=(0,), n_permutations=500)
+    coin = rng.integers(0, 2, 40).tolist()  # a readout that knows nothing
+    s = S.summarise(_surface_rows(truth, model, coin), 1, config)
+    assert s["present_not_surfaced_chance"] == pytest.approx(0.5 * 0.75)
+    assert s["values_beat_chance"] is False
+    perm = s["values_permutation"]
+    assert perm["ci95"][0] < 0.5 < perm["ci95"][1] and perm["n_permutations"] == 500
+    assert s["present_not_surfaced_permutation"]["mean"] == pytest.approx(0.375, abs=0.03)
+    s2 = S.summarise(_surface_rows(truth, model, truth), 1, config)  # a perfect readout
+    assert s2["values_beat_chance"] is True and s2["values_permutation"]["p_value"] < 0.01
+    assert s2["present_not_surfaced"]["rate"] == 0.75
+    assert s2["present_not_surfaced_permutation"]["p_value"] < 0.01
+    again = S.summarise(_surface_rows(truth, model, coin), 1, config)
+    assert again == s  # seeded
+    other = S.summarise(_surface_rows(truth, model, coin), 1,
+                        S.SurfaceConfig(layers=(0,), n_permutations=500, seed=1))
+    assert other["values_permutation"] != s["values_permutation"] and other["seed"] == 1

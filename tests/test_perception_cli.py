@@ -119,6 +119,18 @@ def test_prefixes_naming_the_answer_are_labelled_oracles(app, tmp_path):
     assert r.exit_code == 2 and "task-oracle" in r.output
 
 
+def test_surface_says_whether_the_values_beat_chance(app, tmp_path):
+    r = CliRunner().invoke(app, ["surface", "--n", "4", "--seed", "3", "--out",
+                                 str(tmp_path / "surf")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "chance" in r.output and ("does NOT beat chance" in r.output
+                                     or "beats chance" in r.output)
+    s = json.loads((tmp_path / "surf" / "summary.json").read_text())
+    assert s["seed"] == 3 and isinstance(s["values_beat_chance"], bool)
+    model_acc = s["model_accuracy"]["rate"]
+    assert s["present_not_surfaced_chance"] == pytest.approx(0.5 * (1 - model_acc))
+
+
 def test_artifacts_and_surface(app, tmp_path):
     r = invoke(app, "artifacts", "--n", 1, "--n-images", 3, "--z", 0, "--min-score", 0.0,
                "--out", tmp_path / "art", "--json")
@@ -134,10 +146,10 @@ def test_artifacts_and_surface(app, tmp_path):
     assert (tmp_path / "art" / "artifacts.png").is_file()
     scores = json.loads((tmp_path / "art" / "scores.json").read_text())
     assert len(scores["scores"]["0"]) == 144
-    r = invoke(app, "surface", "--n", 4, "--out", tmp_path / "surf", "--json")
+    r = invoke(app, "surface", "--n", 4, "--seed", 1, "--out", tmp_path / "surf", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert s["n_scored"] == 2
+    assert s["n_scored"] == 2 and s["values_permutation"]["n_permutations"] == 1000
     assert (tmp_path / "surf" / "surface.png").is_file()
     assert sum(s[k] for k in ("solved_by_values_not_model", "solved_by_model_not_values",
                               "both", "neither")) == 2
