@@ -85,6 +85,52 @@ def test_prefix_reports_change(app, tmp_path):
     assert (tmp_path / "run" / "sem-corr-prefix.png").is_file()
 
 
+def test_prefix_default_is_the_data_sets_classes_with_a_held_out_headline(app, tmp_path):
+    from vislens.data.shapesworld import SHAPES
+
+    r = invoke(app, "prefix", "--tasks", "ref-seg,fg-seg", "--n", 2, "--out", tmp_path / "run",
+               "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["prefix"] == "classes" and s["oracle"] is False and "oracle_headline" not in s
+    for task in ("ref-seg", "fg-seg"):  # the same text whatever the item: every shape
+        made = s["prefix_text"][task]
+        assert made["text"] == "classes : " + " , ".join(SHAPES) + " ."
+        assert made["classes_listed"] == made["classes_total"] == len(SHAPES)
+        assert made["classes_source"] == "data set" and not made["truncated"]
+    for task in ("ref-seg", "ref-seg-oracle", "fg-seg"):
+        head = s["headline"][task]["values"]
+        assert head["n_select"] + head["n_eval"] == 2 and head["n_eval"] == 1
+        assert head["layer"] in (0, 1) and "ci95" in head
+    r = invoke(app, "prefix", "--tasks", "fg-seg", "--n", 1, "--max-prefix-tokens", 6,
+               "--out", tmp_path / "short", "--json")
+    made = json.loads(r.stdout)["prefix_text"]["fg-seg"]
+    assert made["truncated"] and made["tokens"] <= 6
+    assert made["text"].startswith(f"classes : {SHAPES[0]}")  # the data set's order
+
+
+def test_prefixes_naming_the_answer_are_labelled_oracles(app, tmp_path):
+    r = invoke(app, "prefix", "--prefix", "classes-oracle", "--tasks", "fg-seg", "--n", 2,
+               "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["oracle"] is True and "oracle_headline" in s and "headline" not in s
+    r = invoke(app, "prefix", "--prefix", "task", "--tasks", "fg-seg", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "task-oracle" in r.output
+
+
+def test_surface_says_whether_the_values_beat_chance(app, tmp_path):
+    r = CliRunner().invoke(app, ["surface", "--n", "4", "--seed", "3", "--out",
+                                 str(tmp_path / "surf")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "chance" in r.output and ("does NOT beat chance" in r.output
+                                     or "beats chance" in r.output)
+    s = json.loads((tmp_path / "surf" / "summary.json").read_text())
+    assert s["seed"] == 3 and isinstance(s["values_beat_chance"], bool)
+    model_acc = s["model_accuracy"]["rate"]
+    assert s["present_not_surfaced_chance"] == pytest.approx(0.5 * (1 - model_acc))
+
+
 def test_artifacts_and_surface(app, tmp_path):
     r = invoke(app, "artifacts", "--n", 1, "--n-images", 3, "--z", 0, "--min-score", 0.0,
                "--out", tmp_path / "art", "--json")
@@ -92,13 +138,18 @@ def test_artifacts_and_surface(app, tmp_path):
     s = json.loads(r.stdout)
     assert set(s["perceive"]["delta"]) == {"sem-seg", "ref-seg", "ref-seg-oracle"}
     assert sum(s["n_flagged"].values()) > 0  # z 0, min-score 0: above-mean positions
+    mc = s["multiple_choice"]
+    assert mc["chance_accuracy"] == 0.5 and len(mc["delta_ci95"]) == 2 and mc["n"] == 1
+    for task in ("sem-seg", "ref-seg"):  # n 1: nothing left to choose a layer on
+        assert s["perceive"]["headline"][task]["values"]["n_select"] == 1
+        assert s["perceive"]["headline"][task]["values"]["n_eval"] == 0
     assert (tmp_path / "art" / "artifacts.png").is_file()
     scores = json.loads((tmp_path / "art" / "scores.json").read_text())
     assert len(scores["scores"]["0"]) == 144
-    r = invoke(app, "surface", "--n", 4, "--out", tmp_path / "surf", "--json")
+    r = invoke(app, "surface", "--n", 4, "--seed", 1, "--out", tmp_path / "surf", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert s["n_scored"] == 2
+    assert s["n_scored"] == 2 and s["values_permutation"]["n_permutations"] == 1000
     assert (tmp_path / "surf" / "surface.png").is_file()
     assert sum(s[k] for k in ("solved_by_values_not_model", "solved_by_model_not_values",
                               "both", "neither")) == 2
