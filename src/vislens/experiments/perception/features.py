@@ -131,6 +131,20 @@ class ImageFeatures:
         d = np.where(inside, -1.0, d)
         return d.argmin(1)
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of the original image."""
+        w, h = self.token_map.all_image_sizes[self.index][0]
+        return int(h), int(w)
+
+    def pixel_index(self, keep: np.ndarray | None = None) -> np.ndarray:
+        """[H, W] index of the token (among `keep`, default all) whose box holds each pixel
+        of the original image, -1 where none does (metrics.token_index_map)."""
+        from vislens.experiments.perception.metrics import token_index_map
+
+        return token_index_map(self.boxes if keep is None else self.boxes[keep],
+                               self.image_shape)
+
     def centres(self) -> np.ndarray:
         return np.stack([(self.boxes[:, 0] + self.boxes[:, 2]) / 2,
                          (self.boxes[:, 1] + self.boxes[:, 3]) / 2], axis=1)
