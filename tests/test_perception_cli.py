@@ -16,8 +16,8 @@ from vislens.toy.build import ToySpec, build_model, build_processor
 
 TINY = ToySpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, lm_hidden=32,
                lm_layers=2, lm_heads=2, lm_mlp=64)
-TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "ref-seg", "ref-seg-oracle",
-              "sem-corr", "temp-corr"]
+TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "sem-seg-oracle", "ref-seg",
+              "ref-seg-oracle", "sem-corr", "temp-corr"]
 
 
 @pytest.fixture()
@@ -55,6 +55,24 @@ def test_perceive_json_files_and_resume(app, tmp_path):
     assert json.loads(again.stdout) == summary  # resumed: nothing recomputed, same numbers
 
 
+def test_perceive_reports_counts_chance_levels_and_the_oracle_option(app, tmp_path):
+    r = invoke(app, "perceive", "--tasks", "fg-seg,sem-seg", "--n", 3, "--layers", "1",
+               "--out", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.output
+    tasks = json.loads(r.stdout)["tasks"]
+    assert list(tasks) == ["fg-seg", "sem-seg", "sem-seg-oracle"]
+    for e in tasks.values():
+        assert e["level"] == "pixel" and e["token_level"]["level"] == "token"
+        assert e["n_selection"] + e["n_heldout"] == e["n"] == 3 and e["n_heldout"] == 2
+        assert sorted(e["split"]["selection"] + e["split"]["heldout"]) == ["0", "1", "2"]
+    assert set(tasks["sem-seg"]["chance"]) == {"all-background", "random-class"}
+    assert tasks["fg-seg"]["chance"]["all-background"] == 0.0
+    r = invoke(app, "perceive", "--tasks", "sem-seg", "--n", 1, "--layers", "1",
+               "--no-sem-seg-oracle", "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    assert list(json.loads(r.stdout)["tasks"]) == ["sem-seg"]
+
+
 def test_perceive_errors_are_one_line(app, tmp_path):
     r = invoke(app, "perceive", "--tasks", "fg-seg,nope", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "unknown task" in r.output
@@ -90,7 +108,8 @@ def test_artifacts_and_surface(app, tmp_path):
                "--out", tmp_path / "art", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert set(s["perceive"]["delta"]) == {"sem-seg", "ref-seg", "ref-seg-oracle"}
+    assert set(s["perceive"]["delta"]) == {"sem-seg", "sem-seg-oracle", "ref-seg",
+                                           "ref-seg-oracle"}
     assert sum(s["n_flagged"].values()) > 0  # z 0, min-score 0: above-mean positions
     assert (tmp_path / "art" / "artifacts.png").is_file()
     scores = json.loads((tmp_path / "art" / "scores.json").read_text())
