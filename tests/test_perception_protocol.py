@@ -61,7 +61,7 @@ def test_every_source_is_scored_on_the_held_out_half_and_the_layer_chosen_on_the
                                                                                 else 0.7),
                  "chance/all-foreground": _fg(0.05)}
         rows.append({"condition": "clean", "task": "fg-seg", "item": str(i), "class": c,
-                     "stats": json.dumps({"pixel": level, "token": level})})
+                     "stats": json.dumps({**level, "token": level})})
     config = P.PerceiveConfig(tasks=("fg-seg",), layers=(0, 1), sources=("values", "projector",
                                                                           "vision"), seed=3)
     e = P.summarise(rows, "clean", ("fg-seg",), 2, config)["fg-seg"]
@@ -96,11 +96,11 @@ def test_fg_seg_is_scored_on_pixels_with_the_token_score_beside_it(monkeypatch):
     monkeypatch.setattr(P, "_extract", lambda *a, **k: feats)
     _, stats = P.score_fg_seg(None, _episode(mask), P.PerceiveConfig(), None)
     assert stats["token"]["projector"]["fg_i"] == stats["token"]["projector"]["fg_u"] == 3
-    pix = stats["pixel"]["projector"]  # 3 tokens of 16 px painted vs a 36 px object
+    pix = stats["projector"]  # 3 tokens of 16 px painted vs a 36 px object
     assert (pix["fg_i"], pix["fg_u"]) == (32, 52)
     assert pix["fg_u"] + pix["bg_i"] == 16 * 16  # every pixel scored once
-    assert stats["pixel"]["chance/all-foreground"]["fg_i"] == 36
-    assert stats["pixel"]["chance/all-foreground"]["fg_u"] == 256
+    assert stats["chance/all-foreground"]["fg_i"] == 36
+    assert stats["chance/all-foreground"]["fg_u"] == 256
 
 
 def test_pixels_no_token_sees_count_as_background(monkeypatch):
@@ -114,7 +114,7 @@ def test_pixels_no_token_sees_count_as_background(monkeypatch):
     monkeypatch.setattr(P, "_extract", lambda *a, **k: feats)
     _, stats = P.score_fg_seg(None, _episode(mask), P.PerceiveConfig(), None)
     assert stats["token"]["projector"]["fg_i"] == stats["token"]["projector"]["fg_u"] == 1
-    pix = stats["pixel"]["projector"]  # the strip's 16 object pixels: background, missed
+    pix = stats["projector"]  # the strip's 16 object pixels: background, missed
     assert (pix["fg_i"], pix["fg_u"], pix["fg_u"] + pix["bg_i"]) == (16, 32, 256)
 
 
@@ -143,10 +143,11 @@ def test_sem_seg_chooses_among_all_classes_the_oracle_among_present_ones():
     f = fake_features({"values/0": x}, text=text)
     cls, stats = P._sem_seg_stats(sm, f)
     assert cls == "circle"
-    free, oracle = stats["pixel"]["values/0"]["free"], stats["pixel"]["values/0"]["oracle"]
+    free, oracle = stats["values/0"]["free"], stats["values/0"]["oracle"]
     assert M.semseg_score([free]) == pytest.approx(1 / 3)  # bg right, circle -> square
     assert M.semseg_score([oracle]) == 1.0
-    assert stats["pixel"]["chance/all-background"]["free"] == {"background": [192, 256],
+    assert stats["chance/all-background"]["free"] == {"background": [192, 256],
                                                                "circle": [0, 64]}
+
 
 

@@ -269,7 +269,7 @@ def test_perceive_scores_every_task_from_every_source(fitted, data, tmp_path):
     # no token by half, so a metric can be undefined there (its score None) for every source
     tokens = len(fitted.vlm.prepare([Image.new("RGB", (96, 96))], ["x"]).token_map)
     for task in TASKS:
-        stats = [json.loads(r["stats"])["pixel"] for r in rows_of(out) if r["task"] == task]
+        stats = [json.loads(r["stats"]) for r in rows_of(out) if r["task"] == task]
         assert len(stats) == 2 and tasks[task]["n"] == 2
         wanted = {f"{k}/{ly}" for k in ("keys", "values") for ly in layers} | {"projector"}
         if task not in TEXT_TASKS:

@@ -91,7 +91,7 @@ def test_perceive(fitted, data, tmp_path):
     assert s["tasks"]["fg-seg"]["n"] == 2 and s["tasks"]["sem-seg"]["n"] == 2
     lm = {f"{k}/{layer}" for k in ("keys", "values") for layer in range(LAYERS[name])}
     for r in rows_of(out):
-        stats = json.loads(r["stats"])["pixel"]
+        stats = json.loads(r["stats"])
         wanted = lm | {"projector"} | ({"vision"} if r["task"] == "fg-seg" else set())
         assert wanted <= set(stats), (r["task"], sorted(stats))
 

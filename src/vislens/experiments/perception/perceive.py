@@ -194,6 +194,17 @@ def _prefix(config, task: str, item, task_names: Sequence[str], **fields) -> str
                        **fields)
 
 
+def _levels(pixel: dict, token: dict | None = None) -> dict:
+    """A row's stats: the PIXEL-level stat of every source at the top (source -> stat, the
+    layout readers of rows such as artifacts' held-out deltas expect), the token-level
+    ones under "token" (absent where a task has no token level)."""
+    return {**pixel, "token": token} if token is not None else dict(pixel)
+
+
+def _pixel(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "token"}
+
+
 def _valid(sample) -> np.ndarray | None:
     """Pixels that are scored: all but the data set's ignore pixels (VOC 255, ImageNet-S
     1000), known when the sample carries its label map (data.tasks._with_labels)."""
@@ -233,7 +244,7 @@ def score_fg_seg(vlm, ep, config, blocked, names=()):
     for name, fill in (("all-background", False), ("all-foreground", True)):
         token[f"chance/{name}"] = M.fg_counts(np.full(tok_gt.shape, fill), tok_gt)
         pixel[f"chance/{name}"] = M.fg_counts(np.full(pix_gt.shape, fill), pix_gt, pix_valid)
-    return ep.name, {"pixel": pixel, "token": token}
+    return ep.name, _levels(pixel, token)
 
 
 def score_co_seg(vlm, cs, config, blocked, names=()):
@@ -262,7 +273,7 @@ def score_co_seg(vlm, cs, config, blocked, names=()):
                                  valid))
     token["chance/all-foreground"] = {"free": tok_all, "oracle": tok_all}
     pixel["chance/all-foreground"] = {"free": pix_all, "oracle": pix_all}
-    return cs.name, {"pixel": pixel, "token": token}
+    return cs.name, _levels(pixel, token)
 
 
 def _zero(x: float) -> float:
@@ -336,7 +347,7 @@ def _sem_seg_stats(sm, f: ImageFeatures) -> tuple[str, dict]:
         out["chance/all-background"] = {"free": every["background"],
                                         "oracle": every["background"]}
         out["chance/random-class"] = {"free": every["random"], "oracle": told["random"]}
-    return ",".join(names[i] for i in present[1:]), {"pixel": pixel, "token": token}
+    return ",".join(names[i] for i in present[1:]), _levels(pixel, token)
 
 
 def _ref_seg_stats(ref, f: ImageFeatures) -> tuple[str, dict]:
@@ -365,7 +376,7 @@ def _ref_seg_stats(ref, f: ImageFeatures) -> tuple[str, dict]:
     tok_all, pix_all = M.iou(np.ones_like(gt), gt), M.iou(np.ones_like(mask), mask)
     token["chance/all-foreground"] = {"free": tok_all, "oracle": tok_all}
     pixel["chance/all-foreground"] = {"free": pix_all, "oracle": pix_all}
-    return ref.kind, {"pixel": pixel, "token": token}
+    return ref.kind, _levels(pixel, token)
 
 
 def score_sem_seg(vlm, sm, config, blocked, names=()):
@@ -390,7 +401,7 @@ def score_sem_corr(vlm, pair, config, blocked, names=()):
     if k == 0:
         empty = {s: [0, 0] for s in src.sources} | {"oracle": [0, 0],
                                                     "chance/random-token": [0, 0]}
-        return pair.category, {"pixel": empty}
+        return pair.category, _levels(empty)
     tokens = src.token_at(pair.source_points)
     centres = trg.centres()
     stats = {}
@@ -400,7 +411,7 @@ def score_sem_corr(vlm, pair, config, blocked, names=()):
     stats["oracle"] = [round(pair.pck(centres[trg.token_at(pair.target_points)]) * k), k]
     hits = [pair.pck(np.repeat(c[None], k, 0)) * k for c in centres]
     stats["chance/random-token"] = [float(np.mean(hits)), k]
-    return pair.category, {"pixel": stats}
+    return pair.category, _levels(stats)
 
 
 def score_temp_corr(vlm, video, config, blocked, names=()):
@@ -438,7 +449,7 @@ def score_temp_corr(vlm, video, config, blocked, names=()):
     token["chance/all-background"] = M.j_and_f([np.zeros_like(g) for g in grids], grids)
     pixel["chance/all-background"] = M.j_and_f([np.zeros_like(g) for g in pix_gts], pix_gts,
                                                tol, disk=True)
-    return video.id, {"pixel": pixel, "token": token}
+    return video.id, _levels(pixel, token)
 
 
 def _grid(f: ImageFeatures, values: np.ndarray, keep: np.ndarray, full: bool = False
@@ -489,25 +500,30 @@ def _variant(stat, which: str):
 def split_items(classes: Sequence[str], seed: int = 0) -> tuple[list[int], list[int]]:
     """(selection, held-out) positions of a task's items: split by item, stratified by class.
 
-    Each class's items are shuffled (seeded) and halved, so both halves hold every class
-    with two or more items; the odd item of each class is pooled, shuffled and dealt out
-    alternately, the held-out half first (one item: held out, no selection half). One
-    split for every source of the task: the LM layer is chosen on the selection half and
-    every source (keys / values at that layer, projector, vision encoder, chance) is
-    reported on the held-out half.
+    The items of each class (classes in sorted order) are shuffled with `seed` and dealt
+    alternately to the two halves, selection first, the turn carrying over from one class
+    to the next: every class with two items sits on both sides and the halves differ in
+    size by at most one (the rule of the B2/B3 headlines' selection / evaluation split, so
+    the same items and seed give the same halves there). With one item there is nothing
+    to choose on: it is held out and the selection half is empty. One split serves every
+    source of the task: the LM layer is chosen on the selection half and every source
+    (keys / values at that layer, projector, vision encoder, chance) is reported on the
+    held-out half.
     """
-    rng = np.random.default_rng([seed, 59])
-    held = np.zeros(len(classes), dtype=bool)
-    spare = []
-    for c in sorted(set(classes)):
-        idx = rng.permutation([i for i, k in enumerate(classes) if k == c])
-        half = len(idx) // 2
-        held[idx[:half]] = True
-        if len(idx) % 2:
-            spare.append(int(idx[-1]))
-    spare = rng.permutation(np.asarray(spare, dtype=np.int64))
-    held[spare[::2]] = True
-    return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(classes):
+        groups.setdefault(str(c), []).append(i)
+    halves: tuple[list[int], list[int]] = ([], [])
+    turn = 0
+    for key in sorted(groups):
+        for i in rng.permutation(groups[key]).tolist():
+            halves[turn].append(int(i))
+            turn ^= 1
+    selection, held = sorted(halves[0]), sorted(halves[1])
+    if not held:  # a single item: scored, nothing chosen
+        return [], selection
+    return selection, held
 
 
 def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers: int,
@@ -536,7 +552,7 @@ def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers
             entry = {"metric": TASKS[task][1], "level": "pixel", "n": len(parsed),
                      "n_selection": len(sel), "n_heldout": len(held), "split": split,
                      "layers": layers}
-            entry.update(_entry(task, [p["pixel"] for p in parsed], classes, sel, held,
+            entry.update(_entry(task, [_pixel(p) for p in parsed], classes, sel, held,
                                 which, layers, kinds, config))
             if all("token" in p for p in parsed):
                 entry["token_level"] = {"level": "token", "n_selection": len(sel),
