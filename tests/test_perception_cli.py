@@ -134,13 +134,14 @@ def test_surface_reads_a_blink_fixture(app, tmp_path):
 
 
 def test_tables_fit_80_columns_with_labelled_layers(app, tmp_path):
-    r = CliRunner().invoke(app, ["perceive", "--n", "1", "--tasks", "fg-seg,sem-seg", "--out",
-                                 str(tmp_path / "run")], terminal_width=80,
+    r = CliRunner().invoke(app, ["perceive", "--n", "2", "--tasks", "co-seg,sem-seg,sem-corr",
+                                 "--out", str(tmp_path / "run")], terminal_width=80,
                            env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
     assert "…" not in r.stdout  # no header or value cut short
     assert all(len(line) <= 80 for line in r.stdout.splitlines())
     assert "L0" in r.stdout and "L1" in r.stdout and "projector" in r.stdout
+    assert "chance" in r.stdout and "sem-seg-oracle" in r.stdout and " L" in r.stdout
 
 
 def test_prefix_section_shows_every_task_and_the_signed_largest_change(tmp_path):

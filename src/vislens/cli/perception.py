@@ -93,17 +93,18 @@ def _count(entry: dict) -> str:
 
 
 def perception_table(summary: dict, title: str) -> Table:
-    """One row per task, every number on the same held-out items: values and keys at the
-    layer chosen on the selection half, the projector and vision-encoder baselines, the
-    best trivial predictor (chance) and the item counts (selection / held-out)."""
+    """One row per task, every number on the same held-out items: values at the layer
+    chosen on the selection half, the projector and vision-encoder baselines, the best
+    trivial predictor (chance) and the item counts (selection / held-out). Keys at their
+    chosen layer are in the JSON summary (`selected.keys`) and the per-layer table."""
     table = Table(title=title, caption="pixel level; Lx = layer chosen on the selection half; "
                   "every score on the held-out half; n = selection/held-out items")
-    for col in ("task", "metric", "values", "keys", "projector", "vision", "chance", "n"):
+    for col in ("task", "metric", "values", "projector", "vision", "chance", "n"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right",
                          no_wrap=True)
     for task, e in summary.items():
-        table.add_row(task, e["metric"], _held(e, "values"), _held(e, "keys"),
-                      fmt(e["projector"]), fmt(e["vision"]), _chance(e), _count(e))
+        table.add_row(task, e["metric"], _held(e, "values"), fmt(e["projector"]),
+                      fmt(e["vision"]), _chance(e), _count(e))
     return table
 
 
