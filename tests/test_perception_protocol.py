@@ -44,6 +44,9 @@ def test_split_is_by_item_stratified_seeded_and_covers_every_item():
     assert P.split_items(classes, seed=0) == (sel, held)
     assert P.split_items(classes, seed=1) != (sel, held)
     assert P.split_items(["a"], seed=0) == ([], [0])  # one item: held out, nothing to choose
+    videos = [f"vid-{i}" for i in range(20)]  # every item its own class: still seeded
+    assert P.split_items(videos, seed=0) != P.split_items(videos, seed=1)
+    assert P.split_items(videos, seed=0)[1] != list(range(1, 20, 2))
 
 
 def _fg(iou: float, n: int = 100) -> dict:

@@ -500,24 +500,26 @@ def _variant(stat, which: str):
 def split_items(classes: Sequence[str], seed: int = 0) -> tuple[list[int], list[int]]:
     """(selection, held-out) positions of a task's items: split by item, stratified by class.
 
-    The items of each class (classes in sorted order) are shuffled with `seed` and dealt
-    alternately to the two halves, selection first, the turn carrying over from one class
-    to the next: every class with two items sits on both sides and the halves differ in
-    size by at most one (the rule of the B2/B3 headlines' selection / evaluation split, so
-    the same items and seed give the same halves there). With one item there is nothing
-    to choose on: it is held out and the selection half is empty. One split serves every
-    source of the task: the LM layer is chosen on the selection half and every source
-    (keys / values at that layer, projector, vision encoder, chance) is reported on the
-    held-out half.
+    The classes are taken in an order shuffled with `seed`, the items of each shuffled
+    with it too, and dealt alternately to the two halves, selection first, the turn
+    carrying over from one class to the next: every class with two items sits on both
+    sides and the halves differ in size by at most one. Shuffling the class order keeps
+    the split seeded where every item is its own class (temp-corr's videos): dealing
+    classes in name order would fix those halves by name whatever the seed. With one
+    item there is nothing to choose on: it is held out and the selection half is empty.
+    One split serves every source of the task: the LM layer is chosen on the selection
+    half and every source (keys / values at that layer, projector, vision encoder,
+    chance) is reported on the held-out half.
     """
     rng = np.random.default_rng(seed)
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(classes):
         groups.setdefault(str(c), []).append(i)
+    names = sorted(groups)
     halves: tuple[list[int], list[int]] = ([], [])
     turn = 0
-    for key in sorted(groups):
-        for i in rng.permutation(groups[key]).tolist():
+    for k in rng.permutation(len(names)).tolist():
+        for i in rng.permutation(groups[names[k]]).tolist():
             halves[turn].append(int(i))
             turn ^= 1
     selection, held = sorted(halves[0]), sorted(halves[1])
