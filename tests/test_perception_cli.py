@@ -80,6 +80,11 @@ def test_perceive_errors_are_one_line(app, tmp_path):
     assert r.exit_code == 2 and "out of range" in r.output
     r = invoke(app, "perceive", "--data", "segm=voc:/x", "--out", tmp_path / "z")
     assert r.exit_code == 2 and "unknown part" in r.output
+    r = invoke(app, "perceive", "--similarity", "l2", "--out", tmp_path / "w")
+    assert r.exit_code == 2 and "unknown similarity" in r.output
+    r = invoke(app, "perceive", "--text-token", "first", "--out", tmp_path / "v")
+    assert r.exit_code == 2 and "unknown text token" in r.output
+    assert not (tmp_path / "w").exists() and not (tmp_path / "v").exists()
 
 
 def test_perceive_reads_a_native_voc_fixture(app, tmp_path):

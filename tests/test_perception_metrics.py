@@ -229,3 +229,11 @@ def test_sem_seg_chance_levels():
     assert M.semseg_score([c["random"]]) == pytest.approx(expect)
     told = M.semseg_chance(gt, ["bg", "a", "b"], among=[0, 1])  # the oracle's two classes
     assert set(told["random"]) == {"bg", "a"}
+
+
+def test_similarity_cosine_or_dot():
+    a, b = RNG.normal(size=(5, 8)), RNG.normal(size=(3, 8))
+    assert np.allclose(M.similarity(a, b, "dot"), a @ b.T)
+    assert np.allclose(M.similarity(a, b), M.cosine(a, b))
+    with pytest.raises(ValueError, match="similarity"):
+        M.similarity(a, b, "l2")

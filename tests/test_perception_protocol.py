@@ -155,6 +155,21 @@ def test_sem_seg_chooses_among_all_classes_the_oracle_among_present_ones():
 
 
 
+
+def test_sem_seg_dot_product_weighs_the_text_features_norms():
+    """--similarity dot: a class name with a long text feature wins where cosine ties."""
+    sm = _semantic_map()
+    x = np.zeros((16, 4))
+    x[:, 0] = 1.0
+    x[:, 1] = 1.0  # every token equally near "background" and "circle" by angle
+    text = [{"values/0": torch.eye(4)[i] * (3.0 if i == 1 else 1.0)} for i in range(4)]
+    f = fake_features({"values/0": x}, text=text)
+    _, cos = P._sem_seg_stats(sm, f)
+    _, dot = P._sem_seg_stats(sm, f, "dot")
+    assert set(cos["values/0"]["free"]) == {"background", "circle"}
+    assert cos["values/0"]["free"]["circle"][0] == 0  # the tie goes to background
+    assert dot["values/0"]["free"]["circle"] == [64, 256]  # the long "circle" text wins
+
 # ---- docs/protocol-rows/perception.md -----------------------------------------------------------
 def test_protocol_rows_defaults_match_the_code():
     """Every row has the table's columns; every backticked default is the code's."""

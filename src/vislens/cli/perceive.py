@@ -42,6 +42,10 @@ def perceive(
                                         "among the classes present only (told the answer); "
                                         "sem-seg itself always chooses among all the data "
                                         "set's classes"),
+    text_token: str = typer.Option("mean", help="sem-seg / ref-seg text feature: the span's "
+                                   "'mean' token feature or its 'last' token's"),
+    similarity: str = typer.Option("cosine", help="text vs image tokens (sem-seg, ref-seg): "
+                                   "'cosine' or 'dot' (the plain dot product)"),
     device: str = DEVICE_OPTION,
     device_map: str = DEVICE_MAP_OPTION,
     max_memory: str = MAX_MEMORY_OPTION,
@@ -68,7 +72,8 @@ def perceive(
         from vislens.experiments.perception import perceive as exp
 
         config = P.perceive_config(tasks, data, seed, n, layers, batch_size,
-                                   sem_seg_oracle=sem_seg_oracle)
+                                   sem_seg_oracle=sem_seg_oracle, text_token=text_token,
+                                   similarity=similarity)
         vlm = models.load(model, device, dtype, local=S.load_model,
                           **placement(device, device_map, max_memory))
         P.check_layers(vlm, config.layers)

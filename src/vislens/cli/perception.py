@@ -59,14 +59,17 @@ def check_layers(vlm, layers) -> None:
 
 
 def perceive_config(tasks: str, data, seed: int, n: int, layers: str, batch_size: int,
-                    prefix: str | None = None, sem_seg_oracle: bool = True):
-    from vislens.experiments.perception.perceive import PerceiveConfig, check_tasks
+                    prefix: str | None = None, sem_seg_oracle: bool = True,
+                    text_token: str = "mean", similarity: str = "cosine"):
+    from vislens.experiments.perception.perceive import PerceiveConfig, check_config, check_tasks
 
     positive("--n", n)
     positive("--batch-size", batch_size)
-    return PerceiveConfig(tasks=check_tasks([t.strip() for t in tasks.split(",") if t.strip()]),
-                          data=parse_data(data), n=n, layers=parse_layers(layers), seed=seed,
-                          batch_size=batch_size, prefix=prefix, sem_seg_oracle=sem_seg_oracle)
+    return check_config(PerceiveConfig(
+        tasks=check_tasks([t.strip() for t in tasks.split(",") if t.strip()]),
+        data=parse_data(data), n=n, layers=parse_layers(layers), seed=seed,
+        batch_size=batch_size, prefix=prefix, sem_seg_oracle=sem_seg_oracle,
+        text_token=text_token, similarity=similarity))
 
 
 def meta(model: str, vlm) -> dict:

@@ -45,6 +45,18 @@ def cosine(a, b) -> np.ndarray:
     return normalise(a) @ normalise(b).T
 
 
+SIMILARITIES = ("cosine", "dot")
+
+
+def similarity(a, b, kind: str = "cosine") -> np.ndarray:
+    """[n, m] similarities of the rows of a and b: cosine, or the plain dot product."""
+    if kind == "cosine":
+        return cosine(a, b)
+    if kind == "dot":
+        return _np(a).astype(np.float64) @ _np(b).astype(np.float64).T
+    raise ValueError(f"similarity {kind!r}: choose {' or '.join(SIMILARITIES)}")
+
+
 def token_labels(coverage: np.ndarray, threshold: float = COVERAGE) -> np.ndarray:
     return np.asarray(coverage) >= threshold
 
@@ -289,9 +301,11 @@ def refseg_iou(image_x, text_x, gt: np.ndarray) -> dict[str, float]:
     return {"free": _iou(free, gt), "oracle": _iou(top, gt)}
 
 
-def refseg_select(image_x, text_x, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens picked for an expression: (above Otsu's threshold, the top k) per token."""
-    sim = cosine(image_x, _np(text_x).reshape(1, -1))[:, 0]
+def refseg_select(image_x, text_x, k: int, kind: str = "cosine"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens picked for an expression: (above Otsu's threshold, the top k) per token, by
+    `kind` of similarity (cosine or dot)."""
+    sim = similarity(image_x, _np(text_x).reshape(1, -1), kind)[:, 0]
     top = np.zeros(len(sim), dtype=bool)
     top[np.argsort(-sim, kind="stable")[:k]] = True
     return sim > otsu_threshold(sim), top

@@ -75,9 +75,25 @@ class PerceiveConfig:
     seed: int = 0  # k-means, and the stratified selection / held-out split of every task
     batch_size: int = 8
     sem_seg_oracle: bool = True  # also report "sem-seg-oracle" (choice among present classes)
+    text_token: str = "mean"  # sem-seg / ref-seg text feature: span's "mean" or "last" token
+    similarity: str = "cosine"  # text vs image tokens (sem-seg, ref-seg): "cosine" or "dot"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_config(config: PerceiveConfig) -> PerceiveConfig:
+    """Refuse unknown tasks, text-token rules and similarities before anything runs."""
+    from vislens.experiments.perception.features import TEXT_TOKENS
+
+    check_tasks(config.tasks)
+    if config.text_token not in TEXT_TOKENS:
+        raise ValueError(f"unknown text token {config.text_token!r}; choose "
+                         f"{' or '.join(TEXT_TOKENS)}")
+    if config.similarity not in M.SIMILARITIES:
+        raise ValueError(f"unknown similarity {config.similarity!r}; choose "
+                         f"{' or '.join(M.SIMILARITIES)}")
+    return config
 
 
 def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
@@ -104,6 +120,7 @@ def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
     vislens.distributed.RayPool passed as `vlm` keeps all its workers busy across tasks.
     """
     vlm.require_layout("scores tokens against pixel masks and points")
+    check_config(config)
     tasks = check_tasks(config.tasks)
     units = []
     for task in tasks:
@@ -311,12 +328,12 @@ def score_text_items(task: str, vlm, items: list, config, blocked, names=()
     reqs = [_text_request(task, it, config, names) for it in items]
     feats = extract(vlm, [r[0] for r in reqs], [r[1] for r in reqs], spans=[r[2] for r in reqs],
                     layers=config.layers, sources=config.sources, prefixes=[r[3] for r in reqs],
-                    blocked=blocked, batch_size=config.batch_size)
+                    blocked=blocked, batch_size=config.batch_size, text_token=config.text_token)
     score = _sem_seg_stats if task == "sem-seg" else _ref_seg_stats
-    return [score(it, f) for it, f in zip(items, feats, strict=True)]
+    return [score(it, f, config.similarity) for it, f in zip(items, feats, strict=True)]
 
 
-def _sem_seg_stats(sm, f: ImageFeatures) -> tuple[str, dict]:
+def _sem_seg_stats(sm, f: ImageFeatures, similarity: str = "cosine") -> tuple[str, dict]:
     """Each token -> the class name whose text feature is most similar, among ALL the data
     set's classes ("free") or only background + the classes present (the "oracle": it is
     told which classes the image holds). Pixel level: the truth is the label map (ignore
@@ -336,7 +353,7 @@ def _sem_seg_stats(sm, f: ImageFeatures) -> tuple[str, dict]:
     for src, x in f.sources.items():
         if src == "vision":
             continue
-        sim = M.cosine(x, np.stack([t[src].numpy() for t in f.text]))
+        sim = M.similarity(x, np.stack([t[src].numpy() for t in f.text]), similarity)
         preds = {"free": sim.argmax(1), "oracle": np.asarray(present)[sim[:, present].argmax(1)]}
         token[src] = {w: M.semseg_stats(p, tok_gt, names) for w, p in preds.items()}
         pixel[src] = {w: M.semseg_stats(M.paint(index, p, 0), pix_gt, names)
@@ -350,7 +367,7 @@ def _sem_seg_stats(sm, f: ImageFeatures) -> tuple[str, dict]:
     return ",".join(names[i] for i in present[1:]), _levels(pixel, token)
 
 
-def _ref_seg_stats(ref, f: ImageFeatures) -> tuple[str, dict]:
+def _ref_seg_stats(ref, f: ImageFeatures, similarity: str = "cosine") -> tuple[str, dict]:
     """Mean text feature of the whole expression vs each image token: the tokens above
     Otsu's threshold ("free") or the top k, k = the target's token count ("oracle"), IoU
     with the target at pixel level (painted; uncovered = not the target) and token level.
@@ -369,7 +386,7 @@ def _ref_seg_stats(ref, f: ImageFeatures) -> tuple[str, dict]:
         if k == 0:
             token[src] = pixel[src] = {"free": float("nan"), "oracle": float("nan")}
             continue
-        free, top = M.refseg_select(x, f.text[0][src], k)
+        free, top = M.refseg_select(x, f.text[0][src], k, similarity)
         token[src] = {"free": M.iou(free, gt), "oracle": M.iou(top, gt)}
         pixel[src] = {"free": M.iou(M.paint(index, free, False), mask),
                       "oracle": M.iou(M.paint(index, top, False), mask)}
