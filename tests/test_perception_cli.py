@@ -16,8 +16,8 @@ from vislens.toy.build import ToySpec, build_model, build_processor
 
 TINY = ToySpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, lm_hidden=32,
                lm_layers=2, lm_heads=2, lm_mlp=64)
-TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "ref-seg", "ref-seg-oracle",
-              "sem-corr", "temp-corr"]
+TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "sem-seg-oracle", "ref-seg",
+              "ref-seg-oracle", "sem-corr", "temp-corr"]
 
 
 @pytest.fixture()
@@ -55,6 +55,24 @@ def test_perceive_json_files_and_resume(app, tmp_path):
     assert json.loads(again.stdout) == summary  # resumed: nothing recomputed, same numbers
 
 
+def test_perceive_reports_counts_chance_levels_and_the_oracle_option(app, tmp_path):
+    r = invoke(app, "perceive", "--tasks", "fg-seg,sem-seg", "--n", 3, "--layers", "1",
+               "--out", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.output
+    tasks = json.loads(r.stdout)["tasks"]
+    assert list(tasks) == ["fg-seg", "sem-seg", "sem-seg-oracle"]
+    for e in tasks.values():
+        assert e["level"] == "pixel" and e["token_level"]["level"] == "token"
+        assert e["n_selection"] + e["n_heldout"] == e["n"] == 3 and e["n_heldout"] >= 1
+        assert sorted(e["split"]["selection"] + e["split"]["heldout"]) == ["0", "1", "2"]
+    assert set(tasks["sem-seg"]["chance"]) == {"all-background", "random-class"}
+    assert tasks["fg-seg"]["chance"]["all-background"] == 0.0
+    r = invoke(app, "perceive", "--tasks", "sem-seg", "--n", 1, "--layers", "1",
+               "--no-sem-seg-oracle", "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    assert list(json.loads(r.stdout)["tasks"]) == ["sem-seg"]
+
+
 def test_perceive_errors_are_one_line(app, tmp_path):
     r = invoke(app, "perceive", "--tasks", "fg-seg,nope", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "unknown task" in r.output
@@ -62,6 +80,11 @@ def test_perceive_errors_are_one_line(app, tmp_path):
     assert r.exit_code == 2 and "out of range" in r.output
     r = invoke(app, "perceive", "--data", "segm=voc:/x", "--out", tmp_path / "z")
     assert r.exit_code == 2 and "unknown part" in r.output
+    r = invoke(app, "perceive", "--similarity", "l2", "--out", tmp_path / "w")
+    assert r.exit_code == 2 and "unknown similarity" in r.output
+    r = invoke(app, "perceive", "--text-token", "first", "--out", tmp_path / "v")
+    assert r.exit_code == 2 and "unknown text token" in r.output
+    assert not (tmp_path / "w").exists() and not (tmp_path / "v").exists()
 
 
 def test_perceive_reads_a_native_voc_fixture(app, tmp_path):
@@ -136,7 +159,8 @@ def test_artifacts_and_surface(app, tmp_path):
                "--out", tmp_path / "art", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert set(s["perceive"]["delta"]) == {"sem-seg", "ref-seg", "ref-seg-oracle"}
+    assert set(s["perceive"]["delta"]) == {"sem-seg", "sem-seg-oracle", "ref-seg",
+                                           "ref-seg-oracle"}
     assert sum(s["n_flagged"].values()) > 0  # z 0, min-score 0: above-mean positions
     mc = s["multiple_choice"]
     assert mc["chance_accuracy"] == 0.5 and len(mc["delta_ci95"]) == 2 and mc["n"] == 1
@@ -166,13 +190,14 @@ def test_surface_reads_a_blink_fixture(app, tmp_path):
 
 
 def test_tables_fit_80_columns_with_labelled_layers(app, tmp_path):
-    r = CliRunner().invoke(app, ["perceive", "--n", "1", "--tasks", "fg-seg,sem-seg", "--out",
-                                 str(tmp_path / "run")], terminal_width=80,
+    r = CliRunner().invoke(app, ["perceive", "--n", "2", "--tasks", "co-seg,sem-seg,sem-corr",
+                                 "--out", str(tmp_path / "run")], terminal_width=80,
                            env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
     assert "…" not in r.stdout  # no header or value cut short
     assert all(len(line) <= 80 for line in r.stdout.splitlines())
     assert "L0" in r.stdout and "L1" in r.stdout and "projector" in r.stdout
+    assert "chance" in r.stdout and "sem-seg-oracle" in r.stdout and " L" in r.stdout
 
 
 def test_prefix_section_shows_every_task_and_the_signed_largest_change(tmp_path):
