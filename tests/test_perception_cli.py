@@ -164,9 +164,10 @@ def test_artifacts_and_surface(app, tmp_path):
     assert sum(s["n_flagged"].values()) > 0  # z 0, min-score 0: above-mean positions
     mc = s["multiple_choice"]
     assert mc["chance_accuracy"] == 0.5 and len(mc["delta_ci95"]) == 2 and mc["n"] == 1
-    for task in ("sem-seg", "ref-seg"):  # n 1: nothing left to choose a layer on
-        assert s["perceive"]["headline"][task]["values"]["n_select"] == 1
-        assert s["perceive"]["headline"][task]["values"]["n_eval"] == 0
+    for task in ("sem-seg", "ref-seg"):  # n 1: held out, nothing to choose a layer on
+        assert s["perceive"]["headline"][task]["values"]["n_select"] == 0
+        assert s["perceive"]["headline"][task]["values"]["n_eval"] == 1
+        assert s["perceive"]["headline"][task]["values"]["layer"] is None
     assert (tmp_path / "art" / "artifacts.png").is_file()
     scores = json.loads((tmp_path / "art" / "scores.json").read_text())
     assert len(scores["scores"]["0"]) == 144

@@ -14,6 +14,7 @@ from vislens.data.shapesworld import SHAPES
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception import perceive as P
 from vislens.experiments.perception.features import ImageFeatures
+from vislens.experiments.stats import selection_split
 from vislens.models.geometry import Layout
 from vislens.models.tokenmap import ImageTokenMap
 
@@ -37,16 +38,16 @@ def fake_features(sources, size=16, cell=4, cols=None, text=()):
 # ---- one split, by item, stratified by class, used by every source ----------------------------
 def test_split_is_by_item_stratified_seeded_and_covers_every_item():
     classes = [SHAPES[i % len(SHAPES)] for i in range(20)]  # few_shot_episodes cycles classes
-    sel, held = P.split_items(classes, seed=0)
+    sel, held = selection_split(classes, seed=0)
     assert sorted(sel + held) == list(range(20)) and len(sel) == len(held) == 10
     for c in SHAPES:  # every class in both halves (even / odd indices split 3 classes / 3)
         assert any(classes[i] == c for i in sel) and any(classes[i] == c for i in held)
-    assert P.split_items(classes, seed=0) == (sel, held)
-    assert P.split_items(classes, seed=1) != (sel, held)
-    assert P.split_items(["a"], seed=0) == ([], [0])  # one item: held out, nothing to choose
+    assert selection_split(classes, seed=0) == (sel, held)
+    assert selection_split(classes, seed=1) != (sel, held)
+    assert selection_split(["a"], seed=0) == ([], [0])  # one item: held out, nothing to choose
     videos = [f"vid-{i}" for i in range(20)]  # every item its own class: still seeded
-    assert P.split_items(videos, seed=0) != P.split_items(videos, seed=1)
-    assert P.split_items(videos, seed=0)[1] != list(range(1, 20, 2))
+    assert selection_split(videos, seed=0) != selection_split(videos, seed=1)
+    assert selection_split(videos, seed=0)[1] != list(range(1, 20, 2))
 
 
 def _fg(iou: float, n: int = 100) -> dict:
@@ -55,7 +56,7 @@ def _fg(iou: float, n: int = 100) -> dict:
 
 def test_every_source_is_scored_on_the_held_out_half_and_the_layer_chosen_on_the_other():
     classes = [SHAPES[i % len(SHAPES)] for i in range(12)]
-    sel, held = P.split_items(classes, seed=3)
+    sel, held = selection_split(classes, seed=3)
     rows = []
     for i, c in enumerate(classes):
         on_sel = i in sel

@@ -107,25 +107,34 @@ def bootstrap_columns(matrix, n_boot: int = 2000, seed: int = 0, level: float = 
 
 
 def selection_split(strata: Sequence, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Split item indices into a SELECTION half (where a layer or anything else is
-    chosen) and a disjoint EVALUATION half (where the chosen thing is scored).
+    """(selection, held-out) item indices: where a layer or anything else is chosen, and a
+    disjoint half where the chosen thing is scored. One rule for B1 (perceive) and the
+    B2 / B3 headlines, so they choose and score on the same items for the same seed.
 
-    Stratified: the items of each stratum (e.g. class) are shuffled with `seed` and dealt
-    alternately to the two halves, the turn carrying over from one stratum to the next, so
-    every class sits on both sides when it has two items, and the halves differ in size by
-    at most one. Deterministic in (strata, seed); independent of any score.
+    Stratified: the strata (e.g. classes) are taken in an order shuffled with `seed`, the
+    items of each shuffled with it too, and dealt alternately to the two halves, selection
+    first, the turn carrying over from one stratum to the next: every stratum with two
+    items sits on both sides and the halves differ in size by at most one. Shuffling the
+    strata's order keeps the split seeded where every item is its own stratum (temp-corr's
+    videos): dealing them in name order would fix the halves by name whatever the seed.
+    With one item there is nothing to choose on: it is held out and the selection half is
+    empty. Deterministic in (strata, seed); independent of any score.
     """
     rng = np.random.default_rng(seed)
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(strata):
         groups.setdefault(str(s), []).append(i)
-    select, evaluate = [], []
+    names = sorted(groups)
+    halves: tuple[list[int], list[int]] = ([], [])
     turn = 0
-    for key in sorted(groups):
-        for i in rng.permutation(groups[key]).tolist():
-            (select if turn == 0 else evaluate).append(int(i))
+    for k in rng.permutation(len(names)).tolist():
+        for i in rng.permutation(groups[names[k]]).tolist():
+            halves[turn].append(int(i))
             turn ^= 1
-    return sorted(select), sorted(evaluate)
+    selection, held = sorted(halves[0]), sorted(halves[1])
+    if not held:  # a single item: scored, nothing chosen
+        return [], selection
+    return selection, held
 
 
 def choose_layer(scores: dict, by: str = "largest") -> int | None:

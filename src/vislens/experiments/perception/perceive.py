@@ -8,7 +8,7 @@ neutral prompt: image tokens come before the text, so their keys / values depend
 the text only through a prefix (see prefix.py).
 
 Statistics are honest by construction:
-- one split per task, by item and stratified by class (seeded: `split_items`): the
+- one split per task, by item and stratified by class (seeded: `stats.selection_split`): the
   layer reported for keys / values is chosen on the selection half, and every source
   (that layer, the projector output, the vision encoder, the chance levels) is
   reported on the held-out half, with its item count (the best layer on the held-out
@@ -35,7 +35,7 @@ from vislens.data.resolve import open_task
 from vislens.distributed import executor
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import SOURCES, ImageFeatures, extract
-from vislens.experiments.stats import bootstrap_metric
+from vislens.experiments.stats import bootstrap_metric, selection_split
 
 ORACLES = {"co-seg": "co-seg-oracle", "ref-seg": "ref-seg-oracle",  # GT-matched variants
            "sem-seg": "sem-seg-oracle"}  # told the classes present
@@ -514,37 +514,6 @@ def _variant(stat, which: str):
     return stat.get(which) if isinstance(stat, dict) and "free" in stat else stat
 
 
-def split_items(classes: Sequence[str], seed: int = 0) -> tuple[list[int], list[int]]:
-    """(selection, held-out) positions of a task's items: split by item, stratified by class.
-
-    The classes are taken in an order shuffled with `seed`, the items of each shuffled
-    with it too, and dealt alternately to the two halves, selection first, the turn
-    carrying over from one class to the next: every class with two items sits on both
-    sides and the halves differ in size by at most one. Shuffling the class order keeps
-    the split seeded where every item is its own class (temp-corr's videos): dealing
-    classes in name order would fix those halves by name whatever the seed. With one
-    item there is nothing to choose on: it is held out and the selection half is empty.
-    One split serves every source of the task: the LM layer is chosen on the selection
-    half and every source (keys / values at that layer, projector, vision encoder,
-    chance) is reported on the held-out half.
-    """
-    rng = np.random.default_rng(seed)
-    groups: dict[str, list[int]] = {}
-    for i, c in enumerate(classes):
-        groups.setdefault(str(c), []).append(i)
-    names = sorted(groups)
-    halves: tuple[list[int], list[int]] = ([], [])
-    turn = 0
-    for k in rng.permutation(len(names)).tolist():
-        for i in rng.permutation(groups[names[k]]).tolist():
-            halves[turn].append(int(i))
-            turn ^= 1
-    selection, held = sorted(halves[0]), sorted(halves[1])
-    if not held:  # a single item: scored, nothing chosen
-        return [], selection
-    return selection, held
-
-
 def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers: int,
               config: PerceiveConfig) -> dict:
     """Per task (and oracle variant): pixel-level scores on the held-out half, the layer
@@ -560,7 +529,7 @@ def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers
             continue
         parsed = [json.loads(r["stats"]) for r in mine]
         classes = [r["class"] for r in mine]
-        sel, held = split_items(classes, config.seed)
+        sel, held = selection_split(classes, config.seed)
         split = {"seed": config.seed, "stratified_by": "class",
                  "selection": [mine[i]["item"] for i in sel],
                  "heldout": [mine[i]["item"] for i in held]}
