@@ -201,17 +201,29 @@ def test_tables_fit_80_columns_with_labelled_layers(app, tmp_path):
     assert "chance" in r.stdout and "sem-seg-oracle" in r.stdout and " L" in r.stdout
 
 
-def test_prefix_section_shows_every_task_and_the_signed_largest_change(tmp_path):
+def test_prefix_section_shows_every_task_and_the_held_out_headline(tmp_path):
+    """The report's prefix table is the held-out headline (layer chosen on the selection
+    half, change on the other, with its interval and counts), never the largest change
+    over layers on the items it reports."""
     from vislens.report.sections import prefix_section
 
     delta = {t: {"metric": "miou", "values": [0.0, -0.12, 0.05], "keys": [0.0, 0.0, 0.0]}
              for t in ("fg-seg", "ref-seg")}
+    headline = {t: {"metric": "miou", "values": {
+        "layer": 2, "delta": 0.03, "ci95": [-0.01, 0.07], "before": 0.4, "after": 0.43,
+        "n_select": 5, "n_eval": 4}} for t in delta}
     plots = [tmp_path / f"{t}-prefix.png" for t in delta]
     for p in plots:
         p.write_bytes(b"png")
     section = prefix_section({"prefix": "classes", "delta": delta, "prefixed": {},
-                              "plots": [str(p) for p in plots]})
+                              "headline": headline, "plots": [str(p) for p in plots]})
     assert len(section.images) == len(delta)  # every task, not the first three
     assert all("prefix" not in caption.split(":")[0] for caption, _ in section.images)
     rows = section.tables[0].rows
-    assert [r[2] for r in rows] == [-0.12, -0.12] and [r[3] for r in rows] == [1, 1]
+    assert [r[0] for r in rows] == ["fg-seg", "ref-seg"]
+    assert [r[2] for r in rows] == [2, 2] and [r[5] for r in rows] == [0.03, 0.03]
+    assert rows[0][6] == "-0.010 to +0.070" and rows[0][7] == "5 / 4"
+    oracle = prefix_section({"prefix": "classes-oracle", "oracle": True, "delta": delta,
+                             "prefixed": {}, "oracle_headline": headline})
+    assert "ORACLE" in oracle.intro and len(oracle.tables[0].rows) == 2
+

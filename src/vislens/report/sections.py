@@ -18,6 +18,25 @@ def accuracy_section(summary: dict) -> Section:
                           ["setting", "accuracy"], rows)])
 
 
+def funnel_table(summary: dict) -> TableData | None:
+    """How many images each selection step kept, per setting (experiments/funnel.py)."""
+    funnel = summary.get("funnel")
+    if not funnel:
+        return None
+    from vislens.experiments.funnel import LABELS
+
+    settings = list(funnel["counts"])
+    rows = [[LABELS.get(step, step), *[funnel["counts"][s].get(step) for s in settings]]
+            for step in funnel["steps"]
+            if any(funnel["counts"][s].get(step) is not None for s in settings)]
+    return TableData("selection funnel: images left after each step", ["step", *settings],
+                     rows)
+
+
+def _funnel_notes(summary: dict) -> list[str]:
+    return list((summary.get("funnel") or {}).get("lost", {}).values())
+
+
 def ablation_section(summary: dict) -> Section:
     settings = list(summary["drop"])
     names = list(dict.fromkeys(c for s in settings for c in summary["drop"][s]))
@@ -33,14 +52,22 @@ def ablation_section(summary: dict) -> Section:
                     summary["paper"].get(s, {}).get(c)]
         rows.append(row)
     kept = ", ".join(f"{s}: {summary['n_kept'][s]}" for s in settings)
+    ref = summary.get("reference")
+    vector = "zeros" if ref is None else (
+        f"the mean image embedding over {ref['n_images']} images of {ref['spec']} "
+        f"({'disjoint from' if ref.get('disjoint') else 'OVERLAPPING'} the evaluated images)")
+    funnel = funnel_table(summary)
     return Section(
         "ablation", "A1. Token ablation: where does object information live?",
-        "LM input embeddings of each token set are replaced by the mean image embedding; the "
-        "table gives the % of initially-correct samples (kept only when noising the object's "
-        "pixels breaks them) that become wrong. Paper: Neo et al. 2024, LLaVA-1.5-7B, COCO.",
-        tables=[TableData(f"% broken (kept samples: {kept})", header, rows)],
+        f"LM input embeddings of each token set are replaced by {vector}; the table gives the "
+        "% of initially-correct samples (kept only when noising the object's pixels breaks "
+        "them) that become wrong; a random set of the same size is the chance level. Paper: "
+        "Neo et al. 2024, LLaVA-1.5-7B, COCO (definitions: docs/PROTOCOL.md).",
+        tables=[TableData(f"% broken (kept samples: {kept})", header, rows),
+                *([funnel] if funnel else [])],
         images=[("% of correct answers broken per condition, with 95% Wilson intervals",
-                  Path(summary["plot"]))])
+                  Path(summary["plot"]))],
+        notes=_funnel_notes(summary))
 
 
 def logit_lens_section(summary: dict, max_viewers: int = 3) -> Section:
@@ -97,16 +124,17 @@ def _held_out(e: dict, kind: str) -> tuple[object, object]:
 def _perception_rows(tasks: dict) -> list[list[object]]:
     rows = []
     for task, e in tasks.items():
-        up = e.get("upper_bound", {}).get("values", {})
+        chance = e.get("chance") or {}
         rows.append([task, e["metric"], *_held_out(e, "values"), *_held_out(e, "keys"),
-                     up.get("score"), e.get("projector"), e.get("vision")])
+                     e.get("projector"), e.get("vision"),
+                     max((v for v in chance.values() if v is not None), default=None),
+                     f"{e.get('n_selection', '–')} / {e.get('n_heldout', '–')}"])
     return rows
 
 
 PERCEPTION_HEADER = ["task", "metric", "values (held-out layer)", "layer",
-                     "keys (held-out layer)", "layer",
-                     "values, best layer on all items (optimistic)",
-                     "projector", "vision encoder"]
+                     "keys (held-out layer)", "layer", "projector", "vision encoder",
+                     "best chance level", "items (selection / held-out)"]
 
 
 def perceive_section(summary: dict) -> Section:
@@ -116,7 +144,8 @@ def perceive_section(summary: dict) -> Section:
         "output (the LM input) and from the vision encoder output. Paper (Liu et al. 2025): "
         "LM values carry enough for these tasks zero-shot, the LM adds to its input, and the "
         "vision encoder alone is often better.",
-        tables=[TableData("layer chosen on half the items, scored on the other half",
+        tables=[TableData("layer chosen on the selection half, every source scored on the "
+                          "held-out half (pixel level)",
                           PERCEPTION_HEADER,
                           _perception_rows(summary["tasks"]))],
         images=[(_curve_caption(Path(p).stem, summary["tasks"]), Path(p))
@@ -130,30 +159,36 @@ def _curve_caption(task: str, tasks: dict) -> str:
             "projector output and vision encoder")
 
 
-def _largest(curve) -> tuple[float | None, int | None]:
-    """The change of largest size (sign kept) and its layer."""
-    vals = [(v, i) for i, v in enumerate(curve) if v is not None]
-    if not vals:
-        return None, None
-    v, i = max(vals, key=lambda vi: abs(vi[0]))
-    return v, i
+def _headline_rows(headline: dict, kind: str = "values") -> list[list[object]]:
+    """One row per task: the change at the layer chosen on the selection half, measured
+    on the held-out half, with its bootstrap interval and item counts."""
+    rows = []
+    for task, entry in headline.items():
+        h = entry.get(kind) or {}
+        ci = h.get("ci95")
+        rows.append([task, h.get("metric", entry.get("metric")), h.get("layer"), h.get("before"),
+                     h.get("after"), h.get("delta"),
+                     f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else None,
+                     f"{h.get('n_select', '–')} / {h.get('n_eval', '–')}"])
+    return rows
+
+
+HEADLINE_HEADER = ["task", "metric", "layer (chosen on the selection half)", "before", "after",
+                   "change", "95% bootstrap interval", "items (selection / held-out)"]
 
 
 def prefix_section(summary: dict) -> Section:
-    rows = []
-    for task, e in summary["delta"].items():
-        vals = [v for v in e["values"] if v is not None]
-        change, layer = _largest(e["values"])
-        rows.append([task, e["metric"], change, layer,
-                     float(sum(vals) / len(vals)) if vals else None])
+    oracle = bool(summary.get("oracle"))
+    headline = summary.get("oracle_headline" if oracle else "headline") or {}
+    label = " (ORACLE: the prefix names the answer)" if oracle else ""
     return Section(
         "prefix", "B3. A text prefix before the image",
-        f"Perception re-measured with the prefix {summary['prefix']!r} before the image; the "
-        "change is prefixed minus clean, per layer (layer 0 cannot change: the prefix reaches "
+        f"Perception re-measured with the prefix {summary['prefix']!r}{label} before the "
+        "image; the change is prefixed minus clean. Its layer is chosen on half the items and "
+        "the change is measured on the other half (layer 0 cannot change: the prefix reaches "
         "image tokens only through attention).",
-        tables=[TableData("change of the values' score (prefixed - clean)",
-                          ["task", "metric", "largest change (sign kept)", "at layer",
-                           "mean change over layers"], rows),
+        tables=[TableData("change of the values' score (prefixed - clean), held out",
+                          HEADLINE_HEADER, _headline_rows(headline)),
                 TableData("with the prefix", PERCEPTION_HEADER,
                           _perception_rows(summary["prefixed"]))],
         images=[(f"{Path(p).stem.removesuffix('-prefix')}: values and keys per LM layer "
@@ -165,8 +200,7 @@ def artifacts_section(summary: dict) -> Section:
     rows = [[layer, count, summary["score_max"][layer], summary["score_mean"][layer]]
             for layer, count in summary["n_flagged"].items()]
     mc = summary["multiple_choice"]
-    delta = [[t, e["metric"], *_largest(e["values"])] for t, e in
-             summary["perceive"]["delta"].items()]
+    ci = mc.get("delta_ci95")
     return Section(
         "artifacts", "B2. Input-agnostic key artifacts, and blocking them",
         "Each image key position is scored per layer by how little it varies across images "
@@ -176,11 +210,15 @@ def artifacts_section(summary: dict) -> Section:
         "positions are blocked from reading them.",
         tables=[TableData("flagged key positions per layer",
                           ["layer", "flagged", "max score", "mean score"], rows),
-                TableData("perception change with the artifacts blocked (values, largest "
-                          "change, sign kept)", ["task", "metric", "change", "layer"], delta),
-                TableData("multiple choice", ["kind", "n", "clean", "artifacts blocked"],
+                TableData("perception change with the artifacts blocked (values), held out",
+                          HEADLINE_HEADER,
+                          _headline_rows(summary["perceive"].get("headline") or {})),
+                TableData("multiple choice", ["kind", "n", "clean", "artifacts blocked",
+                                              "change", "95% bootstrap interval", "chance"],
                           [[mc["kind"], mc["n"], mc["clean_accuracy"],
-                            mc["knockout_accuracy"]]])],
+                            mc["knockout_accuracy"], mc.get("delta"),
+                            f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else None,
+                            mc.get("chance_accuracy")]])],
         images=[("artifact scores on the image-token grid (x = flagged)",
                  Path(summary["grid_plot"]))])
 
@@ -201,8 +239,20 @@ def surface_section(summary: dict) -> Section:
                            ["model answer", summary["model_accuracy"]["rate"], None],
                            ["chance", summary["chance_accuracy"], None],
                            ["present but not surfaced", summary["present_not_surfaced"]["rate"],
-                            0.333]])],
-        images=[("values readout accuracy per layer", Path(summary["plot"]))])
+                            0.333],
+                           ["present but not surfaced, chance level",
+                            summary.get("present_not_surfaced_chance"), None]])],
+        images=[("values readout accuracy per layer", Path(summary["plot"]))],
+        notes=[_beats_chance(summary)] if "values_beat_chance" in summary else [])
+
+
+def _beats_chance(summary: dict) -> str:
+    perm = summary.get("values_permutation") or {}
+    p = perm.get("p_value")
+    verdict = "beats" if summary["values_beat_chance"] else "does NOT beat"
+    tail = f" (permutation p = {p:.3f})" if isinstance(p, float) else ""
+    return (f"The values readout {verdict} chance{tail}"
+            + ("" if summary["values_beat_chance"] else ": the headline is noise") + ".")
 
 
 def _share(value: float | None, ci: list[float] | None = None, digits: int = 3) -> str:
