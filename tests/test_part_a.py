@@ -211,8 +211,10 @@ def test_knockout_edge_sets(vlm, scenes):
     last_row = set(tm.last_row(0))
     assert len(last_row) == 12
     assert e["object->last"][0] == LAST
-    assert not set(e["object+1->last-row"][1]) & last_row
+    # as released: O+1 -> last row keeps O+1's own last-row tokens among the keys
+    assert set(e["object+1->last-row"][1]) == set(e["object+1->last"][1])
     assert set(e["rest->last-row"][1]) | set(e["object+1->last-row"][1]) | last_row == image
+    assert set(e["image-but-last-row->last-row"][1]) == image - last_row
     q = e["image->question"][0]
     seq = one.input_ids.shape[1]
     assert q.min() > max(image) and q.max() == seq - 2 and len(q) == 9

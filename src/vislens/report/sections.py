@@ -71,15 +71,22 @@ def knockout_section(summary: dict) -> Section:
     kept = ", ".join(f"{s}: {k}" for s, k in summary["n_kept"].items())
     rows = [[c, *v] for c, v in summary["relative_accuracy"].items()]
     prob = [[c, *v] for c, v in summary["prob_change"].items()]
+    first = summary.get("relative_accuracy_first_token")  # absent from older runs
+    tables = [TableData(f"relative accuracy, every answer token kept (vislens; kept samples: "
+                        f"{kept})", ["edges blocked", *labels], rows)]
+    if first is not None:
+        tables.append(TableData("relative accuracy, first answer-word token kept (Neo et al.'s "
+                                "rule)", ["edges blocked", *labels],
+                                [[c, *v] for c, v in first.items()]))
+    tables.append(TableData("mean change in p(answer)", ["edges blocked", *labels], prob))
     return Section(
         "knockout", "A3. Attention knockout: how does the answer read the image?",
         "Attention edges are blocked (additive -inf on exactly those query/key pairs) in "
-        "windows of layers; relative accuracy = share of clean-correct answers that survive. "
+        "windows of layers; relative accuracy = share of clean-correct answers that survive, "
+        "judged on every answer token and, as Neo et al. did, on the first one. "
         "Paper: blocking object+1 -> last in mid-late layers ~0.82, all layers ~0.67; "
         "-> last row ~1.0.",
-        tables=[TableData(f"relative accuracy (kept samples: {kept})",
-                          ["edges blocked", *labels], rows),
-                TableData("mean change in p(answer)", ["edges blocked", *labels], prob)],
+        tables=tables,
         images=[("relative accuracy per condition and layer window", Path(summary["plot"]))])
 
 
