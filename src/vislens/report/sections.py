@@ -56,8 +56,10 @@ def logit_lens_section(summary: dict, max_viewers: int = 3) -> Section:
              for p in summary["viewer"][:max_viewers]]
     return Section(
         "logit-lens", "A2. Logit lens on image tokens: do they become words?",
-        "Every image token's residual stream at every layer through the final norm (once) and "
-        "the unembedding; top-k kept. Hover a cell in a viewer to see its patch and top-k.",
+        "Every image token's residual stream at every layer (embeddings = 0 .. last) through "
+        "the final norm (once) and the unembedding; top-k kept. Hit rule: "
+        + summary.get("hit_rule", "a token of the object's word in the top-k") + ". "
+        "Hover a cell in a viewer to see its patch and top-k.",
         tables=[TableData(f"{summary['n_images']} images, {summary['n_object_patches']} object "
                           "patches", ["measure", "ours", "paper (LLaVA-1.5-7B)"], rows)],
         images=[("share of the object's patches, and of every image token, whose top-k holds "
