@@ -254,7 +254,8 @@ def test_knockout_windows_judge_every_answer_token(fitted, data, tmp_path):
         assert set(grid) == {(c, w) for c in knockout.CONDITIONS for w in range(len(windows))}
         changed |= any(abs(grid[(c, len(windows) - 1)]["p_answer"] - clean["p_clean"]) > 1e-3
                        for c in knockout.CONDITIONS)
-        edges = knockout.edge_sets(one.token_map, one, 0, sample.instances[0].mask)
+        words = knockout.question_columns(vlm.tokenizer, one, 0, q.prompt)
+        edges = knockout.edge_sets(one.token_map, one, 0, sample.instances[0].mask, words)
         n = len(knockout.CONDITIONS)
         feats = vlm.image_embeddings(one)
         for w in (1, len(windows) - 1):  # a window resumed from layer 1, and all layers
