@@ -33,8 +33,9 @@ def _first(tok, text):
 
 
 def test_head_words():
-    assert head_words("traffic light") == ["light", "lights", "signal", "signals", "stoplight",
-                                           "stoplights"]
+    light = head_words("traffic light")  # synonyms: the COCO list of answers.py
+    assert {"light", "lights", "signal", "stoplight"} <= set(light)
+    assert "traffic" not in light
     assert head_words("hot dog") == ["dog", "dogs"]
     assert "phone" in head_words("cell phone") and "cell" not in head_words("cell phone")
     assert head_words("red circle") == ["circle", "circles"]  # ShapesWorld: the shape

@@ -38,9 +38,10 @@ def tiny():
 # ---- the reference: every layer of every image kept in memory in float32 (the old path) -------
 @torch.no_grad()
 def in_memory_extract(vlm, images, prompts, spans=None, layers=None, sources=F.SOURCES,
-                      prefixes=None, blocked=None, batch_size=8):
+                      prefixes=None, blocked=None, batch_size=8, text_token="mean"):
     """What features.extract returned before the store: per image a dict of float32 tensors
-    of every source, all layers captured in one table and kept."""
+    of every source, all layers captured in one table and kept (text spans: their mean)."""
+    assert text_token == "mean"
     images, prompts = list(images), list(prompts)
     spans = [list(s) for s in spans] if spans is not None else [[] for _ in images]
     prefixes = list(prefixes) if prefixes is not None else [None] * len(images)

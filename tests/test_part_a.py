@@ -167,7 +167,7 @@ def test_token_sets_follow_the_protocol(vlm, scenes, monkeypatch):
     assert set(sets["all-but-object+1"]) == set(image) - set(sets["object+1"])
     assert "random-250" not in sets and len(sets["random-100"]) == 100
     norms = feats[0].norm(dim=-1).numpy()
-    assert set(sets["register"]) == set(image[norms > norms.mean() + 2 * norms.std()])
+    assert set(sets["register"]) == set(image[norms > norms.mean() + 2 * norms.std(ddof=1)])
 
 
 def test_ablation_summary_counts_broken_answers(vlm):

@@ -16,8 +16,8 @@ from vislens.toy.build import ToySpec, build_model, build_processor
 
 TINY = ToySpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, lm_hidden=32,
                lm_layers=2, lm_heads=2, lm_mlp=64)
-TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "ref-seg", "ref-seg-oracle",
-              "sem-corr", "temp-corr"]
+TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "sem-seg-oracle", "ref-seg",
+              "ref-seg-oracle", "sem-corr", "temp-corr"]
 
 
 @pytest.fixture()
@@ -55,6 +55,24 @@ def test_perceive_json_files_and_resume(app, tmp_path):
     assert json.loads(again.stdout) == summary  # resumed: nothing recomputed, same numbers
 
 
+def test_perceive_reports_counts_chance_levels_and_the_oracle_option(app, tmp_path):
+    r = invoke(app, "perceive", "--tasks", "fg-seg,sem-seg", "--n", 3, "--layers", "1",
+               "--out", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.output
+    tasks = json.loads(r.stdout)["tasks"]
+    assert list(tasks) == ["fg-seg", "sem-seg", "sem-seg-oracle"]
+    for e in tasks.values():
+        assert e["level"] == "pixel" and e["token_level"]["level"] == "token"
+        assert e["n_selection"] + e["n_heldout"] == e["n"] == 3 and e["n_heldout"] >= 1
+        assert sorted(e["split"]["selection"] + e["split"]["heldout"]) == ["0", "1", "2"]
+    assert set(tasks["sem-seg"]["chance"]) == {"all-background", "random-class"}
+    assert tasks["fg-seg"]["chance"]["all-background"] == 0.0
+    r = invoke(app, "perceive", "--tasks", "sem-seg", "--n", 1, "--layers", "1",
+               "--no-sem-seg-oracle", "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    assert list(json.loads(r.stdout)["tasks"]) == ["sem-seg"]
+
+
 def test_perceive_errors_are_one_line(app, tmp_path):
     r = invoke(app, "perceive", "--tasks", "fg-seg,nope", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "unknown task" in r.output
@@ -62,6 +80,11 @@ def test_perceive_errors_are_one_line(app, tmp_path):
     assert r.exit_code == 2 and "out of range" in r.output
     r = invoke(app, "perceive", "--data", "segm=voc:/x", "--out", tmp_path / "z")
     assert r.exit_code == 2 and "unknown part" in r.output
+    r = invoke(app, "perceive", "--similarity", "l2", "--out", tmp_path / "w")
+    assert r.exit_code == 2 and "unknown similarity" in r.output
+    r = invoke(app, "perceive", "--text-token", "first", "--out", tmp_path / "v")
+    assert r.exit_code == 2 and "unknown text token" in r.output
+    assert not (tmp_path / "w").exists() and not (tmp_path / "v").exists()
 
 
 def test_perceive_reads_a_native_voc_fixture(app, tmp_path):
@@ -85,20 +108,72 @@ def test_prefix_reports_change(app, tmp_path):
     assert (tmp_path / "run" / "sem-corr-prefix.png").is_file()
 
 
+def test_prefix_default_is_the_data_sets_classes_with_a_held_out_headline(app, tmp_path):
+    from vislens.data.shapesworld import SHAPES
+
+    r = invoke(app, "prefix", "--tasks", "ref-seg,fg-seg", "--n", 2, "--out", tmp_path / "run",
+               "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["prefix"] == "classes" and s["oracle"] is False and "oracle_headline" not in s
+    for task in ("ref-seg", "fg-seg"):  # the same text whatever the item: every shape
+        made = s["prefix_text"][task]
+        assert made["text"] == "classes : " + " , ".join(SHAPES) + " ."
+        assert made["classes_listed"] == made["classes_total"] == len(SHAPES)
+        assert made["classes_source"] == "data set" and not made["truncated"]
+    for task in ("ref-seg", "ref-seg-oracle", "fg-seg"):
+        head = s["headline"][task]["values"]
+        assert head["n_select"] + head["n_eval"] == 2 and head["n_eval"] == 1
+        assert head["layer"] in (0, 1) and "ci95" in head
+    r = invoke(app, "prefix", "--tasks", "fg-seg", "--n", 1, "--max-prefix-tokens", 6,
+               "--out", tmp_path / "short", "--json")
+    made = json.loads(r.stdout)["prefix_text"]["fg-seg"]
+    assert made["truncated"] and made["tokens"] <= 6
+    assert made["text"].startswith(f"classes : {SHAPES[0]}")  # the data set's order
+
+
+def test_prefixes_naming_the_answer_are_labelled_oracles(app, tmp_path):
+    r = invoke(app, "prefix", "--prefix", "classes-oracle", "--tasks", "fg-seg", "--n", 2,
+               "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["oracle"] is True and "oracle_headline" in s and "headline" not in s
+    r = invoke(app, "prefix", "--prefix", "task", "--tasks", "fg-seg", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "task-oracle" in r.output
+
+
+def test_surface_says_whether_the_values_beat_chance(app, tmp_path):
+    r = CliRunner().invoke(app, ["surface", "--n", "4", "--seed", "3", "--out",
+                                 str(tmp_path / "surf")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "chance" in r.output and ("does NOT beat chance" in r.output
+                                     or "beats chance" in r.output)
+    s = json.loads((tmp_path / "surf" / "summary.json").read_text())
+    assert s["seed"] == 3 and isinstance(s["values_beat_chance"], bool)
+    model_acc = s["model_accuracy"]["rate"]
+    assert s["present_not_surfaced_chance"] == pytest.approx(0.5 * (1 - model_acc))
+
+
 def test_artifacts_and_surface(app, tmp_path):
     r = invoke(app, "artifacts", "--n", 1, "--n-images", 3, "--z", 0, "--min-score", 0.0,
                "--out", tmp_path / "art", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert set(s["perceive"]["delta"]) == {"sem-seg", "ref-seg", "ref-seg-oracle"}
+    assert set(s["perceive"]["delta"]) == {"sem-seg", "sem-seg-oracle", "ref-seg",
+                                           "ref-seg-oracle"}
     assert sum(s["n_flagged"].values()) > 0  # z 0, min-score 0: above-mean positions
+    mc = s["multiple_choice"]
+    assert mc["chance_accuracy"] == 0.5 and len(mc["delta_ci95"]) == 2 and mc["n"] == 1
+    for task in ("sem-seg", "ref-seg"):  # n 1: nothing left to choose a layer on
+        assert s["perceive"]["headline"][task]["values"]["n_select"] == 1
+        assert s["perceive"]["headline"][task]["values"]["n_eval"] == 0
     assert (tmp_path / "art" / "artifacts.png").is_file()
     scores = json.loads((tmp_path / "art" / "scores.json").read_text())
     assert len(scores["scores"]["0"]) == 144
-    r = invoke(app, "surface", "--n", 4, "--out", tmp_path / "surf", "--json")
+    r = invoke(app, "surface", "--n", 4, "--seed", 1, "--out", tmp_path / "surf", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert s["n_scored"] == 2
+    assert s["n_scored"] == 2 and s["values_permutation"]["n_permutations"] == 1000
     assert (tmp_path / "surf" / "surface.png").is_file()
     assert sum(s[k] for k in ("solved_by_values_not_model", "solved_by_model_not_values",
                               "both", "neither")) == 2
@@ -115,13 +190,14 @@ def test_surface_reads_a_blink_fixture(app, tmp_path):
 
 
 def test_tables_fit_80_columns_with_labelled_layers(app, tmp_path):
-    r = CliRunner().invoke(app, ["perceive", "--n", "1", "--tasks", "fg-seg,sem-seg", "--out",
-                                 str(tmp_path / "run")], terminal_width=80,
+    r = CliRunner().invoke(app, ["perceive", "--n", "2", "--tasks", "co-seg,sem-seg,sem-corr",
+                                 "--out", str(tmp_path / "run")], terminal_width=80,
                            env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
     assert "…" not in r.stdout  # no header or value cut short
     assert all(len(line) <= 80 for line in r.stdout.splitlines())
     assert "L0" in r.stdout and "L1" in r.stdout and "projector" in r.stdout
+    assert "chance" in r.stdout and "sem-seg-oracle" in r.stdout and " L" in r.stdout
 
 
 def test_prefix_section_shows_every_task_and_the_signed_largest_change(tmp_path):

@@ -155,9 +155,11 @@ def test_text_tasks_batched_equal_one_by_one(vlm):
     together = score_text_items("ref-seg", vlm, refs, config, None)
     alone = [score_text_items("ref-seg", vlm, [r], config, None)[0] for r in refs]
     for (_, a), (_, b) in zip(together, alone, strict=True):
-        assert a.keys() == b.keys()
-        for src in a:
-            assert a[src] == pytest.approx(b[src], abs=1e-6)
+        assert a.keys() == b.keys() and "token" in a  # pixel level at the top, token below
+        for level_a, level_b in ((a, b), (a["token"], b["token"])):
+            for src in level_a:
+                if src != "token":
+                    assert level_a[src] == pytest.approx(level_b[src], abs=1e-6, nan_ok=True)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
@@ -176,3 +178,21 @@ def test_anyres_families_get_vision_rows(family):
     assert set(f.tiles.tolist()) == {0, 1}
     again = projector_module(vlm)(f.sources["vision"][None].to(model.dtype))[0].float()
     assert torch.allclose(again, f.sources["projector"], atol=1e-5)
+
+
+def test_text_feature_of_a_span_is_its_mean_or_its_last_token(vlm, images):
+    """--text-token last: the span's last token (the secondary summaries' "final token");
+    the mean of the span's tokens by default."""
+    prompt = "the red shape"
+    whole, last_word = [(0, len(prompt))], [(len(prompt) - len("shape"), len(prompt))]
+
+    def text(spans, **kw):
+        f = extract(vlm, images[:1], [prompt], spans=[spans], layers=[1],
+                    sources=("values",), **kw)
+        return f[0].text[0]["values/1"]
+
+    last = text(whole, text_token="last")
+    assert torch.equal(last, text(last_word))  # one token: its mean is itself
+    assert not torch.allclose(text(whole), last)
+    with pytest.raises(ValueError, match="text_token"):
+        text(whole, text_token="first")

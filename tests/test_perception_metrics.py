@@ -200,3 +200,40 @@ def test_agnostic_means_stable_key_of_a_varying_input():
     assert score[0] == pytest.approx(0.0)
     assert score[1] == pytest.approx(1 - 0.05 / 0.9)  # ignores a varying input
     assert score[2] == pytest.approx(0.0)
+
+
+def test_tokens_painted_onto_their_pixels_uncovered_pixels_take_the_default():
+    boxes = np.array([[0, 0, 4, 4], [4, 0, 8, 4], [0, 0, 8, 8], [2, 2, 3, 3]], float)
+    index = M.token_index_map(boxes, (8, 10))
+    assert index[0, 0] == 0 and index[0, 5] == 1 and index[6, 6] == 2
+    assert index[2, 2] == 3  # the finest box wins where views overlap
+    assert (index[:, 8:] == -1).all()  # no box reaches these columns
+    painted = M.paint(index, np.array([5, 6, 7, 8]), default=0)
+    assert painted[0, 0] == 5 and painted[2, 2] == 8 and (painted[:, 8:] == 0).all()
+
+
+def test_temp_corr_j_and_f_at_pixels_uses_davis_tolerance():
+    assert M.davis_tolerance((480, 854)) == 8  # ceil(0.008 x diagonal)
+    a = np.zeros((40, 40), bool)
+    a[10:20, 10:20] = True
+    shifted = np.roll(np.roll(a, 2, 0), 2, 1)
+    assert M.f_measure(shifted, a, 2) == 1.0  # a square neighbourhood reaches the corner
+    assert M.f_measure(shifted, a, 2, disk=True) < 1.0  # DAVIS's disk does not (2.8 px)
+
+
+def test_sem_seg_chance_levels():
+    gt = np.array([0, 0, 0, 1, -1])
+    c = M.semseg_chance(gt, ["bg", "a", "b"])
+    assert M.semseg_score([c["background"]]) == pytest.approx((3 / 4 + 0) / 2)
+    expect = (1 / (3 + 4 / 3 - 1) + (1 / 3) / (1 + 4 / 3 - 1 / 3) + 0) / 3
+    assert M.semseg_score([c["random"]]) == pytest.approx(expect)
+    told = M.semseg_chance(gt, ["bg", "a", "b"], among=[0, 1])  # the oracle's two classes
+    assert set(told["random"]) == {"bg", "a"}
+
+
+def test_similarity_cosine_or_dot():
+    a, b = RNG.normal(size=(5, 8)), RNG.normal(size=(3, 8))
+    assert np.allclose(M.similarity(a, b, "dot"), a @ b.T)
+    assert np.allclose(M.similarity(a, b), M.cosine(a, b))
+    with pytest.raises(ValueError, match="similarity"):
+        M.similarity(a, b, "l2")

@@ -91,7 +91,7 @@ def test_answers_accept_plurals_synonyms_and_articles():
     assert answers.mentions("Two giraffes are standing.", "giraffe")
     assert answers.mentions("a man rides a motorbike", "motorcycle")
     assert answers.mentions("A TRAFFIC LIGHT at night", "traffic light")
-    assert answers.mentions("a hair dryer", "hair drier")
+    assert answers.mentions("a hairdryer", "hair drier")  # CHAIR lists no "hair dryer"
     assert not answers.mentions("they play catch", "cat")
     assert answers.starts_with("an apple.", "apple")
     assert answers.starts_with("a sofa", "couch")

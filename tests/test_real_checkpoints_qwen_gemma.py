@@ -146,7 +146,7 @@ def test_generic_fallback_runs_the_layout_free_experiments(generic_gemma3, data,
     path, coco = generic_gemma3, f"coco:{data['coco']}"
     out = tmp_path / "ablate"
     s = cli("ablate", "--model", path, "--data", coco, "--n", 1, "--settings", "vqa",
-            "--out", out)
+            "--reference", f"imagenet:{data['imagenet']}", "--out", out)
     assert s["n_kept"] == {"vqa": 1}
     conditions = {r["condition"] for r in rows_of(out)} - {"clean", "noised"}
     assert conditions and all(c == "register" or c.startswith("random-") for c in conditions)

@@ -37,10 +37,17 @@ def ablate(
     conditions: str = typer.Option("", help="comma-separated conditions (default: all)"),
     vector: str = typer.Option("mean", help="ablation vector: mean (post-projector) or zeros"),
     reference: str = typer.Option("", help="images for the mean vector, e.g. imagenet:DIR "
-                                  "(default: the experiment's own images)"),
+                                  "(Neo et al.: ImageNet val). Default: never the evaluated "
+                                  "images; for shapesworld:SEED scenes of the next held-out "
+                                  "world (summary: reference), other data must name one"),
     area: str = typer.Option("", help="target area range MIN:MAX in pixels "
                              "(default: small objects; COCO 1000:2000)"),
-    ig_steps: int = typer.Option(16, help="integrated-gradients steps"),
+    ig_steps: int = typer.Option(50, help="integrated-gradients steps (Neo et al.: 50)"),
+    ig_sign: str = typer.Option("abs", help="rank ig-matched tokens by abs: |IG| summed over "
+                                "hidden dims (Neo et al.), or signed: the plain sum"),
+    ig_prompt: str = typer.Option("polling", help="IG on the polling question, once per image "
+                                  "for every setting (Neo et al.), or own: each setting's "
+                                  "prompt and answer word (a variant)"),
     seed: int = typer.Option(0, help="seed for targets, random token sets and noise"),
     device: str = DEVICE_OPTION,
     device_map: str = DEVICE_MAP_OPTION,
@@ -64,19 +71,17 @@ def ablate(
 
         config = ablation.AblationConfig(settings=S.names(settings),
                                          conditions=S.names(conditions) or None,
-                                         vector=vector, ig_steps=ig_steps, seed=seed)
+                                         vector=vector, ig_steps=ig_steps, ig_sign=ig_sign,
+                                         ig_prompt=ig_prompt, reference=reference, seed=seed)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
         vlm = models.load(model, device, dtype, local=S.load_model,
                           **placement(device, device_map, max_memory))
-        ref_images = None
-        if reference:
-            from vislens.data.resolve import reference_images
-
-            ref_images = reference_images(reference)  # imagenet:DIR is read lazily
+        # --reference (imagenet:DIR is read lazily) or the default held-out set: run() resolves
+        # it and the summary's "reference" records which set, how many images, and overlap
         summary = ablation.execute(vlm, samples, config, out,
                                    S.meta(model, data, n, device, dtype, reference=reference),
-                                   reference_images=ref_images, progress=progress_for(as_json))
+                                   progress=progress_for(as_json))
         if as_json:
             emit(summary, True)
             return
@@ -88,6 +93,12 @@ def ablate(
         for c in rows:
             table.add_row(c, *[_pct(summary["drop"][s].get(c)) for s in config.settings])
         Console().print(table)
+        ref = summary.get("reference")
+        if ref:
+            console.print(f"mean vector over {ref['n_images']} images of {ref['spec']} "
+                          f"({'disjoint from' if ref['disjoint'] else 'OVERLAPPING'} the "
+                          f"evaluated images{'; vislens default' if ref['default'] else ''})")
+        S.print_funnel(summary)
         console.print(f"rows, summary and plot in {out}")
 
 

@@ -21,6 +21,7 @@ from vislens.cli.common import (
     WORKERS_OPTION,
     console,
     emit,
+    fmt,
     placement,
     positive,
     progress_for,
@@ -28,6 +29,7 @@ from vislens.cli.common import (
     scale_out,
     user_errors,
 )
+from vislens.cli.prefix import headline_table
 
 
 def artifacts(
@@ -42,7 +44,8 @@ def artifacts(
                                           "fill"),
     layers: str = typer.Option("all", help=P.LAYERS_HELP),
     out: Path = typer.Option(Path("runs/artifacts"), help="run directory (resumable)"),
-    seed: int = typer.Option(0, help="seed for clustering and sampling"),
+    seed: int = typer.Option(0, help="seed for clustering, the selection split and the "
+                                     "bootstrap intervals"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
     device: str = DEVICE_OPTION,
     device_map: str = DEVICE_MAP_OPTION,
@@ -84,8 +87,16 @@ def artifacts(
                           f"{summary['score_mean'][layer]:.3f}")
         Console().print(table)
         Console().print(P.layer_table(summary["perceive"]["delta"],
-                                      "perception change when text cannot read them",
-                                      signed=True))
+                                      "perception change when text cannot read them (all "
+                                      "items)", signed=True))
+        if summary["perceive"]["headline"]:
+            Console().print(headline_table(summary["perceive"]["headline"],
+                                           "change with the artifacts blocked"))
+        else:
+            console.print("no key position flagged: nothing blocked, nothing changes")
         mc = summary["multiple_choice"]
-        console.print(f"multiple choice ({mc['kind']}, n={mc['n']}): "
-                      f"{mc['clean_accuracy']:.3f} -> {mc['knockout_accuracy']:.3f}")
+        ci = mc["delta_ci95"]
+        console.print(f"multiple choice ({mc['kind']}, n={mc['n']}, chance "
+                      f"{fmt(mc['chance_accuracy'])}): {fmt(mc['clean_accuracy'])} -> "
+                      f"{fmt(mc['knockout_accuracy'])}, change {fmt(mc['delta'])}"
+                      + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))

@@ -88,5 +88,6 @@ def attention(
                           fmt(summary["area_share"][layer]),
                           fmt(summary["peak_on_object"][layer], 2))
         Console().print(table)
+        S.print_funnel(summary)
         for page in summary["viewer"]:
             console.print(f"viewer: {page}")

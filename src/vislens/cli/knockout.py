@@ -92,3 +92,4 @@ def knockout(
             for c, values in summary[key].items():
                 table.add_row(c, *[fmt(v, 2) for v in values])
             Console().print(table)
+        S.print_funnel(summary)

@@ -78,6 +78,7 @@ def logit_lens(
         if as_json:
             emit(summary, True)
             return
+        S.print_funnel(summary)
         if not summary["layout"]:
             console.print(f"no token layout for this family: image tokens decoding to the "
                           f"target's word at some layer: {summary['image_hit_rate']:.1%} of "

@@ -38,6 +38,14 @@ def perceive(
     seed: int = typer.Option(0, help="seed for clustering and sampling (the data's world is "
                               "set by --data shapesworld:SEED)"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
+    sem_seg_oracle: bool = typer.Option(True, help="also report sem-seg-oracle: the choice "
+                                        "among the classes present only (told the answer); "
+                                        "sem-seg itself always chooses among all the data "
+                                        "set's classes"),
+    text_token: str = typer.Option("mean", help="sem-seg / ref-seg text feature: the span's "
+                                   "'mean' token feature or its 'last' token's"),
+    similarity: str = typer.Option("cosine", help="text vs image tokens (sem-seg, ref-seg): "
+                                   "'cosine' or 'dot' (the plain dot product)"),
     device: str = DEVICE_OPTION,
     device_map: str = DEVICE_MAP_OPTION,
     max_memory: str = MAX_MEMORY_OPTION,
@@ -52,14 +60,20 @@ def perceive(
     output and the vision encoder output: fg-seg (5-shot linear probe, mIoU),
     co-seg (k-means, IoU), sem-seg (class-name text values, mIoU), ref-seg
     (expression text values, mIoU), sem-corr (nearest neighbour, PCK@0.1),
-    temp-corr (label propagation, J&F). Scored at image-token level.
+    temp-corr (label propagation, J&F). Scored at pixel level (token predictions
+    painted onto their pixels; uncovered pixels = background), token level beside it.
+    One split per task, by item and stratified by class: the layer is chosen on the
+    selection half and every source is reported on the held-out half, with chance
+    levels and item counts.
 
     Example: vislens perceive --model toy --out runs/perceive
     """
     with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments.perception import perceive as exp
 
-        config = P.perceive_config(tasks, data, seed, n, layers, batch_size)
+        config = P.perceive_config(tasks, data, seed, n, layers, batch_size,
+                                   sem_seg_oracle=sem_seg_oracle, text_token=text_token,
+                                   similarity=similarity)
         vlm = models.load(model, device, dtype, local=S.load_model,
                           **placement(device, device_map, max_memory))
         P.check_layers(vlm, config.layers)

@@ -59,14 +59,17 @@ def check_layers(vlm, layers) -> None:
 
 
 def perceive_config(tasks: str, data, seed: int, n: int, layers: str, batch_size: int,
-                    prefix: str | None = None):
-    from vislens.experiments.perception.perceive import PerceiveConfig, check_tasks
+                    prefix: str | None = None, sem_seg_oracle: bool = True,
+                    text_token: str = "mean", similarity: str = "cosine"):
+    from vislens.experiments.perception.perceive import PerceiveConfig, check_config, check_tasks
 
     positive("--n", n)
     positive("--batch-size", batch_size)
-    return PerceiveConfig(tasks=check_tasks([t.strip() for t in tasks.split(",") if t.strip()]),
-                          data=parse_data(data), n=n, layers=parse_layers(layers), seed=seed,
-                          batch_size=batch_size, prefix=prefix)
+    return check_config(PerceiveConfig(
+        tasks=check_tasks([t.strip() for t in tasks.split(",") if t.strip()]),
+        data=parse_data(data), n=n, layers=parse_layers(layers), seed=seed,
+        batch_size=batch_size, prefix=prefix, sem_seg_oracle=sem_seg_oracle,
+        text_token=text_token, similarity=similarity))
 
 
 def meta(model: str, vlm) -> dict:
@@ -80,19 +83,31 @@ def _held(entry: dict, kind: str) -> str:
     return f"{sel['score']:.3f} L{sel['layer']}"
 
 
+def _chance(entry: dict) -> str:
+    """The strongest trivial predictor's score (all-background, random class, ...)."""
+    levels = [v for v in (entry.get("chance") or {}).values() if v is not None]
+    return fmt(max(levels)) if levels else "-"
+
+
+def _count(entry: dict) -> str:
+    if "n_heldout" not in entry:
+        return str(entry.get("n", "-"))
+    return f"{entry['n_selection']}/{entry['n_heldout']}"
+
+
 def perception_table(summary: dict, title: str) -> Table:
-    """One row per task: values and keys at the layer chosen on held-out items, the best
-    layer's score (an upper bound), the projector and vision-encoder baselines."""
-    table = Table(title=title, caption="Lx = layer chosen on half the items, scored on the "
-                  "other half; best = argmax over all items (optimistic)")
-    for col in ("task", "metric", "values", "keys", "best", "projector", "vision"):
+    """One row per task, every number on the same held-out items: values at the layer
+    chosen on the selection half, the projector and vision-encoder baselines, the best
+    trivial predictor (chance) and the item counts (selection / held-out). Keys at their
+    chosen layer are in the JSON summary (`selected.keys`) and the per-layer table."""
+    table = Table(title=title, caption="pixel level; Lx = layer chosen on the selection half; "
+                  "every score on the held-out half; n = selection/held-out items")
+    for col in ("task", "metric", "values", "projector", "vision", "chance", "n"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right",
                          no_wrap=True)
     for task, e in summary.items():
-        up = e.get("upper_bound", {}).get("values")
-        table.add_row(task, e["metric"], _held(e, "values"), _held(e, "keys"),
-                      "-" if up is None else f"{up['score']:.3f}", fmt(e["projector"]),
-                      fmt(e["vision"]))
+        table.add_row(task, e["metric"], _held(e, "values"), fmt(e["projector"]),
+                      fmt(e["vision"]), _chance(e), _count(e))
     return table
 
 

@@ -34,6 +34,16 @@ def open_samples(data: str, n: int, area: str | None, which: str):
     return samples, chosen
 
 
+def print_funnel(summary: dict) -> None:
+    """The run's selection funnel on the console: images per step and setting, and where a
+    setting lost every image (vislens.experiments.funnel)."""
+    from vislens.cli.common import console
+    from vislens.experiments.funnel import lines
+
+    for line in lines(summary.get("funnel")):
+        console.print(line, highlight=False)
+
+
 def load_model(model: str, device: str, dtype: str | None, **where):
     """where: a device map and its memory caps (common.placement), in place of `device`."""
     from vislens.models import load

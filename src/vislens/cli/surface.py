@@ -44,6 +44,7 @@ def surface(
     sources: str = typer.Option("values,projector,vision",
                                 help="readouts to compare: values plus projector and/or vision "
                                      "(drop vision where a family resamples its features)"),
+    seed: int = typer.Option(0, help="seed of the permutation baseline (candidates shuffled)"),
     batch_size: int = typer.Option(8, help="items per forward pass"),
     device: str = DEVICE_OPTION,
     device_map: str = DEVICE_MAP_OPTION,
@@ -69,7 +70,8 @@ def surface(
         if kind not in ("shape", "color", "fill"):
             raise VislensError(f"--kind must be shape, color or fill, got {kind!r}")
         config = exp.SurfaceConfig(data=data, n=n, kind=kind, layers=P.parse_layers(layers),
-                                   batch_size=batch_size, sources=P.parse_sources(sources))
+                                   batch_size=batch_size, sources=P.parse_sources(sources),
+                                   seed=seed)
         config.validate()
         vlm = models.load(model, device, dtype, local=S.load_model,
                           **placement(device, device_map, max_memory))
@@ -86,9 +88,19 @@ def surface(
                     "neither"):
             table.add_row(key.replace("_", " "), str(summary[key]))
         Console().print(table)
-        hidden = summary["present_not_surfaced"]
+        hidden, perm = summary["present_not_surfaced"], summary["values_permutation"]
+        n_scored, chance = summary["n_scored"], summary["present_not_surfaced_chance"]
         console.print(f"values {summary['values_accuracy']['rate']:.3f}, model "
                       f"{summary['model_accuracy']['rate']:.3f}, chance "
-                      f"{summary['chance_accuracy']:.3f}; present but not surfaced: "
-                      f"{hidden['rate']:.3f} [{hidden['ci95'][0]:.3f}, {hidden['ci95'][1]:.3f}] "
-                      "(paper, BLINK Art Style: 0.333)")
+                      f"{summary['chance_accuracy']:.3f} (n={n_scored}); permuted values "
+                      f"{perm['mean']:.3f} [{perm['ci95'][0]:.3f}, {perm['ci95'][1]:.3f}], "
+                      f"p={perm['p_value']:.3f}")
+        console.print(f"present but not surfaced: {hidden['rate']:.3f} "
+                      f"[{hidden['ci95'][0]:.3f}, {hidden['ci95'][1]:.3f}] (n={n_scored}; "
+                      f"chance {chance:.3f}; paper, BLINK Art Style: 0.333)")
+        if summary["values_beat_chance"]:
+            console.print("the values readout beats chance (permutation p < "
+                          f"{config.alpha}): the headline counts real information")
+        else:
+            console.print("the values readout does NOT beat chance (permutation p = "
+                          f"{perm['p_value']:.3f}): the headline is noise")

@@ -23,7 +23,7 @@ def world(
         positive("--n", n)
         from vislens.data.world import write_world
 
-        summary = write_world(out, n=n, seed=seed)
+        summary = write_world(out, n=n, seed=seed)  # the toys' training world is refused
         if as_json:
             emit(summary, True)
         else:

@@ -2,71 +2,53 @@
 
 A real model says "two giraffes", "a motorbike" or "Yes, there is": exact
 class-name matching would count those as misses and silently drop samples. A
-name therefore matches in any of its surface forms: itself, its plural, and the
-synonyms listed below for COCO's classes (the words LLaVA-style models use for
-them), each with its plural. Matching is on whole words of the normalised text.
+name therefore matches in any of its surface forms: itself, its plural, and, for
+COCO's 80 classes, the synonyms of the documented COCO synonym list, the one CHAIR
+uses (Rohrbach et al. 2018, data/synonyms.txt of LisaAnne/Hallucination; kept as
+data in `vislens/assets/coco_synonyms.txt`), each with its plural. Nothing looser:
+"bag" is not a suitcase, "vehicle" not a car.
+
+Matching is on whole words of the normalised text, read as CHAIR reads a caption:
+the longest known object phrase at each place ("laptop computer", "hot dog"), and,
+where two object words stand together, the first is a modifier of the second, the
+head ("computer keyboard" names a keyboard, not a laptop; "baby elephant" an
+elephant, not a person: CHAIR hard-codes the same for "baby/adult <animal>" and
+"passenger jet/train"); CHAIR's one exception, "toilet seat", is a toilet.
 """
 
 from __future__ import annotations
 
 import re
+from functools import cache
+from importlib import resources
 
 ARTICLES = ("a", "an", "the")
-
-# COCO class -> other names a caption uses for it (plurals are added by `plural`)
-SYNONYMS: dict[str, tuple[str, ...]] = {
-    "person": ("man", "woman", "people", "boy", "girl", "child", "kid", "player", "lady",
-               "guy", "men", "women", "children"),
-    "bicycle": ("bike",),
-    "motorcycle": ("motorbike", "motor bike", "scooter"),
-    "airplane": ("plane", "aeroplane", "aircraft", "jet", "airliner"),
-    "bus": ("coach",),
-    "car": ("vehicle", "sedan", "taxi"),
-    "truck": ("lorry", "pickup"),
-    "boat": ("ship", "sailboat", "canoe", "kayak"),
-    "traffic light": ("traffic signal", "stoplight", "stop light"),
-    "fire hydrant": ("hydrant",),
-    "parking meter": ("meter",),
-    "bird": ("pigeon", "seagull", "duck", "parrot"),
-    "cat": ("kitten", "kitty"),
-    "dog": ("puppy", "pup"),
-    "sheep": ("lamb",),
-    "cow": ("cattle", "bull", "calf"),
-    "backpack": ("back pack", "rucksack", "bag"),
-    "handbag": ("purse", "bag"),
-    "suitcase": ("luggage", "bag"),
-    "sports ball": ("ball", "football", "soccer ball", "baseball", "tennis ball"),
-    "skis": ("ski",),
-    "baseball bat": ("bat",),
-    "baseball glove": ("glove", "mitt"),
-    "tennis racket": ("racket", "racquet"),
-    "wine glass": ("glass",),
-    "cup": ("mug",),
-    "donut": ("doughnut",),
-    "couch": ("sofa",),
-    "potted plant": ("plant", "houseplant", "flower pot"),
-    "bed": ("mattress",),
-    "dining table": ("table",),
-    "toilet": ("commode",),
-    "tv": ("television", "monitor", "screen", "tv set"),
-    "laptop": ("computer", "notebook"),
-    "mouse": ("computer mouse",),
-    "remote": ("remote control", "controller"),
-    "keyboard": ("computer keyboard",),
-    "cell phone": ("phone", "cellphone", "mobile phone", "smartphone", "mobile"),
-    "microwave": ("microwave oven",),
-    "refrigerator": ("fridge",),
-    "hair drier": ("hair dryer", "hairdryer", "blow dryer", "dryer"),
-    "toothbrush": ("tooth brush",),
-}
+SYNONYM_SOURCE = ("CHAIR synonym list, Rohrbach et al. 2018 (github.com/LisaAnne/Hallucination, "
+                  "data/synonyms.txt)")
+# object phrases CHAIR reads as another class than their head's (its double-word rule)
+COMPOUNDS = {"toilet seat": "toilet"}
 
 IRREGULAR = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep",
              "skis": "skis", "man": "men", "woman": "women", "child": "children",
              "scissors": "scissors", "bus": "buses", "glass": "glasses"}
 
 
+@cache
+def synonyms() -> dict[str, tuple[str, ...]]:
+    """COCO class -> its other names, from the shipped CHAIR list (plurals come from `plural`)."""
+    text = resources.files("vislens").joinpath("assets/coco_synonyms.txt").read_text("utf-8")
+    table = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, *others = [w.strip() for w in line.split(",") if w.strip()]
+            table[name] = tuple(others)
+    return table
+
+
 def plural(name: str) -> str:
     """English plural of the last word ("traffic light" -> "traffic lights")."""
+    if not name.split():
+        return name
     *head, last = name.split()
     if last in IRREGULAR:
         last = IRREGULAR[last]
@@ -83,7 +65,7 @@ def surface_forms(name: str, synonyms: bool = True) -> list[str]:
     """Every way an answer may name `name`, normalised, longest first."""
     base = [normalise(name)]
     if synonyms:
-        base += [normalise(s) for s in SYNONYMS.get(name.lower(), ())]
+        base += [normalise(s) for s in _synonyms_of(name)]
     forms = {f for b in base for f in (b, plural(b))}
     return sorted(forms, key=lambda f: (-len(f), f))
 
@@ -95,28 +77,75 @@ def head_words(name: str, synonyms: bool = True) -> list[str]:
     return sorted({form.split()[-1] for form in surface_forms(name, synonyms)})
 
 
+def _synonyms_of(name: str) -> tuple[str, ...]:
+    return synonyms().get(name.lower(), ())
+
+
+@cache
+def _coco_vocabulary() -> dict[tuple[str, ...], str]:
+    """Every COCO surface form (as words) -> its class; the first class listed keeps a form."""
+    vocab: dict[tuple[str, ...], str] = {}
+    for name in synonyms():
+        for form in surface_forms(name):
+            vocab.setdefault(tuple(form.split()), name)
+    for phrase, name in COMPOUNDS.items():
+        for form in (phrase, plural(phrase)):
+            vocab[tuple(form.split())] = name
+    return vocab
+
+
 def normalise(text: str) -> str:
     """Lower-case, punctuation split off, single spaces: how answers are compared."""
-    text = re.sub(r"([.,?!:;()])", r" \1 ", text.lower())
+    text = re.sub(r"([.,?!:;()\"*\[\]{}])", r" \1 ", text.lower())
     return " ".join(text.split())
 
 
+def _objects(words: list[str], name: str, synonyms: bool) -> list[tuple[int, int, str]]:
+    """(start, end, class) of the object phrases in `words`, longest phrase first at each
+    place, each run of adjacent phrases read as one object named by its head (its last
+    phrase). `name` is one of the classes (its own forms are always known, COCO's only
+    with `synonyms`)."""
+    vocab = dict(_coco_vocabulary()) if synonyms else {}
+    for form in surface_forms(name, synonyms):
+        if form:
+            vocab[tuple(form.split())] = name  # the asked-for name wins a shared form
+    longest = max((len(k) for k in vocab), default=0)
+    phrases, i = [], 0
+    while i < len(words):
+        for n in range(min(longest, len(words) - i), 0, -1):
+            cls = vocab.get(tuple(words[i:i + n]))
+            if cls is not None:
+                phrases.append((i, i + n, cls))
+                i += n
+                break
+        else:
+            i += 1
+    objects: list[tuple[int, int, str]] = []
+    for start, end, cls in phrases:
+        if objects and objects[-1][1] == start:  # directly after another object word
+            start = objects.pop()[0]
+        objects.append((start, end, cls))
+    return objects
+
+
 def mentions(text: str, name: str, synonyms: bool = True) -> bool:
-    """The generative rule: some surface form of `name` appears as whole words."""
-    words = f" {normalise(text)} "
-    return any(f" {form} " in words for form in surface_forms(name, synonyms))
+    """The generative rule: some object phrase of the text names `name`."""
+    return any(cls == name for _, _, cls in _objects(normalise(text).split(), name, synonyms))
 
 
 def first_word(text: str, expected: str) -> bool:
-    """The polling rule: the answer starts with "yes" (or "no")."""
-    words = normalise(text).split()
-    return bool(words) and words[0] == normalise(expected)
+    """The polling rule: the answer's first WORD is `expected` ("yes"; never a substring:
+    "eyes" or "yesterday" is not "yes"), whatever punctuation or markup is around it."""
+    words = re.findall(r"[^\W_]+", text.lower())
+    return bool(words) and words[0] == expected.lower()
 
 
 def starts_with(text: str, expected: str, synonyms: bool = True) -> bool:
-    """The VQA rule: after an optional article, the answer's first words name `expected`."""
+    """The VQA rule: after an optional article, the answer's first words name `expected`
+    (an empty or blank answer names nothing: Neo et al.'s `class_piece.startswith(answer)`
+    is inverted and takes the empty string)."""
     words = normalise(text).split()
     if words and words[0] in ARTICLES:
         words = words[1:]
-    return any(words[:len(form.split())] == form.split()
-               for form in surface_forms(expected, synonyms))
+    objects = _objects(words, expected, synonyms)
+    return bool(objects) and objects[0][0] == 0 and objects[0][2] == expected

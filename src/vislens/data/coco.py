@@ -16,6 +16,7 @@ import io
 import json
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from vislens.data._io import atomic_dir, mask_box, read_image
-from vislens.data.samples import Instance, Sample
+from vislens.data.samples import Instance, Sample, SampleList
 
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
@@ -38,8 +39,9 @@ def export_coco(samples: list[Sample], out_dir: str | Path, overwrite: bool = Fa
     return Path(out_dir)
 
 
-def write_coco(samples: list[Sample], root: Path) -> dict:
-    """Write the dataset into an existing directory (callers own atomicity)."""
+def write_coco(samples: list[Sample], root: Path, info: dict | None = None) -> dict:
+    """Write the dataset into an existing directory (callers own atomicity); `info` adds
+    fields to the file's `info` record (`vislens world` writes its world seed there)."""
     (root / IMAGES).mkdir(parents=True, exist_ok=True)
     names = sorted({inst.name for s in samples for inst in s.instances})
     cat_ids = {name: i + 1 for i, name in enumerate(names)}
@@ -64,7 +66,7 @@ def write_coco(samples: list[Sample], root: Path) -> dict:
                 "attributes": dict(inst.attributes),
             })
     dataset = {
-        "info": {"description": "written by vislens", "version": "1.0"},
+        "info": {"description": "written by vislens", "version": "1.0", **(info or {})},
         "images": images, "annotations": annotations,
         "categories": [{"id": i, "name": n, "supercategory": n.split()[-1]}
                        for n, i in cat_ids.items()],
@@ -73,12 +75,12 @@ def write_coco(samples: list[Sample], root: Path) -> dict:
     return dataset
 
 
-Selector = Callable[[dict, list[dict]], bool]
+Selector = Callable[[dict, list[dict]], object]
 
 
 def load_coco(path: str | Path, images_dir: str | Path | None = None,
               limit: int | None = None, include_crowd: bool = True,
-              select: Selector | None = None) -> list[Sample]:
+              select: Selector | None = None) -> SampleList:
     """Samples from a COCO instances file (ours or real: polygons, RLE, crowds).
 
     `path` is the annotations JSON or a directory holding `annotations.json`
@@ -89,26 +91,74 @@ def load_coco(path: str | Path, images_dir: str | Path | None = None,
     attribute iscrowd="1" (drop them with include_crowd=False).
     Each sample's meta holds `image_id`, `file_name` and `ann_ids` (the COCO
     annotation id of every instance, in order: what RefCOCO refers to).
-    `select(image_info, annotations) -> bool` filters images on their raw COCO
-    records BEFORE any pixel is read (see `small_target` / `large_object`), so
+    `select(image_info, annotations)` filters images on their raw COCO records
+    BEFORE any pixel is read (see `Selection`, `small_target` / `large_object`), so
     picking 40 images out of COCO train stays cheap; `limit` counts kept images.
+    When it returns an annotation (a dict), that annotation is the image's target:
+    its id goes to meta `target_ann_id`. The result's `read` is how many images the
+    selection looked at (all of them, or up to the `limit`-th kept one).
+    A file written by `vislens world` from a ShapesWorld training world is refused.
     """
     ann_file = find_annotations(Path(path))
     coco = read_instances(ann_file)
+    check_world(coco.dataset, ann_file)
     image_ids = sorted(coco.imgs)
     if not image_ids:
         raise ValueError(f"{ann_file} lists no images; it is an empty dataset")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
+    targets: dict[int, int] = {}
+    read = len(image_ids)
     if select is not None:
-        image_ids = [i for i in image_ids if select(coco.imgs[i], coco.imgToAnns.get(i, []))]
+        kept = []
+        for n_read, i in enumerate(image_ids, start=1):
+            chosen = select(coco.imgs[i], coco.imgToAnns.get(i, []))
+            if not chosen:
+                continue
+            kept.append(i)
+            if isinstance(chosen, dict) and "id" in chosen:
+                targets[i] = chosen["id"]
+            if limit is not None and len(kept) == limit:
+                read = n_read
+                break
+        image_ids = kept
         if not image_ids:
-            raise ValueError(f"no image of {ann_file.name} passes the selection "
-                             f"({getattr(select, 'rule', 'custom filter')}); widen the target "
-                             "area with --area MIN:MAX")
-    image_ids = image_ids[:limit] if limit is not None else image_ids
+            raise ValueError(f"none of the {read} images of {ann_file.name} passes the "
+                             f"selection ({getattr(select, 'rule', 'custom filter')}); widen "
+                             "the target area with --area MIN:MAX")
+    else:
+        image_ids = image_ids[:limit] if limit is not None else image_ids
+        read = len(image_ids)
     img_root = find_images_dir(ann_file, images_dir, coco.imgs[image_ids[0]]["file_name"])
-    return [coco_sample(coco, i, img_root, include_crowd) for i in image_ids]
+    samples = SampleList([coco_sample(coco, i, img_root, include_crowd) for i in image_ids],
+                         read=read)
+    for sample in samples:
+        if sample.meta["image_id"] in targets:
+            sample.meta["target_ann_id"] = targets[sample.meta["image_id"]]
+    return samples
+
+
+def check_world(dataset: dict, ann_file: Path) -> None:
+    """Refuse a data set `vislens world` wrote from a world the shipped toys were trained on
+    (its `info.vislens_world` seed, or its images' ShapesWorld seeds)."""
+    from vislens.data import shapesworld
+
+    seeds = set()
+    world = (dataset.get("info") or {}).get("vislens_world")
+    if world is not None:
+        seeds.add(world)
+    for img in dataset.get("images", []):
+        meta = img.get("vislens_meta") or {}
+        if meta.get("source") == "shapesworld" and "seed" in meta:
+            seeds.add(meta["seed"])
+    for seed in sorted(seeds, key=str):
+        try:
+            shapesworld.check_held_out(int(seed))
+        except ValueError as err:
+            raise ValueError(f"{ann_file} was exported from ShapesWorld world {seed}: {err}"
+                             ) from None
+        except TypeError:
+            continue
 
 
 def find_annotations(path: Path) -> Path:
@@ -171,8 +221,10 @@ def coco_sample(coco: COCO, image_id: int, img_root: Path, include_crowd: bool =
         attributes = {str(k): str(v) for k, v in ann.get("attributes", {}).items()}
         if ann.get("iscrowd", 0):
             attributes["iscrowd"] = "1"
+        area = ann.get("area")
         instances.append(Instance(name=cat["name"], mask=mask, box=mask_box(mask),
-                                  attributes=attributes))
+                                  attributes=attributes,
+                                  annotated_area=None if area is None else float(area)))
         ann_ids.append(ann["id"])
     meta = dict(info.get("vislens_meta") or {"source": "coco"})
     meta.update(image_id=image_id, file_name=info["file_name"], ann_ids=ann_ids)
@@ -222,30 +274,79 @@ def _jsonable(meta: dict) -> dict:
 
 
 
-def single_target(max_annotations: int, area: tuple[float, float]) -> Selector:
-    """Images with <= max_annotations non-crowd objects, one of which is the only
-    instance of its class and has a COCO area in [lo, hi] px^2."""
-    lo, hi = area
+@dataclass(frozen=True)
+class Selection:
+    """Neo et al.'s image selection on raw COCO records, as their released code does it
+    (scripts/ablation_experiment.py:126-150): at most `max_annotations` annotations, crowd
+    ones counted like any other; the target is the FIRST category, in annotation order,
+    with exactly one annotation whose COCO `area` lies strictly inside `area`.
 
-    def select(info: dict, anns: list[dict]) -> bool:
-        if not anns or len(anns) > max_annotations or any(a.get("iscrowd", 0) for a in anns):
-            return False
-        counts: dict[int, int] = {}
-        for a in anns:
-            counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
-        return any(counts[a["category_id"]] == 1 and lo <= a["area"] <= hi for a in anns)
+    Called as `select(image_info, annotations)` it returns that target annotation, or None.
+    Stricter vislens rules are options: `strict=False` takes both ends of the range,
+    `crowd_target=False` never takes a crowd region as the target.
+    """
 
-    select.rule = (f"at most {max_annotations} annotations, no crowd, one object alone in its "
-                   f"class with an area in [{lo:g}, {hi:g}] px^2")
-    return select
+    max_annotations: int | None = 3
+    area: tuple[float, float] | None = (1000.0, 2000.0)
+    strict: bool = True
+    crowd_target: bool = True
+
+    @property
+    def rule(self) -> str:
+        parts = [] if self.max_annotations is None else [
+            f"at most {self.max_annotations} annotations (crowd ones included)"]
+        if self.area is not None:
+            lo, hi = self.area
+            where = f"({lo:g}, {hi:g})" if self.strict else f"[{lo:g}, {hi:g}]"
+            parts.append(f"one object alone in its class with a COCO area in {where} px^2")
+        else:
+            parts.append("one object alone in its class")
+        if not self.crowd_target:
+            parts.append("the target not a crowd region")
+        return ", ".join(parts)
+
+    def in_range(self, area: float) -> bool:
+        if self.area is None:
+            return True
+        lo, hi = self.area
+        return lo < area < hi if self.strict else lo <= area <= hi
+
+    def __call__(self, info: dict, anns: list[dict]) -> dict | None:
+        if not anns or (self.max_annotations is not None and len(anns) > self.max_annotations):
+            return None
+        groups: dict = {}
+        for a in anns:  # dict order: categories in the order their first annotation comes
+            groups.setdefault(a["category_id"], []).append(a)
+        return first_single(list(groups.values()), self)
 
 
-def small_target(max_annotations: int = 3, area: tuple[float, float] = (1000, 2000)) -> Selector:
+def first_single(groups: list[list], rule: Selection,
+                 area=lambda a: a["area"], crowd=lambda a: bool(a.get("iscrowd", 0))):
+    """The one member of the first group (a class, in annotation order) that is alone in
+    it, in the area range and allowed as a target; None if no group qualifies. The rule of
+    `Selection`, shared with vislens.experiments.selection for samples already loaded."""
+    for group in groups:
+        if len(group) != 1:
+            continue
+        member = group[0]
+        if rule.in_range(area(member)) and (rule.crowd_target or not crowd(member)):
+            return member
+    return None
+
+
+def single_target(max_annotations: int | None, area: tuple[float, float] | None,
+                  strict: bool = True, crowd_target: bool = True) -> Selection:
+    """`Selection` by position (the older name)."""
+    return Selection(max_annotations, area, strict, crowd_target)
+
+
+def small_target(max_annotations: int = 3, area: tuple[float, float] = (1000.0, 2000.0),
+                 **options) -> Selection:
     """Neo et al.'s ablation set (A1): small targets, so their object tokens are few."""
-    return single_target(max_annotations, area)
+    return Selection(max_annotations, tuple(area), **options)
 
 
-def large_object(max_annotations: int = 1, area: tuple[float, float] = (20000, 30000)
-                 ) -> Selector:
+def large_object(max_annotations: int = 1, area: tuple[float, float] = (20000.0, 30000.0),
+                 **options) -> Selection:
     """Neo et al.'s logit-lens set (A2): one large object."""
-    return single_target(max_annotations, area)
+    return Selection(max_annotations, tuple(area), **options)

@@ -23,7 +23,8 @@ def open_dataset(spec: str, n: int | None = None, images_dir: str | None = None,
     imagenet:DIR reads class folders (or a flat folder) of images without
     instances: the reference set for mean-embedding ablation vectors. `select`
     filters COCO images on their annotations before any pixel is read
-    (vislens.data.coco.small_target / large_object); crowd regions are then dropped.
+    (vislens.data.coco.small_target / large_object); crowd regions are kept as instances
+    (they count toward the selection's annotations, as in Neo et al.'s code).
     """
     kind, arg = _split(spec)
     if kind == "shapesworld":
@@ -31,8 +32,7 @@ def open_dataset(spec: str, n: int | None = None, images_dir: str | None = None,
     if kind == "coco":
         from vislens.data.coco import load_coco
 
-        return load_coco(_path(arg, kind), images_dir=images_dir, limit=n, select=select,
-                         include_crowd=select is None)
+        return load_coco(_path(arg, kind), images_dir=images_dir, limit=n, select=select)
     if kind == "imagenet":
         from vislens.data.imagenet import load_image_folder
 

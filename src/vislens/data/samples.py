@@ -25,10 +25,25 @@ class Instance:
     mask: np.ndarray  # bool [H, W], original image pixels
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
     attributes: dict[str, str] = field(default_factory=dict)
+    annotated_area: float | None = None  # the data set's own area (COCO `area`), if it has one
 
     @property
-    def area(self) -> int:
+    def area(self) -> float:
+        """The one area every rule uses: the data set's own (COCO's `area` field, which
+        selection reads before any pixel), else the mask's pixel count (ShapesWorld)."""
+        if self.annotated_area is not None:
+            return float(self.annotated_area)
         return int(self.mask.sum())
+
+
+class SampleList(list):
+    """Samples, plus how many images were read to find them: a loader that selects images
+    on their annotations before reading pixels (COCO) reads more than it returns, and the
+    selection funnel (vislens.experiments.funnel) starts from that count."""
+
+    def __init__(self, items=(), read: int | None = None):
+        super().__init__(items)
+        self.read = len(self) if read is None else int(read)
 
 
 @dataclass

@@ -161,9 +161,10 @@ def check_held_out(seed: int) -> None:
                          f"evaluate on a held-out seed, e.g. shapesworld:{HELD_OUT_SEED}")
 
 
-def generate(n: int, seed: int = 0, size: int = DEFAULT_SIZE, start: int = 0,
+def generate(n: int, seed: int = HELD_OUT_SEED, size: int = DEFAULT_SIZE, start: int = 0,
              n_objects: tuple[int, int] = (1, 4)) -> list[Sample]:
-    """Scenes `start .. start+n-1` of the world with this seed."""
+    """Scenes `start .. start+n-1` of the world with this seed (by default the held-out
+    world; the toys' training code asks for its world 0 by name)."""
     if n < 1:
         raise ValueError(f"need at least one scene, got n={n}; pass a positive --n")
     return [make_scene(seed, i, size=size, n_objects=n_objects) for i in range(start, start + n)]

@@ -24,7 +24,14 @@ from vislens.data.samples import (
     Video,
 )
 from vislens.data.scenes import FILLS, ObjectSpec, render
-from vislens.data.shapesworld import BACKGROUNDS, COLORS, DEFAULT_SIZE, SHAPES, make_scene
+from vislens.data.shapesworld import (
+    BACKGROUNDS,
+    COLORS,
+    DEFAULT_SIZE,
+    HELD_OUT_SEED,
+    SHAPES,
+    make_scene,
+)
 
 BY = ("shape", "color")
 RELATIONS = {  # phrase -> does box a stand in that relation to box b (strictly, no overlap)
@@ -52,7 +59,7 @@ def foreground(sample: Sample, name: str, by: str = "shape") -> np.ndarray:
     return mask
 
 
-def few_shot_episodes(n: int, seed: int = 0, shots: int = 5, queries: int = 1,
+def few_shot_episodes(n: int, seed: int = HELD_OUT_SEED, shots: int = 5, queries: int = 1,
                       by: str = "shape") -> list[FewShotEpisode]:
     """Pascal-5i style episodes; classes cycle so they are balanced; no image repeats
     within an episode (support and query are disjoint)."""
@@ -69,7 +76,7 @@ def few_shot_episodes(n: int, seed: int = 0, shots: int = 5, queries: int = 1,
     return episodes
 
 
-def cosegmentation_sets(n: int, seed: int = 0, size: int = 4,
+def cosegmentation_sets(n: int, seed: int = HELD_OUT_SEED, size: int = 4,
                         by: str = "shape") -> list[CoSegmentationSet]:
     """MSRC style sets: `size` images that all contain one class (plus other objects)."""
     _check_n(n)
@@ -83,7 +90,7 @@ def cosegmentation_sets(n: int, seed: int = 0, size: int = 4,
     return sets
 
 
-def semantic_maps(n: int, seed: int = 0, by: str = "shape") -> list[SemanticMap]:
+def semantic_maps(n: int, seed: int = HELD_OUT_SEED, by: str = "shape") -> list[SemanticMap]:
     """ImageNet-S style per-pixel class ids; classes[0] = "background"."""
     _check_n(n)
     names = ["background", *classes(by)]
@@ -97,7 +104,7 @@ def semantic_maps(n: int, seed: int = 0, by: str = "shape") -> list[SemanticMap]
     return out
 
 
-def referring_expressions(n: int, seed: int = 0) -> list[ReferringExpression]:
+def referring_expressions(n: int, seed: int = HELD_OUT_SEED) -> list[ReferringExpression]:
     """RefCOCO style expressions, each naming exactly one object of its scene.
 
     Kinds: "shape" ("the circle"), "color" ("the red shape"), "color-shape",
@@ -143,7 +150,7 @@ def _expression(s: Sample, t: int, rng: np.random.Generator) -> tuple[str, str]:
     return kind, text
 
 
-def correspondence_pairs(n: int, seed: int = 0, size: int = DEFAULT_SIZE,
+def correspondence_pairs(n: int, seed: int = HELD_OUT_SEED, size: int = DEFAULT_SIZE,
                          scale: tuple[float, float] = (0.7, 1.4)) -> list[CorrespondencePair]:
     """SPair style pairs: one object moved, rescaled and recolored, plus a distractor.
 
@@ -182,7 +189,7 @@ def correspondence_pairs(n: int, seed: int = 0, size: int = DEFAULT_SIZE,
     return pairs
 
 
-def videos(n: int, seed: int = 0, frames: int = 8, size: int = DEFAULT_SIZE,
+def videos(n: int, seed: int = HELD_OUT_SEED, frames: int = 8, size: int = DEFAULT_SIZE,
            objects: tuple[int, int] = (1, 3), speed: float = 4.0) -> list[Video]:
     """DAVIS style clips: objects move at constant velocity, bounce off the borders and
     may occlude each other (masks are the visible pixels; later objects are in front)."""
@@ -222,7 +229,7 @@ def videos(n: int, seed: int = 0, frames: int = 8, size: int = DEFAULT_SIZE,
     return out
 
 
-def multiple_choice(n: int, seed: int = 0, kind: str = "shape", n_choices: int = 2,
+def multiple_choice(n: int, seed: int = HELD_OUT_SEED, kind: str = "shape", n_choices: int = 2,
                     size: int = DEFAULT_SIZE) -> list[MultipleChoice]:
     """BLINK style: image_1 is a reference, the others are candidates; exactly one
     candidate shares the reference's `kind` ("shape", "color" or "fill") while all its

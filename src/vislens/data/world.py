@@ -17,7 +17,8 @@ from vislens.data.samples import SETTINGS
 QUESTIONS = "questions.jsonl"
 
 
-def write_world(out_dir: str | Path, n: int, seed: int = 0, overwrite: bool = False) -> dict:
+def write_world(out_dir: str | Path, n: int, seed: int = shapesworld.HELD_OUT_SEED,
+                overwrite: bool = False) -> dict:
     """Scenes 0..n-1 of world `seed` as COCO + `questions.jsonl`, all or nothing.
 
     Each question line: sample_id, image (path relative to out_dir), setting,
@@ -25,10 +26,13 @@ def write_world(out_dir: str | Path, n: int, seed: int = 0, overwrite: bool = Fa
     The questions are the ones `shapesworld.questions` gives with its default
     per-scene generator, so they are the same every time.
     Returns a summary (out, scenes, seed, instances, categories, questions).
+    The world's seed is written to the annotations' `info.vislens_world`, and the toys'
+    training world is refused (as `shapesworld:0` is), so no copy of it can be evaluated.
     """
+    shapesworld.check_held_out(seed)
     samples = shapesworld.generate(n, seed=seed)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        dataset = write_coco(samples, tmp)
+        dataset = write_coco(samples, tmp, info={"vislens_world": seed})
         files = {img["vislens_id"]: img["file_name"] for img in dataset["images"]}
         n_questions = 0
         with open(tmp / QUESTIONS, "w") as fh:

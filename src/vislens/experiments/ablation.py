@@ -2,8 +2,11 @@
 
 Per kept sample and setting, every condition replaces the LM input
 embeddings of one token set with the ablation vector (mean post-projector
-image embedding, or zeros) and re-asks the question; the metric is the % of
-initially-correct samples that become incorrect. All conditions of a sample
+image embedding over a reference set that is never the evaluated images, or
+zeros) and re-asks the question; the metric is the % of initially-correct
+samples that become incorrect. Integrated gradients run as Neo et al. ran them:
+once per image on the polling question, 50 steps, tokens ranked by |IG| summed
+over the hidden dimensions, the ranking shared by the three settings. All conditions of a sample
 run as one batch over one vision pass. Where the LM also adds image features
 inside its first layers (Qwen3-VL's DeepStack), those are replaced at the same
 tokens, by their reference means (or zeros): ablating a token removes all the
@@ -21,21 +24,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vislens.data import shapesworld
 from vislens.data.samples import Question, Sample
 from vislens.distributed import executor
 from vislens.errors import VislensError
+from vislens.experiments import funnel
 from vislens.experiments.batching import extend_batch, repeat_batch
-from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
+from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.experiments.stats import wilson_ci
 from vislens.interventions import ablate, mean_image_embedding, mean_injected_features
+from vislens.interventions.reference import overlap
 from vislens.report.plots import grouped_bars
 
 RANDOM_KS = (5, 10, 20, 40, 60, 100, 250)
 FIXED_CONDITIONS = ("object", "object+1", "object+2", "register", "random-matched",
                     "ig-matched", "all-but-object+1")
 SETTINGS = ("generative", "polling", "vqa")
+IG_SIGNS = ("abs", "signed")
+IG_PROMPTS = ("polling", "own")
+REFERENCE_N = 100  # ShapesWorld scenes in the default (held-out) mean-vector reference set
 PAPER = {  # Neo et al. 2024, LLaVA-1.5-7B, % of correct samples that become incorrect
     "generative": {"object": 33, "object+1": 72, "random-40": 2},
     "polling": {"object": 15, "object+1": 51, "random-40": 0},
@@ -50,9 +59,14 @@ class AblationConfig:
     random_ks: Sequence[int] = RANDOM_KS
     vector: str = "mean"  # "mean" | "zeros"
     area: tuple[float, float] | None = None  # target area range in original pixels
-    ig_steps: int = 16
+    ig_steps: int = 50  # Neo et al.: 50
+    ig_sign: str = "abs"  # rank by "abs": |IG| summed over hidden dims (Neo) | "signed": sum
+    ig_prompt: str = "polling"  # "polling": one IG per image on the polling question, shared
+    # by the settings (Neo) | "own": each setting's own prompt and answer word
     ig_batch: int = 8  # integrated-gradients steps per forward pass (memory)
-    reference: str = "same"  # mean-embedding images: "same" = the experiment's own images
+    # mean-vector images, a data spec (imagenet:DIR, shapesworld:SEED, ...); "" = a held-out
+    # set disjoint from the evaluated images (resolve_reference), never the evaluated ones
+    reference: str = ""
     seed: int = 0
     max_new_tokens: dict[str, int] = field(default_factory=lambda: dict(MAX_NEW_TOKENS))
 
@@ -73,6 +87,11 @@ class AblationConfig:
             raise ValueError(f"unknown ablation vector {self.vector!r}; choose mean or zeros")
         if self.ig_steps < 1 or self.ig_batch < 1:
             raise ValueError("--ig-steps must be at least 1")
+        if self.ig_sign not in IG_SIGNS:
+            raise ValueError(f"unknown --ig-sign {self.ig_sign!r}; choose {' or '.join(IG_SIGNS)}")
+        if self.ig_prompt not in IG_PROMPTS:
+            raise ValueError(f"unknown --ig-prompt {self.ig_prompt!r}; choose "
+                             f"{' or '.join(IG_PROMPTS)}")
 
     def condition_names(self, n_image_tokens: int) -> list[str]:
         self.validate()
@@ -131,7 +150,7 @@ def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
     if not samples:
         raise ValueError("no samples to ablate; check --data / --n")
     ex = executor(vlm)
-    reference = reference_images or [s.image for s in samples]
+    reference, record = resolve_reference(samples, config, reference_images)
     vector = ex.call(_vector, config, reference)
     injected = ex.call(_injected, config, reference)
     # targets draw from one generator over the whole list, and `idx` seeds the noise and
@@ -143,7 +162,59 @@ def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
                                           for setting in config.settings)]
     ex.map(_unit, units, vector, injected, config, out=out, progress=progress,
            label="ablation")
-    return summarise(out.rows(), ex.info, config)
+    rows = out.rows()
+    summary = summarise(rows, ex.info, config)
+    summary["funnel"] = funnel.tally(samples, targets, rows, config.settings, noise=True)
+    return {**summary, "reference": record}
+
+
+def resolve_reference(samples: list[Sample], config: AblationConfig, given=None):
+    """(the mean vector's reference images, what the summary records of them).
+
+    `given` (images a caller passes) or `config.reference` (a data spec, e.g. imagenet:DIR,
+    Neo et al.'s ImageNet val) when set; otherwise a held-out set disjoint from the evaluated
+    images (`default_reference`), never the evaluated images themselves. The record: spec,
+    n_images, default (vislens chose it), overlap (reference images that are also evaluated
+    images, pixel for pixel) and disjoint (overlap == 0). Zero ablation needs none: (None, None).
+    """
+    if config.vector == "zeros":
+        return None, None
+    from vislens.data.resolve import reference_images
+
+    if given is not None:
+        images, spec, default = given, config.reference or "(given by the caller)", False
+    elif config.reference:
+        images, spec, default = reference_images(config.reference), config.reference, False
+    else:
+        spec, default = default_reference(samples), True
+        images = reference_images(spec, REFERENCE_N)
+    shared, total = overlap(images, [s.image for s in samples])
+    if default and shared:  # a different world draws different scenes: never expected
+        raise VislensError(f"the default reference set {spec} shares {shared} image(s) with the "
+                           "evaluated data; pass --reference with a disjoint set")
+    return images, {"spec": spec, "n_images": total, "default": default, "overlap": shared,
+                    "disjoint": shared == 0}
+
+
+def default_reference(samples: list[Sample]) -> str:
+    """The reference set vislens picks when none is given: for ShapesWorld data, REFERENCE_N
+    scenes of the next world after the evaluated ones that is neither evaluated nor a toy's
+    training world (evaluating shapesworld:1000 -> shapesworld:1001). Other data has no
+    held-out twin vislens could know of: the user names one (Neo et al. used ImageNet val)."""
+    seeds = set()
+    for s in samples:
+        seed = s.meta.get("seed")
+        if s.meta.get("source") != "shapesworld" or not isinstance(seed, int):
+            raise VislensError(
+                "the mean ablation vector averages reference images that must not be the "
+                "evaluated ones (Neo et al.: ImageNet val); vislens picks a held-out set only "
+                "for ShapesWorld data: pass --reference imagenet:DIR (or any data spec disjoint "
+                "from --data), or --vector zeros")
+        seeds.add(seed)
+    seed = max(seeds) + 1
+    while seed in seeds or seed in shapesworld.TRAINING_SEEDS:
+        seed += 1
+    return f"shapesworld:{seed}"
 
 
 def _unit(vlm, out: RunDir, unit: tuple[int, Sample, int], vector, injected,
@@ -155,10 +226,19 @@ def _unit(vlm, out: RunDir, unit: tuple[int, Sample, int], vector, injected,
         vector = vector.to(vlm.device)
     if isinstance(injected, list):
         injected = [t.to(vlm.device) for t in injected]
+    shared: dict[str, np.ndarray] = {}  # the polling-prompt IG, once per image
+
+    def polling_ig() -> np.ndarray:
+        if "scores" not in shared:
+            shared["scores"] = polling_attribution(vlm, sample, target, vector, injected, config)
+        return shared["scores"]
+
+    ig = polling_ig if config.ig_prompt == "polling" else None
     for setting in config.settings:
         if out.done(sample=sample.id, setting=setting, condition="clean"):
             continue
-        for row in _sample_rows(vlm, sample, target, setting, vector, injected, config, idx):
+        for row in _sample_rows(vlm, sample, target, setting, vector, injected, config, idx,
+                                ig):
             out.add(row)
 
 
@@ -179,12 +259,16 @@ def _injected(vlm, config: AblationConfig, images):
 
 
 def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, injected,
-                 config: AblationConfig, idx: int) -> Iterator[dict]:
-    q = question(sample, target, setting)
+                 config: AblationConfig, idx: int, ig=None) -> Iterator[dict]:
+    q = asked(vlm, sample, target, setting)
     max_new = config.max_new_tokens[setting]
     inst = sample.instances[target]
     base = {"sample": sample.id, "setting": setting, "target": inst.name,
             "target_area": inst.area}
+    if q is None:  # VQA: the region word would not single out the target (funnel step)
+        yield {**base, "condition": "clean", "n_tokens": 0, "correct": False, "text": "",
+               "kept": False, "skipped": funnel.SKIPPED_REGION}
+        return
     noised = noise_object(sample.image, inst.mask, seed=config.seed + idx)
     batch = vlm.prepare([sample.image, noised], [q.prompt] * 2, [q.answer_prefix or None] * 2)
     generated = vlm.generate(batch, max_new_tokens=max_new)
@@ -200,7 +284,7 @@ def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, injecte
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
     feats = vlm.image_embeddings(one)
     sets = token_sets(vlm, one, feats, inst.mask, config, idx, q, vector,
-                      vlm.trim(generated[0]), injected)
+                      vlm.trim(generated[0]), injected, ig)
     names = [n for n in config.condition_names(len(one.token_map)) if n in sets]
     rows = repeat_batch(one, len(names))
     with ablate(vlm, [sets[n] for n in names], vector, injected=injected):
@@ -211,16 +295,19 @@ def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, injecte
 
 
 def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx: int,
-               q: Question, vector, clean: list[int], injected=None) -> dict[str, np.ndarray]:
+               q: Question, vector, clean: list[int], injected=None,
+               ig=None) -> dict[str, np.ndarray]:
     """Every condition's token positions for the one-sample `batch`.
 
-    clean: the clean generation's token ids (its answer word is what integrated
-    gradients explain).
+    clean: the clean generation's token ids (with `ig` None, its answer word is what
+    integrated gradients explain, on this batch's own prompt: --ig-prompt own).
+    ig: a function giving the image's patch-token IG scores, in image_positions order,
+    computed elsewhere (the polling prompt's, shared by the settings: Neo et al.).
     """
     tm = batch.token_map
     image = tm.image_positions(0)
     norms = _patch_features(vlm, batch, feats).norm(dim=-1).float().cpu().numpy()
-    sets = {"register": image[norms > norms.mean() + 2 * norms.std()]}
+    sets = {"register": register_tokens(image, norms)}
     rng = np.random.default_rng([config.seed, idx])
     for k in config.random_ks:
         if k <= len(image):
@@ -234,11 +321,60 @@ def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx:
     sets["random-matched"] = np.sort(rng.choice(image, size=len(obj1), replace=False))
     wanted = config.conditions is None or "ig-matched" in config.conditions
     if wanted:
-        prefix, target_id = answer_token(vlm, clean, q)
-        scores = integrated_gradients(vlm, extend_batch(batch, prefix), feats, target_id,
-                                      vector, config.ig_steps, config.ig_batch, injected)
+        if ig is not None:
+            scores = ig()
+        else:
+            prefix, target_id = answer_token(vlm, clean, q)
+            scores = integrated_gradients(vlm, extend_batch(batch, prefix), feats, target_id,
+                                          vector, config.ig_steps, config.ig_batch, injected,
+                                          sign=config.ig_sign)
+        if len(scores) != len(image):
+            raise ValueError(f"{len(scores)} IG scores for {len(image)} image tokens")
         sets["ig-matched"] = np.sort(image[np.argsort(-scores, kind="stable")[:len(obj1)]])
     return sets
+
+
+def register_tokens(image: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """High-norm "register" tokens: post-projector L2 norm > mean + 2 std over the image's
+    patch tokens, with the SAMPLE standard deviation (ddof 1) as Neo et al.'s torch.std."""
+    if len(norms) < 2:
+        return image[:0]
+    return image[norms > norms.mean() + 2 * norms.std(ddof=1)]
+
+
+def polling_attribution(vlm, sample: Sample, target: int, vector, injected,
+                        config: AblationConfig) -> np.ndarray:
+    """Neo et al.'s IG for every setting: on the polling question about the target, the
+    answer word "yes" (the clean polling answer's own token, found token by token; never
+    BOS), patch-token scores in image_positions order."""
+    q = question(sample, target, "polling")
+    one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
+    feats = vlm.image_embeddings(one)
+    generated = vlm.generate(one, max_new_tokens=config.max_new_tokens["polling"],
+                             image_features=feats)
+    prefix, target_id = yes_token(vlm, one, vlm.trim(generated[0]), q)
+    return integrated_gradients(vlm, extend_batch(one, prefix), feats, target_id, vector,
+                                config.ig_steps, config.ig_batch, injected, sign=config.ig_sign)
+
+
+def yes_token(vlm, batch, clean: list[int], q: Question) -> tuple[torch.Tensor, int]:
+    """(tokens before the answer word, the answer word's first token) for a polling question:
+    from the clean answer when it says "yes"; else, with nothing before it, the piece that
+    starts the word "yes" (any capitalisation) the model ranks highest as its first token."""
+    try:
+        return answer_token(vlm, clean, q)
+    except ValueError:
+        pass
+    from vislens.experiments.logit_lens import word_ids
+
+    ids = sorted({i for w in {q.answer, q.answer.capitalize(), q.answer.upper()}
+                  for i in word_ids(vlm.tokenizer, w)})
+    if not ids:
+        raise ValueError(f"the tokenizer has no piece for {q.answer!r}")
+    with torch.no_grad():
+        logits = vlm.forward(batch, logits_to_keep=1).logits[0, -1]
+    best = ids[int(torch.argmax(logits[torch.tensor(ids, device=logits.device)]))]
+    return torch.zeros(0, dtype=torch.long), int(best)
 
 
 def _patch_features(vlm, batch, feats) -> torch.Tensor:
@@ -285,8 +421,14 @@ def frozen(model: torch.nn.Module):
 
 
 def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
-                         chunk: int = 8, injected=None) -> np.ndarray:
+                         chunk: int = 8, injected=None, sign: str = "signed") -> np.ndarray:
     """IG attribution of each image patch token to the `target_id` logit at the last position.
+
+    sign: "signed" sums a token's per-dimension attributions (they add up over the tokens to
+    the logit difference below); "abs" sums their absolute values, Neo et al.'s ranking
+    score (ablation_experiment.py: `integrated_grads.abs().sum(dim=-1)`), under which a
+    token whose dimensions pull hard both ways ranks high; "dims" returns the per-dimension
+    attributions themselves [tokens, dims] (DeepStack inputs appended along dims).
 
     The path runs from the ablation baseline (mean embedding, or zeros) to the
     clean embeddings in `steps` midpoint steps, `chunk` steps per forward pass;
@@ -299,6 +441,8 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
     if steps < 1 or chunk < 1:
         raise ValueError(f"integrated gradients need steps >= 1 and chunk >= 1 (got {steps}, "
                          f"{chunk})")
+    if sign not in (*IG_SIGNS, "dims"):
+        raise ValueError(f"unknown IG sign {sign!r}; choose {', '.join(IG_SIGNS)} or dims")
     image = batch.token_map.image_positions(0)
     x = _patch_features(vlm, batch, feats).float()
     base = torch.zeros_like(x) if isinstance(vector, str) else \
@@ -328,8 +472,17 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
             grads = torch.autograd.grad(logits[:, -1, target_id].sum(), paths)
             for total, grad in zip(totals, grads, strict=True):
                 total += grad.float().sum(0)
-    return sum(((v - b) * t / steps).sum(-1) for v, b, t in
-               zip(inputs, bases, totals, strict=True)).detach().cpu().numpy()
+    per_dim = torch.cat([(v - b) * t / steps for v, b, t in
+                         zip(inputs, bases, totals, strict=True)], dim=-1).detach().cpu().numpy()
+    return per_dim if sign == "dims" else token_scores(per_dim, sign)
+
+
+def token_scores(per_dim: np.ndarray, sign: str) -> np.ndarray:
+    """One score per token from its per-dimension attributions [tokens, dims]: "abs" sums
+    their absolute values (Neo et al.), "signed" the values themselves."""
+    if sign not in IG_SIGNS:
+        raise ValueError(f"unknown IG sign {sign!r}; choose {' or '.join(IG_SIGNS)}")
+    return np.abs(per_dim).sum(-1) if sign == "abs" else per_dim.sum(-1)
 
 
 def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> dict:

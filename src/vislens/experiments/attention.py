@@ -35,6 +35,7 @@ import torch
 
 from vislens.data.samples import SETTINGS, Sample
 from vislens.distributed import executor
+from vislens.experiments import funnel
 from vislens.experiments.logit_lens import display_token
 from vislens.experiments.prompts import question
 from vislens.experiments.runs import RunDir
@@ -140,14 +141,16 @@ def run(vlm, samples: list[Sample], config: AttentionConfig, out: RunDir, progre
     vlm.require_layout("maps object masks to image tokens")
     config.validate()
     rng = np.random.default_rng(config.seed)
-    chosen = [(s, t) for s, t in zip(samples, choose_targets(samples, config.area, rng))
-              if t is not None]
+    targets = choose_targets(samples, config.area, rng)
+    chosen = [(s, t) for s, t in zip(samples, targets) if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
     ex.map(_chunk, chunks, config, out=out, progress=progress, label="attention")
     viewers = write_viewers(ex.info, chosen[:config.viewers], out.path)
-    return summarise(out.rows(), ex.info, config, viewers)
+    summary = summarise(out.rows(), ex.info, config, viewers)
+    summary["funnel"] = funnel.tally(samples, targets, None, (config.setting,))
+    return summary
 
 
 def _chunk(vlm, out: RunDir, chunk, config: AttentionConfig) -> None:

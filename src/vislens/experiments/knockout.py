@@ -48,8 +48,9 @@ import torch
 from vislens.data.samples import Sample
 from vislens.distributed import executor
 from vislens.errors import VislensError
+from vislens.experiments import funnel
 from vislens.experiments.batching import extend_batch, repeat_batch
-from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, question
+from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows, wilson_ci
@@ -283,7 +284,10 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
              and not all(out.done(sample=s.id, setting=setting, condition="clean", window=-1)
                          for setting in config.settings)]
     ex.map(_unit, items, config, windows, out=out, progress=progress, label="knockout")
-    return summarise(out.rows(), config, windows, ex.info.num_layers)
+    rows = out.rows()
+    summary = summarise(rows, config, windows, ex.info.num_layers)
+    summary["funnel"] = funnel.tally(samples, targets, rows, config.settings)
+    return summary
 
 
 def _unit(vlm, out: RunDir, item: tuple[Sample, int], config: KnockoutConfig, windows) -> None:
@@ -307,7 +311,15 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     prefix "It is a" the first answer position): its argmax is still the clean token;
     p_first is that token's probability.
     """
-    q = question(sample, target, setting)
+    q = asked(vlm, sample, target, setting)
+    if q is None:  # VQA: the region word would not single out the target (funnel step)
+        yield {"sample": sample.id, "setting": setting,
+               "target": sample.instances[target].name, "answer": "", "condition": "clean",
+               "window": -1, "start": 0, "end": vlm.num_layers - 1, "p_answer": 0.0,
+               "correct": False, "kept": False, "p_clean": 0.0, "n_answer_tokens": 0,
+               "first_correct": False, "p_first": 0.0, "p_first_clean": 0.0,
+               "skipped": funnel.SKIPPED_REGION}
+        return
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
     feats = vlm.image_embeddings(one)
     generated = vlm.trim(vlm.generate(one, max_new_tokens=MAX_NEW_TOKENS[setting],

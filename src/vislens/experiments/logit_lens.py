@@ -44,6 +44,7 @@ import torch
 from vislens.data.answers import head_words
 from vislens.data.samples import Sample
 from vislens.distributed import executor
+from vislens.experiments import funnel
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import wilson_ci
@@ -140,8 +141,8 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
         raise ValueError("no samples for the logit lens; check --data / --n")
     rng = np.random.default_rng(config.seed)
     area = default_area(samples) if config.area == "auto" else config.area
-    chosen = [(s, t) for s, t in zip(samples, choose_targets(samples, area, rng))
-              if t is not None]
+    targets = choose_targets(samples, area, rng)
+    chosen = [(s, t) for s, t in zip(samples, targets) if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     viewer_dir = out.path / "viewer"
@@ -153,6 +154,7 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     # the range the targets were chosen in (None: any area; an open end as None)
     summary["area"] = None if area is None else [float(a) if np.isfinite(a) else None
                                                  for a in area]
+    summary["funnel"] = funnel.tally(samples, targets, None, ("lens",))
     return summary
 
 

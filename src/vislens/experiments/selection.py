@@ -1,7 +1,13 @@
-"""Which samples an experiment keeps, as in Neo et al.'s protocol.
+"""Which samples an experiment keeps, as in Neo et al.'s released code.
 
 A target must be the only instance of its class (so "the object" is
 unambiguous) and lie in an area range (small objects: few object tokens).
+The rule is `vislens.data.coco.Selection`'s, applied to loaded samples: the
+FIRST class, in instance (annotation) order, with exactly one instance whose
+area (COCO's `area` field where the data has one) lies strictly inside the
+range; crowd regions count as instances and may be the target. A COCO image
+the loader already selected on its raw annotations keeps the target chosen
+there (meta `target_ann_id`), so selection and experiment never disagree.
 """
 
 from __future__ import annotations
@@ -9,32 +15,45 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from vislens.data.coco import Selection, first_single
 from vislens.data.samples import Sample
 
 
 def choose_target(sample: Sample, area: tuple[float, float] | None,
-                  rng: np.random.Generator) -> int | None:
-    """A random instance that is alone in its class and within the area range, if any."""
-    names = [inst.name for inst in sample.instances]
-    ok = [
-        i for i, inst in enumerate(sample.instances)
-        if names.count(inst.name) == 1
-        and (area is None or area[0] <= inst.area <= area[1])
-    ]
-    if not ok:
-        return None
-    return ok[int(rng.integers(len(ok)))]
+                  rng: np.random.Generator | None = None, *, strict: bool = True,
+                  crowd_target: bool = True) -> int | None:
+    """The index of the sample's target instance, or None when no instance qualifies.
+
+    Deterministic (Neo et al.'s rule; `rng` is accepted for older callers and unused).
+    `strict=False` takes both ends of the area range; `crowd_target=False` never picks a
+    crowd region (attribute iscrowd="1").
+    """
+    if "target_ann_id" in sample.meta:  # chosen on the raw annotations (None: its mask was empty)
+        ids = sample.meta.get("ann_ids", [])
+        chosen = sample.meta["target_ann_id"]
+        return ids.index(chosen) if chosen in ids else None
+    groups: dict[str, list[int]] = {}
+    for i, inst in enumerate(sample.instances):
+        groups.setdefault(inst.name, []).append(i)
+    rule = Selection(max_annotations=None, area=area, strict=strict, crowd_target=crowd_target)
+    return first_single(list(groups.values()), rule,
+                        area=lambda i: sample.instances[i].area,
+                        crowd=lambda i: sample.instances[i].attributes.get("iscrowd") == "1")
 
 
 def choose_targets(samples: list[Sample], area: tuple[float, float] | None,
-                   rng: np.random.Generator) -> list[int | None]:
+                   rng: np.random.Generator | None = None, **options) -> list[int | None]:
     """One target per sample (None where none qualifies); an error when none does anywhere,
     instead of an empty table."""
-    targets = [choose_target(s, area, rng) for s in samples]
+    targets = [choose_target(s, area, rng, **options) for s in samples]
     if samples and all(t is None for t in targets):
-        where = "" if area is None else f" with an area in [{area[0]:g}, {area[1]:g}] px"
-        raise ValueError(f"no image has a target object that is the only one of its class"
-                         f"{where}; widen it with --area MIN:MAX or use other images")
+        strict = options.get("strict", True)
+        where = "" if area is None else (
+            f" with an area in ({area[0]:g}, {area[1]:g}) px" if strict
+            else f" with an area in [{area[0]:g}, {area[1]:g}] px")
+        raise ValueError(f"none of the {len(samples)} images has a target object that is the "
+                         f"only one of its class{where}; widen it with --area MIN:MAX or use "
+                         "other images")
     return targets
 
 

@@ -104,3 +104,68 @@ def bootstrap_columns(matrix, n_boot: int = 2000, seed: int = 0, level: float = 
         if means.size:
             out[k] = np.percentile(means, [tail, 100 - tail])
     return out
+
+
+def selection_split(strata: Sequence, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split item indices into a SELECTION half (where a layer or anything else is
+    chosen) and a disjoint EVALUATION half (where the chosen thing is scored).
+
+    Stratified: the items of each stratum (e.g. class) are shuffled with `seed` and dealt
+    alternately to the two halves, the turn carrying over from one stratum to the next, so
+    every class sits on both sides when it has two items, and the halves differ in size by
+    at most one. Deterministic in (strata, seed); independent of any score.
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(strata):
+        groups.setdefault(str(s), []).append(i)
+    select, evaluate = [], []
+    turn = 0
+    for key in sorted(groups):
+        for i in rng.permutation(groups[key]).tolist():
+            (select if turn == 0 else evaluate).append(int(i))
+            turn ^= 1
+    return sorted(select), sorted(evaluate)
+
+
+def choose_layer(scores: dict, by: str = "largest") -> int | None:
+    """The layer of the best finite score (ties: the earliest layer); `by` = "largest"
+    (highest value) or "largest-abs" (largest size, sign kept elsewhere). None if no layer
+    has a finite score."""
+    if by not in ("largest", "largest-abs"):
+        raise ValueError(f"choose_layer by {by!r}: use 'largest' or 'largest-abs'")
+    ok = [(float(v), ly) for ly, v in scores.items() if v is not None and np.isfinite(v)]
+    if not ok:
+        return None
+    size = abs if by == "largest-abs" else float
+    return max(ok, key=lambda vl: (size(vl[0]), -vl[1]))[1]
+
+
+def paired_delta(n_items: int, metric: Callable[[list[int]], float | None],
+                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """A change measured on the same items twice (e.g. with / without a prefix) with its
+    percentile bootstrap interval: `metric(indices)` gives after - before on those items,
+    and the items are resampled together for both conditions (a paired bootstrap).
+    Returns {"delta", "ci95", "n"} (None for no items or an undefined metric)."""
+    idx = list(range(n_items))
+    if not idx:
+        return {"delta": None, "ci95": None, "n": 0}
+    d = metric(idx)
+    if d is None or not np.isfinite(d):
+        return {"delta": None, "ci95": None, "n": n_items}
+    lo, hi = bootstrap_metric(idx, metric, n_boot=n_boot, seed=seed, level=level)
+    ci = None if not (np.isfinite(lo) and np.isfinite(hi)) else [round(lo, 4), round(hi, 4)]
+    return {"delta": round(float(d), 4), "ci95": ci, "n": n_items}
+
+
+def permutation_null(observed: float, draws: Sequence[float], level: float = 0.95) -> dict:
+    """A statistic against its permutation distribution: the null's mean, its central
+    `level` interval, and the one-sided p-value P(null >= observed) with the +1 correction
+    (so never 0)."""
+    d = np.asarray(draws, dtype=float)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(d, [tail, 100 - tail])
+    p = (1 + int((d >= observed - 1e-12).sum())) / (1 + d.size)
+    return {"mean": round(float(d.mean()), 4), "ci95": [round(float(lo), 4),
+                                                        round(float(hi), 4)],
+            "p_value": round(float(p), 4), "n_permutations": int(d.size)}

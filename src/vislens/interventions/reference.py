@@ -148,3 +148,36 @@ def _patch_rows(vlm, chunk: list[Image.Image], prompt: str) -> Iterator[tuple]:
         injected = [] if feats.injected is None else \
             [x[patch.to(x.device)].float() for x in feats.injected[b]]
         yield f[patch].float(), injected
+
+
+def image_digest(im: Image.Image) -> str:
+    """One image's identity for overlap checks: its size and RGB bytes (mode ignored)."""
+    h = hashlib.sha256(f"{im.size}".encode())
+    h.update(np.asarray(im.convert("RGB")).tobytes())
+    return h.hexdigest()
+
+
+def overlap(references: Iterable[Image.Image], evaluated: Iterable[Image.Image]) -> tuple[int, int]:
+    """(how many reference images are also evaluated images, pixel for pixel; how many
+    reference images there are). A reference image is hashed only when its size is one of
+    the evaluated images' sizes; a folder (`vislens.data.imagenet.ImageFolder`) is sized
+    from the file headers, so a 50,000-image ImageNet val set is not decoded for this."""
+    evaluated = list(evaluated)
+    digests = {image_digest(im) for im in evaluated}
+    sizes = {im.size for im in evaluated} | {im.size[::-1] for im in evaluated}
+    files = getattr(references, "files", None)
+    shared = total = 0
+    if files is not None:  # an ImageFolder: (label, path) pairs
+        from vislens.data._io import read_image
+
+        for _, path in files:
+            total += 1
+            with Image.open(path) as head:
+                if head.size not in sizes:
+                    continue
+            shared += image_digest(read_image(path)) in digests
+        return shared, total
+    for im in references:
+        total += 1
+        shared += im.size in sizes and image_digest(im) in digests
+    return shared, total

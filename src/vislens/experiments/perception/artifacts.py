@@ -24,11 +24,18 @@ perception is re-measured (the text-reading tasks sem-seg / ref-seg, whose text
 values change when they cannot read the artifacts; image-only tasks cannot change
 because image tokens precede the text) and so is the model's multiple-choice
 accuracy.
+
+Headlines: per task, the change at one layer chosen on a selection half of the items
+and measured on the other half, with a paired bootstrap interval over items
+(held_out_delta; `perceive.headline`); the multiple-choice change with a paired bootstrap
+interval over items, beside its item count and chance accuracy. The per-layer `delta`
+curves are on all items: their largest entry is not a held-out number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -39,6 +46,7 @@ from vislens.data.resolve import open_dataset
 from vislens.distributed import executor
 from vislens.experiments.perception import perceive, surface
 from vislens.experiments.perception.features import KeyCells, extract
+from vislens.experiments.stats import choose_layer, paired_delta, selection_split
 
 TEXT_TASKS = perceive.TEXT_TASKS
 
@@ -55,6 +63,7 @@ class ArtifactsConfig:
         default_factory=lambda: perceive.PerceiveConfig(tasks=TEXT_TASKS))
     mc: surface.SurfaceConfig = field(default_factory=surface.SurfaceConfig)
     batch_size: int = 8
+    n_boot: int = 1000  # bootstrap draws of every headline interval
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,9 +175,18 @@ def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
         if blocked else mc_clean
     truth = [it.answer_index for it in mc_items]
 
+    def right(answers) -> np.ndarray:
+        return np.array([a["choice"] == t for a, t in zip(answers, truth, strict=True)])
+
     def acc(answers):
-        return round(float(np.mean([a["choice"] == t for a, t in zip(answers, truth,
-                                                                      strict=True)])), 4)
+        return round(float(np.mean(right(answers))), 4) if len(answers) else None
+
+    ok_clean, ok_knock = right(mc_clean), right(mc_knock)
+    mc_delta = paired_delta(len(mc_items), lambda idx: float(np.mean(ok_knock[idx])
+                                                             - np.mean(ok_clean[idx])),
+                            n_boot=config.n_boot, seed=pcfg.seed)
+    headline = held_out_delta(out.rows(), "clean", "knockout", list(clean),
+                              seed=pcfg.seed, n_boot=config.n_boot) if blocked else {}
 
     summary = {
         "n_images": art.n_images, "z": config.z, "min_score": config.min_score,
@@ -178,13 +196,98 @@ def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
         "score_mean": {str(ly): round(float(s.mean()), 4) for ly, s in art.scores.items()},
         "stability_mean": {str(ly): round(float(s.mean()), 4)
                            for ly, s in art.stability.items()},
-        "perceive": {"clean": clean, "knockout": knocked, "delta": delta(clean, knocked)},
+        "blocked_layers": sorted(blocked),
+        "perceive": {"clean": clean, "knockout": knocked, "delta": delta(clean, knocked),
+                     "headline": headline},
         "multiple_choice": {"n": len(mc_items), "kind": config.mc.kind,
                             "clean_accuracy": acc(mc_clean), "knockout_accuracy": acc(mc_knock),
-                            "delta": round(acc(mc_knock) - acc(mc_clean), 4),
+                            "delta": mc_delta["delta"], "delta_ci95": mc_delta["ci95"],
+                            "chance_accuracy": round(float(np.mean(
+                                [1 / len(it.choices) for it in mc_items])), 4)
+                            if mc_items else None,
                             "answer_mode": mc_clean[0]["mode"] if mc_clean else ""},
     }
     return summary, art
+
+
+def _variant(stat, which: str):
+    """co-seg / ref-seg rows hold {"free", "oracle"} per source; others the stat itself."""
+    return stat.get(which) if isinstance(stat, dict) and "free" in stat else stat
+
+
+def held_out_delta(rows: list[dict], before: str, after: str, tasks: Sequence[str],
+                   kinds: Sequence[str] = ("values", "keys"), seed: int = 0,
+                   n_boot: int = 1000) -> dict:
+    """The headline change of each task (and oracle variant) between two conditions.
+
+    The items of a task are split in two (stats.selection_split: stratified by the item's
+    class, seeded); on the SELECTION half the layer of the largest change (sign kept) is
+    chosen, on the other, EVALUATION half the change at that layer is measured, with a
+    paired bootstrap interval over items (both conditions resampled together). The items'
+    per-source statistics come from the run's rows, scored as perceive.aggregate scores
+    them. -> {task: {kind: {"layer", "delta", "ci95", "before", "after", "n_select",
+    "n_eval", "metric", "selected_on"}}}.
+    """
+    base = {v: k for k, v in perceive.ORACLES.items()}
+    out: dict = {}
+    for name in tasks:
+        task, which = (base[name], "oracle") if name in base else (name, "free")
+        mine = {c: {r["item"]: r for r in rows if r["condition"] == c and r["task"] == task}
+                for c in (before, after)}
+        keys = sorted(set(mine[before]) & set(mine[after]), key=int)
+        if not keys:
+            continue
+        paired = _Paired(task, which, [mine[before][k] for k in keys],
+                         [mine[after][k] for k in keys])
+        entry = {kind: paired.headline(kind, seed, n_boot) for kind in kinds
+                 if paired.layers(kind)}
+        if entry:
+            out[name] = {"metric": perceive.TASKS[task][1], **entry}
+    return out
+
+
+class _Paired:
+    """One task's items scored under two conditions (rows of the same items, in order)."""
+
+    def __init__(self, task: str, which: str, before: list[dict], after: list[dict]):
+        self.task, self.which = task, which
+        self.stats = {"before": [json.loads(r["stats"]) for r in before],
+                      "after": [json.loads(r["stats"]) for r in after]}
+        self.classes = [r["class"] for r in before]
+
+    def layers(self, kind: str) -> list[int]:
+        return sorted({int(s.split("/")[1]) for st in self.stats["before"] for s in st
+                       if s.startswith(f"{kind}/")})
+
+    def score(self, cond: str, src: str, idx: Sequence[int]) -> float | None:
+        got = [_variant(self.stats[cond][i].get(src), self.which) for i in idx]
+        if not idx or all(g is None for g in got):
+            return None
+        v = perceive.aggregate(self.task, got, [self.classes[i] for i in idx])
+        return float(v) if np.isfinite(v) else None
+
+    def change(self, src: str, idx: Sequence[int]) -> float | None:
+        a, b = self.score("after", src, idx), self.score("before", src, idx)
+        return None if a is None or b is None else a - b
+
+    def headline(self, kind: str, seed: int, n_boot: int) -> dict:
+        sel, ev = selection_split(self.classes, seed)
+        entry = {"layer": None, "delta": None, "ci95": None, "before": None, "after": None,
+                 "n_select": len(sel), "n_eval": len(ev),
+                 "selected_on": "largest |change| on the selection half"}
+        if not sel or not ev:
+            return entry
+        layer = choose_layer({ly: self.change(f"{kind}/{ly}", sel)
+                              for ly in self.layers(kind)}, by="largest-abs")
+        if layer is None:
+            return entry
+        src = f"{kind}/{layer}"
+        d = paired_delta(len(ev), lambda idx: self.change(src, [ev[i] for i in idx]),
+                         n_boot=n_boot, seed=seed)
+        b, a = self.score("before", src, ev), self.score("after", src, ev)
+        return {**entry, "layer": layer, "delta": d["delta"], "ci95": d["ci95"],
+                "before": None if b is None else round(b, 4),
+                "after": None if a is None else round(a, 4)}
 
 
 def delta(before: dict, after: dict) -> dict:

@@ -39,6 +39,7 @@ SOURCES = ("keys", "values", "projector", "vision")  # the default set
 LM_KINDS = {"keys": "keys_post", "keys-pre": "keys_pre", "values": "values"}  # name -> capture
 ALL_SOURCES = ("keys", "keys-pre", "values", "projector", "vision")
 CAPTURED = {table: kind for kind, table in LM_KINDS.items()}  # capture table -> name
+TEXT_TOKENS = ("mean", "last")  # a text span's feature: its tokens' mean, or its last token
 
 
 class FeatureStore:
@@ -130,6 +131,20 @@ class ImageFeatures:
         inside = ((x >= box[..., 0]) & (x < box[..., 2]) & (y >= box[..., 1]) & (y < box[..., 3]))
         d = np.where(inside, -1.0, d)
         return d.argmin(1)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of the original image."""
+        w, h = self.token_map.all_image_sizes[self.index][0]
+        return int(h), int(w)
+
+    def pixel_index(self, keep: np.ndarray | None = None) -> np.ndarray:
+        """[H, W] index of the token (among `keep`, default all) whose box holds each pixel
+        of the original image, -1 where none does (metrics.token_index_map)."""
+        from vislens.experiments.perception.metrics import token_index_map
+
+        return token_index_map(self.boxes if keep is None else self.boxes[keep],
+                               self.image_shape)
 
     def centres(self) -> np.ndarray:
         return np.stack([(self.boxes[:, 0] + self.boxes[:, 2]) / 2,
@@ -247,16 +262,20 @@ def block_keys(vlm, batch, blocked: dict[int, KeyCells] | None):
 def extract(vlm, images, prompts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]
             | None = None, layers: Sequence[int] | None = None, sources=SOURCES,
             prefixes: Sequence[str | None] | None = None,
-            blocked: dict[int, KeyCells] | None = None, batch_size: int = 8
-            ) -> list[ImageFeatures]:
+            blocked: dict[int, KeyCells] | None = None, batch_size: int = 8,
+            text_token: str = "mean") -> list[ImageFeatures]:
     """Features of each image (one prompt each) for every source, in batches.
 
     spans: per image, (start, end) character spans of its prompt whose text
     features are wanted (e.g. class names). blocked: layer -> the image key cells
-    that text positions may not attend to in that layer. Image features are read
+    that text positions may not attend to in that layer. text_token: a span's feature is
+    the "mean" of its tokens' or the "last" token's (what attends to the whole span in a
+    causal LM). Image features are read
     from disk when a source is asked for (see the module docstring); text features
     (one vector per span and source) stay in memory.
     """
+    if text_token not in TEXT_TOKENS:
+        raise ValueError(f"text_token {text_token!r}: choose {' or '.join(TEXT_TOKENS)}")
     images, prompts = list(images), list(prompts)
     spans = [list(s) for s in spans] if spans is not None else [[] for _ in images]
     prefixes = list(prefixes) if prefixes is not None else [None] * len(images)
@@ -265,12 +284,12 @@ def extract(vlm, images, prompts: Sequence[str], spans: Sequence[Sequence[tuple[
     for i in range(0, len(images), batch_size):
         sl = slice(i, i + batch_size)
         out.extend(_extract_batch(vlm, images[sl], prompts[sl], spans[sl], layers, sources,
-                                  prefixes[sl], blocked, store, i))
+                                  prefixes[sl], blocked, store, i, text_token))
     return out
 
 
 def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, blocked,
-                   store: FeatureStore, first: int):
+                   store: FeatureStore, first: int, text_token: str = "mean"):
     batch = vlm.prepare(list(images), list(prompts), prefixes=prefixes)
     tm = batch.token_map
     n = batch.size
@@ -290,7 +309,8 @@ def _extract_batch(vlm, images, prompts, spans, layers, sources, prefixes, block
             store.write(first + b, name, x[:len(image_pos[b])])
         start = len(image_pos[b])
         for s, cols in enumerate(text_pos[b]):
-            texts[b][s][name] = x[start:start + len(cols)].float().cpu().mean(0)
+            rows = x[start:start + len(cols)].float().cpu()
+            texts[b][s][name] = rows[-1] if text_token == "last" else rows.mean(0)
             start += len(cols)
 
     def sink(table: str, layer: int, x: torch.Tensor) -> None:

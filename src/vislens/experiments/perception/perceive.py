@@ -7,12 +7,20 @@ rerun resumes and the summary is recomputed from rows. The image-only tasks use 
 neutral prompt: image tokens come before the text, so their keys / values depend on
 the text only through a prefix (see prefix.py).
 
-Statistics are honest by construction: the layer reported for keys / values is
-chosen on one half of the items (even indices) and scored on the other half (the
-argmax over all items is reported only as a labelled upper bound); co-seg and
-ref-seg choose their object without ground truth, and their ground-truth-matched
-variants are reported beside them as "co-seg-oracle" / "ref-seg-oracle"; every
-score carries a 95% bootstrap interval over items.
+Statistics are honest by construction:
+- one split per task, by item and stratified by class (seeded: `split_items`): the
+  layer reported for keys / values is chosen on the selection half, and every source
+  (that layer, the projector output, the vision encoder, the chance levels) is
+  reported on the held-out half, with its item count (the best layer on the held-out
+  half is reported only as a labelled upper bound);
+- scores are at PIXEL level (token predictions painted onto the pixels their boxes
+  cover, uncovered pixels = background; see metrics.py); the token-level score of the
+  same split is the labelled variant "token_level";
+- co-seg and ref-seg choose their object without ground truth, and sem-seg chooses
+  among all the data set's classes; the variants told the answer are reported beside
+  them as "co-seg-oracle" / "ref-seg-oracle" / "sem-seg-oracle" (classes present);
+- chance levels (all-background, all-foreground, random class / token) are scored on
+  the same held-out items; every score carries a 95% bootstrap interval over items.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import SOURCES, ImageFeatures, extract
 from vislens.experiments.stats import bootstrap_metric
 
-ORACLES = {"co-seg": "co-seg-oracle", "ref-seg": "ref-seg-oracle"}  # GT-matched variants
+ORACLES = {"co-seg": "co-seg-oracle", "ref-seg": "ref-seg-oracle",  # GT-matched variants
+           "sem-seg": "sem-seg-oracle"}  # told the classes present
 # task -> (data task of open_task, metric name)
 TASKS: dict[str, tuple[str, str]] = {
     "fg-seg": ("fewshot", "miou"),
@@ -63,11 +72,28 @@ class PerceiveConfig:
     clusters: int = 3  # co-seg k-means clusters (object, background, other objects)
     top_k: int = 5  # temp-corr label propagation
     temperature: float = 0.1
-    seed: int = 0
+    seed: int = 0  # k-means, and the stratified selection / held-out split of every task
     batch_size: int = 8
+    sem_seg_oracle: bool = True  # also report "sem-seg-oracle" (choice among present classes)
+    text_token: str = "mean"  # sem-seg / ref-seg text feature: span's "mean" or "last" token
+    similarity: str = "cosine"  # text vs image tokens (sem-seg, ref-seg): "cosine" or "dot"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_config(config: PerceiveConfig) -> PerceiveConfig:
+    """Refuse unknown tasks, text-token rules and similarities before anything runs."""
+    from vislens.experiments.perception.features import TEXT_TOKENS
+
+    check_tasks(config.tasks)
+    if config.text_token not in TEXT_TOKENS:
+        raise ValueError(f"unknown text token {config.text_token!r}; choose "
+                         f"{' or '.join(TEXT_TOKENS)}")
+    if config.similarity not in M.SIMILARITIES:
+        raise ValueError(f"unknown similarity {config.similarity!r}; choose "
+                         f"{' or '.join(M.SIMILARITIES)}")
+    return config
 
 
 def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
@@ -94,6 +120,7 @@ def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
     vislens.distributed.RayPool passed as `vlm` keeps all its workers busy across tasks.
     """
     vlm.require_layout("scores tokens against pixel masks and points")
+    check_config(config)
     tasks = check_tasks(config.tasks)
     units = []
     for task in tasks:
@@ -184,27 +211,91 @@ def _prefix(config, task: str, item, task_names: Sequence[str], **fields) -> str
                        **fields)
 
 
+def _levels(pixel: dict, token: dict | None = None) -> dict:
+    """A row's stats: the PIXEL-level stat of every source at the top (source -> stat, the
+    layout readers of rows such as artifacts' held-out deltas expect), the token-level
+    ones under "token" (absent where a task has no token level)."""
+    return {**pixel, "token": token} if token is not None else dict(pixel)
+
+
+def _pixel(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "token"}
+
+
+def _valid(sample) -> np.ndarray | None:
+    """Pixels that are scored: all but the data set's ignore pixels (VOC 255, ImageNet-S
+    1000), known when the sample carries its label map (data.tasks._with_labels)."""
+    labels = sample.meta.get("labels")
+    if labels is None:
+        return None
+    return np.asarray(labels) != sample.meta.get("ignore_index", 255)
+
+
+def _flat_valid(masks, valid) -> np.ndarray:
+    return np.concatenate([np.ones(m.size, bool) if v is None else np.asarray(v).ravel()
+                           for m, v in zip(masks, valid, strict=True)])
+
+
 def score_fg_seg(vlm, ep, config, blocked, names=()):
+    """Linear probe trained on the support shots' TOKEN labels; its per-token fg / bg on
+    the queries is scored on the pixels (painted, uncovered pixels = background) and on
+    the tokens. Chance: all-background and all-foreground predictions of the same truth."""
     images = [s.image for s in ep.support + ep.query]
     feats = _extract(vlm, images, config, blocked=blocked,
                      prefix=_prefix(config, "fg-seg", ep, names, name=ep.name))
     masks = ep.support_masks + ep.query_masks
     labels = [_labels(f, m) for f, m in zip(feats, masks, strict=True)]
     k = len(ep.support)
-    stats = {src: M.fg_seg_stats([f.sources[src] for f in feats[:k]], labels[:k],
-                                 [f.sources[src] for f in feats[k:]], labels[k:])
-             for src in feats[0].sources}
-    return ep.name, stats
+    queries = feats[k:]
+    index = [f.pixel_index() for f in queries]
+    tok_gt = np.concatenate(labels[k:])
+    pix_gt = np.concatenate([np.asarray(m, bool).ravel() for m in ep.query_masks])
+    pix_valid = _flat_valid(ep.query_masks, [_valid(s) for s in ep.query])
+    pixel, token = {}, {}
+    for src in feats[0].sources:
+        pred = M.fg_seg_predict([f.sources[src] for f in feats[:k]], labels[:k],
+                                [f.sources[src] for f in queries])
+        token[src] = M.fg_counts(np.concatenate(pred), tok_gt)
+        painted = [M.paint(ix, p, False).ravel() for ix, p in zip(index, pred, strict=True)]
+        pixel[src] = M.fg_counts(np.concatenate(painted), pix_gt, pix_valid)
+    for name, fill in (("all-background", False), ("all-foreground", True)):
+        token[f"chance/{name}"] = M.fg_counts(np.full(tok_gt.shape, fill), tok_gt)
+        pixel[f"chance/{name}"] = M.fg_counts(np.full(pix_gt.shape, fill), pix_gt, pix_valid)
+    return ep.name, _levels(pixel, token)
 
 
 def score_co_seg(vlm, cs, config, blocked, names=()):
+    """k-means over the set's tokens; the object cluster chosen without ground truth
+    ("free", metrics.coseg_free) or by its IoU ("oracle", chosen at each level), IoU pooled
+    over the set's pixels (painted; uncovered = background) and over its tokens."""
     feats = _extract(vlm, [s.image for s in cs.samples], config, blocked=blocked,
                      prefix=_prefix(config, "co-seg", cs, names, name=cs.name))
     labels = [_labels(f, m) for f, m in zip(feats, cs.masks, strict=True)]
     borders = [_border(f) for f in feats]
-    stats = {src: M.coseg_iou([f.sources[src] for f in feats], labels, k=config.clusters,
-                              seed=config.seed, borders=borders) for src in feats[0].sources}
-    return cs.name, stats
+    index = [f.pixel_index() for f in feats]
+    valid = [_valid(s) for s in cs.samples]
+    pixel, token = {}, {}
+    for src in feats[0].sources:
+        per_image, k = M.coseg_assign([f.sources[src] for f in feats], k=config.clusters,
+                                      seed=config.seed)
+        free = M.coseg_free(per_image, k, borders)
+        tok = [_zero(M.pooled_iou([a == c for a in per_image], labels)) for c in range(k)]
+        pix = [_zero(M.pooled_iou([M.paint(ix, a == c, False)
+                                   for ix, a in zip(index, per_image, strict=True)],
+                                  cs.masks, valid)) for c in range(k)]
+        token[src] = {"free": tok[free], "oracle": max(tok)}
+        pixel[src] = {"free": pix[free], "oracle": max(pix)}
+    tok_all = _zero(M.pooled_iou([np.ones(len(g), bool) for g in labels], labels))
+    pix_all = _zero(M.pooled_iou([np.ones(np.shape(m), bool) for m in cs.masks], cs.masks,
+                                 valid))
+    token["chance/all-foreground"] = {"free": tok_all, "oracle": tok_all}
+    pixel["chance/all-foreground"] = {"free": pix_all, "oracle": pix_all}
+    return cs.name, _levels(pixel, token)
+
+
+def _zero(x: float) -> float:
+    """An empty union scores 0 (co-seg's rule: a cluster that is nowhere matches nothing)."""
+    return 0.0 if not np.isfinite(x) else float(x)
 
 
 def _border(f: ImageFeatures) -> np.ndarray:
@@ -216,9 +307,13 @@ def _border(f: ImageFeatures) -> np.ndarray:
 
 
 def _text_request(task: str, item, config, names: Sequence[str]) -> tuple:
-    """(image, prompt, spans, prefix) of one sem-seg / ref-seg item."""
+    """(image, prompt, spans, prefix) of one sem-seg / ref-seg item.
+
+    sem-seg's prompt names every class of the DATA SET (item.classes: background first;
+    VOC's 20, ImageNet-S's 919, ShapesWorld's shapes), never only the classes present.
+    """
     if task == "sem-seg":
-        words = [item.classes[0], *item.present()]
+        words = list(item.classes)
         prompt, spans = _join_spans(words)
         return (item.sample.image, prompt, spans,
                 _prefix(config, task, item, names, names=" ".join(words)))
@@ -233,38 +328,72 @@ def score_text_items(task: str, vlm, items: list, config, blocked, names=()
     reqs = [_text_request(task, it, config, names) for it in items]
     feats = extract(vlm, [r[0] for r in reqs], [r[1] for r in reqs], spans=[r[2] for r in reqs],
                     layers=config.layers, sources=config.sources, prefixes=[r[3] for r in reqs],
-                    blocked=blocked, batch_size=config.batch_size)
+                    blocked=blocked, batch_size=config.batch_size, text_token=config.text_token)
     score = _sem_seg_stats if task == "sem-seg" else _ref_seg_stats
-    return [score(it, f) for it, f in zip(items, feats, strict=True)]
+    return [score(it, f, config.similarity) for it, f in zip(items, feats, strict=True)]
 
 
-def _sem_seg_stats(sm, f: ImageFeatures) -> tuple[str, dict]:
-    """Each token -> the class name (background first, then the present classes) whose
-    text feature is most similar; a token's truth is its majority class by coverage."""
-    names = [sm.classes[0], *sm.present()]
-    ids = [sm.classes.index(n) for n in names]
-    cover = np.stack([f.coverage(sm.labels == i) for i in ids]
+def _sem_seg_stats(sm, f: ImageFeatures, similarity: str = "cosine") -> tuple[str, dict]:
+    """Each token -> the class name whose text feature is most similar, among ALL the data
+    set's classes ("free") or only background + the classes present (the "oracle": it is
+    told which classes the image holds). Pixel level: the truth is the label map (ignore
+    pixels not scored), predictions painted (uncovered pixels = background, class 0).
+    Token level: a token's truth is its majority class by coverage. Chance: every pixel
+    background, and a class drawn uniformly (from all classes / from the present ones)."""
+    names = list(sm.classes)
+    present = [0] + [names.index(n) for n in sm.present()]
+    cover = np.stack([f.coverage(sm.labels == i) for i in present]
                      + [f.coverage(sm.labels == sm.ignore_index)], axis=1)
-    gt = cover.argmax(1)
-    gt[gt == len(ids)] = -1  # mostly ignore pixels: not scored
-    stats = {}
+    best = cover.argmax(1)
+    tok_gt = np.where(best == len(present), -1,
+                      np.asarray(present)[np.minimum(best, len(present) - 1)])
+    pix_gt = np.where(sm.labels == sm.ignore_index, -1, sm.labels)
+    index = f.pixel_index()
+    pixel, token = {}, {}
     for src, x in f.sources.items():
         if src == "vision":
             continue
-        text = np.stack([t[src].numpy() for t in f.text])
-        stats[src] = M.semseg_stats(M.semseg_predict(x, text), gt, names)
-    return ",".join(names[1:]), stats
+        sim = M.similarity(x, np.stack([t[src].numpy() for t in f.text]), similarity)
+        preds = {"free": sim.argmax(1), "oracle": np.asarray(present)[sim[:, present].argmax(1)]}
+        token[src] = {w: M.semseg_stats(p, tok_gt, names) for w, p in preds.items()}
+        pixel[src] = {w: M.semseg_stats(M.paint(index, p, 0), pix_gt, names)
+                      for w, p in preds.items()}
+    for level, gt in (("token", tok_gt), ("pixel", pix_gt)):
+        every, told = M.semseg_chance(gt, names), M.semseg_chance(gt, names, among=present)
+        out = token if level == "token" else pixel
+        out["chance/all-background"] = {"free": every["background"],
+                                        "oracle": every["background"]}
+        out["chance/random-class"] = {"free": every["random"], "oracle": told["random"]}
+    return ",".join(names[i] for i in present[1:]), _levels(pixel, token)
 
 
-def _ref_seg_stats(ref, f: ImageFeatures) -> tuple[str, dict]:
-    """Mean text feature of the whole expression vs each image token (metrics.refseg_iou)."""
+def _ref_seg_stats(ref, f: ImageFeatures, similarity: str = "cosine") -> tuple[str, dict]:
+    """Mean text feature of the whole expression vs each image token: the tokens above
+    Otsu's threshold ("free") or the top k, k = the target's token count ("oracle"), IoU
+    with the target at pixel level (painted; uncovered = not the target) and token level.
+    Chance: every pixel / token called the target."""
     cov = f.coverage(ref.mask)
     gt = M.token_labels(cov)
     if not gt.any():  # an object smaller than half a token: its best-covered token
         gt = cov >= cov.max() if cov.max() > 0 else gt
-    stats = {src: M.refseg_iou(x, f.text[0][src], gt) for src, x in f.sources.items()
-             if src != "vision"}
-    return ref.kind, stats
+    k = int(gt.sum())
+    mask = np.asarray(ref.mask, bool)
+    index = f.pixel_index()
+    pixel, token = {}, {}
+    for src, x in f.sources.items():
+        if src == "vision":
+            continue
+        if k == 0:
+            token[src] = pixel[src] = {"free": float("nan"), "oracle": float("nan")}
+            continue
+        free, top = M.refseg_select(x, f.text[0][src], k, similarity)
+        token[src] = {"free": M.iou(free, gt), "oracle": M.iou(top, gt)}
+        pixel[src] = {"free": M.iou(M.paint(index, free, False), mask),
+                      "oracle": M.iou(M.paint(index, top, False), mask)}
+    tok_all, pix_all = M.iou(np.ones_like(gt), gt), M.iou(np.ones_like(mask), mask)
+    token["chance/all-foreground"] = {"free": tok_all, "oracle": tok_all}
+    pixel["chance/all-foreground"] = {"free": pix_all, "oracle": pix_all}
+    return ref.kind, _levels(pixel, token)
 
 
 def score_sem_seg(vlm, sm, config, blocked, names=()):
@@ -276,13 +405,20 @@ def score_ref_seg(vlm, ref, config, blocked, names=()):
 
 
 def score_sem_corr(vlm, pair, config, blocked, names=()):
+    """Nearest neighbour of each source keypoint's token among the target's tokens; the
+    predicted point is that token's box centre in ORIGINAL pixels and PCK@0.1 is measured
+    there (so this task is pixel level as it stands; it has no token-level variant).
+    "oracle": the right token every time (the grid's cap); chance: a uniformly random
+    target token for every point (in expectation)."""
     feats = _extract(vlm, [pair.source.image, pair.target.image], config, blocked=blocked,
                      prefix=_prefix(config, "sem-corr", pair, names,
                                     name=pair.category or "object"))
     src, trg = feats
     k = len(pair.source_points)
     if k == 0:
-        return pair.category, {s: [0, 0] for s in src.sources} | {"oracle": [0, 0]}
+        empty = {s: [0, 0] for s in src.sources} | {"oracle": [0, 0],
+                                                    "chance/random-token": [0, 0]}
+        return pair.category, _levels(empty)
     tokens = src.token_at(pair.source_points)
     centres = trg.centres()
     stats = {}
@@ -290,32 +426,47 @@ def score_sem_corr(vlm, pair, config, blocked, names=()):
         match = M.nearest_tokens(src.sources[name], trg.sources[name], tokens)
         stats[name] = [round(pair.pck(centres[match]) * k), k]
     stats["oracle"] = [round(pair.pck(centres[trg.token_at(pair.target_points)]) * k), k]
-    return pair.category, stats
+    hits = [pair.pck(np.repeat(c[None], k, 0)) * k for c in centres]
+    stats["chance/random-token"] = [float(np.mean(hits)), k]
+    return pair.category, _levels(stats)
 
 
 def score_temp_corr(vlm, video, config, blocked, names=()):
+    """Label propagation over the base view's tokens from frame 0's token labels; J&F on
+    the frames' pixels (painted; uncovered = background; DAVIS's boundary tolerance of
+    0.8% of the diagonal, a disk) and on the token grid (1 cell). "static": frame 0's
+    labels copied to every frame (no tracking); chance: every pixel background."""
     feats = _extract(vlm, [fr.image for fr in video.frames], config, blocked=blocked,
                      prefix=_prefix(config, "temp-corr", video, names))
     base = [f.tiles == 0 for f in feats]
-    grids = []
+    grids, pix_gts = [], []
     for t, f in enumerate(feats):
         lab = video.label_map(t)
+        pix_gts.append(lab)
         ids = [int(v) for v in np.unique(lab) if v > 0]
         cover = np.stack([f.coverage(lab == 0)] + [f.coverage(lab == i) for i in ids], 1)
         best = cover.argmax(1)
         tok = np.where(cover.max(1) >= M.COVERAGE, np.asarray([0, *ids])[best], 0)
         grids.append(_grid(f, tok, base[t]))
-    stats = {}
+    index = [f.pixel_index(b) for f, b in zip(feats, base, strict=True)]
+    tol = M.davis_tolerance(pix_gts[0].shape)
+    pixel, token = {}, {}
     for name in feats[0].sources:
         x = [f.sources[name].numpy()[b] for f, b in zip(feats, base, strict=True)]
         first = grids[0][feats[0].rows[base[0]], feats[0].cols[base[0]]]
         preds = M.propagate(x, first, top_k=config.top_k, temperature=config.temperature)
         pred_grids = [_grid(f, p, b, full=True) for f, p, b in zip(feats, preds, base,
                                                                     strict=True)]
-        stats[name] = M.j_and_f(pred_grids, grids)
+        token[name] = M.j_and_f(pred_grids, grids)
+        pixel[name] = M.j_and_f([M.paint(ix, p, 0) for ix, p in zip(index, preds, strict=True)],
+                                pix_gts, tol, disk=True)
         del x  # before the next source is read: one source of the video in memory at a time
-    stats["static"] = M.j_and_f([grids[0]] * len(grids), grids)  # no tracking at all
-    return video.id, stats
+    token["static"] = M.j_and_f([grids[0]] * len(grids), grids)  # no tracking at all
+    pixel["static"] = M.j_and_f([pix_gts[0]] * len(pix_gts), pix_gts, tol, disk=True)
+    token["chance/all-background"] = M.j_and_f([np.zeros_like(g) for g in grids], grids)
+    pixel["chance/all-background"] = M.j_and_f([np.zeros_like(g) for g in pix_gts], pix_gts,
+                                               tol, disk=True)
+    return video.id, _levels(pixel, token)
 
 
 def _grid(f: ImageFeatures, values: np.ndarray, keep: np.ndarray, full: bool = False
@@ -359,12 +510,46 @@ def aggregate(task: str, stats: list, classes: list[str]) -> float:
 
 
 def _variant(stat, which: str):
-    """co-seg / ref-seg rows hold {"free", "oracle"} per source; others the stat itself."""
+    """co-seg / ref-seg / sem-seg rows hold {"free", "oracle"} per source; others the stat."""
     return stat.get(which) if isinstance(stat, dict) and "free" in stat else stat
+
+
+def split_items(classes: Sequence[str], seed: int = 0) -> tuple[list[int], list[int]]:
+    """(selection, held-out) positions of a task's items: split by item, stratified by class.
+
+    The classes are taken in an order shuffled with `seed`, the items of each shuffled
+    with it too, and dealt alternately to the two halves, selection first, the turn
+    carrying over from one class to the next: every class with two items sits on both
+    sides and the halves differ in size by at most one. Shuffling the class order keeps
+    the split seeded where every item is its own class (temp-corr's videos): dealing
+    classes in name order would fix those halves by name whatever the seed. With one
+    item there is nothing to choose on: it is held out and the selection half is empty.
+    One split serves every source of the task: the LM layer is chosen on the selection
+    half and every source (keys / values at that layer, projector, vision encoder,
+    chance) is reported on the held-out half.
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(classes):
+        groups.setdefault(str(c), []).append(i)
+    names = sorted(groups)
+    halves: tuple[list[int], list[int]] = ([], [])
+    turn = 0
+    for k in rng.permutation(len(names)).tolist():
+        for i in rng.permutation(groups[names[k]]).tolist():
+            halves[turn].append(int(i))
+            turn ^= 1
+    selection, held = sorted(halves[0]), sorted(halves[1])
+    if not held:  # a single item: scored, nothing chosen
+        return [], selection
+    return selection, held
 
 
 def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers: int,
               config: PerceiveConfig) -> dict:
+    """Per task (and oracle variant): pixel-level scores on the held-out half, the layer
+    chosen on the selection half, chance levels, item counts; the token-level scores of
+    the same split under "token_level"."""
     layers = list(range(num_layers)) if config.layers is None else list(config.layers)
     kinds = [k for k in ("keys", "keys-pre", "values") if k in config.sources]
     out: dict = {}
@@ -375,28 +560,39 @@ def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers
             continue
         parsed = [json.loads(r["stats"]) for r in mine]
         classes = [r["class"] for r in mine]
-        index = [int(r["item"]) for r in mine]
-        variants = [(task, "free")] + ([(ORACLES[task], "oracle")] if task in ORACLES else [])
+        sel, held = split_items(classes, config.seed)
+        split = {"seed": config.seed, "stratified_by": "class",
+                 "selection": [mine[i]["item"] for i in sel],
+                 "heldout": [mine[i]["item"] for i in held]}
+        variants = [(task, "free")]
+        if task in ORACLES and (task != "sem-seg" or config.sem_seg_oracle):
+            variants.append((ORACLES[task], "oracle"))
         for name, which in variants:
-            out[name] = _entry(task, parsed, classes, index, which, layers, kinds, config)
+            entry = {"metric": TASKS[task][1], "level": "pixel", "n": len(parsed),
+                     "n_selection": len(sel), "n_heldout": len(held), "split": split,
+                     "layers": layers}
+            entry.update(_entry(task, [_pixel(p) for p in parsed], classes, sel, held,
+                                which, layers, kinds, config))
+            if all("token" in p for p in parsed):
+                entry["token_level"] = {"level": "token", "n_selection": len(sel),
+                                        "n_heldout": len(held),
+                                        **_entry(task, [p["token"] for p in parsed], classes,
+                                                 sel, held, which, layers, kinds, config)}
+            out[name] = entry
     return out
 
 
-def _entry(task, parsed, classes, index, which, layers, kinds, config) -> dict:
-    """One task's scores: curves over all items, the held-out layer choice, CIs."""
-    items = list(range(len(parsed)))
-    even = [i for i in items if index[i] % 2 == 0]
-    odd = [i for i in items if index[i] % 2 == 1]
+def _entry(task, parsed, classes, sel, held, which, layers, kinds, config) -> dict:
+    """One level's scores: per-layer curves, baselines and chance on the held-out half,
+    the layer chosen on the selection half, 95% bootstrap intervals over held-out items."""
 
-    def score(src: str, subset=None) -> float | None:
-        subset = items if subset is None else subset
+    def score(src: str, subset) -> float | None:
         got = [_variant(parsed[i].get(src), which) for i in subset]
         if all(g is None for g in got):
             return None
         return _clean(aggregate(task, got, [classes[i] for i in subset]))
 
-    def ci(src: str, subset=None) -> list | None:
-        subset = items if subset is None else subset
+    def ci(src: str, subset) -> list | None:
         pairs = [(_variant(parsed[i].get(src), which), classes[i]) for i in subset]
         if all(p is None for p, _ in pairs):
             return None
@@ -405,28 +601,32 @@ def _entry(task, parsed, classes, index, which, layers, kinds, config) -> dict:
                                   n_boot=200, seed=config.seed)
         return [_clean(lo), _clean(hi)]
 
-    entry = {"metric": TASKS[task][1], "n": len(parsed), "layers": layers}
-    entry.update({kind: [score(f"{kind}/{ly}") for ly in layers] for kind in kinds})
-    entry["projector"], entry["vision"] = score("projector"), score("vision")
-    entry["ci95"] = {src: ci(src) for src in ("projector", "vision") if entry[src] is not None}
+    n = len(held)
+    entry: dict = {kind: [score(f"{kind}/{ly}", held) for ly in layers] for kind in kinds}
+    entry["projector"], entry["vision"] = score("projector", held), score("vision", held)
+    entry["ci95"] = {src: ci(src, held) for src in ("projector", "vision")
+                     if entry[src] is not None}
+    chance = sorted({k for p in parsed for k in p if k.startswith("chance/")})
+    entry["chance"] = {k.split("/", 1)[1]: score(k, held) for k in chance}
     entry["selected"], entry["upper_bound"] = {}, {}
     for kind in kinds:
         curve = [(v, ly) for v, ly in zip(entry[kind], layers, strict=True) if v is not None]
         if not curve:
             continue
         best = max(curve, key=lambda vl: (vl[0], -vl[1]))
-        entry["upper_bound"][kind] = {"layer": best[1], "score": best[0]}
-        if even and odd:  # choose on the even half, score on the odd half
-            chosen = [(score(f"{kind}/{ly}", even), ly) for ly in layers]
+        entry["upper_bound"][kind] = {"layer": best[1], "score": best[0], "n": n}
+        if sel and held:  # choose on the selection half, score on the held-out half
+            chosen = [(score(f"{kind}/{ly}", sel), ly) for ly in layers]
             chosen = [c for c in chosen if c[0] is not None]
             if chosen:
                 ly = max(chosen, key=lambda vl: (vl[0], -vl[1]))[1]
-                entry["selected"][kind] = {"layer": ly, "score": score(f"{kind}/{ly}", odd),
-                                           "ci95": ci(f"{kind}/{ly}", odd), "n": len(odd)}
+                entry["selected"][kind] = {"layer": ly, "score": score(f"{kind}/{ly}", held),
+                                           "ci95": ci(f"{kind}/{ly}", held), "n": n,
+                                           "n_selection": len(sel)}
     if task == "sem-corr":  # upper bound: the right token every time (token-level grid)
-        entry["oracle"] = score("oracle")
+        entry["oracle"] = score("oracle", held)
     if task == "temp-corr":  # floor: frame 0's labels copied to every frame
-        entry["static"] = score("static")
+        entry["static"] = score("static", held)
     return entry
 
 

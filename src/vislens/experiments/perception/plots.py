@@ -14,16 +14,22 @@ from vislens.report.plots import layer_curves, save_figure  # noqa: E402
 
 
 def task_curves(summary: dict, out_dir: Path, suffix: str = "") -> list[Path]:
-    """One line plot per task: keys / values over layers, projector / vision as dashes."""
+    """One line plot per task: keys / values over layers, projector / vision and the best
+    chance level as dashes, all on the same (held-out) items."""
     paths = []
     for task, entry in summary.items():
         curves = {kind: [np.nan if v is None else v for v in entry[kind]]
                   for kind in ("keys", "keys-pre", "values") if kind in entry}
         hlines = {name: entry[name] for name in ("projector", "vision")
                   if entry.get(name) is not None}
+        chance = [v for v in (entry.get("chance") or {}).values() if v is not None]
+        if chance:
+            hlines["chance"] = max(chance)
+        n = f", {entry['n_heldout']} held-out items" if "n_heldout" in entry else ""
+        level = f" ({entry['level']} level{n})" if "level" in entry else ""
         paths.append(layer_curves(curves, Path(out_dir) / f"{task}{suffix}.png",
                                   title=f"{task}{suffix.replace('-', ' ')}: "
-                                        f"{entry['metric']} per LM layer",
+                                        f"{entry['metric']} per LM layer{level}",
                                   ylabel=entry["metric"], hlines=hlines))
     return paths
 

@@ -6,6 +6,14 @@ whose mean image value is most cosine-similar to the reference's, per layer). Th
 readout's layer is chosen on a held-out half of the items (even indices) and both
 are scored on the other half, so the layer choice never sees the scored items.
 
+Chance: a readout guessing among n choices is right on 1/n of the items, so on "values
+right, model wrong" it scores (1/n) x (1 - model accuracy) (`present_not_surfaced_chance`,
+computed per item from the model's misses). A permutation baseline (every item's
+candidates shuffled under the readout's pick, `seed`-ed draws) gives the null's 95% range
+and a one-sided p-value for the values accuracy and for the headline; `values_beat_chance`
+says whether the values readout beats the permuted one (p < alpha). When it does not, the
+headline count is noise.
+
 Several images: families that read several images in one prompt (OneVision,
 Qwen2.5-VL) get them as separate images, in order; a one-image model reads ONE
 composite (a 2x2 grid: reference top-left, then the candidates in reading order,
@@ -34,7 +42,7 @@ from vislens.distributed import executor
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import block_keys, extract
 from vislens.experiments.perception.perceive import PROMPT
-from vislens.experiments.stats import rate
+from vislens.experiments.stats import permutation_null, rate
 
 PAPER = {"blink-art-style": 0.333}  # share of items solved by the values, missed by the model
 READOUT_SOURCES = ("values", "projector", "vision")
@@ -50,6 +58,9 @@ class SurfaceConfig:
     max_new_tokens: int = 8
     batch_size: int = 8
     sources: tuple[str, ...] = READOUT_SOURCES  # readouts besides the model's own answer
+    seed: int = 0  # permutation baseline draws
+    n_permutations: int = 1000  # draws of the permutation baseline
+    alpha: float = 0.05  # "beats chance" = one-sided permutation p-value below this
 
     def validate(self) -> None:
         unknown = set(self.sources) - set(READOUT_SOURCES)
@@ -224,6 +235,15 @@ def summarise(rows: list[dict], num_layers: int, config: SurfaceConfig) -> dict:
               "both": int((values_ok & model_ok).sum()),
               "neither": int((~values_ok & ~model_ok).sum())}
     hidden = rate((values_ok & ~model_ok).tolist())
+    n_choices = np.array([r["n_choices"] for r in scored])
+    truth = np.array([r["truth"] for r in scored])
+    picked = np.array([readouts[r["item"]][f"values/{best}"] for r in scored])
+    null = permuted(picked, truth, n_choices, config.n_permutations, config.seed)
+    null_values = permutation_null(float(values_ok.mean()) if n else 0.0,
+                                   null.mean(1) if n else [0.0], level=0.95)
+    null_hidden = permutation_null(float((values_ok & ~model_ok).mean()) if n else 0.0,
+                                   (null & ~model_ok).mean(1) if n else [0.0], level=0.95)
+    beats = bool(n and null_values["p_value"] < config.alpha)
     summary = {
         "n_items": len(rows), "n_scored": n, "n_heldout": len(held), "kind": config.kind,
         "best_layer": best, "heldout_values_accuracy": {str(k): round(v, 4)
@@ -235,12 +255,33 @@ def summarise(rows: list[dict], num_layers: int, config: SurfaceConfig) -> dict:
         "answer_mode": rows[0]["mode"] if rows else "",
         **counts,
         "present_not_surfaced": _rounded(hidden),
+        # a readout guessing among n choices: right with 1/n, on the items the model misses
+        "present_not_surfaced_chance": round(float(np.mean((~model_ok) / n_choices)), 4)
+        if n else None,
+        "values_permutation": null_values,
+        "present_not_surfaced_permutation": null_hidden,
+        "values_beat_chance": beats,
+        "seed": config.seed,
         "paper": PAPER,
     }
     for src in ("projector", "vision"):
         if all(src in readouts[r["item"]] for r in scored):
             summary[f"{src}_accuracy"] = _rounded(rate(right(scored, src)))
     return summary
+
+
+def permuted(picked: np.ndarray, truth: np.ndarray, n_choices: np.ndarray, draws: int,
+             seed: int) -> np.ndarray:
+    """The permutation baseline: in each draw every item's candidates are shuffled (seeded)
+    under the readout's pick, which then lands on a random candidate of its item, so the
+    link between readout and answer is broken and nothing else changes. -> [draws, items]
+    bools: the shuffled readout is right."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((draws, len(picked)), dtype=bool)
+    for j, (p, t, k) in enumerate(zip(picked, truth, n_choices, strict=True)):
+        perms = rng.permuted(np.tile(np.arange(k), (draws, 1)), axis=1)
+        out[:, j] = perms[:, p] == t
+    return out
 
 
 def _rounded(r: dict) -> dict:
