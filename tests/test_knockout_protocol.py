@@ -223,3 +223,19 @@ def test_cli_windows_option(tmp_path):
     s = json.loads(ok.stdout)
     assert s["window_labels"] == ["1-2", "all"] and s["windows"] == [[1, 2], [0, 3]]
     assert set(s["relative_accuracy_first_token"]) == {"object->last"}
+
+
+def test_report_section_shows_both_rules(tmp_path):
+    from vislens.report.sections import knockout_section
+
+    vlm = vislens.load("toy")
+    cfg = knockout.KnockoutConfig(settings=("polling",), conditions=("object+1->last",),
+                                  windows="0-1,all")
+    s = knockout.execute(vlm, shapesworld.generate(2, seed=1000), cfg, tmp_path / "ko",
+                         {"model": "toy"})
+    assert s["plot_first_token"].endswith("knockout_first_token.png")
+    section = knockout_section(s)
+    titles = [t.caption for t in section.tables]
+    assert any("every answer token" in t for t in titles)
+    assert any("first answer-word token" in t for t in titles)
+    assert len(section.images) == 2

@@ -256,12 +256,15 @@ def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta:
                      key=["sample", "setting", "condition", "window"])
     summary = run(vlm, samples, config, run_dir, progress)
     summary["model"] = meta.get("model", "")
-    rel = summary["relative_accuracy"]
-    summary["plot"] = str(heatmap(
-        [[v if v is not None else float("nan") for v in rel[c]] for c in rel], list(rel),
-        summary["window_labels"], run_dir.path / "knockout.png",
-        f"Attention knockout ({summary['model']}): relative accuracy", "relative accuracy",
-        0, 1))
+    for key, name, what in (("relative_accuracy", "knockout.png", "every answer token"),
+                            ("relative_accuracy_first_token", "knockout_first_token.png",
+                             "first token (Neo et al.)")):
+        rel = summary[key]
+        summary["plot" if key == "relative_accuracy" else "plot_first_token"] = str(heatmap(
+            [[v if v is not None else float("nan") for v in rel[c]] for c in rel], list(rel),
+            summary["window_labels"], run_dir.path / name,
+            f"Attention knockout ({summary['model']}): relative accuracy, {what}",
+            "relative accuracy", 0, 1))
     run_dir.write_summary(summary)
     return summary
 

@@ -89,7 +89,10 @@ def knockout_section(summary: dict) -> Section:
         "Paper: blocking object+1 -> last in mid-late layers ~0.82, all layers ~0.67; "
         "-> last row ~1.0.",
         tables=tables,
-        images=[("relative accuracy per condition and layer window", Path(summary["plot"]))])
+        images=[("relative accuracy per condition and layer window, every answer token",
+                 Path(summary["plot"]))]
+        + ([("relative accuracy, first answer-word token (Neo et al.'s rule)",
+             Path(summary["plot_first_token"]))] if summary.get("plot_first_token") else []))
 
 
 def timing_section(times: dict[str, float]) -> Section:
