@@ -241,7 +241,8 @@ def _write_viewer(vlm, sample, inst, tm, b, positions, cells, cover, ids, probs,
                       on_object=bool(on_object(cover[t], config.object_coverage)))
             for t, p in enumerate(positions)]
     page = render_viewer(sample.image, toks, title=f"logit lens: {sample.id} "
-                         f"({inst.name}, {vlm.name})", object_words=head_words(inst.name))
+                         f"({inst.name}, {vlm.name})",
+                         object_words=head_words(inst.name, synonyms=False))
     viewer_dir.mkdir(parents=True, exist_ok=True)
     path = viewer_dir / f"{sample.id}.html"
     tmp = path.with_suffix(".tmp")
