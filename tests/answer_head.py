@@ -27,7 +27,7 @@ ablation's seed (`config.seed + index`), and the prompts are
 `prompts.question`'s. The logit-lens scenes (one large object each) add one more
 family of states: the last-layer residuals of the first 8 object patches (half
 covered or more) under the lens prompt must have the first piece of the class
-name in their top 5, so the lens has real multi-piece hits to find.
+name's head word in their top 5, so the lens has real multi-piece hits to find.
 
 The fit is one linear programme (fit_head): 102-110 states per checkpoint (86-94
 answer tokens, 16 lens patches), 26-27 unembedding rows, every state's target ahead
@@ -231,7 +231,8 @@ def answer_states(vlm, samples: list[Sample], seed: int = ABLATION_SEED) -> Stat
 
 def lens_states(vlm, samples: list[Sample], out: States, top_k: int = 5,
                 coverage: float = 0.5, per_image: int = 8) -> States:
-    """Last-layer residuals of object patches under the lens prompt -> the class's first piece."""
+    """Last-layer residuals of object patches under the lens prompt -> the first piece of the
+    class's head word (of "light" for "traffic light", as the lens's hit rule counts)."""
     import torch
 
     from vislens.experiments.logit_lens import PROMPT
@@ -243,7 +244,8 @@ def lens_states(vlm, samples: list[Sample], out: States, top_k: int = 5,
         one = vlm.prepare([sample.image], [PROMPT])
         pos, frac = one.token_map.coverage(0, inst.mask)
         on = pos[frac >= coverage][:per_image]  # a few suffice to give the lens real hits
-        piece = continuation_ids(vlm, "It is a", inst.name)[0]
+        *head, word = inst.name.split()  # the lens counts the HEAD word ("light")
+        piece = continuation_ids(vlm, " ".join(["It is a", *head]), word)[0]
         with torch.no_grad(), capture(vlm, [on], layers=[last - 1]) as cap:
             vlm.forward(one, logits_to_keep=1)
         out.x.append(cap.residual[last].float())

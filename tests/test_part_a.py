@@ -27,7 +27,8 @@ def scenes():
 
 def test_logit_lens_last_layer_is_the_models_own_prediction(vlm, scenes, tmp_path):
     run = RunDir(tmp_path, {"t": 1}, key=["sample"])
-    summary = logit_lens.run(vlm, scenes[:2], logit_lens.LensConfig(viewers=1, top_k=3), run)
+    summary = logit_lens.run(vlm, scenes[:2], logit_lens.LensConfig(viewers=1, top_k=3,
+                                                                          area=None), run)
     rows = run.rows()
     L = vlm.num_layers
     n_img = 144
@@ -82,7 +83,7 @@ def test_logit_lens_summary_streams_parts_without_loading_rows(vlm, scenes, tmp_
     run (one image already done) summarises to exactly what one uninterrupted run does."""
     import pyarrow.parquet as pq
 
-    config = logit_lens.LensConfig(viewers=0, batch_size=1)
+    config = logit_lens.LensConfig(viewers=0, batch_size=1, area=None)
     whole = logit_lens.run(vlm, scenes, config, RunDir(tmp_path / "a", {"t": 1}, ["sample"]))
     first = RunDir(tmp_path / "b", {"t": 1}, key=["sample"])
     logit_lens.run(vlm, scenes[:1], config, first)
@@ -211,8 +212,10 @@ def test_knockout_edge_sets(vlm, scenes):
     last_row = set(tm.last_row(0))
     assert len(last_row) == 12
     assert e["object->last"][0] == LAST
-    assert not set(e["object+1->last-row"][1]) & last_row
+    # as released: O+1 -> last row keeps O+1's own last-row tokens among the keys
+    assert set(e["object+1->last-row"][1]) == set(e["object+1->last"][1])
     assert set(e["rest->last-row"][1]) | set(e["object+1->last-row"][1]) | last_row == image
+    assert set(e["image-but-last-row->last-row"][1]) == image - last_row
     q = e["image->question"][0]
     seq = one.input_ids.shape[1]
     assert q.min() > max(image) and q.max() == seq - 2 and len(q) == 9

@@ -111,14 +111,22 @@ def test_fitted_fixtures_answer_right_clean_and_wrong_noised(fitted):
         assert text.strip() == said, (fitted.name, setting, text)  # and nothing after the EOS
 
 
+def lens_word_starts(tokenizer, name: str) -> set[int]:
+    """What the lens counts for a class: the starts of its head words (name's and listed
+    synonyms', plurals included), each written alone and in a sentence."""
+    from vislens.data.answers import head_words
+
+    return set().union(*(word_starts(tokenizer, w) for w in head_words(name)))
+
+
 def test_class_word_ids_are_the_pieces_a_word_starts_with(fitted):
-    """The lens counts a hit when a top-k token starts a word of the class name. A
+    """The lens counts a hit when a top-k token starts a head word of the class. A
     SentencePiece tokenizer writes " giraffe" as "▁" + "▁g|ir|af|fe": the bare "▁" starts
     no word, and taking it would make every "▁" in a top-5 a hit for every class."""
     tok = fitted.vlm.tokenizer
     for cls in (*TARGETS, *LENS_NAMES):
         got = set(logit_lens.word_ids(tok, cls))
-        assert got == word_starts(tok, cls), (fitted.name, cls)
+        assert got == lens_word_starts(tok, cls), (fitted.name, cls)
         for i in got:
             assert tok.decode([i]).strip(), (fitted.name, cls, i)
 
@@ -181,7 +189,7 @@ def test_logit_lens_decodes_every_image_token_batched_as_alone(fitted, data, tmp
         assert all(len(r["class_prob"]) == last + 1 for r in tokens)
         if sample.image.size == (640, 480):
             assert len(tm) == PATCHES_640x480[fitted.name]
-        starts = word_starts(vlm.tokenizer, sample.instances[0].name)
+        starts = lens_word_starts(vlm.tokenizer, sample.instances[0].name)
         for r in mine:
             assert r["hit"] == bool(starts & set(r["topk_ids"]))
         by_cell = {(r["tile"], r["row"], r["col"], r["layer"]): r for r in mine}
@@ -198,7 +206,13 @@ def test_logit_lens_decodes_every_image_token_batched_as_alone(fitted, data, tmp
                                                      torch.tensor(sorted(starts)), 5)
                 scale = float(vlm.unembed(cap.residual[layer]).abs().max())
             batched = [by_cell[(*map(int, c), layer)] for c in cells]
-            assert [r["topk_ids"] for r in batched] == ids.tolist()
+            for r, want, p in zip(batched, ids.tolist(), probs, strict=True):
+                # ranks may swap only between near-ties (the fitted rows are large: logits
+                # agree to ~1e-6 of their scale), or at the k-th place with the (k+1)-th
+                for j in np.flatnonzero(np.asarray(r["topk_ids"]) != np.asarray(want)):
+                    others = np.delete(p, j)
+                    assert j == len(want) - 1 or np.isclose(others, p[j], rtol=1e-4,
+                                                            atol=0).any(), (r, want, p)
             # log-probabilities move with the logits, which agree to ~1e-6 of their scale
             # (hundreds to thousands on the fitted rows); below 1e-30 float32 rounds to zero
             got = np.asarray([r["topk_probs"] for r in batched])
@@ -240,7 +254,8 @@ def test_knockout_windows_judge_every_answer_token(fitted, data, tmp_path):
         assert set(grid) == {(c, w) for c in knockout.CONDITIONS for w in range(len(windows))}
         changed |= any(abs(grid[(c, len(windows) - 1)]["p_answer"] - clean["p_clean"]) > 1e-3
                        for c in knockout.CONDITIONS)
-        edges = knockout.edge_sets(one.token_map, one, 0, sample.instances[0].mask)
+        words = knockout.question_columns(vlm.tokenizer, one, 0, q.prompt)
+        edges = knockout.edge_sets(one.token_map, one, 0, sample.instances[0].mask, words)
         n = len(knockout.CONDITIONS)
         feats = vlm.image_embeddings(one)
         for w in (1, len(windows) - 1):  # a window resumed from layer 1, and all layers

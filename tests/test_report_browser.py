@@ -26,7 +26,7 @@ def report(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     vlm = VLM(build_model().eval(), build_processor(), "llava", name="toy (untrained)")
     lens = logit_lens.execute(vlm, shapesworld.generate(2, seed=3), logit_lens.LensConfig(
-        viewers=1), tmp / "lens", {"model": "toy (untrained)"})
+        viewers=1, area=None), tmp / "lens", {"model": "toy (untrained)"})
     drop = {"polling": {"object": 40.0, "object+1": 70.0, "random-40": 5.0}}
     ci = {"polling": {k: [v - 10, v + 10] for k, v in drop["polling"].items()}}
     ablation = {"drop": drop, "ci95": ci, "n_kept": {"polling": 20},

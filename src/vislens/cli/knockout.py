@@ -37,8 +37,13 @@ def knockout(
     conditions: str = typer.Option("", help="comma-separated edge sets, e.g. object+1->last,"
                                    "image->question (default: every one the model's family "
                                    "can run; an unknown name lists them)"),
-    window: int = typer.Option(None, help="layers per window (default: 10/32 of the depth)"),
-    stride: int = typer.Option(None, help="window stride (default: 5/32 of the depth)"),
+    windows: str = typer.Option("neo", help="layer windows, a comma list: neo (Neo et al.'s "
+                                "0-9,5-14,11-20,15-24,21-31 on 32 layers, scaled by depth, "
+                                "and all), FIRST-LAST, all, sliding:K (a K-layer window "
+                                "centred on each layer); e.g. 0-9,11-20,all"),
+    window: int = typer.Option(None, help="instead of --windows: evenly strided windows of "
+                               "this many layers (and all)"),
+    stride: int = typer.Option(None, help="their stride (default: half the window)"),
     area: str = typer.Option("", help="target area range MIN:MAX in pixels"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
     device: str = DEVICE_OPTION,
@@ -51,18 +56,22 @@ def knockout(
 ) -> None:
     """Block attention edges in windows of layers; measure how much of the answer survives.
 
-    Edge sets: object (+1, +2 buffer) -> answer position, the rest of the image -> answer,
-    object+1 / everything else -> last image row, image -> question tokens. All
+    Edge sets (Neo et al.'s six, as their released code builds them): object (+1, +2
+    buffer) -> answer position, the image but object+1 -> answer, object+1 -> last image
+    row, every image token above the last row -> last row; and image -> the question's
+    words. Two correctness rules: every answer token kept, and Neo's first token. All
     conditions x windows of a sample run as one batch, resuming from cached clean states.
 
-    Example: vislens knockout --model toy --n 100 --window 1 --out runs/knockout --json
+    Example: vislens knockout --model toy --n 100 --windows sliding:1,all --out runs/ko --json
     """
     with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
         from vislens.experiments import knockout as ko
 
         config = ko.KnockoutConfig(settings=S.names(settings),
                                    conditions=S.names(conditions) or ko.CONDITIONS,
-                                   window=window, stride=stride, seed=seed)
+                                   windows=windows, window=window, stride=stride, seed=seed)
+        if (window is not None or stride is not None) and windows != "neo":
+            raise ValueError("give --windows or --window/--stride, not both")
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
         vlm = models.load(model, device, dtype, local=S.load_model,
@@ -73,11 +82,14 @@ def knockout(
             emit(summary, True)
             return
         kept = ", ".join(f"{s} {k}" for s, k in summary["n_kept"].items())
-        table = Table(title=f"relative accuracy after knockout ({model}; kept: {kept})")
-        table.add_column("edges blocked \\ layers")
-        for label in summary["window_labels"]:
-            table.add_column(label, justify="right")
-        for c, values in summary["relative_accuracy"].items():
-            table.add_row(c, *[fmt(v, 2) for v in values])
-        Console().print(table)
+        for key, what in (("relative_accuracy", "every answer token"),
+                          ("relative_accuracy_first_token", "first token, as Neo et al.")):
+            table = Table(title=f"relative accuracy after knockout, {what} ({model}; "
+                          f"kept: {kept})")
+            table.add_column("edges blocked \\ layers")
+            for label in summary["window_labels"]:
+                table.add_column(label, justify="right")
+            for c, values in summary[key].items():
+                table.add_row(c, *[fmt(v, 2) for v in values])
+            Console().print(table)
         S.print_funnel(summary)

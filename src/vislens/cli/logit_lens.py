@@ -34,8 +34,10 @@ def logit_lens(
     n: int = typer.Option(60, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/logit-lens"), help="run directory (rerun to resume)"),
     top_k: int = typer.Option(5, help="tokens kept per layer and image token"),
-    area: str = typer.Option("", help="target area range MIN:MAX in pixels "
-                             "(default: one large object; COCO 20000:30000)"),
+    area: str = typer.Option("", help="target area range MIN:MAX in pixels, or neo (Neo et "
+                             "al.'s lens set: COCO images holding one object, of 20000-30000 "
+                             "px^2; the default on COCO data). Default on ShapesWorld: 350: "
+                             "(the large shapes)"),
     viewers: int = typer.Option(3, help="interactive HTML viewers for the first N images"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
@@ -49,8 +51,9 @@ def logit_lens(
 ) -> None:
     """Decode every image token at every layer (final norm + unembedding, applied once).
 
-    Reports how many object patches decode to the object's word at some layer, at
-    which layer, per-layer curves and background false alarms; writes an
+    Reports how many object patches (any overlap with the target's mask) have a token of
+    the object's head word (or a listed synonym's, plurals included) in their top-k at
+    some layer, at which layer, per-layer curves and background false alarms; writes an
     interactive viewer per image.
 
     Example: vislens logit-lens --model toy --n 60 --out runs/lens --viewers 3
@@ -60,6 +63,11 @@ def logit_lens(
         positive("--batch-size", batch_size)
         from vislens.experiments import logit_lens as lens
 
+        if area.strip().lower() == "neo":
+            if data.partition(":")[0].lower() != "coco":
+                raise ValueError("--area neo is Neo et al.'s COCO lens set; give --data "
+                                 "coco:DIR (COCO val), or --area MIN:MAX")
+            area = "{:g}:{:g}".format(*lens.AREAS["coco"])
         samples, chosen = S.open_samples(data, n, area or None, "large")
         config = lens.LensConfig(top_k=top_k, area=chosen, viewers=viewers, seed=seed,
                                  batch_size=batch_size)

@@ -70,6 +70,13 @@ def surface_forms(name: str, synonyms: bool = True) -> list[str]:
     return sorted(forms, key=lambda f: (-len(f), f))
 
 
+def head_words(name: str, synonyms: bool = True) -> list[str]:
+    """The head (last) word of every surface form of `name`: what a single token can say
+    of it ("traffic light" -> light, lights, signal, signals, stoplight, stoplights, ...;
+    "hot dog" -> dog, dogs; never "traffic" or "hot")."""
+    return sorted({form.split()[-1] for form in surface_forms(name, synonyms)})
+
+
 def _synonyms_of(name: str) -> tuple[str, ...]:
     return synonyms().get(name.lower(), ())
 

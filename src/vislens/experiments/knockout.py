@@ -1,6 +1,33 @@
 """Neo et al. A3: how does the answer read the image? Block attention edges in
 windows of layers and measure what is left of the clean answer.
 
+Conditions (query group <- key group) are Neo et al.'s six, each built as
+scripts/attention_experiment_curate.py builds it (block list = every (query, key)
+pair of its "to" x "from" lists, :34-36), plus image -> question (a vislens extra):
+  object->last                 O -> last position                        (:202-205)
+  object+1->last               O+1 -> last                               (:212-216)
+  object+2->last               O+2 -> last                               (:222-226)
+  image-but-object+1->last     image minus O+1 -> last                   (:151, :172-176)
+  object+1->last-row           O+1 -> last image row; where O+1 reaches into that row,
+                               those last-row tokens are blocked from each other too
+                               (keys = all of O+1)                        (:162-166, :292-296)
+  image-but-last-row->last-row every image token above the last row, O included
+                                                                          (:312-316)
+  image->question              image -> the question's word tokens (no template token,
+                               no answer prefix)
+"rest->last-row" (image minus O+1 minus the last row -> last row) stays available by
+name; it is no condition of the paper's.
+
+Windows (`KnockoutConfig.windows`, parsed by `knockout_windows`): "neo" = the released
+code's 0-9, 5-14, 11-20, 15-24, 21-31 (:153-159) on 32 layers, scaled to other depths,
+plus all layers; "A-B" and "all" items; "sliding:K" = a K-layer window centred on
+every layer.
+
+Correctness, both kept per row and summarised: `correct` (vislens) = greedy decoding
+under the knockout still gives every clean answer token up to the end of the answer
+word; `first_correct` (Neo et al.: one forward, the argmax at the last position,
+:47-57) = the argmax where the answer word starts is still its clean first token.
+
 Every (condition, window) of a sample is a row of a batch: one knockout
 context per window, each blocking only its own rows. Rows are grouped by
 their window's first layer s, and each group resumes from the clean residual
@@ -10,6 +37,7 @@ layers below s are never recomputed; the vision pass runs once per sample.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,19 +57,105 @@ from vislens.experiments.stats import layer_windows, wilson_ci
 from vislens.interventions import LAST, capture, knockout, resume
 from vislens.report.plots import heatmap
 
-CONDITIONS = ("object->last", "object+1->last", "object+2->last", "image-but-object+1->last",
-              "object+1->last-row", "rest->last-row", "image->question")
+NEO_CONDITIONS = ("object->last", "object+1->last", "object+2->last",
+                  "image-but-object+1->last", "object+1->last-row",
+                  "image-but-last-row->last-row")
+CONDITIONS = (*NEO_CONDITIONS, "image->question")  # what runs by default
+EXTRA_CONDITIONS = ("rest->last-row",)  # by name only
 LAYOUT_FREE = ("image->question",)  # the conditions that need image positions only
 SETTINGS = ("polling", "vqa")
 PAPER = {"object+1->last": {"mid-late": 0.82, "all": 0.67}, "object+1->last-row": {"all": 1.0}}
+# Neo et al.'s windows on LLaVA-1.5's 32 layers (attention_experiment_curate.py:153-159)
+NEO_DEPTH = 32
+NEO_WINDOWS = ((0, 9), (5, 14), (11, 20), (15, 24), (21, 31))
+METRICS = {
+    "relative_accuracy": "every answer token kept: greedy decoding under the knockout still "
+                         "gives each clean answer token up to the end of the answer word "
+                         "(vislens)",
+    "relative_accuracy_first_token": "first token kept: the argmax where the answer word "
+                                     "starts is still its clean first token (Neo et al.)",
+}
+
+
+def _round(x: float) -> int:
+    """Half up (Python's round() goes to even: 0.5 -> 0 but 1.5 -> 2)."""
+    return int(np.floor(x + 0.5))
+
+
+def scale_window(start: int, end: int, n_layers: int, depth: int = NEO_DEPTH
+                 ) -> tuple[int, int]:
+    """A window [start, end] of a `depth`-layer model on an `n_layers` one: its bounds as
+    layer boundaries, start -> round(start * L / depth), end + 1 -> round((end + 1) * L /
+    depth), rounded half up; never empty, never past the last layer."""
+    a = min(_round(start * n_layers / depth), n_layers - 1)
+    b = min(max(_round((end + 1) * n_layers / depth) - 1, a), n_layers - 1)
+    return a, b
+
+
+def _window_items(spec: str) -> list[str]:
+    items = [x.strip().lower() for x in str(spec).split(",") if x.strip()]
+    if not items:
+        raise ValueError("--windows is empty; give e.g. neo, 0-9,11-20,all or sliding:3")
+    for item in items:
+        if item in ("neo", "all"):
+            continue
+        if item.startswith("sliding:"):
+            k = item.partition(":")[2]
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"--windows {item!r}: sliding:K needs a whole K >= 1")
+            continue
+        a, sep, b = item.partition("-")
+        if not (sep and a.isdigit() and b.isdigit()) or int(a) > int(b):
+            raise ValueError(f"--windows item {item!r} is none of neo, all, sliding:K or "
+                             "FIRST-LAST (0-based, inclusive, FIRST <= LAST)")
+    return items
+
+
+def knockout_windows(n_layers: int, spec: str = "neo") -> list[tuple[int, int]]:
+    """Inclusive [first, last] layer windows from a comma list of items, in order, each
+    window once:
+      neo        Neo et al.'s 0-9, 5-14, 11-20, 15-24, 21-31 (exactly, on 32 layers; other
+                 depths scale them with `scale_window`) and then all layers;
+      all        every layer;
+      A-B        layers A..B;
+      sliding:K  for every layer l, the K-layer window centred on l
+                 ([l - (K-1)//2, l + K//2], cut at the first and last layer).
+    """
+    if n_layers < 1:
+        raise ValueError(f"a model needs at least one layer, got {n_layers}")
+    out: list[tuple[int, int]] = []
+    for item in _window_items(spec):
+        if item == "neo":
+            got = [scale_window(s, e, n_layers) for s, e in NEO_WINDOWS] + [(0, n_layers - 1)]
+        elif item == "all":
+            got = [(0, n_layers - 1)]
+        elif item.startswith("sliding:"):
+            k = int(item.partition(":")[2])
+            got = [(max(0, c - (k - 1) // 2), min(n_layers - 1, c + k // 2))
+                   for c in range(n_layers)]
+        else:
+            a, _, b = item.partition("-")
+            if int(b) >= n_layers:
+                raise ValueError(f"--windows {item}: this model has layers 0..{n_layers - 1}")
+            got = [(int(a), int(b))]
+        for w in got:
+            if w not in out:
+                out.append(w)
+    return out
+
+
+def window_label(window, n_layers: int) -> str:
+    s, e = window
+    return "all" if (s, e) == (0, n_layers - 1) else f"{s}-{e}"
 
 
 @dataclass
 class KnockoutConfig:
     settings: tuple[str, ...] = SETTINGS
     conditions: tuple[str, ...] = CONDITIONS
-    window: int | None = None  # layers per window (default: 10/32 of the depth)
-    stride: int | None = None  # default: 5/32 of the depth
+    windows: str = "neo"  # see knockout_windows: "neo", "0-9,11-20,all", "sliding:3"
+    window: int | None = None  # given: evenly strided windows of this size instead (+ all)
+    stride: int | None = None  # their stride (default: half the size, at least 1)
     area: tuple[float, float] | None = None
     seed: int = 0
 
@@ -51,23 +165,68 @@ class KnockoutConfig:
         if bad or not self.settings:
             raise ValueError(f"unknown knockout setting(s) {', '.join(bad) or '(none)'}; "
                              f"choose from {', '.join(SETTINGS)}")
-        unknown = set(self.conditions) - set(CONDITIONS)
+        unknown = set(self.conditions) - set(CONDITIONS) - set(EXTRA_CONDITIONS)
         if unknown or not self.conditions:
             raise ValueError(f"unknown knockout conditions {sorted(unknown)}; choose from "
-                             f"{', '.join(CONDITIONS)}")
+                             f"{', '.join(CONDITIONS + EXTRA_CONDITIONS)}")
         for name, value in (("--window", self.window), ("--stride", self.stride)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (got {value})")
+        _window_items(self.windows)
+
+    def layer_windows(self, n_layers: int) -> list[tuple[int, int]]:
+        """The windows this config runs on an n_layers model, "all" included."""
+        if self.window is None and self.stride is None:
+            return knockout_windows(n_layers, self.windows)
+        size = self.window or max(1, round(n_layers * 10 / 32))
+        out = layer_windows(n_layers, size, self.stride or max(1, size // 2))
+        return out + [w for w in [(0, n_layers - 1)] if w not in out]
 
 
-def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None) -> dict:
-    """(queries, keys) per condition for one sample; LAST = the answer position (only the
-    layout-free conditions where the family has no layout)."""
-    image = tm.image_positions(sample)
-    seq = batch.input_ids.shape[1]
+def _after_image(tm, batch, sample: int) -> np.ndarray:
     valid = np.flatnonzero(batch.attention_mask[sample].cpu().numpy() > 0)
-    after_image = valid[valid > tm.image_end(sample)]  # markers closing the image excluded
-    question_cols = after_image[after_image < seq - 1]
+    return valid[valid > tm.image_end(sample)]  # markers closing the image excluded
+
+
+def question_columns(tokenizer, batch, sample: int, question: str) -> np.ndarray:
+    """Columns after the image of the tokens that spell the question's WORDS: a token is
+    kept when the characters it decodes to overlap the question's text and hold a letter
+    or digit. Chat-template tokens, the answer prefix ("It is") and a "?" standing alone
+    are not. Found on the decoded text, whitespace ignored, so any tokenizer works."""
+    tm = batch.token_map
+    cols = _after_image(tm, batch, sample)
+    ids = batch.input_ids[sample, torch.as_tensor(cols, device=batch.input_ids.device)].tolist()
+    text, spans = "", []
+    for j in range(1, len(ids) + 1):  # token j-1 adds text[lo:hi] to the decoded prefix
+        now = tokenizer.decode(ids[:j], skip_special_tokens=False)
+        lo = len(os.path.commonprefix([text, now]))
+        spans.append((lo, len(now)))
+        text = now
+    keep = [i for i, ch in enumerate(text) if not ch.isspace()]  # squeezed -> text index
+    squeezed = "".join(text[i] for i in keep)
+    wanted = "".join(question.split())
+    at = squeezed.find(wanted)
+    if not wanted or at < 0:
+        raise ValueError(f"the question {question!r} is not among the tokens after the image "
+                         f"({text!r}); cannot tell its words from the template")
+    lo_q, hi_q = keep[at], keep[at + len(wanted) - 1] + 1
+    out = [c for c, (lo, hi) in zip(cols, spans, strict=True)
+           if any(ch.isalnum() for ch in text[max(lo, lo_q):min(hi, hi_q)])]
+    return np.asarray(out, dtype=np.int64)
+
+
+def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None,
+              question_cols: np.ndarray | None = None) -> dict:
+    """(queries, keys) per condition for one sample; LAST = the answer position (only the
+    layout-free conditions where the family has no layout).
+
+    question_cols: the question's word tokens (`question_columns`); without them,
+    image->question takes every text token after the image but the last.
+    """
+    image = tm.image_positions(sample)
+    if question_cols is None:
+        after_image = _after_image(tm, batch, sample)
+        question_cols = after_image[after_image < batch.input_ids.shape[1] - 1]
     if not tm.geometric:
         return {"image->question": (question_cols, image)}
     obj = tm.positions(sample, mask)
@@ -78,7 +237,10 @@ def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None) -> dic
         "object+1->last": (LAST, obj1),
         "object+2->last": (LAST, obj2),
         "image-but-object+1->last": (LAST, np.setdiff1d(image, obj1)),
-        "object+1->last-row": (last_row, np.setdiff1d(obj1, last_row)),
+        # keys: all of O+1, its last-row tokens too (as released): there they are also
+        # blocked from each other (a key after its query is causal-masked anyway)
+        "object+1->last-row": (last_row, obj1),
+        "image-but-last-row->last-row": (last_row, np.setdiff1d(image, last_row)),
         "rest->last-row": (last_row, np.setdiff1d(image, np.union1d(obj1, last_row))),
         "image->question": (question_cols, image),
     }
@@ -94,12 +256,15 @@ def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta:
                      key=["sample", "setting", "condition", "window"])
     summary = run(vlm, samples, config, run_dir, progress)
     summary["model"] = meta.get("model", "")
-    rel = summary["relative_accuracy"]
-    summary["plot"] = str(heatmap(
-        [[v if v is not None else float("nan") for v in rel[c]] for c in rel], list(rel),
-        summary["window_labels"], run_dir.path / "knockout.png",
-        f"Attention knockout ({summary['model']}): relative accuracy", "relative accuracy",
-        0, 1))
+    for key, name, what in (("relative_accuracy", "knockout.png", "every answer token"),
+                            ("relative_accuracy_first_token", "knockout_first_token.png",
+                             "first token (Neo et al.)")):
+        rel = summary[key]
+        summary["plot" if key == "relative_accuracy" else "plot_first_token"] = str(heatmap(
+            [[v if v is not None else float("nan") for v in rel[c]] for c in rel], list(rel),
+            summary["window_labels"], run_dir.path / name,
+            f"Attention knockout ({summary['model']}): relative accuracy, {what}",
+            "relative accuracy", 0, 1))
     run_dir.write_summary(summary)
     return summary
 
@@ -115,9 +280,7 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
                            f"{vlm.spec.model_type!r}: run --conditions "
                            f"{','.join(LAYOUT_FREE)} or add a family module")
     ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per sample
-    layers = ex.info.num_layers
-    windows = layer_windows(layers, config.window, config.stride)
-    windows.append((0, layers - 1))  # "all"
+    windows = config.layer_windows(ex.info.num_layers)
     rng = np.random.default_rng(config.seed)
     targets = choose_targets(samples, config.area, rng)
     items = [(s, t) for s, t in zip(samples, targets) if t is not None
@@ -125,7 +288,7 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
                          for setting in config.settings)]
     ex.map(_unit, items, config, windows, out=out, progress=progress, label="knockout")
     rows = out.rows()
-    summary = summarise(rows, config, windows)
+    summary = summarise(rows, config, windows, ex.info.num_layers)
     summary["funnel"] = funnel.tally(samples, targets, rows, config.settings)
     return summary
 
@@ -143,10 +306,13 @@ def _unit(vlm, out: RunDir, item: tuple[Sample, int], config: KnockoutConfig, wi
 def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     """Clean answer first; then, teacher-forcing its tokens, every (condition, window).
 
-    A condition keeps the answer when greedy decoding would still produce every token
-    of it up to the end of the answer word (so "gir|affe" counts both pieces), i.e.
-    when each teacher-forced position's argmax is the clean token; p_answer is the
-    probability of that token sequence.
+    A condition keeps the answer (`correct`) when greedy decoding would still produce
+    every token of it up to the end of the answer word (so "gir|affe" counts both
+    pieces), i.e. when each teacher-forced position's argmax is the clean token;
+    p_answer is the probability of that token sequence. `first_correct` (Neo et al.'s
+    rule) looks at one position only, where the answer word starts ("gir"; with Neo's
+    prefix "It is a" the first answer position): its argmax is still the clean token;
+    p_first is that token's probability.
     """
     q = asked(vlm, sample, target, setting)
     if q is None:  # VQA: the region word would not single out the target (funnel step)
@@ -154,6 +320,7 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
                "target": sample.instances[target].name, "answer": "", "condition": "clean",
                "window": -1, "start": 0, "end": vlm.num_layers - 1, "p_answer": 0.0,
                "correct": False, "kept": False, "p_clean": 0.0, "n_answer_tokens": 0,
+               "first_correct": False, "p_first": 0.0, "p_first_clean": 0.0,
                "skipped": funnel.SKIPPED_REGION}
         return
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
@@ -166,27 +333,34 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     if span is None:
         yield {**base, "condition": "clean", "window": -1, "start": 0,
                "end": vlm.num_layers - 1, "p_answer": 0.0, "correct": False, "kept": False,
-               "p_clean": 0.0, "n_answer_tokens": 0}
+               "p_clean": 0.0, "n_answer_tokens": 0, "first_correct": False, "p_first": 0.0,
+               "p_first_clean": 0.0}
         return
     answer = torch.tensor(generated[:span[1]], dtype=torch.long)
-    keep = len(answer)
+    keep, first = len(answer), span[0]  # first: where the answer word starts
     ext = extend_batch(one, answer[:-1])
     probs, cached = clean_pass(vlm, ext, feats, [s for s, _ in windows], keep=keep)
     p_clean = float(_sequence_prob(probs[0], answer))
+    p_first_clean = float(probs[0, first, int(answer[first])])
     base["n_answer_tokens"] = keep
     yield {**base, "condition": "clean", "window": -1, "start": 0, "end": vlm.num_layers - 1,
-           "p_answer": p_clean, "correct": True, "kept": True, "p_clean": p_clean}
+           "p_answer": p_clean, "correct": True, "kept": True, "p_clean": p_clean,
+           "first_correct": True, "p_first": p_first_clean, "p_first_clean": p_first_clean}
     queries = np.arange(ext.seq_len - keep, ext.seq_len)  # the answer's positions
+    words = question_columns(vlm.tokenizer, one, 0, q.prompt)
     edges = {c: (queries if isinstance(qs, str) else qs, ks) for c, (qs, ks) in
-             edge_sets(one.token_map, one, 0, sample.instances[target].mask).items()}
+             edge_sets(one.token_map, one, 0, sample.instances[target].mask, words).items()}
     grid = [(c, w) for c in config.conditions for w in range(len(windows))]
     after = sweep(vlm, ext, feats, edges, grid, windows, cached, keep=keep)
     target_ids = answer.to(after.device)
     for i, (c, w) in enumerate(grid):
-        kept = bool((after[i].argmax(-1) == target_ids).all())
+        top = after[i].argmax(-1)
         yield {**base, "condition": c, "window": w, "start": windows[w][0], "end": windows[w][1],
-               "p_answer": float(_sequence_prob(after[i], answer)), "correct": kept,
-               "kept": True, "p_clean": p_clean}
+               "p_answer": float(_sequence_prob(after[i], answer)),
+               "correct": bool((top == target_ids).all()), "kept": True, "p_clean": p_clean,
+               "first_correct": bool(top[first] == target_ids[first]),
+               "p_first": float(after[i, first, int(answer[first])]),
+               "p_first_clean": p_first_clean}
 
 
 def _sequence_prob(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -236,33 +410,42 @@ def sweep(vlm, one, feats, edges: dict, grid: list[tuple[str, int]], windows,
     return out
 
 
-def summarise(rows: list[dict], config: KnockoutConfig, windows) -> dict:
-    """Relative accuracy (share of clean-correct answers kept) and mean change in p(answer)."""
+def summarise(rows: list[dict], config: KnockoutConfig, windows, n_layers: int | None = None
+              ) -> dict:
+    """Relative accuracy (share of clean-correct answers kept) by both rules (METRICS), and
+    mean change in p(answer) / p(first answer-word token)."""
     ko = [r for r in rows if r["condition"] != "clean"]
-    rel, dp, by_setting, ci95 = {}, {}, {}, {}
-    for c in config.conditions:
-        rel[c], dp[c], ci95[c] = [], [], []
-        for w in range(len(windows)):
-            sel = [r for r in ko if r["condition"] == c and r["window"] == w]
-            rel[c].append(float(np.mean([r["correct"] for r in sel])) if sel else None)
-            ci95[c].append(list(wilson_ci(sum(r["correct"] for r in sel), len(sel)))
-                           if sel else None)
-            dp[c].append(float(np.mean([r["p_answer"] - r["p_clean"] for r in sel]))
-                         if sel else None)
-    for s in config.settings:
-        by_setting[s] = {c: [float(np.mean(v)) if (v := [r["correct"] for r in ko
-                                                         if r["setting"] == s
-                                                         and r["condition"] == c
-                                                         and r["window"] == w]) else None
-                             for w in range(len(windows))] for c in config.conditions}
+    if n_layers is None:  # the widest window's end: right whenever "all" is one of them
+        n_layers = max(e for _, e in windows) + 1 if windows else 0
+
+    def cells(key: str, value, setting: str | None = None) -> dict:
+        out = {}
+        for c in config.conditions:
+            out[c] = []
+            for w in range(len(windows)):
+                sel = [value(r) for r in ko if r["condition"] == c and r["window"] == w
+                       and (setting is None or r["setting"] == setting)]
+                out[c].append(key_fn[key](sel) if sel else None)
+        return out
+
+    key_fn = {"mean": lambda v: float(np.mean(v)),
+              "ci": lambda v: list(wilson_ci(int(sum(v)), len(v)))}
+    correct, first = (lambda r: r["correct"]), (lambda r: r.get("first_correct", False))
     clean = [r for r in rows if r["condition"] == "clean"]
     return {
         "windows": [list(w) for w in windows],
-        "window_labels": [f"{s}-{e}" for s, e in windows[:-1]] + ["all"],
-        "relative_accuracy": rel,
-        "ci95": ci95,
-        "prob_change": dp,
-        "relative_accuracy_by_setting": by_setting,
+        "window_labels": [window_label(w, n_layers) for w in windows],
+        "metrics": METRICS,
+        "relative_accuracy": cells("mean", correct),
+        "ci95": cells("ci", correct),
+        "relative_accuracy_first_token": cells("mean", first),
+        "ci95_first_token": cells("ci", first),
+        "prob_change": cells("mean", lambda r: r["p_answer"] - r["p_clean"]),
+        "prob_change_first_token": cells("mean", lambda r: r.get("p_first", 0.0)
+                                         - r.get("p_first_clean", 0.0)),
+        "relative_accuracy_by_setting": {s: cells("mean", correct, s) for s in config.settings},
+        "relative_accuracy_first_token_by_setting": {s: cells("mean", first, s)
+                                                     for s in config.settings},
         "n_kept": {s: sum(r["kept"] for r in clean if r["setting"] == s) for s in config.settings},
         "paper": PAPER,
         "config": asdict(config),

@@ -4,6 +4,20 @@ Residual streams are captured at image positions only, then decoded one
 layer at a time (final norm applied once: index L is the last layer's output
 BEFORE the norm, unlike HF's `hidden_states[-1]`), keeping only the top-k and
 the class words' probabilities, so [layers x tokens x vocab] never exists.
+States: every residual, index 0 = the LM's input embeddings .. L = the last layer.
+(Neo et al.'s released code, src/lvlm_lens.py:30-35, runs `norm` over every entry of
+`hidden_states`, the last one included, which HF has already normed: a second norm
+at the last layer. Not copied.)
+
+Hit rule (`word_ids`): an image token "shows" its target at a layer when one of the
+target's word tokens is in that layer's top-k (k = 5). A class's words are the HEAD
+word of its name and of each listed synonym, each with its plural
+(`vislens.data.answers.head_words`: "traffic light" -> light / lights / signal /
+stoplight ...; "hot dog" -> dog / dogs; never "traffic" or "hot"). A word's token is
+the first non-blank piece the tokenizer makes of it, written both with and without a
+leading space ("giraffe" and " giraffe": SentencePiece "▁gir", byte-level "gir" and
+"Ġgiraffe"). Object patches: any overlap with the target's mask (as Neo et al.'s
+utils.find_overlapping_patches and A1); background: touched by no object.
 
 Storage: one parquet row per image TOKEN (sample, target, position, tile, row,
 col, coverage, background) whose list columns run over the layers: topk_ids
@@ -27,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from vislens.data.answers import head_words
 from vislens.data.samples import Sample
 from vislens.distributed import executor
 from vislens.experiments import funnel
@@ -39,6 +54,15 @@ from vislens.report.viewer import LensToken, render_viewer
 
 PROMPT = "describe this image ."
 PAPER = {"hit_rate": 0.237, "peak_layer_mean": 25.7, "n_layers": 33}  # LLaVA-1.5-7B, COCO
+# Target areas where LensConfig.area is "auto" (the default), by the samples' source:
+# Neo et al.'s lens set is COCO val images with one object of 20,000-30,000 px^2 (170
+# images); on ShapesWorld (96 px) the "large" shapes (26-36 px across) are >= 350 px^2.
+AREAS = {"coco": (20000.0, 30000.0), "shapesworld": (350.0, float("inf"))}
+HIT_RULE = ("an object patch (any overlap with the target's mask) is a hit at a layer when "
+            "the top-{k} of its residual (final norm once + unembedding) holds a token of the "
+            "target's words: the head word of its name and of each listed synonym, with "
+            "plurals; a word's token = the first non-blank piece of the word written with and "
+            "without a leading space")
 MAX_LOGITS = 1 << 24  # logits decoded at once (64 MB in float32): rows per slice = this / vocab
 SUMMARY_COLUMNS = ("sample", "coverage", "background", "hit", "class_prob")
 
@@ -46,33 +70,47 @@ SUMMARY_COLUMNS = ("sample", "coverage", "background", "hit", "class_prob")
 @dataclass
 class LensConfig:
     top_k: int = 5
-    area: tuple[float, float] | None = None  # target area range (one large object)
-    object_coverage: float = 0.5  # a patch is on the object when this much of it is covered
+    # target area range in px^2; "auto": by the samples' source (AREAS: on COCO Neo et al.'s
+    # 20000-30000, on ShapesWorld >= 350); None: any area
+    area: tuple[float, float] | str | None = "auto"
+    object_coverage: float = 0.0  # 0: a patch is on the object when it overlaps it at all
     viewers: int = 3  # interactive HTML pages for the first N kept images
     seed: int = 0
     batch_size: int = 4
     prompt: str = PROMPT
 
 
-def word_ids(tokenizer, name: str) -> list[int]:
-    """Token ids a class name can show up as: the piece each of its words starts with
-    where the name is written, i.e. after a space, and (first word only) opening a text.
+def word_ids(tokenizer, name: str, synonyms: bool = True) -> list[int]:
+    """Token ids a class shows up as in a top-k: for each of its head words (the last word
+    of its name and of each listed synonym, with plurals: `head_words`), the first piece
+    the tokenizer makes of the word written alone and after a space.
 
     A piece that is only whitespace starts no word: SentencePiece writes " giraffe" as
-    "▁" then "▁g|ir|af|fe", and taking the bare "▁" made every "▁" in a top-k a hit
-    for every class. Later words of a multi-word name never open a text, so their
-    space-less spelling (byte-level "l" of "light" in "traffic light", a bare letter)
-    is not one of the name's pieces either.
+    "▁" then "▁g|ir|af|fe" on some vocabularies, and taking the bare "▁" made every "▁"
+    in a top-k a hit for every class. The unknown token is never a word.
     """
     ids: set[int] = set()
-    for k, word in enumerate(name.split()):
-        for text in ((word, " " + word) if k == 0 else (" " + word,)):
+    for word in head_words(name, synonyms):
+        for text in (word, " " + word):
             toks = tokenizer.encode(text, add_special_tokens=False)
             first = next((t for t in toks if tokenizer.decode([t]).strip()), None)
             if first is not None:
                 ids.add(int(first))
     unk = tokenizer.unk_token_id
     return sorted(i for i in ids if i != unk)
+
+
+def on_object(cover: np.ndarray, object_coverage: float = 0.0) -> np.ndarray:
+    """Object patches: any overlap (object_coverage 0, A1's rule), else that share."""
+    cover = np.asarray(cover, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return cover > 0 if object_coverage <= 0 else cover >= object_coverage
+
+
+def default_area(samples: list[Sample]) -> tuple[float, float] | None:
+    """The target area range of AREAS for the samples' source (None: any area)."""
+    sources = {s.meta.get("source") for s in samples}
+    return AREAS.get(sources.pop()) if len(sources) == 1 else None
 
 
 def display_token(token: str | None) -> str:
@@ -102,7 +140,8 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     if not samples:
         raise ValueError("no samples for the logit lens; check --data / --n")
     rng = np.random.default_rng(config.seed)
-    targets = choose_targets(samples, config.area, rng)
+    area = default_area(samples) if config.area == "auto" else config.area
+    targets = choose_targets(samples, area, rng)
     chosen = [(s, t) for s, t in zip(samples, targets) if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
@@ -112,6 +151,9 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     ex.map(_chunk, chunks, config, viewer_dir, kept_ids, out=out, progress=progress,
            label="logit lens")
     summary = summarise(out.tables(SUMMARY_COLUMNS), ex.info, config, viewer_dir)
+    # the range the targets were chosen in (None: any area; an open end as None)
+    summary["area"] = None if area is None else [float(a) if np.isfinite(a) else None
+                                                 for a in area]
     summary["funnel"] = funnel.tally(samples, targets, None, ("lens",))
     return summary
 
@@ -196,10 +238,11 @@ def _write_viewer(vlm, sample, inst, tm, b, positions, cells, cover, ids, probs,
                       topk=[[(words[int(i)], float(q)) for i, q in zip(ids[t, layer],
                                                                       probs[t, layer])]
                             for layer in range(ids.shape[1])],
-                      on_object=bool(cover[t] >= config.object_coverage))
+                      on_object=bool(on_object(cover[t], config.object_coverage)))
             for t, p in enumerate(positions)]
     page = render_viewer(sample.image, toks, title=f"logit lens: {sample.id} "
-                         f"({inst.name}, {vlm.name})", object_words=inst.name.split())
+                         f"({inst.name}, {vlm.name})",
+                         object_words=head_words(inst.name, synonyms=False))
     viewer_dir.mkdir(parents=True, exist_ok=True)
     path = viewer_dir / f"{sample.id}.html"
     tmp = path.with_suffix(".tmp")
@@ -258,7 +301,7 @@ class LensTally:
         bg = table.column("background").to_numpy(zero_copy_only=False).astype(bool)
         hit = layer_matrix(table.column("hit"), self.n_layers).astype(bool)
         prob = layer_matrix(table.column("class_prob"), self.n_layers)
-        obj = cover >= self.object_coverage
+        obj = on_object(cover, self.object_coverage)
         any_hit = hit.any(1)
         self.n_obj += int(obj.sum())
         self.layer_hits += hit[obj].sum(0)
@@ -304,6 +347,9 @@ def summarise(tables: Iterable[pa.Table], vlm, config: LensConfig, viewer_dir: P
         "n_object_patches": n_obj,
         "n_background_patches": n_bg,
         "viewer": sorted(str(p) for p in viewer_dir.glob("*.html")),
+        "hit_rule": HIT_RULE.format(k=config.top_k) if config.object_coverage <= 0 else
+        HIT_RULE.format(k=config.top_k).replace("any overlap with",
+                                                f">= {config.object_coverage:g} of it on"),
         "paper": PAPER,
         "config": asdict(config),
     }

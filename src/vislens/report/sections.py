@@ -83,8 +83,10 @@ def logit_lens_section(summary: dict, max_viewers: int = 3) -> Section:
              for p in summary["viewer"][:max_viewers]]
     return Section(
         "logit-lens", "A2. Logit lens on image tokens: do they become words?",
-        "Every image token's residual stream at every layer through the final norm (once) and "
-        "the unembedding; top-k kept. Hover a cell in a viewer to see its patch and top-k.",
+        "Every image token's residual stream at every layer (embeddings = 0 .. last) through "
+        "the final norm (once) and the unembedding; top-k kept. Hit rule: "
+        + summary.get("hit_rule", "a token of the object's word in the top-k") + ". "
+        "Hover a cell in a viewer to see its patch and top-k.",
         tables=[TableData(f"{summary['n_images']} images, {summary['n_object_patches']} object "
                           "patches", ["measure", "ours", "paper (LLaVA-1.5-7B)"], rows)],
         images=[("share of the object's patches, and of every image token, whose top-k holds "
@@ -98,16 +100,26 @@ def knockout_section(summary: dict) -> Section:
     kept = ", ".join(f"{s}: {k}" for s, k in summary["n_kept"].items())
     rows = [[c, *v] for c, v in summary["relative_accuracy"].items()]
     prob = [[c, *v] for c, v in summary["prob_change"].items()]
+    first = summary.get("relative_accuracy_first_token")  # absent from older runs
+    tables = [TableData(f"relative accuracy, every answer token kept (vislens; kept samples: "
+                        f"{kept})", ["edges blocked", *labels], rows)]
+    if first is not None:
+        tables.append(TableData("relative accuracy, first answer-word token kept (Neo et al.'s "
+                                "rule)", ["edges blocked", *labels],
+                                [[c, *v] for c, v in first.items()]))
+    tables.append(TableData("mean change in p(answer)", ["edges blocked", *labels], prob))
     return Section(
         "knockout", "A3. Attention knockout: how does the answer read the image?",
         "Attention edges are blocked (additive -inf on exactly those query/key pairs) in "
-        "windows of layers; relative accuracy = share of clean-correct answers that survive. "
+        "windows of layers; relative accuracy = share of clean-correct answers that survive, "
+        "judged on every answer token and, as Neo et al. did, on the first one. "
         "Paper: blocking object+1 -> last in mid-late layers ~0.82, all layers ~0.67; "
         "-> last row ~1.0.",
-        tables=[TableData(f"relative accuracy (kept samples: {kept})",
-                          ["edges blocked", *labels], rows),
-                TableData("mean change in p(answer)", ["edges blocked", *labels], prob)],
-        images=[("relative accuracy per condition and layer window", Path(summary["plot"]))])
+        tables=tables,
+        images=[("relative accuracy per condition and layer window, every answer token",
+                 Path(summary["plot"]))]
+        + ([("relative accuracy, first answer-word token (Neo et al.'s rule)",
+             Path(summary["plot_first_token"]))] if summary.get("plot_first_token") else []))
 
 
 def timing_section(times: dict[str, float]) -> Section:
