@@ -1,5 +1,5 @@
-"""Neo et al.'s released object-patch code against vislens' token map (docs/protocol-rows/
-selection.md, rows "target outside the model's view" and "object-patch grid").
+"""Neo et al.'s released object-patch code against vislens' token map (docs/PROTOCOL.md,
+A1 selection, rows "target outside the model's view" and "object-patch grid").
 
     python benchmarks/neo_object_patches.py /path/to/llava-interp
 

@@ -171,26 +171,3 @@ def test_sem_seg_dot_product_weighs_the_text_features_norms():
     assert cos["values/0"]["free"]["circle"][0] == 0  # the tie goes to background
     assert dot["values/0"]["free"]["circle"] == [64, 256]  # the long "circle" text wins
 
-# ---- docs/protocol-rows/perception.md -----------------------------------------------------------
-def test_protocol_rows_defaults_match_the_code():
-    """Every row has the table's columns; every backticked default is the code's."""
-    import ast
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol-rows" /
-            "perception.md").read_text()
-    rows = [r for r in text.splitlines() if r.startswith("|")]
-    header = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert header == ["definition", "paper's text", "Neo's released code (file:line)",
-                      "vislens default", "vislens option"]
-    assert all(r.count("|") == len(header) + 1 for r in rows), "a cell holds a stray |"
-    claims = re.findall(r"`(\w+)\.(\w+) = ([^`]+)`", text)
-    assert len(claims) >= 8
-
-    def plain(v):
-        return list(v) if isinstance(v, tuple) else v
-
-    for cls, name, value in claims:
-        assert cls == "PerceiveConfig", cls
-        assert plain(getattr(P.PerceiveConfig(), name)) == plain(ast.literal_eval(value)), name
