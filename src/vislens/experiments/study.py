@@ -200,20 +200,31 @@ def _headline(name: str, summary: dict) -> dict:
     if name == "accuracy":
         return summary["accuracy"]
     if name == "ablation":
-        return {"n_kept": summary["n_kept"], "drop": summary["drop"]}
+        return {"n_kept": summary["n_kept"], "drop": summary["drop"],
+                "funnel": summary.get("funnel"), "reference": summary.get("reference")}
     if name == "logit lens":
-        return {k: summary[k] for k in ("hit_rate", "peak_layer_mean", "background_rate")}
+        return {k: summary.get(k) for k in ("hit_rate", "peak_layer_mean", "background_rate",
+                                            "funnel")}
     if name == "knockout":
         return {"windows": summary["window_labels"],
-                "relative_accuracy": summary["relative_accuracy"]}
+                "relative_accuracy": summary["relative_accuracy"],
+                "relative_accuracy_first_token": summary.get("relative_accuracy_first_token"),
+                "funnel": summary.get("funnel")}
     if name == "attention":
         return {k: summary[k] for k in ("peak_layer_image", "peak_layer_object",
                                         "object_lift")}
     if name == "perceive":
         return {t: {"metric": e["metric"], "values_held_out": e["selected"].get("values"),
-                    "projector": e.get("projector"), "vision": e.get("vision")}
+                    "projector": e.get("projector"), "vision": e.get("vision"),
+                    "chance": e.get("chance"), "n_heldout": e.get("n_heldout")}
                 for t, e in summary["tasks"].items()}
     if name == "surface":
-        return {k: summary[k]["rate"] for k in ("values_accuracy", "model_accuracy",
-                                                "present_not_surfaced")}
+        return {**{k: summary[k]["rate"] for k in ("values_accuracy", "model_accuracy",
+                                                   "present_not_surfaced")},
+                **{k: summary.get(k) for k in ("present_not_surfaced_chance",
+                                               "values_beat_chance", "n_scored")}}
+    if name == "prefix":
+        return summary.get("oracle_headline" if summary.get("oracle") else "headline") or {}
+    if name == "artifacts":
+        return summary["perceive"].get("headline") or {}
     return {}

@@ -33,6 +33,11 @@ def funnel_table(summary: dict) -> TableData | None:
                      rows)
 
 
+def _funnel(summary: dict) -> list[TableData]:
+    table = funnel_table(summary)
+    return [table] if table else []
+
+
 def _funnel_notes(summary: dict) -> list[str]:
     return list((summary.get("funnel") or {}).get("lost", {}).values())
 
@@ -56,7 +61,6 @@ def ablation_section(summary: dict) -> Section:
     vector = "zeros" if ref is None else (
         f"the mean image embedding over {ref['n_images']} images of {ref['spec']} "
         f"({'disjoint from' if ref.get('disjoint') else 'OVERLAPPING'} the evaluated images)")
-    funnel = funnel_table(summary)
     return Section(
         "ablation", "A1. Token ablation: where does object information live?",
         f"LM input embeddings of each token set are replaced by {vector}; the table gives the "
@@ -64,7 +68,7 @@ def ablation_section(summary: dict) -> Section:
         "them) that become wrong; a random set of the same size is the chance level. Paper: "
         "Neo et al. 2024, LLaVA-1.5-7B, COCO (definitions: docs/PROTOCOL.md).",
         tables=[TableData(f"% broken (kept samples: {kept})", header, rows),
-                *([funnel] if funnel else [])],
+                *_funnel(summary)],
         images=[("% of correct answers broken per condition, with 95% Wilson intervals",
                   Path(summary["plot"]))],
         notes=_funnel_notes(summary))
@@ -88,11 +92,12 @@ def logit_lens_section(summary: dict, max_viewers: int = 3) -> Section:
         + summary.get("hit_rule", "a token of the object's word in the top-k") + ". "
         "Hover a cell in a viewer to see its patch and top-k.",
         tables=[TableData(f"{summary['n_images']} images, {summary['n_object_patches']} object "
-                          "patches", ["measure", "ours", "paper (LLaVA-1.5-7B)"], rows)],
+                          "patches", ["measure", "ours", "paper (LLaVA-1.5-7B)"], rows),
+                *_funnel(summary)],
         images=[("share of the object's patches, and of every image token, whose top-k holds "
                  "the object's word, per layer",
                  Path(summary["plot"]))],
-        pages=pages)
+        pages=pages, notes=_funnel_notes(summary))
 
 
 def knockout_section(summary: dict) -> Section:
@@ -108,6 +113,7 @@ def knockout_section(summary: dict) -> Section:
                                 "rule)", ["edges blocked", *labels],
                                 [[c, *v] for c, v in first.items()]))
     tables.append(TableData("mean change in p(answer)", ["edges blocked", *labels], prob))
+    tables += _funnel(summary)
     return Section(
         "knockout", "A3. Attention knockout: how does the answer read the image?",
         "Attention edges are blocked (additive -inf on exactly those query/key pairs) in "
@@ -119,7 +125,8 @@ def knockout_section(summary: dict) -> Section:
         images=[("relative accuracy per condition and layer window, every answer token",
                  Path(summary["plot"]))]
         + ([("relative accuracy, first answer-word token (Neo et al.'s rule)",
-             Path(summary["plot_first_token"]))] if summary.get("plot_first_token") else []))
+             Path(summary["plot_first_token"]))] if summary.get("plot_first_token") else []),
+        notes=_funnel_notes(summary))
 
 
 def timing_section(times: dict[str, float]) -> Section:
