@@ -254,3 +254,52 @@ def test_without_ray_installed_the_error_says_how_to_get_it(tmp_path, monkeypatc
     result = CliRunner().invoke(app, ["ablate", "--workers", "2", "--out", str(tmp_path / "r")])
     assert "pip install 'vislens[ray]'" in one_line_error(result)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def listener():
+    """An address something answers on (the check before Ray connects is a TCP connect)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token but no token is set here"),
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"},
+     "RAY_AUTH_TOKEN_PATH names /nonexistent/token, which is missing or empty"),
+])
+def test_token_mode_without_a_token_is_one_line_before_any_connection(env, message, listener,
+                                                                       tmp_path, monkeypatch):
+    """Ray's C++ client aborts the process on it; vislens says what to set."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["knockout", "--ray", listener, "--out",
+                                      str(tmp_path / "run")])
+    assert message in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_token_is_looked_for_where_ray_looks_and_never_read_out(tmp_path, monkeypatch):
+    from vislens.distributed import _token_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert _token_source() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret-a\n")
+    assert _token_source() == str(tmp_path / ".ray" / "auth_token")
+    (tmp_path / "other").write_text("secret-b")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "other"))
+    assert _token_source() == f"RAY_AUTH_TOKEN_PATH ({tmp_path / 'other'})"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert _token_source() is None  # Ray does not fall back to ~/.ray/auth_token either
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-c")
+    assert _token_source() == "RAY_AUTH_TOKEN"
