@@ -155,7 +155,7 @@ def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
     injected = ex.call(_injected, config, reference)
     # targets draw from one generator over the whole list, and `idx` seeds the noise and
     # the random sets: both are fixed here, before any sharding
-    targets = choose_targets(samples, config.area, np.random.default_rng(config.seed))
+    targets = choose_targets(samples, config.area)
     units = [(idx, s, t) for idx, (s, t) in enumerate(zip(samples, targets, strict=True))
              if t is not None and not all(out.done(sample=s.id, setting=setting,
                                                    condition="clean")

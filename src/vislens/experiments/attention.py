@@ -140,8 +140,7 @@ def run(vlm, samples: list[Sample], config: AttentionConfig, out: RunDir, progre
         raise ValueError("no samples for the attention view; check --data / --n")
     vlm.require_layout("maps object masks to image tokens")
     config.validate()
-    rng = np.random.default_rng(config.seed)
-    targets = choose_targets(samples, config.area, rng)
+    targets = choose_targets(samples, config.area)
     chosen = [(s, t) for s, t in zip(samples, targets) if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]

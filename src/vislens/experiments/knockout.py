@@ -281,8 +281,7 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
                            f"{','.join(LAYOUT_FREE)} or add a family module")
     ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per sample
     windows = config.layer_windows(ex.info.num_layers)
-    rng = np.random.default_rng(config.seed)
-    targets = choose_targets(samples, config.area, rng)
+    targets = choose_targets(samples, config.area)
     items = [(s, t) for s, t in zip(samples, targets) if t is not None
              and not all(out.done(sample=s.id, setting=setting, condition="clean", window=-1)
                          for setting in config.settings)]

@@ -139,9 +139,8 @@ def execute(vlm, samples: list[Sample], config: LensConfig, out: Path, meta: dic
 def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for the logit lens; check --data / --n")
-    rng = np.random.default_rng(config.seed)
     area = default_area(samples) if config.area == "auto" else config.area
-    targets = choose_targets(samples, area, rng)
+    targets = choose_targets(samples, area)
     chosen = [(s, t) for s, t in zip(samples, targets) if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]

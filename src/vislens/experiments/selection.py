@@ -19,12 +19,12 @@ from vislens.data.coco import Selection, first_single
 from vislens.data.samples import Sample
 
 
-def choose_target(sample: Sample, area: tuple[float, float] | None,
-                  rng: np.random.Generator | None = None, *, strict: bool = True,
+def choose_target(sample: Sample, area: tuple[float, float] | None, *, strict: bool = True,
                   crowd_target: bool = True) -> int | None:
     """The index of the sample's target instance, or None when no instance qualifies.
 
-    Deterministic (Neo et al.'s rule; `rng` is accepted for older callers and unused).
+    Deterministic: Neo et al.'s rule, the first class (in annotation order) alone in the
+    image with its area in the range; no random draw.
     `strict=False` takes both ends of the area range; `crowd_target=False` never picks a
     crowd region (attribute iscrowd="1").
     """
@@ -42,10 +42,10 @@ def choose_target(sample: Sample, area: tuple[float, float] | None,
 
 
 def choose_targets(samples: list[Sample], area: tuple[float, float] | None,
-                   rng: np.random.Generator | None = None, **options) -> list[int | None]:
+                   **options) -> list[int | None]:
     """One target per sample (None where none qualifies); an error when none does anywhere,
     instead of an empty table."""
-    targets = [choose_target(s, area, rng, **options) for s in samples]
+    targets = [choose_target(s, area, **options) for s in samples]
     if samples and all(t is None for t in targets):
         strict = options.get("strict", True)
         where = "" if area is None else (
