@@ -178,17 +178,17 @@ def test_open_dataset(tmp_path):
 
 
 def test_select_filters_before_reading_pixels(tmp_path):
-    from vislens.data.coco import large_object, single_target, small_target
+    from vislens.data.coco import Selection, large_object, small_target
 
     path, _, _ = _real_coco(tmp_path)
     (tmp_path / "val2017" / "000000000007.jpg").unlink()  # never read when not selected
     # image 42: a 200 px^2 dog (unique class) and a crowd region: the crowd counts as one of
     # the <= 3 annotations, as in Neo et al.'s code, and does not disqualify the image
-    picked = load_coco(path, select=single_target(3, (100, 300)))
+    picked = load_coco(path, select=Selection(3, (100, 300)))
     assert [s.meta["image_id"] for s in picked] == [42] and picked.read == 2
     assert picked[0].meta["target_ann_id"] == 900
     with pytest.raises(ValueError, match="passes the selection"):
-        load_coco(path, select=single_target(1, (100, 300)))
+        load_coco(path, select=Selection(1, (100, 300)))
     kept = load_coco(path, include_crowd=False,
                      select=lambda info, anns: info["id"] == 42)
     assert [s.meta["image_id"] for s in kept] == [42]

@@ -334,12 +334,6 @@ def first_single(groups: list[list], rule: Selection,
     return None
 
 
-def single_target(max_annotations: int | None, area: tuple[float, float] | None,
-                  strict: bool = True, crowd_target: bool = True) -> Selection:
-    """`Selection` by position (the older name)."""
-    return Selection(max_annotations, area, strict, crowd_target)
-
-
 def small_target(max_annotations: int = 3, area: tuple[float, float] = (1000.0, 2000.0),
                  **options) -> Selection:
     """Neo et al.'s ablation set (A1): small targets, so their object tokens are few."""

@@ -153,8 +153,8 @@ def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
     reference, record = resolve_reference(samples, config, reference_images)
     vector = ex.call(_vector, config, reference)
     injected = ex.call(_injected, config, reference)
-    # targets draw from one generator over the whole list, and `idx` seeds the noise and
-    # the random sets: both are fixed here, before any sharding
+    # targets follow Neo's deterministic rule, and `idx` seeds the noise and the random sets:
+    # both are fixed here, before any sharding
     targets = choose_targets(samples, config.area)
     units = [(idx, s, t) for idx, (s, t) in enumerate(zip(samples, targets, strict=True))
              if t is not None and not all(out.done(sample=s.id, setting=setting,

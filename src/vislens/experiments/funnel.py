@@ -51,17 +51,17 @@ def images_read(samples: Sequence) -> int:
 
 
 def tally(samples: Sequence, targets: Sequence, rows: list[dict] | None,
-          settings: Sequence[str], noise: bool = False, correct: bool = True) -> dict:
+          settings: Sequence[str], noise: bool = False) -> dict:
     """The funnel of one run. `rows`: the experiment's rows; its clean rows (condition
-    "clean") carry `correct`, `kept` and, when the region step dropped them, `skipped`.
-    noise: the experiment applies the noise filter; correct: it checks the clean answer
-    (without rows or that check, every selected image is kept)."""
+    "clean") carry `correct`, `kept` and, when the region step dropped them, `skipped`;
+    None for an experiment that keeps every selected image (no clean-answer check).
+    noise: the experiment applies the noise filter."""
     read, selected = images_read(samples), sum(t is not None for t in targets)
     counts: dict[str, dict] = {}
     for setting in settings:
         step = dict.fromkeys(STEPS)
         step.update(read=read, selected=selected)
-        if rows is None or not correct:
+        if rows is None:
             step["kept"] = selected
         else:
             clean = [r for r in rows if r["setting"] == setting and r["condition"] == "clean"]

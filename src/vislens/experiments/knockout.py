@@ -302,6 +302,14 @@ def _unit(vlm, out: RunDir, item: tuple[Sample, int], config: KnockoutConfig, wi
 
 
 @torch.no_grad()
+def _not_kept(base: dict, n_layers: int, **extra) -> dict:
+    """The clean row of a sample the sweep skips: no unambiguous question, or answered wrong."""
+    return {**base, "condition": "clean", "window": -1, "start": 0, "end": n_layers - 1,
+            "p_answer": 0.0, "correct": False, "kept": False, "p_clean": 0.0,
+            "n_answer_tokens": 0, "first_correct": False, "p_first": 0.0, "p_first_clean": 0.0,
+            **extra}
+
+
 def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     """Clean answer first; then, teacher-forcing its tokens, every (condition, window).
 
@@ -314,26 +322,18 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     p_first is that token's probability.
     """
     q = asked(vlm, sample, target, setting)
+    base = {"sample": sample.id, "setting": setting, "target": sample.instances[target].name}
     if q is None:  # VQA: the region word would not single out the target (funnel step)
-        yield {"sample": sample.id, "setting": setting,
-               "target": sample.instances[target].name, "answer": "", "condition": "clean",
-               "window": -1, "start": 0, "end": vlm.num_layers - 1, "p_answer": 0.0,
-               "correct": False, "kept": False, "p_clean": 0.0, "n_answer_tokens": 0,
-               "first_correct": False, "p_first": 0.0, "p_first_clean": 0.0,
-               "skipped": funnel.SKIPPED_REGION}
+        yield _not_kept({**base, "answer": ""}, vlm.num_layers, skipped=funnel.SKIPPED_REGION)
         return
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
     feats = vlm.image_embeddings(one)
     generated = vlm.trim(vlm.generate(one, max_new_tokens=MAX_NEW_TOKENS[setting],
                                       image_features=feats)[0])
     span = answer_span(lambda ids: vlm.decode(torch.tensor([ids]))[0], generated, q)
-    base = {"sample": sample.id, "setting": setting, "target": sample.instances[target].name,
-            "answer": vlm.decode(torch.tensor([generated]))[0]}
+    base["answer"] = vlm.decode(torch.tensor([generated]))[0]
     if span is None:
-        yield {**base, "condition": "clean", "window": -1, "start": 0,
-               "end": vlm.num_layers - 1, "p_answer": 0.0, "correct": False, "kept": False,
-               "p_clean": 0.0, "n_answer_tokens": 0, "first_correct": False, "p_first": 0.0,
-               "p_first_clean": 0.0}
+        yield _not_kept(base, vlm.num_layers)
         return
     answer = torch.tensor(generated[:span[1]], dtype=torch.long)
     keep, first = len(answer), span[0]  # first: where the answer word starts
