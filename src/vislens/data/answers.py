@@ -100,16 +100,23 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+@cache
+def _vocabulary_for(name: str, synonyms: bool) -> tuple[dict[tuple[str, ...], str], int]:
+    """(the phrases `_objects` knows -> class, the longest phrase's word count) when asked
+    about `name`: made once per class, since answer_span checks every prefix of an answer."""
+    vocab = dict(_coco_vocabulary()) if synonyms else {}
+    for form in surface_forms(name, synonyms):
+        if form:
+            vocab[tuple(form.split())] = name  # the asked-for name wins a shared form
+    return vocab, max((len(k) for k in vocab), default=0)
+
+
 def _objects(words: list[str], name: str, synonyms: bool) -> list[tuple[int, int, str]]:
     """(start, end, class) of the object phrases in `words`, longest phrase first at each
     place, each run of adjacent phrases read as one object named by its head (its last
     phrase). `name` is one of the classes (its own forms are always known, COCO's only
     with `synonyms`)."""
-    vocab = dict(_coco_vocabulary()) if synonyms else {}
-    for form in surface_forms(name, synonyms):
-        if form:
-            vocab[tuple(form.split())] = name  # the asked-for name wins a shared form
-    longest = max((len(k) for k in vocab), default=0)
+    vocab, longest = _vocabulary_for(name, synonyms)
     phrases, i = [], 0
     while i < len(words):
         for n in range(min(longest, len(words) - i), 0, -1):
