@@ -84,9 +84,10 @@ def _held(entry: dict, kind: str) -> str:
 
 
 def _chance(entry: dict) -> str:
-    """The strongest trivial predictor's score (all-background, random class, ...)."""
-    levels = [v for v in (entry.get("chance") or {}).values() if v is not None]
-    return fmt(max(levels)) if levels else "-"
+    from vislens.experiments.perception.perceive import best_chance
+
+    level = best_chance(entry)
+    return "-" if level is None else fmt(level)
 
 
 def _count(entry: dict) -> str:

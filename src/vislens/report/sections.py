@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vislens.experiments.perception.perceive import best_chance
 from vislens.report.page import Section, TableData, fmt
 
 
@@ -143,10 +144,8 @@ def _held_out(e: dict, kind: str) -> tuple[object, object]:
 def _perception_rows(tasks: dict) -> list[list[object]]:
     rows = []
     for task, e in tasks.items():
-        chance = e.get("chance") or {}
         rows.append([task, e["metric"], *_held_out(e, "values"), *_held_out(e, "keys"),
-                     e.get("projector"), e.get("vision"),
-                     max((v for v in chance.values() if v is not None), default=None),
+                     e.get("projector"), e.get("vision"), best_chance(e),
                      f"{e.get('n_selection', '–')} / {e.get('n_heldout', '–')}"])
     return rows
 

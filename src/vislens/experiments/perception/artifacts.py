@@ -210,11 +210,6 @@ def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
     return summary, art
 
 
-def _variant(stat, which: str):
-    """co-seg / ref-seg rows hold {"free", "oracle"} per source; others the stat itself."""
-    return stat.get(which) if isinstance(stat, dict) and "free" in stat else stat
-
-
 def held_out_delta(rows: list[dict], before: str, after: str, tasks: Sequence[str],
                    kinds: Sequence[str] = ("values", "keys"), seed: int = 0,
                    n_boot: int = 1000) -> dict:
@@ -260,7 +255,7 @@ class _Paired:
                        if s.startswith(f"{kind}/")})
 
     def score(self, cond: str, src: str, idx: Sequence[int]) -> float | None:
-        got = [_variant(self.stats[cond][i].get(src), self.which) for i in idx]
+        got = [perceive.stat_variant(self.stats[cond][i].get(src), self.which) for i in idx]
         if not idx or all(g is None for g in got):
             return None
         v = perceive.aggregate(self.task, got, [self.classes[i] for i in idx])

@@ -35,7 +35,7 @@ from vislens.data.resolve import open_task
 from vislens.distributed import executor
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import SOURCES, ImageFeatures, extract
-from vislens.experiments.stats import bootstrap_metric, selection_split
+from vislens.experiments.stats import bootstrap_metric, choose_layer, selection_split
 
 ORACLES = {"co-seg": "co-seg-oracle", "ref-seg": "ref-seg-oracle",  # GT-matched variants
            "sem-seg": "sem-seg-oracle"}  # told the classes present
@@ -509,7 +509,13 @@ def aggregate(task: str, stats: list, classes: list[str]) -> float:
     return float(np.nanmean(stats))  # co-seg IoU, ref-seg IoU: mean over items
 
 
-def _variant(stat, which: str):
+def best_chance(entry: dict) -> float | None:
+    """The strongest trivial predictor's score of a task's summary entry (all-background,
+    all-foreground, random class, ...): the level a source must beat."""
+    return max((v for v in (entry.get("chance") or {}).values() if v is not None), default=None)
+
+
+def stat_variant(stat, which: str):
     """co-seg / ref-seg / sem-seg rows hold {"free", "oracle"} per source; others the stat."""
     return stat.get(which) if isinstance(stat, dict) and "free" in stat else stat
 
@@ -556,13 +562,13 @@ def _entry(task, parsed, classes, sel, held, which, layers, kinds, config) -> di
     the layer chosen on the selection half, 95% bootstrap intervals over held-out items."""
 
     def score(src: str, subset) -> float | None:
-        got = [_variant(parsed[i].get(src), which) for i in subset]
+        got = [stat_variant(parsed[i].get(src), which) for i in subset]
         if all(g is None for g in got):
             return None
         return _clean(aggregate(task, got, [classes[i] for i in subset]))
 
     def ci(src: str, subset) -> list | None:
-        pairs = [(_variant(parsed[i].get(src), which), classes[i]) for i in subset]
+        pairs = [(stat_variant(parsed[i].get(src), which), classes[i]) for i in subset]
         if all(p is None for p, _ in pairs):
             return None
         lo, hi = bootstrap_metric(pairs, lambda ps: aggregate(task, [p for p, _ in ps],
@@ -579,16 +585,14 @@ def _entry(task, parsed, classes, sel, held, which, layers, kinds, config) -> di
     entry["chance"] = {k.split("/", 1)[1]: score(k, held) for k in chance}
     entry["selected"], entry["upper_bound"] = {}, {}
     for kind in kinds:
-        curve = [(v, ly) for v, ly in zip(entry[kind], layers, strict=True) if v is not None]
-        if not curve:
+        best = choose_layer(dict(zip(layers, entry[kind], strict=True)))
+        if best is None:
             continue
-        best = max(curve, key=lambda vl: (vl[0], -vl[1]))
-        entry["upper_bound"][kind] = {"layer": best[1], "score": best[0], "n": n}
+        entry["upper_bound"][kind] = {"layer": best, "score": entry[kind][layers.index(best)],
+                                      "n": n}
         if sel and held:  # choose on the selection half, score on the held-out half
-            chosen = [(score(f"{kind}/{ly}", sel), ly) for ly in layers]
-            chosen = [c for c in chosen if c[0] is not None]
-            if chosen:
-                ly = max(chosen, key=lambda vl: (vl[0], -vl[1]))[1]
+            ly = choose_layer({ly: score(f"{kind}/{ly}", sel) for ly in layers})
+            if ly is not None:
                 entry["selected"][kind] = {"layer": ly, "score": score(f"{kind}/{ly}", held),
                                            "ci95": ci(f"{kind}/{ly}", held), "n": n,
                                            "n_selection": len(sel)}
