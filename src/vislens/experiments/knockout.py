@@ -54,7 +54,8 @@ from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows, wilson_ci
-from vislens.interventions import LAST, capture, knockout, resume
+from vislens.interventions import LAST, knockout, resume
+from vislens.interventions.continuation import Recorded, advance, record
 from vislens.report.plots import heatmap
 
 NEO_CONDITIONS = ("object->last", "object+1->last", "object+2->last",
@@ -338,7 +339,7 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     answer = torch.tensor(generated[:span[1]], dtype=torch.long)
     keep, first = len(answer), span[0]  # first: where the answer word starts
     ext = extend_batch(one, answer[:-1])
-    probs, cached = clean_pass(vlm, ext, feats, [s for s, _ in windows], keep=keep)
+    probs, recorded = clean_pass(vlm, ext, feats, [s for s, _ in windows], keep=keep)
     p_clean = float(_sequence_prob(probs[0], answer))
     p_first_clean = float(probs[0, first, int(answer[first])])
     base["n_answer_tokens"] = keep
@@ -350,7 +351,7 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     edges = {c: (queries if isinstance(qs, str) else qs, ks) for c, (qs, ks) in
              edge_sets(one.token_map, one, 0, sample.instances[target].mask, words).items()}
     grid = [(c, w) for c in config.conditions for w in range(len(windows))]
-    after = sweep(vlm, ext, feats, edges, grid, windows, cached, keep=keep)
+    after = sweep(vlm, ext, feats, edges, grid, windows, recorded, keep=keep)
     target_ids = answer.to(after.device)
     for i, (c, w) in enumerate(grid):
         top = after[i].argmax(-1)
@@ -368,40 +369,58 @@ def _sequence_prob(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clean_pass(vlm, one, feats, starts, keep: int = 1
-               ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def clean_pass(vlm, one, feats, starts, keep: int = 1) -> tuple[torch.Tensor, Recorded]:
     """Clean next-token distributions of the last `keep` positions [B, keep, vocab], and the
-    residual [B, S, hidden] entering each layer in `starts` (what a window resumes from)."""
-    starts = sorted({int(s) for s in starts})
-    cols = [np.arange(one.seq_len)] * one.size
-    with capture(vlm, cols, layers=starts) as cap:
-        logits = vlm.forward(one, image_features=feats, logits_to_keep=keep).logits
-    cached = {s: cap.residual[s].view(one.size, one.seq_len, -1) for s in starts}
-    return torch.softmax(logits.float(), -1), cached
+    pass recorded for reuse: every layer's keys and values, and the residual [B, S, hidden]
+    entering each layer in `starts` (where a window starts)."""
+    recorded = record(vlm, one, feats, residual_layers=starts, keep=keep)
+    return torch.softmax(recorded.logits.float(), -1), recorded
+
+
+def first_changed(queries, seq_len: int) -> int:
+    """The first position a knockout with these query columns changes, in any layer: its
+    first blocked query, where no position attends to a later one ("last": the last)."""
+    if isinstance(queries, str):
+        return seq_len - 1
+    cols = np.asarray(queries, dtype=np.int64)
+    return int(cols.min()) if cols.size else seq_len
 
 
 @torch.no_grad()
 def sweep(vlm, one, feats, edges: dict, grid: list[tuple[str, int]], windows,
-          cached: dict[int, torch.Tensor], keep: int = 1) -> torch.Tensor:
+          recorded: Recorded, keep: int = 1) -> torch.Tensor:
     """Next-token distributions [len(grid), keep, vocab] of every (condition, window) of a
-    one-sample batch: one forward per distinct window start, each from the cached clean
-    residual."""
+    one-sample batch. Rows are grouped by (window start a, first changed position p): each
+    group runs positions p.. of layers a..L only, from the clean residual entering layer a
+    and the clean keys and values of positions before p. Where the recorded pass cannot be
+    continued (a family whose positions see later ones), p is 0 and each group resumes
+    from the clean residual entering its layer a."""
     empty = (LAST, np.zeros(0, dtype=np.int64))
+    seq = one.seq_len
+    first = {c: first_changed(edges[c][0], seq) if recorded.reusable else 0
+             for c in {c for c, _ in grid}}
     out = None
-    for start in sorted({windows[w][0] for _, w in grid}):
-        idx = [i for i, (_, w) in enumerate(grid) if windows[w][0] == start]
+    for start, p in sorted({(windows[w][0], min(first[c], seq - keep)) for c, w in grid}):
+        idx = [i for i, (c, w) in enumerate(grid)
+               if windows[w][0] == start and min(first[c], seq - keep) == p]
         group = [grid[i] for i in idx]
-        rows = repeat_batch(one, len(group))
+        n = len(group)
         with ExitStack() as stack:
-            if start > 0:
-                hidden = cached[start].expand(len(group), -1, -1)
-                stack.enter_context(resume(vlm, start, hidden))
             for w in sorted({w for _, w in group}):
                 per_row = [edges[c] if wi == w else empty for c, wi in group]
                 stack.enter_context(knockout(vlm, per_row, range(windows[w][0],
-                                                                 windows[w][1] + 1)))
-            logits = vlm.forward(rows, image_features=feats * len(group),
-                                 logits_to_keep=keep).logits
+                                                                 windows[w][1] + 1),
+                                             seq_len=seq))
+            if recorded.reusable:
+                source = recorded.embeds if start == 0 else recorded.residual[start]
+                logits = advance(vlm, recorded.rows(n, p), source[:, p:].expand(n, -1, -1),
+                                 **recorded.after(p), layer=start, keep=keep)
+            else:
+                if start > 0:
+                    hidden = recorded.residual[start].expand(n, -1, -1)
+                    stack.enter_context(resume(vlm, start, hidden))
+                logits = vlm.forward(repeat_batch(one, n), image_features=feats * n,
+                                     logits_to_keep=keep).logits
         probs = torch.softmax(logits.float(), -1)
         if out is None:
             out = probs.new_empty(len(grid), *probs.shape[1:])

@@ -122,16 +122,18 @@ def _columns(values, seq_len: int | None, what: str) -> torch.Tensor:
 
 
 @contextmanager
-def knockout(vlm, edges, layers: Iterable[int] | None = None):
+def knockout(vlm, edges, layers: Iterable[int] | None = None, seq_len: int | None = None):
     """Block attention edges while the context is open (forward and generate).
 
     edges: one entry per sample of the batch that will run; each a
     (queries, keys) pair or a list of them. queries: prompt columns or "last";
     keys: prompt columns. layers: None = every layer. An empty edge set is
-    exactly the clean run.
+    exactly the clean run. seq_len: the prompt's length, needed only when the first
+    pass continues from a cache (interventions.continuation) instead of running the
+    prompt from scratch.
     """
     state = attach(vlm)
-    ko = Knockout(edges, layers, vlm.num_layers)
+    ko = Knockout(edges, layers, vlm.num_layers, seq_len)
     state.knockouts.append(ko)
     try:
         yield ko
