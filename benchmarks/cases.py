@@ -220,8 +220,9 @@ def knockout_batched(ctx: Context, grid, edges) -> torch.Tensor:
 
 @torch.no_grad()
 def knockout_resumed(ctx: Context, grid, edges) -> torch.Tensor:
-    """experiments/knockout as it runs: the clean pass caches the residual entering each
-    window's first layer; rows grouped by window start resume from it."""
+    """experiments/knockout as it runs: the clean pass records every layer's keys and values
+    and the residual entering each window's first layer; rows grouped by (window start,
+    first blocked query) run only those positions of those layers."""
     from vislens.experiments import knockout as experiment
 
     vlm = ctx.vlm

@@ -55,8 +55,8 @@ def test_continuing_from_any_position_and_layer_equals_the_full_pass(lookalike):
     batch = _padded(vlm)
     s = batch.seq_len
     keep = 8  # logits of the last 8 positions: every earlier key / value reaches them
-    full = vlm.forward(batch, logits_to_keep=s).logits
-    rec = record(vlm, batch, residual_layers=[1], keep=s)
+    full = vlm.forward(batch, logits_to_keep=keep).logits
+    rec = record(vlm, batch, residual_layers=[1], keep=keep)
     assert rec.reusable, rec.why_not
     torch.testing.assert_close(rec.logits, full, rtol=0, atol=TOL)
     first_image = int(np.flatnonzero(batch.input_ids[0].numpy() == vlm.image_token_id)[0])
