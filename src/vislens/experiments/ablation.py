@@ -11,6 +11,13 @@ run as one batch over one vision pass. Where the LM also adds image features
 inside its first layers (Qwen3-VL's DeepStack), those are replaced at the same
 tokens, by their reference means (or zeros): ablating a token removes all the
 image puts there.
+
+Nothing is computed twice where the LM's recorded pass can be continued (see `_shared_rows`;
+otherwise `_full_rows`, the plain generate-under-ablate path): the settings share the image
+prefix, a condition runs from its first ablated token, and a condition row stops decoding
+once its verdict is settled (`Question.settled`), so a condition row's "text" is the
+generation up to where it stopped (its verdict is the full generation's). Clean and noised
+rows decode in full, as before.
 """
 
 from __future__ import annotations
