@@ -156,3 +156,70 @@ def starts_with(text: str, expected: str, synonyms: bool = True) -> bool:
         words = words[1:]
     objects = _objects(words, expected, synonyms)
     return bool(objects) and objects[0][0] == 0 and objects[0][2] == expected
+
+
+# ---- when a verdict is settled ------------------------------------------------------------------
+# Generation may stop once no continuation can change an answer's verdict. Each rule below
+# holds for every string s appended to the text (is_correct(text + s) == is_correct(text)),
+# from three facts about the checks above:
+#   (a) str.lower maps each character on its own, except a capital sigma, whose small form
+#       depends on what follows: with no "Σ" in the text, lower(text + s) starts with
+#       lower(text);
+#   (b) a punctuation character (normalise's set) always becomes a word of its own, so every
+#       word before a punctuation word, and the punctuation word, are words of text + s too:
+#       only the text's last word can grow into what follows;
+#   (c) no object phrase holds a punctuation word (checked, `_phrases_hold_punctuation`), so
+#       `_objects`' greedy scan decides each phrase starting before a punctuation word from
+#       the words before it, resumes after it, and no phrase after it is adjacent to one
+#       before it: objects that end at or before a punctuation word are objects of text + s.
+PUNCTUATION = frozenset('.,?!:;()"*[]{}')
+
+
+def _fixed_words(text: str) -> tuple[list[str], int] | None:
+    """(normalised words, index of the last punctuation word), or None when no punctuation
+    word (or a capital sigma) leaves anything fixed."""
+    if "Σ" in text:
+        return None
+    words = normalise(text).split()
+    marks = [i for i, w in enumerate(words) if w in PUNCTUATION]
+    return (words, marks[-1]) if marks else None
+
+
+@cache
+def _phrases_hold_punctuation(name: str, synonyms: bool) -> bool:
+    vocab, _ = _vocabulary_for(name, synonyms)
+    return any(w in PUNCTUATION for phrase in vocab for w in phrase)
+
+
+def first_word_settled(text: str, expected: str) -> bool:
+    """Polling: the first word is complete (a character that is no letter or digit follows
+    it in the lower-cased text), so `first_word` reads the same first word in every
+    continuation: its regex finds the same first run of letters and digits, which nothing
+    appended can reach (fact a)."""
+    if "Σ" in text:
+        return False
+    lowered = text.lower()
+    match = re.search(r"[^\W_]+", lowered)
+    return match is not None and match.end() < len(lowered)
+
+
+def starts_with_settled(text: str, expected: str, synonyms: bool = True) -> bool:
+    """VQA: a punctuation word stands in the answer, so its first object is fixed (facts
+    a-c): the first word, hence the article rule, is before or is that word, and the first
+    object either ends at or before it (then it is the first object of every continuation,
+    same class) or there is none before it (then any first object starts after it, never at
+    the answer's start: wrong for good)."""
+    fixed = _fixed_words(text)
+    return fixed is not None and not _phrases_hold_punctuation(expected, synonyms)
+
+
+def mentions_settled(text: str, name: str, synonyms: bool = True) -> bool:
+    """Generative: an object naming `name` ends at or before a punctuation word, so it stays
+    an object of every continuation (facts a-c), and the text stays correct. An object at
+    the text's end is not settled ("a giraffe" + " bus" is one object named bus), and a
+    wrong verdict never is: a later sentence may still name the class."""
+    fixed = _fixed_words(text)
+    if fixed is None or _phrases_hold_punctuation(name, synonyms):
+        return False
+    words, last = fixed
+    return any(cls == name and end <= last for _, end, cls in _objects(words, name, synonyms))

@@ -81,6 +81,16 @@ class Question:
             return answers.first_word(generated, self.answer)
         return answers.starts_with(generated, self.answer)
 
+    def settled(self, generated: str) -> bool:
+        """Whether `is_correct` gives every continuation of `generated` the verdict it gives
+        `generated` itself (the rules and their proofs: vislens.data.answers), so generation
+        may stop here. False says only that it might still change."""
+        if self.setting == "generative":
+            return answers.mentions_settled(generated, self.target_name or self.answer)
+        if self.setting == "polling":
+            return answers.first_word_settled(generated, self.answer)
+        return answers.starts_with_settled(generated, self.answer)
+
 
 # Task records of Liu et al. (part B). Ground truth is explicit in every record so
 # an experiment scores against it without knowing the data's origin.

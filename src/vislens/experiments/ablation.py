@@ -11,12 +11,19 @@ run as one batch over one vision pass. Where the LM also adds image features
 inside its first layers (Qwen3-VL's DeepStack), those are replaced at the same
 tokens, by their reference means (or zeros): ablating a token removes all the
 image puts there.
+
+Nothing is computed twice where the LM's recorded pass can be continued (see `_shared_rows`;
+otherwise `_full_rows`, the plain generate-under-ablate path): the settings share the image
+prefix, a condition runs from its first ablated token, and a condition row stops decoding
+once its verdict is settled (`Question.settled`), so a condition row's "text" is the
+generation up to where it stopped (its verdict is the full generation's). Clean and noised
+rows decode in full, as before.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,14 +35,23 @@ from vislens.data import shapesworld
 from vislens.data.samples import Question, Sample
 from vislens.distributed import executor
 from vislens.errors import VislensError
-from vislens.experiments import funnel
-from vislens.experiments.batching import extend_batch, repeat_batch
+from vislens.experiments import decoding, funnel
+from vislens.experiments.batching import cut_batch, extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.experiments.stats import wilson_ci
 from vislens.interventions import ablate, mean_image_embedding, mean_injected_features
+from vislens.interventions.continuation import (
+    Recorded,
+    Rows,
+    SharedPrefixLayer,
+    advance,
+    embed,
+    record,
+)
 from vislens.interventions.reference import overlap
+from vislens.models.vlm import ImageEmbeddings
 from vislens.report.plots import grouped_bars
 
 RANDOM_KS = (5, 10, 20, 40, 60, 100, 250)
@@ -219,27 +235,321 @@ def default_reference(samples: list[Sample]) -> str:
 
 def _unit(vlm, out: RunDir, unit: tuple[int, Sample, int], vector, injected,
           config: AblationConfig) -> None:
-    """Every setting of one sample not yet in `out`."""
+    """Every setting of one sample not yet in `out`, computed together (the settings share
+    the clean and noised prefix, the conditions' ablated prefix and the polling IG) and
+    written setting by setting at the end."""
     idx, sample, target = unit
     # from another process: back to this model's device
     if isinstance(vector, torch.Tensor):
         vector = vector.to(vlm.device)
     if isinstance(injected, list):
         injected = [t.to(vlm.device) for t in injected]
-    shared: dict[str, np.ndarray] = {}  # the polling-prompt IG, once per image
-
-    def polling_ig() -> np.ndarray:
-        if "scores" not in shared:
-            shared["scores"] = polling_attribution(vlm, sample, target, vector, injected, config)
-        return shared["scores"]
-
-    ig = polling_ig if config.ig_prompt == "polling" else None
-    for setting in config.settings:
-        if out.done(sample=sample.id, setting=setting, condition="clean"):
-            continue
-        for row in _sample_rows(vlm, sample, target, setting, vector, injected, config, idx,
-                                ig):
+    todo = [s for s in config.settings
+            if not out.done(sample=sample.id, setting=s, condition="clean")]
+    if not todo:
+        return
+    ctx = _Context(vlm, sample, target, idx, config, vector, injected, todo)
+    rows = _shared_rows(ctx, todo)
+    if rows is None:
+        rows = _full_rows(ctx, todo)
+    for setting in todo:
+        for row in rows[setting]:
             out.add(row)
+
+
+class _Context:
+    """One sample's unit: what its settings share (questions, the noised image, the clean
+    image's features and polling answer, the polling IG), each made once."""
+
+    def __init__(self, vlm, sample: Sample, target: int, idx: int, config: AblationConfig,
+                 vector, injected, settings: Sequence[str]) -> None:
+        self.vlm, self.sample, self.target, self.idx = vlm, sample, target, idx
+        self.config, self.vector, self.injected = config, vector, injected
+        self.inst = sample.instances[target]
+        self.noised = noise_object(sample.image, self.inst.mask, seed=config.seed + idx)
+        self.questions = {s: asked(vlm, sample, target, s) for s in settings}
+        self.ones: dict[str, object] = {}  # setting -> its one-sample clean batch
+        # the clean image's features, and the one-sample batch they came from (None: from the
+        # clean + noised pair's vision pass, which runs each image on its own)
+        self.feats: tuple | None = None
+        self.polling: tuple[list[int], Recorded | None] | None = None  # clean ids, prefix
+        self.scores: np.ndarray | None = None
+
+    def base(self, setting: str) -> dict:
+        return {"sample": self.sample.id, "setting": setting, "target": self.inst.name,
+                "target_area": self.inst.area}
+
+    def one(self, setting: str):
+        """The clean image with this setting's prompt, alone (token sets, IG)."""
+        if setting not in self.ones:
+            q = self.questions.get(setting) or question(self.sample, self.target, setting)
+            self.ones[setting] = self.vlm.prepare([self.sample.image], [q.prompt],
+                                                  [q.answer_prefix or None])
+        return self.ones[setting]
+
+    def clean_features(self, setting: str):
+        """The clean image's features: one vision pass per sample (the processor gives every
+        prompt the same pixels, checked; else this prompt's own pass)."""
+        one = self.one(setting)
+        if self.feats is None or (self.feats[1] is not None
+                                  and not _same_pixels(self.feats[1], one)):
+            self.feats = (self.vlm.image_embeddings(one), one)
+        return self.feats[0]
+
+    def ig(self) -> np.ndarray:
+        """The polling-prompt IG, once per image, from the polling run's clean answer."""
+        if self.scores is None:
+            ids, recorded = self.polling if self.polling is not None else (None, None)
+            self.scores = polling_attribution(
+                self.vlm, self.sample, self.target, self.vector, self.injected, self.config,
+                one=self.one("polling"), feats=self.clean_features("polling"), generated=ids,
+                recorded=recorded)
+        return self.scores
+
+    def token_sets(self, setting: str, clean: list[int]) -> tuple[dict, list[str]]:
+        one = self.one(setting)
+        ig = self.ig if self.config.ig_prompt == "polling" else None
+        sets = token_sets(self.vlm, one, self.clean_features(setting), self.inst.mask,
+                          self.config, self.idx, self.questions[setting], self.vector, clean,
+                          self.injected, ig)
+        names = [n for n in self.config.condition_names(len(one.token_map)) if n in sets]
+        return sets, names
+
+    def funnel_rows(self, setting: str, texts: list[str]) -> tuple[list[dict], bool]:
+        q, base = self.questions[setting], self.base(setting)
+        clean_ok, noised_ok = q.is_correct(texts[0]), q.is_correct(texts[1])
+        kept = clean_ok and not noised_ok
+        return [{**base, "condition": "clean", "n_tokens": 0, "correct": clean_ok,
+                 "text": texts[0], "kept": kept},
+                {**base, "condition": "noised", "n_tokens": 0, "correct": noised_ok,
+                 "text": texts[1], "kept": kept}], kept
+
+    def skipped(self, setting: str) -> list[dict]:
+        """VQA: the region word would not single out the target (funnel step)."""
+        return [{**self.base(setting), "condition": "clean", "n_tokens": 0, "correct": False,
+                 "text": "", "kept": False, "skipped": funnel.SKIPPED_REGION}]
+
+    def condition_row(self, setting: str, name: str, sets: dict, text: str) -> dict:
+        return {**self.base(setting), "condition": name, "n_tokens": len(sets[name]),
+                "correct": self.questions[setting].is_correct(text), "text": text, "kept": True}
+
+
+def _same_pixels(a, b) -> bool:
+    """Whether two batches hold the same per-image inputs (pixels, grids)."""
+    keys = [k for k, v in a.inputs.items() if not (v.dim() == 2 and v.shape == a.input_ids.shape)]
+    other = [k for k, v in b.inputs.items() if not (v.dim() == 2 and v.shape == b.input_ids.shape)]
+    return keys == other and all(torch.equal(a.inputs[k], b.inputs[k]) for k in keys)
+
+
+def _full_rows(ctx: _Context, settings: list[str]) -> dict[str, list[dict]]:
+    """The fallback, today's computation: per setting a clean + noised `generate`, then every
+    condition of a kept setting as one `generate` under `ablate`; the clean image's vision
+    pass and the polling IG (from the polling run's answer) are shared by the settings."""
+    vlm, config = ctx.vlm, ctx.config
+    rows: dict[str, list[dict]] = {}
+    kept: dict[str, list[int]] = {}
+    for setting in settings:
+        q = ctx.questions[setting]
+        if q is None:
+            rows[setting] = ctx.skipped(setting)
+            continue
+        batch = vlm.prepare([ctx.sample.image, ctx.noised], [q.prompt] * 2,
+                            [q.answer_prefix or None] * 2)
+        generated = vlm.generate(batch, max_new_tokens=config.max_new_tokens[setting])
+        rows[setting], ok = ctx.funnel_rows(setting, vlm.decode(generated))
+        if setting == "polling":
+            ctx.polling = (vlm.trim(generated[0]), None)
+        if ok:
+            kept[setting] = vlm.trim(generated[0])
+    for setting, clean in kept.items():
+        sets, names = ctx.token_sets(setting, clean)
+        feats = ctx.clean_features(setting)
+        batch = repeat_batch(ctx.one(setting), len(names))
+        with ablate(vlm, [sets[n] for n in names], ctx.vector, injected=ctx.injected):
+            gen = vlm.generate(batch, max_new_tokens=config.max_new_tokens[setting],
+                               image_features=feats * len(names))
+        rows[setting] += [ctx.condition_row(setting, n, sets, text)
+                          for n, text in zip(names, vlm.decode(gen), strict=True)]
+    return rows
+
+
+_NOT_CONTINUABLE: dict[int, str] = {}  # id(model) -> why its recorded pass cannot continue
+
+
+def shared_prefix(batches: list) -> int:
+    """P: how many first positions the batches' rows all share (token ids, no padding), cut
+    so that every row keeps at least one position of its own (its last logits come from
+    continuing it); 0 where they cannot share one."""
+    rows = [b.input_ids[r] for b in batches for r in range(b.size)]
+    if any(bool((b.attention_mask == 0).any()) for b in batches):
+        return 0
+    length = min(len(r) for r in rows)
+    first = rows[0][:length]
+    same = torch.ones(length, dtype=torch.bool, device=first.device)
+    for r in rows[1:]:
+        same &= r[:length] == first
+    differ = torch.nonzero(~same)
+    common = int(differ[0]) if len(differ) else length
+    return min(common, length - 1)
+
+
+def _shared_rows(ctx: _Context, settings: list[str]) -> dict[str, list[dict]] | None:
+    """The settings computed once where they coincide, or None (then `_full_rows`).
+
+    All settings' prompts put the image first, so their token ids agree up to P, past the
+    last image token: the clean and the noised prefix [0, P) run once (`record`), and
+    each setting continues its own tokens from there. A condition changes the input
+    embeddings only at its image positions A, so its positions before min(A) are clean
+    (no position sees a later one where the pass is `reusable`): its rows start from the
+    clean keys and values there, run to P once for all settings, and each kept setting
+    continues them with its own tokens. Decoding stops a row once its verdict is settled
+    (experiments.decoding); the clean and noised rows decode in full, as generate does,
+    so the funnel rows keep their texts.
+    """
+    vlm, config = ctx.vlm, ctx.config
+    live = [s for s in settings if ctx.questions[s] is not None]
+    if not live or _NOT_CONTINUABLE.get(id(vlm.model)) or decoding.plain_greedy(vlm):
+        return None
+    batches = {s: vlm.prepare([ctx.sample.image, ctx.noised], [ctx.questions[s].prompt] * 2,
+                              [ctx.questions[s].answer_prefix or None] * 2) for s in live}
+    first = batches[live[0]]
+    p = shared_prefix(list(batches.values()))
+    image_cols = np.flatnonzero(first.input_ids[0].cpu().numpy() == vlm.image_token_id)
+    if not len(image_cols) or p <= int(image_cols.max()) or \
+            not all(_same_pixels(first, b) for b in batches.values()):
+        return None
+    feats = vlm.image_embeddings(first)  # both images, one vision pass
+    pair = record(vlm, cut_batch(first, p), feats)
+    if not pair.reusable:
+        _NOT_CONTINUABLE[id(vlm.model)] = pair.why_not
+        return None
+    clean = _row(pair, 0)
+    ctx.feats = (_first(feats), None)
+    rows: dict[str, list[dict]] = {s: ctx.skipped(s) for s in settings if s not in live}
+    kept: dict[str, list[int]] = {}
+    for s in live:
+        tail = batches[s].input_ids[:, p:]
+        cont = pair.rows(2, p)
+        with torch.no_grad():
+            logits = advance(vlm, cont, embed(vlm, tail))[:, -1]
+        ids = decoding.greedy(vlm, cont, logits, config.max_new_tokens[s])
+        rows[s], ok = ctx.funnel_rows(s, [decoding.decode_ids(vlm, i) for i in ids])
+        if s == "polling":
+            ctx.polling = (ids[0], clean)
+        if ok:
+            kept[s] = ids[0]
+    if not kept:
+        return rows
+    per_setting = {s: ctx.token_sets(s, clean_ids) for s, clean_ids in kept.items()}
+    # one prefix per distinct token set, whichever settings and conditions ask for it
+    distinct: dict[tuple[int, ...], int] = {}
+    for sets, names in per_setting.values():
+        for n in names:
+            distinct.setdefault(tuple(int(x) for x in sets[n]), len(distinct))
+    ablated = ablated_prefix(vlm, clean, list(distinct), ctx.vector)
+    for s, (sets, names) in per_setting.items():
+        q = ctx.questions[s]
+        cont = ablated.select([distinct[tuple(int(x) for x in sets[n])] for n in names])
+        tail = batches[s].input_ids[:1, p:].expand(len(names), -1)
+        with torch.no_grad():
+            logits = advance(vlm, cont, embed(vlm, tail))[:, -1]
+        ids = decoding.greedy(vlm, cont, logits, config.max_new_tokens[s], settled=q.settled)
+        rows[s] += [ctx.condition_row(s, n, sets, decoding.decode_ids(vlm, i))
+                    for n, i in zip(names, ids, strict=True)]
+    return rows
+
+
+def _row(recorded: Recorded, i: int) -> Recorded:
+    """Row i of a recorded pass, as a pass of its own."""
+    rows_dim = recorded.positions.dim() - 2
+    return Recorded(embeds=recorded.embeds[i:i + 1], mask=recorded.mask[i:i + 1],
+                    positions=recorded.positions.narrow(rows_dim, i, 1),
+                    layers=[(k[i:i + 1], v[i:i + 1]) for k, v in recorded.layers],
+                    why_not=recorded.why_not)
+
+
+def _first(feats) -> ImageEmbeddings:
+    """The first image's features, with what travels with them."""
+    injected = None if getattr(feats, "injected", None) is None else feats.injected[:1]
+    return ImageEmbeddings([feats[0]], injected, getattr(feats, "tokens_per_view", None))
+
+
+GROUP_COST = 16  # row-positions a separate LM call is worth (its fixed cost), for grouping
+
+
+def start_groups(starts: list[int], end: int, cost: int = GROUP_COST) -> list[list[int]]:
+    """Rows (indices into `starts`) grouped to run from their group's first start to `end`:
+    the partition of the rows sorted by start that costs least, a group costing its rows x
+    its positions plus `cost` (a row that starts later than its group recomputes clean
+    positions, which is exact)."""
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * (end - starts[order[i]]) + cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+@torch.no_grad()
+def ablated_prefix(vlm, clean: Recorded, sets: list[Sequence[int]], vector) -> Rows:
+    """One row per token set: the clean prefix of `clean` (all its positions) with the input
+    embeddings at the set's positions replaced by `vector` ("zeros" or [hidden]), nothing
+    else changed, as `ablate` does. A row recomputes positions from its set's first one
+    (grouped: `start_groups`) and keeps the clean keys and values before; an empty set's
+    row is the clean prefix (its last position recomputed)."""
+    end = clean.seq_len
+    starts = [min(s) if len(s) else end - 1 for s in sets]
+    if any(not 0 <= x < end for s in sets for x in s):
+        raise ValueError(f"ablated positions must lie in the recorded prefix 0..{end - 1}")
+    hidden = clean.embeds.shape[-1]
+    value = torch.zeros(hidden) if isinstance(vector, str) else vector
+    done: list[tuple[list[int], int, Rows]] = []
+    for group in start_groups(starts, end):
+        start = min(starts[i] for i in group)
+        rows = clean.rows(len(group), start)
+        embeds = clean.embeds[:, start:].expand(len(group), -1, -1).clone()
+        for j, i in enumerate(group):
+            cols = torch.as_tensor(np.asarray(sets[i], dtype=np.int64) - start,
+                                   device=embeds.device)
+            if len(cols):
+                embeds[j, cols] = value.to(embeds.device, embeds.dtype)
+        advance(vlm, rows, embeds, **clean.after(start))
+        done.append((group, start, rows))
+    return _merge(clean, done, len(sets))
+
+
+def _merge(clean: Recorded, groups: list[tuple[list[int], int, Rows]], n: int) -> Rows:
+    """The groups' rows as one Rows in set order: the clean keys and values before the
+    earliest start stay shared, each row holds its own from there."""
+    first = min(start for _, start, _ in groups)
+    end = clean.seq_len
+    order = torch.as_tensor([i for group, _, _ in groups for i in group])
+    back = torch.argsort(order)
+    layers = []
+    for layer, (keys, values) in enumerate(clean.layers):
+        own_k, own_v = [], []
+        for group, start, rows in groups:
+            tail_k, tail_v = rows.layers[layer].tail
+            m = len(group)
+            own_k.append(torch.cat([keys[..., first:start, :].expand(m, -1, -1, -1), tail_k],
+                                   -2))
+            own_v.append(torch.cat([values[..., first:start, :].expand(m, -1, -1, -1),
+                                    tail_v], -2))
+        k = torch.cat(own_k)[back.to(keys.device)]
+        v = torch.cat(own_v)[back.to(values.device)]
+        layers.append(SharedPrefixLayer([(keys[..., :first, :], values[..., :first, :]),
+                                         (k, v)], n))
+    rows_dim = clean.positions.dim() - 2
+    positions = clean.positions.expand(*clean.positions.shape[:rows_dim], n, end)
+    return Rows(layers, clean.mask.expand(n, -1), positions)
 
 
 def _vector(vlm, config: AblationConfig, images) -> torch.Tensor | str:
@@ -256,42 +566,6 @@ def _injected(vlm, config: AblationConfig, images):
     if not getattr(vlm.spec, "deepstack", False):
         return None
     return "zeros" if config.vector == "zeros" else mean_injected_features(vlm, images)
-
-
-def _sample_rows(vlm, sample: Sample, target: int, setting: str, vector, injected,
-                 config: AblationConfig, idx: int, ig=None) -> Iterator[dict]:
-    q = asked(vlm, sample, target, setting)
-    max_new = config.max_new_tokens[setting]
-    inst = sample.instances[target]
-    base = {"sample": sample.id, "setting": setting, "target": inst.name,
-            "target_area": inst.area}
-    if q is None:  # VQA: the region word would not single out the target (funnel step)
-        yield {**base, "condition": "clean", "n_tokens": 0, "correct": False, "text": "",
-               "kept": False, "skipped": funnel.SKIPPED_REGION}
-        return
-    noised = noise_object(sample.image, inst.mask, seed=config.seed + idx)
-    batch = vlm.prepare([sample.image, noised], [q.prompt] * 2, [q.answer_prefix or None] * 2)
-    generated = vlm.generate(batch, max_new_tokens=max_new)
-    texts = vlm.decode(generated)
-    clean_ok, noised_ok = q.is_correct(texts[0]), q.is_correct(texts[1])
-    kept = clean_ok and not noised_ok
-    yield {**base, "condition": "clean", "n_tokens": 0, "correct": clean_ok, "text": texts[0],
-           "kept": kept}
-    yield {**base, "condition": "noised", "n_tokens": 0, "correct": noised_ok,
-           "text": texts[1], "kept": kept}
-    if not kept:
-        return
-    one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
-    feats = vlm.image_embeddings(one)
-    sets = token_sets(vlm, one, feats, inst.mask, config, idx, q, vector,
-                      vlm.trim(generated[0]), injected, ig)
-    names = [n for n in config.condition_names(len(one.token_map)) if n in sets]
-    rows = repeat_batch(one, len(names))
-    with ablate(vlm, [sets[n] for n in names], vector, injected=injected):
-        gen = vlm.generate(rows, max_new_tokens=max_new, image_features=feats * len(names))
-    for name, text in zip(names, vlm.decode(gen), strict=True):
-        yield {**base, "condition": name, "n_tokens": len(sets[name]),
-               "correct": q.is_correct(text), "text": text, "kept": True}
 
 
 def token_sets(vlm, batch, feats, mask: np.ndarray, config: AblationConfig, idx: int,
@@ -343,18 +617,29 @@ def register_tokens(image: np.ndarray, norms: np.ndarray) -> np.ndarray:
 
 
 def polling_attribution(vlm, sample: Sample, target: int, vector, injected,
-                        config: AblationConfig) -> np.ndarray:
+                        config: AblationConfig, one=None, feats=None,
+                        generated: list[int] | None = None,
+                        recorded: Recorded | None = None) -> np.ndarray:
     """Neo et al.'s IG for every setting: on the polling question about the target, the
     answer word "yes" (the clean polling answer's own token, found token by token; never
-    BOS), patch-token scores in image_positions order."""
+    BOS), patch-token scores in image_positions order.
+
+    What the polling setting's clean run already made is reused rather than remade: its
+    one-sample batch `one`, the image's features `feats`, its answer's ids `generated`,
+    and `recorded`, its clean pass over a prefix that holds every image token (then the
+    IG passes start at the first image token, `integrated_gradients`)."""
     q = question(sample, target, "polling")
-    one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
-    feats = vlm.image_embeddings(one)
-    generated = vlm.generate(one, max_new_tokens=config.max_new_tokens["polling"],
-                             image_features=feats)
-    prefix, target_id = yes_token(vlm, one, vlm.trim(generated[0]), q)
+    if one is None:
+        one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
+    if feats is None:
+        feats = vlm.image_embeddings(one)
+    if generated is None:
+        generated = vlm.trim(vlm.generate(one, max_new_tokens=config.max_new_tokens["polling"],
+                                          image_features=feats)[0])
+    prefix, target_id = yes_token(vlm, one, generated, q)
     return integrated_gradients(vlm, extend_batch(one, prefix), feats, target_id, vector,
-                                config.ig_steps, config.ig_batch, injected, sign=config.ig_sign)
+                                config.ig_steps, config.ig_batch, injected, sign=config.ig_sign,
+                                recorded=recorded)
 
 
 def yes_token(vlm, batch, clean: list[int], q: Question) -> tuple[torch.Tensor, int]:
@@ -421,7 +706,8 @@ def frozen(model: torch.nn.Module):
 
 
 def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
-                         chunk: int = 8, injected=None, sign: str = "signed") -> np.ndarray:
+                         chunk: int = 8, injected=None, sign: str = "signed",
+                         recorded: Recorded | None = None) -> np.ndarray:
     """IG attribution of each image patch token to the `target_id` logit at the last position.
 
     sign: "signed" sums a token's per-dimension attributions (they add up over the tokens to
@@ -437,6 +723,11 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
     DeepStack), those move along the path from their baseline (`injected`: "zeros"
     or per-layer means) too, and a token's attribution sums over all its inputs,
     so the baseline is the token ablated as the ablation conditions ablate it.
+
+    recorded: the clean pass (`continuation.record`) of the batch's first P positions, P
+    past its last image token. Positions before the first image token are then the same
+    on every path point, so each pass takes their keys and values from it and runs only
+    the positions from the first image token on (the same logits, to float rounding).
     """
     if steps < 1 or chunk < 1:
         raise ValueError(f"integrated gradients need steps >= 1 and chunk >= 1 (got {steps}, "
@@ -463,18 +754,43 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
                      for v, b in zip(inputs, bases, strict=True)]
             for path in paths:
                 path.requires_grad_(True)
-            rows_ = repeat_batch(batch, len(part))
-            per_sample = [[p[j] for p in paths[1:]] for j in range(len(part))]
-            with ablate(vlm, [image] * len(part), list(paths[0].unbind(0)),
-                        injected=per_sample if len(paths) > 1 else injected):
-                logits = vlm.forward(rows_, image_features=feats * len(part), grad=True,
-                                     logits_to_keep=1).logits
+            if recorded is not None and recorded.reusable and len(paths) == 1:
+                logits = _continued_logits(vlm, recorded, batch, image, paths[0])
+            else:
+                rows_ = repeat_batch(batch, len(part))
+                per_sample = [[p[j] for p in paths[1:]] for j in range(len(part))]
+                with ablate(vlm, [image] * len(part), list(paths[0].unbind(0)),
+                            injected=per_sample if len(paths) > 1 else injected):
+                    logits = vlm.forward(rows_, image_features=feats * len(part), grad=True,
+                                         logits_to_keep=1).logits
             grads = torch.autograd.grad(logits[:, -1, target_id].sum(), paths)
             for total, grad in zip(totals, grads, strict=True):
                 total += grad.float().sum(0)
     per_dim = torch.cat([(v - b) * t / steps for v, b, t in
                          zip(inputs, bases, totals, strict=True)], dim=-1).detach().cpu().numpy()
     return per_dim if sign == "dims" else token_scores(per_dim, sign)
+
+
+def _continued_logits(vlm, recorded: Recorded, batch, image: np.ndarray,
+                      path: torch.Tensor) -> torch.Tensor:
+    """The last position's logits [n, 1, vocab] of the batch's one sample with the patch
+    embeddings at `image` set to each row of `path` [n, tokens, hidden] (with its graph):
+    positions before the first image token from `recorded`'s keys and values, the rest of
+    its prefix from its embeddings, and the batch's tokens after the prefix as text."""
+    n, end = int(path.shape[0]), recorded.seq_len
+    start = int(image.min())
+    if int(image.max()) >= end:
+        raise ValueError(f"the recorded prefix ({end} positions) ends inside the image")
+    rows = recorded.rows(n, start)
+    hidden = recorded.embeds[:, start:].expand(n, -1, -1).clone()
+    hidden[:, torch.as_tensor(image - start, device=hidden.device)] = path.to(hidden.dtype)
+    logits = advance(vlm, rows, hidden, **recorded.after(start), grad=True)
+    tail = batch.input_ids[:1, end:]
+    if tail.shape[1]:
+        with torch.no_grad():
+            text = embed(vlm, tail).expand(n, -1, -1)
+        logits = advance(vlm, rows, text, grad=True)
+    return logits
 
 
 def token_scores(per_dim: np.ndarray, sign: str) -> np.ndarray:

@@ -40,3 +40,16 @@ def extend_batch(batch: Batch, tokens: torch.Tensor) -> Batch:
             inputs[key] = torch.cat([value, extra.to(value.dtype)], dim=1)
     return Batch(inputs=inputs, token_map=batch.token_map, texts=batch.texts,
                  family=batch.family)
+
+
+def cut_batch(batch: Batch, length: int) -> Batch:
+    """`batch` cut to its first `length` positions: every per-token input (ids, mask, and
+    e.g. Qwen's mm_token_type_ids) is sliced, per-image inputs (pixels, grids) are kept, so
+    a cut that keeps every image token sees the same image. The token map is the batch's
+    own: it only describes columns, and those before the cut keep their meaning."""
+    if not 0 < length <= batch.seq_len:
+        raise ValueError(f"cannot cut a batch of {batch.seq_len} positions to {length}")
+    inputs = {k: (v[:, :length] if v.dim() == 2 and v.shape == batch.input_ids.shape else v)
+              for k, v in batch.inputs.items()}
+    return Batch(inputs=inputs, token_map=batch.token_map, texts=batch.texts,
+                 features=batch.features, family=batch.family)

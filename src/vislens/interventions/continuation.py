@@ -225,14 +225,16 @@ def record(vlm, batch, image_features=None, residual_layers=(), keep: int = 1) -
         why_not=_why_not(vlm, seen, cache))
 
 
-@torch.no_grad()
 def advance(vlm, rows: Rows, hidden: torch.Tensor, positions: torch.Tensor | None = None,
-            mask: torch.Tensor | None = None, layer: int = 0, keep: int = 1) -> torch.Tensor:
+            mask: torch.Tensor | None = None, layer: int = 0, keep: int = 1,
+            grad: bool = False) -> torch.Tensor:
     """Run `hidden` [n, t, hidden] (input embeddings, or with layer = a the residual entering
     layer a) through layers layer..L as the next t positions of `rows`; their keys and
     values join the rows' cache, and the logits of the last `keep` are returned (also kept
     as rows.logits). positions and mask [n, t]: as the LM takes them (default: real text
-    tokens appended; `Recorded.after(p)` gives the recorded ones of positions p..)."""
+    tokens appended; `Recorded.after(p)` gives the recorded ones of positions p..).
+    grad: build the autograd graph back to `hidden` (integrated gradients); off, nothing is
+    kept for a backward pass."""
     if layer < rows.first_layer:
         raise ValueError(f"these rows skipped layers below {rows.first_layer}; they cannot "
                          f"continue from layer {layer}")
@@ -256,16 +258,17 @@ def advance(vlm, rows: Rows, hidden: torch.Tensor, positions: torch.Tensor | Non
     for mod in skipped:
         mod.forward = identity
     try:
-        out = vlm.language_model(inputs_embeds=hidden.to(vlm.dtype), attention_mask=mask,
-                                 position_ids=positions, cache=Cache(layers=rows.layers),
-                                 use_cache=True)
+        with torch.set_grad_enabled(grad):
+            out = vlm.language_model(inputs_embeds=hidden.to(vlm.dtype), attention_mask=mask,
+                                     position_ids=positions, cache=Cache(layers=rows.layers),
+                                     use_cache=True)
+            logits = vlm.lm_head(out.last_hidden_state[:, -keep:])
+            cap = vlm.spec.logit_softcap(vlm.config)
+            if cap is not None:
+                logits = cap * torch.tanh(logits / cap)
     finally:
         for mod in skipped:
             del mod.forward
-    logits = vlm.lm_head(out.last_hidden_state[:, -keep:])
-    cap = vlm.spec.logit_softcap(vlm.config)
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
     rows.mask = mask
     rows.positions = torch.cat([rows.positions, positions], -1)
     rows.first_layer = max(rows.first_layer, layer)
