@@ -22,7 +22,7 @@ from vislens.experiments.prompts import asked, question
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.interventions import ablate
-from vislens.interventions.continuation import advance, embed, record
+from vislens.interventions.continuation import advance, embed, record, refused
 
 
 # ---- the settled rules --------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def compare(vlm, samples, config, vector, tmp_path, expect_shared=True):
             if not getattr(vlm.tokenizer, "clean_up_tokenization_spaces", False):
                 assert r["text"].startswith(g["text"]), key  # where it stopped early
     assert conditions > 0
-    shared = not ablation._NOT_CONTINUABLE.get(id(vlm.model))
+    shared = not refused(vlm)
     assert shared == expect_shared
     return got, ref
 
@@ -314,4 +314,4 @@ def test_a_family_whose_positions_see_later_ones_falls_back(lookalike, tmp_path)
     samples = scenes()[:1]
     config = ablation.AblationConfig(ig_steps=2, random_ks=(5,), settings=("polling", "vqa"))
     compare(vlm, samples, config, "zeros", tmp_path, expect_shared=False)
-    assert ablation._NOT_CONTINUABLE[id(vlm.model)]  # says why
+    assert refused(vlm)  # says why

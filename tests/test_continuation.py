@@ -187,3 +187,38 @@ def test_families_whose_positions_see_later_ones_recompute_every_position(name):
     with knock(vlm, [(queries, keys)], [0]), capture(vlm, cols, layers=[out - 1]) as blocked:
         vlm.forward(ext, image_features=feats, logits_to_keep=1)
     assert float((clean.residual[out] - blocked.residual[out]).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("name", ("toy", checkpoints.LLAVA15, checkpoints.QWEN25VL))
+def test_knockout_rows_equal_those_of_generate_and_a_full_clean_pass(name):
+    """The experiment's shortcut end to end: the clean answer decoded from the recorded
+    prompt and the answer teacher-forced after it give the rows that generate + a full
+    clean pass give (the path a family that refuses continuation takes)."""
+    from answer_head import fitted_dir, scenes
+
+    vlm = vislens.load("toy" if name == "toy" else str(fitted_dir(name)))
+    if name == "toy":
+        from vislens.data import shapesworld
+
+        samples = shapesworld.generate(3, seed=1000)
+    else:
+        samples = scenes()[:2]
+    config = knockout.KnockoutConfig()
+    windows = config.layer_windows(vlm.num_layers)
+    targets = knockout.choose_targets(samples, None)
+    kept = 0
+    for sample, target in zip(samples, targets, strict=True):
+        for setting in config.settings:
+            vlm.continuation_refused = ""
+            got = list(knockout._sample_rows(vlm, sample, target, setting, config, windows))
+            vlm.continuation_refused = "forced, to compare with the full path"
+            want = list(knockout._sample_rows(vlm, sample, target, setting, config, windows))
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                assert {k: v for k, v in g.items() if not k.startswith("p_")} == \
+                    {k: v for k, v in w.items() if not k.startswith("p_")}
+                for k in (k for k in w if k.startswith("p_")):
+                    assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6)
+            kept += len(got) > 1
+    vlm.continuation_refused = ""
+    assert kept  # some sample was answered right, so its conditions were compared

@@ -49,6 +49,7 @@ from vislens.interventions.continuation import (
     advance,
     embed,
     record,
+    refused,
 )
 from vislens.interventions.reference import overlap
 from vislens.models.vlm import ImageEmbeddings
@@ -373,9 +374,6 @@ def _full_rows(ctx: _Context, settings: list[str]) -> dict[str, list[dict]]:
     return rows
 
 
-_NOT_CONTINUABLE: dict[int, str] = {}  # id(model) -> why its recorded pass cannot continue
-
-
 def shared_prefix(batches: list) -> int:
     """P: how many first positions the batches' rows all share (token ids, no padding), cut
     so that every row keeps at least one position of its own (its last logits come from
@@ -408,7 +406,7 @@ def _shared_rows(ctx: _Context, settings: list[str]) -> dict[str, list[dict]] | 
     """
     vlm, config = ctx.vlm, ctx.config
     live = [s for s in settings if ctx.questions[s] is not None]
-    if not live or _NOT_CONTINUABLE.get(id(vlm.model)) or decoding.plain_greedy(vlm):
+    if not live or refused(vlm) or decoding.plain_greedy(vlm):
         return None
     batches = {s: vlm.prepare([ctx.sample.image, ctx.noised], [ctx.questions[s].prompt] * 2,
                               [ctx.questions[s].answer_prefix or None] * 2) for s in live}
@@ -421,7 +419,6 @@ def _shared_rows(ctx: _Context, settings: list[str]) -> dict[str, list[dict]] | 
     feats = vlm.image_embeddings(first)  # both images, one vision pass
     pair = record(vlm, cut_batch(first, p), feats)
     if not pair.reusable:
-        _NOT_CONTINUABLE[id(vlm.model)] = pair.why_not
         return None
     clean = _row(pair, 0)
     ctx.feats = (_first(feats), None)

@@ -50,12 +50,13 @@ from vislens.distributed import executor
 from vislens.errors import VislensError
 from vislens.experiments import funnel
 from vislens.experiments.batching import extend_batch, repeat_batch
+from vislens.experiments.decoding import greedy, plain_greedy
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows, wilson_ci
 from vislens.interventions import LAST, knockout, resume
-from vislens.interventions.continuation import Recorded, advance, record
+from vislens.interventions.continuation import Recorded, advance, extend, record, refused
 from vislens.report.plots import heatmap
 
 NEO_CONDITIONS = ("object->last", "object+1->last", "object+2->last",
@@ -329,8 +330,16 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
         return
     one = vlm.prepare([sample.image], [q.prompt], [q.answer_prefix or None])
     feats = vlm.image_embeddings(one)
-    generated = vlm.trim(vlm.generate(one, max_new_tokens=MAX_NEW_TOKENS[setting],
-                                      image_features=feats)[0])
+    starts = [s for s, _ in windows]
+    prompt = None if refused(vlm) else record(vlm, one, feats, residual_layers=starts)
+    if prompt is not None and prompt.reusable and not plain_greedy(vlm):
+        # the clean answer continues the recorded prompt (it is not run twice)
+        tokens = greedy(vlm, prompt.rows(1, one.seq_len), prompt.logits[:, -1],
+                        MAX_NEW_TOKENS[setting])[0]
+        generated = vlm.trim(torch.tensor(tokens, dtype=torch.long))
+    else:
+        generated = vlm.trim(vlm.generate(one, max_new_tokens=MAX_NEW_TOKENS[setting],
+                                          image_features=feats)[0])
     span = answer_span(lambda ids: vlm.decode(torch.tensor([ids]))[0], generated, q)
     base["answer"] = vlm.decode(torch.tensor([generated]))[0]
     if span is None:
@@ -339,7 +348,11 @@ def _sample_rows(vlm, sample, target, setting, config: KnockoutConfig, windows):
     answer = torch.tensor(generated[:span[1]], dtype=torch.long)
     keep, first = len(answer), span[0]  # first: where the answer word starts
     ext = extend_batch(one, answer[:-1])
-    probs, recorded = clean_pass(vlm, ext, feats, [s for s, _ in windows], keep=keep)
+    if prompt is not None and prompt.reusable:  # the answer teacher-forced after the prompt
+        recorded = extend(vlm, prompt, answer[:-1], residual_layers=starts, keep=keep)
+        probs = torch.softmax(recorded.logits.float(), -1)
+    else:
+        probs, recorded = clean_pass(vlm, ext, feats, starts, keep=keep)
     p_clean = float(_sequence_prob(probs[0], answer))
     p_first_clean = float(probs[0, first, int(answer[first])])
     base["n_answer_tokens"] = keep

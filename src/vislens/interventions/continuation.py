@@ -19,7 +19,7 @@ position, which is always exact.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -180,6 +180,11 @@ def _why_not(vlm, kwargs: dict, cache) -> str:
     return ""
 
 
+def refused(vlm) -> str:
+    """Why an earlier `record` on this model could not be continued ("" = none refused)."""
+    return getattr(vlm, "continuation_refused", "")
+
+
 @torch.no_grad()
 def record(vlm, batch, image_features=None, residual_layers=(), keep: int = 1) -> Recorded:
     """One clean forward that keeps what later passes reuse: the LM's input embeddings,
@@ -218,11 +223,54 @@ def record(vlm, batch, image_features=None, residual_layers=(), keep: int = 1) -
         positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(
             embeds.shape[0], -1)
     shape = (batch.size, batch.seq_len, -1)
+    why_not = _why_not(vlm, seen, cache)
+    if why_not:
+        vlm.continuation_refused = why_not  # the next caller can skip the recording
     return Recorded(
         embeds=embeds, mask=mask2d, positions=positions,
         layers=[(layer.keys, layer.values) for layer in cache.layers],
         residual={x: cap.residual[x].view(shape) for x in layers} if layers else {}, logits=logits,
-        why_not=_why_not(vlm, seen, cache))
+        why_not=why_not)
+
+
+@torch.no_grad()
+def extend(vlm, recorded: Recorded, ids: torch.Tensor, residual_layers=(), keep: int = 1
+           ) -> Recorded:
+    """`recorded` with text tokens `ids` [k] appended to every row, as if it had been
+    recorded with them (e.g. a clean answer, for teacher forcing): its keys and values, the
+    residual entering each layer in `residual_layers`, and the logits of the last `keep`
+    positions (those before the new tokens come from `recorded.logits`)."""
+    b, s, k = int(recorded.mask.shape[0]), recorded.seq_len, int(len(ids))
+    if keep > k + int(recorded.logits.shape[1]):
+        raise ValueError(f"keep={keep} reaches before the {recorded.logits.shape[1]} recorded "
+                         "logits; record with a larger keep")
+    layers = sorted({int(x) for x in residual_layers if 0 < int(x) < vlm.num_layers})
+    if k == 0:
+        return replace(recorded, residual={x: recorded.residual[x] for x in layers},
+                       logits=recorded.logits[:, recorded.logits.shape[1] - keep:])
+    rows = recorded.rows(b, s)
+    hidden = embed(vlm, ids.reshape(1, -1).expand(b, -1))
+    seen: dict[int, torch.Tensor] = {}
+    handles = [vlm.layers[x].register_forward_pre_hook(
+        lambda module, args, kwargs, x=x: seen.__setitem__(
+            x, (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+        for x in layers]
+    try:
+        logits = advance(vlm, rows, hidden, keep=max(1, min(keep, k)))
+    finally:
+        for h in handles:
+            h.remove()
+    if keep > k:
+        logits = torch.cat([recorded.logits[:, recorded.logits.shape[1] - (keep - k):], logits],
+                           1)
+    return Recorded(
+        embeds=torch.cat([recorded.embeds, hidden.to(recorded.embeds.dtype)], 1),
+        mask=rows.mask, positions=rows.positions,
+        layers=[(torch.cat([kk for kk, _ in layer.frozen()], -2).expand(b, -1, -1, -1),
+                 torch.cat([vv for _, vv in layer.frozen()], -2).expand(b, -1, -1, -1))
+                for layer in rows.layers],
+        residual={x: torch.cat([recorded.residual[x], seen[x]], 1) for x in layers},
+        logits=logits)
 
 
 def advance(vlm, rows: Rows, hidden: torch.Tensor, positions: torch.Tensor | None = None,
