@@ -136,13 +136,37 @@ def ablation_sets(ctx: Context) -> tuple[list[str], list[np.ndarray], torch.Tens
     return names, [sets[n] for n in names], vector
 
 
+# Every method runs the clean pass the sweep needs (the clean answer, which the protocol's
+# noise filter reads first) plus all conditions.
 @torch.no_grad()
 def ablate_vislens(ctx: Context, sets, vector) -> torch.Tensor:
+    """experiments/ablation as it runs: the clean pass is recorded; each condition runs from
+    its first ablated token (rows grouped by start), then the last prompt token."""
+    from vislens.experiments.ablation import ablated_prefix
+    from vislens.experiments.batching import cut_batch
+    from vislens.interventions.continuation import advance, embed, record
+
+    vlm = ctx.vlm
+    one = ctx.fresh()
+    feats = vlm.image_embeddings(one)
+    end = one.seq_len - 1
+    clean = record(vlm, cut_batch(one, end), feats)
+    advance(vlm, clean.rows(1, end), embed(vlm, one.input_ids[:, end:]))  # the clean answer
+    rows = ablated_prefix(vlm, clean, sets, vector)
+    last = embed(vlm, one.input_ids[:, end:].expand(len(sets), -1))
+    return advance(vlm, rows, last)[:, -1].float()
+
+
+@torch.no_grad()
+def ablate_batched(ctx: Context, sets, vector) -> torch.Tensor:
+    """vislens, every condition a full row of one batch (one vision pass): the sweep before
+    the conditions ran from their first ablated token."""
     from vislens.interventions import ablate
 
     vlm = ctx.vlm
     one = ctx.fresh()
     feats = vlm.image_embeddings(one)
+    vlm.forward(one, image_features=feats, logits_to_keep=1)  # the clean answer
     rows = repeat_batch(one, len(sets))
     with ablate(vlm, sets, vector):
         out = vlm.forward(rows, image_features=feats * len(sets), logits_to_keep=1)
@@ -154,6 +178,7 @@ def ablate_each(ctx: Context, sets, vector) -> torch.Tensor:
     """vislens, one full forward (vision included) per condition: the naive sweep."""
     from vislens.interventions import ablate
 
+    ctx.vlm.forward(ctx.fresh(), logits_to_keep=1)  # the clean answer
     out = []
     for s in sets:
         with ablate(ctx.vlm, [s], vector):
@@ -164,6 +189,8 @@ def ablate_each(ctx: Context, sets, vector) -> torch.Tensor:
 @torch.no_grad()
 def ablate_nnsight(ctx: Context, sets, vector) -> torch.Tensor:
     nn = ctx.nn
+    with nn.trace(**ctx.inputs(), use_cache=False, logits_to_keep=1):  # the clean answer
+        nn.output.logits.save()
     with nn.trace(**ctx.inputs(len(sets)), use_cache=False, logits_to_keep=1):
         x = nn.model.language_model.layers[0].input
         for i, s in enumerate(sets):
@@ -179,6 +206,9 @@ def ablate_tl(ctx: Context, sets, vector) -> torch.Tensor:
             resid[i, torch.as_tensor(s)] = vector.to(resid.dtype)
         return resid
 
+    clean = ctx.batch.inputs  # the clean answer
+    ctx.tl(clean["input_ids"], pixel_values=clean["pixel_values"],
+           attention_mask=clean["attention_mask"])
     b = ctx.inputs(len(sets))
     logits = ctx.tl.run_with_hooks(b["input_ids"], pixel_values=b["pixel_values"],
                                    attention_mask=b["attention_mask"],

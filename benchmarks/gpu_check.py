@@ -118,10 +118,12 @@ def cases(vlm, scene) -> dict:
     import numpy as np
 
     from vislens.experiments import ablation, knockout
-    from vislens.experiments.batching import repeat_batch
+    from vislens.experiments.batching import cut_batch
+    from vislens.experiments.decoding import greedy
     from vislens.experiments.perception.features import extract
     from vislens.experiments.prompts import question
-    from vislens.interventions import ablate, capture
+    from vislens.interventions import capture
+    from vislens.interventions.continuation import advance, embed, record
 
     target = min(range(len(scene.instances)), key=lambda i: scene.instances[i].area)
     q = question(scene, target, "polling")
@@ -155,10 +157,14 @@ def cases(vlm, scene) -> dict:
             c for c in ablation.FIXED_CONDITIONS if c != "ig-matched"))
         sets = ablation.token_sets(vlm, one, feats, mask, no_ig, 0, q, "zeros", [])
         names = list(sets)
-        rows = repeat_batch(one, len(names))
-        with ablate(vlm, [sets[n] for n in names], "zeros"):
-            vlm.generate(rows, max_new_tokens=config.max_new_tokens["polling"],
-                         image_features=feats * len(names))
+        # as the experiment runs it: each condition from its first ablated token, decoding
+        # until its verdict is settled
+        end = one.seq_len - 1
+        clean = record(vlm, cut_batch(one, end), feats)
+        rows = ablation.ablated_prefix(vlm, clean, [sets[n] for n in names], "zeros")
+        last = embed(vlm, one.input_ids[:, end:].expand(len(names), -1))
+        logits = advance(vlm, rows, last)[:, -1]
+        greedy(vlm, rows, logits, config.max_new_tokens["polling"], settled=q.settled)
 
     def gradients():
         with torch.enable_grad():

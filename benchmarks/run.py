@@ -90,6 +90,7 @@ def suites(ctx: C.Context):
         lens["TransformerLens"] = lambda: C.lens_tl(ctx)
     abl = {"plain forward": lambda: C.plain_forward(ctx, logits_to_keep=1),
            "vislens": lambda: C.ablate_vislens(ctx, sets, vector),
+           "vislens, one batch, every position": lambda: C.ablate_batched(ctx, sets, vector),
            "vislens, one forward per condition": lambda: C.ablate_each(ctx, sets, vector),
            "nnsight": lambda: C.ablate_nnsight(ctx, sets, vector)}
     if tl:
