@@ -315,3 +315,20 @@ def test_a_family_whose_positions_see_later_ones_falls_back(lookalike, tmp_path)
     config = ablation.AblationConfig(ig_steps=2, random_ks=(5,), settings=("polling", "vqa"))
     compare(vlm, samples, config, "zeros", tmp_path, expect_shared=False)
     assert refused(vlm)  # says why
+
+
+def test_ig_steps_per_pass_follow_the_memory_budget(monkeypatch):
+    """0 = as many steps per pass as half the free GPU memory holds; 8 on the CPU."""
+    vlm = vislens.load("toy")
+    assert ablation.steps_per_pass(vlm, 155, 50) == ablation.CPU_STEPS_PER_PASS
+    assert ablation.steps_per_pass(vlm, 155, 3) == 3
+    config = vlm.language_model.config
+    per_step = 155 * (10 * config.hidden_size + 3 * config.intermediate_size) * \
+        vlm.num_layers * 4
+    monkeypatch.setattr(type(vlm), "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * per_step, 10**12))
+    assert ablation.steps_per_pass(vlm, 155, 50) == 10
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per_step // 4, 10**12))
+    assert ablation.steps_per_pass(vlm, 155, 50) == 1  # never 0: one step per pass at least
+    with pytest.raises(ValueError, match="ig-batch"):
+        ablation.AblationConfig(ig_batch=-1).validate()

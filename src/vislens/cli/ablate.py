@@ -43,6 +43,8 @@ def ablate(
     area: str = typer.Option("", help="target area range MIN:MAX in pixels "
                              "(default: small objects; COCO 1000:2000)"),
     ig_steps: int = typer.Option(50, help="integrated-gradients steps (Neo et al.: 50)"),
+    ig_batch: int = typer.Option(0, help="IG steps per forward + backward pass; 0: as many as "
+                                 "half the free GPU memory holds (8 on the CPU)"),
     ig_sign: str = typer.Option("abs", help="rank ig-matched tokens by abs: |IG| summed over "
                                 "hidden dims (Neo et al.), or signed: the plain sum"),
     ig_prompt: str = typer.Option("polling", help="IG on the polling question, once per image "
@@ -71,7 +73,8 @@ def ablate(
 
         config = ablation.AblationConfig(settings=S.names(settings),
                                          conditions=S.names(conditions) or None,
-                                         vector=vector, ig_steps=ig_steps, ig_sign=ig_sign,
+                                         vector=vector, ig_steps=ig_steps, ig_batch=ig_batch,
+                                         ig_sign=ig_sign,
                                          ig_prompt=ig_prompt, reference=reference, seed=seed)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")

@@ -80,7 +80,7 @@ class AblationConfig:
     ig_sign: str = "abs"  # rank by "abs": |IG| summed over hidden dims (Neo) | "signed": sum
     ig_prompt: str = "polling"  # "polling": one IG per image on the polling question, shared
     # by the settings (Neo) | "own": each setting's own prompt and answer word
-    ig_batch: int = 8  # integrated-gradients steps per forward pass (memory)
+    ig_batch: int = 0  # IG steps per forward + backward pass; 0 = what the memory budget holds
     # mean-vector images, a data spec (imagenet:DIR, shapesworld:SEED, ...); "" = a held-out
     # set disjoint from the evaluated images (resolve_reference), never the evaluated ones
     reference: str = ""
@@ -102,8 +102,10 @@ class AblationConfig:
                                  f"{', '.join(map(str, self.random_ks))}")
         if self.vector not in ("mean", "zeros"):
             raise ValueError(f"unknown ablation vector {self.vector!r}; choose mean or zeros")
-        if self.ig_steps < 1 or self.ig_batch < 1:
+        if self.ig_steps < 1:
             raise ValueError("--ig-steps must be at least 1")
+        if self.ig_batch < 0:
+            raise ValueError("--ig-batch must be 0 (fit the memory budget) or at least 1")
         if self.ig_sign not in IG_SIGNS:
             raise ValueError(f"unknown --ig-sign {self.ig_sign!r}; choose {' or '.join(IG_SIGNS)}")
         if self.ig_prompt not in IG_PROMPTS:
@@ -703,7 +705,7 @@ def frozen(model: torch.nn.Module):
 
 
 def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
-                         chunk: int = 8, injected=None, sign: str = "signed",
+                         chunk: int = 0, injected=None, sign: str = "signed",
                          recorded: Recorded | None = None) -> np.ndarray:
     """IG attribution of each image patch token to the `target_id` logit at the last position.
 
@@ -714,7 +716,8 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
     attributions themselves [tokens, dims] (DeepStack inputs appended along dims).
 
     The path runs from the ablation baseline (mean embedding, or zeros) to the
-    clean embeddings in `steps` midpoint steps, `chunk` steps per forward pass;
+    clean embeddings in `steps` midpoint steps, `chunk` steps per forward pass (0: as many
+    as the memory budget holds, `steps_per_pass`);
     attributions sum to logit(clean) - logit(baseline) up to the quadrature error.
     Where the LM also adds image features inside its first layers (Qwen3-VL's
     DeepStack), those move along the path from their baseline (`injected`: "zeros"
@@ -726,9 +729,11 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
     on every path point, so each pass takes their keys and values from it and runs only
     the positions from the first image token on (the same logits, to float rounding).
     """
-    if steps < 1 or chunk < 1:
-        raise ValueError(f"integrated gradients need steps >= 1 and chunk >= 1 (got {steps}, "
+    if steps < 1 or chunk < 0:
+        raise ValueError(f"integrated gradients need steps >= 1 and chunk >= 0 (got {steps}, "
                          f"{chunk})")
+    if chunk == 0:
+        chunk = steps_per_pass(vlm, batch.seq_len, steps)
     if sign not in (*IG_SIGNS, "dims"):
         raise ValueError(f"unknown IG sign {sign!r}; choose {', '.join(IG_SIGNS)} or dims")
     image = batch.token_map.image_positions(0)
@@ -766,6 +771,25 @@ def integrated_gradients(vlm, batch, feats, target_id: int, vector, steps: int,
     per_dim = torch.cat([(v - b) * t / steps for v, b, t in
                          zip(inputs, bases, totals, strict=True)], dim=-1).detach().cpu().numpy()
     return per_dim if sign == "dims" else token_scores(per_dim, sign)
+
+
+CPU_STEPS_PER_PASS = 8  # on the CPU larger passes gain nothing and only hold more memory
+GPU_BUDGET = 0.5  # share of the free GPU memory one IG pass may fill
+
+
+def steps_per_pass(vlm, positions: int, steps: int) -> int:
+    """How many IG steps one forward + backward pass takes: on a GPU as many as half its free
+    memory holds, a step's autograd graph keeping about positions x (10 hidden + 3 MLP
+    width) values per layer (inputs of the norms, projections, attention and MLP); on the
+    CPU CPU_STEPS_PER_PASS. Fewer, larger passes run the same steps: only memory changes."""
+    device = vlm.device
+    if device.type != "cuda":
+        return min(steps, CPU_STEPS_PER_PASS)
+    config = vlm.language_model.config
+    per_layer = positions * (10 * config.hidden_size + 3 * config.intermediate_size)
+    per_step = per_layer * vlm.num_layers * torch.finfo(vlm.dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(steps, int(free * GPU_BUDGET // max(per_step, 1))))
 
 
 def _continued_logits(vlm, recorded: Recorded, batch, image: np.ndarray,
