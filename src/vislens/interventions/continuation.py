@@ -55,17 +55,17 @@ class SharedPrefixLayer(DynamicLayer):
         else:
             self.tail = (torch.cat([self.tail[0], key_states], -2),
                          torch.cat([self.tail[1], value_states], -2))
-        parts = [*self.segments, self.tail]
+        parts = self.frozen()
         keys = torch.cat([k.expand(self.rows, -1, -1, -1) for k, _ in parts], -2)
         values = torch.cat([v.expand(self.rows, -1, -1, -1) for _, v in parts], -2)
         return keys, values
 
-    def get_seq_length(self) -> int:
-        parts = [*self.segments, *([self.tail] if self.tail is not None else [])]
-        return sum(int(k.shape[-2]) for k, _ in parts)
-
     def frozen(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every segment so far, the tail included (what a fork starts from)."""
         return [*self.segments, *([self.tail] if self.tail is not None else [])]
+
+    def get_seq_length(self) -> int:
+        return sum(int(k.shape[-2]) for k, _ in self.frozen())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         def pick(t: torch.Tensor) -> torch.Tensor:  # a shared (batch-1) segment stays shared
