@@ -24,6 +24,7 @@ from PIL import Image
 
 from vislens.report import attention_viewer, viewer
 from vislens.report.attention_viewer import AttentionMaps, render_attention_viewer
+from vislens.report.html import fill
 from vislens.report.page import Section, TableData, render_page
 from vislens.report.viewer import LensToken, render_viewer
 
@@ -130,6 +131,14 @@ def test_tricky_text_is_escaped_not_substituted(monkeypatch, tmp_path):
     page = lens_page()
     assert "{title} {{x}} $title ${n_layers} $$ &lt;b&gt;&amp;amp;&lt;/b&gt;" in page
     assert page.count("</script>") == 2  # the two script elements; none from the data
+
+
+def test_fill_is_strict_both_ways():
+    with pytest.raises(KeyError, match="width"):  # a placeholder with no value
+        fill("logit_lens_viewer.css", height=1)
+    with pytest.raises(KeyError, match=r"has no \$colour"):  # a value with no placeholder
+        fill("logit_lens_viewer.css", width=1, height=1, colour="red")
+    assert "{width:7px;height:8px}" in fill("logit_lens_viewer.css", width=7, height=8)
 
 
 if __name__ == "__main__":

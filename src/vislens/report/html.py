@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
+import string
+from importlib import resources
 
 from PIL import Image
 
@@ -22,3 +25,31 @@ def png_file_data_uri(path) -> str:
 
 def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
+
+
+@functools.cache
+def template(name: str) -> string.Template:
+    """The template file src/vislens/report/templates/<name>, read once (package data, so it
+    ships in the wheel and reads the same from a zip)."""
+    text = (resources.files("vislens.report") / "templates" / name).read_text(encoding="utf-8")
+    return string.Template(text)
+
+
+def fill(name: str, **values: object) -> str:
+    """The template file `name` with each `$key` (or `${key}` before a letter) replaced by
+    str(values[key]), in one pass.
+
+    Why string.Template: it is the standard library's plainest substitution, and the one
+    whose marker (`$`) appears in neither our CSS nor our JavaScript, where `{}` is
+    everywhere (str.format needed every brace doubled). One pass means a value that holds
+    `$name` or braces lands verbatim, never substituted again. It is strict both ways: a
+    `$key` with no value, a stray `$` (write `$$` for a literal one, e.g. a JavaScript
+    template literal `$${x}`), or a value the template never uses raises here, at the first
+    render, instead of writing a page with a hole in it.
+    """
+    tmpl = template(name)
+    used = {m.group("named") or m.group("braced") for m in tmpl.pattern.finditer(tmpl.template)}
+    unused = sorted(set(values) - used)
+    if unused:
+        raise KeyError(f"{name} has no ${', $'.join(unused)}")
+    return tmpl.substitute(values)

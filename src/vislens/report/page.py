@@ -2,6 +2,9 @@
 
 Sections are plain data (tables, images, embedded pages) so every experiment
 is shown the same way and a test can check each one rendered.
+
+The page's markup and style are templates/report_page.{html,css} next to this module,
+filled by vislens.report.html.fill (the sections' fragments are built here).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vislens.report.html import esc, png_file_data_uri
+from vislens.report.html import esc, fill, png_file_data_uri
+
+_CSS = fill("report_page.css")
 
 
 @dataclass
@@ -43,15 +48,8 @@ def render_page(title: str, facts: dict[str, object], sections: Sequence[Section
     toc = "".join(f'<li><a href="#{esc(s.key)}">{esc(s.title)}</a></li>' for s in sections)
     fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts.items())
     body = "\n".join(_section(s) for s in sections)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>{_CSS}</style></head><body>
-<header><h1>{esc(title)}</h1><table class="facts">{fact_rows}</table>
-<nav><ol>{toc}</ol></nav></header>
-{body}
-<footer>Made by vislens. Self-contained: open it anywhere, no network needed.</footer>
-</body></html>
-"""
+    return fill("report_page.html", css=_CSS, title=esc(title), facts=fact_rows, toc=toc,
+                body=body)
 
 
 def _section(s: Section) -> str:
@@ -75,21 +73,3 @@ def _section(s: Section) -> str:
     parts.extend(f'<p class="note">{esc(n)}</p>' for n in s.notes)
     parts.append("</section>")
     return "\n".join(parts)
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:16px;color:#222}
-h1{margin-bottom:4px} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
-table{border-collapse:collapse;margin:10px 0;font-size:13px}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f5f5f5} caption{text-align:left;font-weight:600;padding:4px 0}
-td:first-child,th:first-child{text-align:left}
-.facts th{text-align:left} figure{margin:12px 0} figure img{max-width:100%}
-figure.grid{display:inline-block;width:32%;margin:4px 0.5%;vertical-align:top}
-figcaption{font-size:13px;color:#555}
-.viewer iframe{width:100%;height:640px;border:1px solid #ccc}
-#attention .viewer iframe{height:820px}
-#attention figure.plot{display:inline-block;width:48%;margin:4px 0.5%;vertical-align:top}
-.note{font-size:13px;color:#444;background:#fafafa;border-left:3px solid #bbb;padding:4px 8px}
-nav ol{columns:2} footer{margin-top:40px;font-size:12px;color:#777}
-"""
