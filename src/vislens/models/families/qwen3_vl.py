@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from vislens.models.embeddings import ImageEmbeddings
 from vislens.models.families.qwen2_5_vl import Qwen25VL
+from vislens.models.families.registry import register
 
 
+@register
 class Qwen3VL(Qwen25VL):
     model_type = "qwen3_vl"
     label = "Qwen3-VL"
@@ -25,6 +27,3 @@ class Qwen3VL(Qwen25VL):
         layers = [[f.detach() for f in layer] for layer in out.deepstack_features]
         injected = [[layer[i] for layer in layers] for i in range(len(per_image))]
         return ImageEmbeddings(per_image, injected)
-
-
-FAMILY = Qwen3VL()
