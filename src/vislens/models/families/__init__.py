@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from types import ModuleType
 
 from vislens.models.families.base import Family
 from vislens.models.families.generic import Generic, refuse_cross_attention
 from vislens.models.families.registry import FAMILIES, register, supported
 
-MODULES = tuple(importlib.import_module(f"{__name__}.{info.name}")
-                for info in pkgutil.iter_modules(__path__))
+
+def import_all() -> tuple[ModuleType, ...]:
+    """Import every module of this package's folder, which registers its families: what
+    makes a new module enough (a module already imported is not run again)."""
+    return tuple(importlib.import_module(f"{__name__}.{info.name}")
+                 for info in pkgutil.iter_modules(__path__))
+
+
+MODULES = import_all()
 SUPPORTED = supported()  # as imported; error messages call supported() for the current list
 
 
@@ -36,5 +44,5 @@ def family_for(model_type: str | None) -> Family:
     return Generic(model_type)
 
 
-__all__ = ["FAMILIES", "MODULES", "SUPPORTED", "Family", "Generic", "family_for", "register",
-           "supported"]
+__all__ = ["FAMILIES", "MODULES", "SUPPORTED", "Family", "Generic", "family_for", "import_all",
+           "register", "supported"]
