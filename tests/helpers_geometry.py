@@ -276,12 +276,12 @@ def pan_and_scan(proc):
     as a preprocessor_config.json with "do_pan_and_scan": true loads it."""
     import copy
 
-    from vislens.models.families.gemma3 import FAMILY
+    from vislens.models.families import family_for
 
     proc = copy.deepcopy(proc)
     ip = proc.image_processor
     ip.do_pan_and_scan = True
     ip.pan_and_scan_min_crop_size, ip.pan_and_scan_max_num_crops = 256, 4
     ip.pan_and_scan_min_ratio_to_activate = 1.2
-    FAMILY.configure(proc)
+    family_for("gemma3").configure(proc)
     return proc

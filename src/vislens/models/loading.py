@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vislens.models.families import SUPPORTED, Family, family_for
+from vislens.models.families import Family, family_for, supported
 
 TOYS = {"toy": "toy", "toy-qwen": "toy_qwen"}
 
@@ -36,7 +36,7 @@ def resolve(model: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{name!r} is neither 'toy', 'toy-qwen' nor a local Hugging Face directory with a "
-            f"config.json (vislens never downloads; supported families: {SUPPORTED})")
+            f"config.json (vislens never downloads; supported families: {supported()})")
     return path
 
 

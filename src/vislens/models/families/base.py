@@ -29,6 +29,7 @@ need only token positions run, those that need pixels refuse with one line.
 
 from __future__ import annotations
 
+from vislens.models.embeddings import ImageEmbeddings
 from vislens.models.geometry import Layout
 
 
@@ -59,10 +60,8 @@ class Family:
         """Adjust a loaded processor so that it does what its saved settings say."""
 
     def split_features(self, out, batch):
-        """`get_image_features` output as vislens.models.vlm.ImageEmbeddings (one entry per
+        """`get_image_features` output as ImageEmbeddings (one entry per
         image, sequence order)."""
-        from vislens.models.vlm import ImageEmbeddings
-
         return ImageEmbeddings([f.detach() for f in out.pooler_output])
 
     def projector_inputs(self, x, y):
@@ -129,8 +128,6 @@ def regroup_views(views, batch, label: str):
     its like) as ImageEmbeddings: rows regrouped per image, as many as the image has tokens
     in the sequence, and handed back to the model in the same one-tensor form."""
     import numpy as np
-
-    from vislens.models.vlm import ImageEmbeddings
 
     views = views.detach()
     tm = batch.token_map

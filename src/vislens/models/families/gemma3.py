@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from vislens.models.families.base import Family, regroup_views
+from vislens.models.families.registry import register
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
 PAN_AND_SCAN = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
@@ -72,6 +73,7 @@ def gemma3_layout(ip, settings: dict, config, image_size: tuple[int, int]) -> La
     return lay
 
 
+@register
 class Gemma3(Family):
     model_type = "gemma3"
     label = "Gemma 3"
@@ -117,6 +119,3 @@ class Gemma3(Family):
         crops = (f" + up to {pas['pan_and_scan_max_num_crops']} pan-and-scan crops"
                  if pas.get("do_pan_and_scan") else " (pan-and-scan off)")
         return f"{side}x{side}{crops}"
-
-
-FAMILY = Gemma3()

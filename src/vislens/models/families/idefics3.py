@@ -16,6 +16,7 @@ import math
 import torch
 
 from vislens.models.families.base import Family, regroup_views
+from vislens.models.families.registry import register
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
 
@@ -86,6 +87,7 @@ def idefics3_layout(ip, config, image_size: tuple[int, int]) -> Layout:
     return lay
 
 
+@register
 class Idefics3(Family):
     model_type = "idefics3"
     label = "Idefics3 / SmolVLM"
@@ -118,6 +120,3 @@ class Idefics3(Family):
         side = size_dict(ip.max_image_size)["longest_edge"]
         longest = size_dict(ip.size).get("longest_edge")
         return f"{side}x{side} crops of the image resized to {longest} px + global view"
-
-
-FAMILY = Idefics3()

@@ -10,6 +10,7 @@ The LM reads <img>, every tile's tokens (tiles in raster order, the thumbnail la
 from __future__ import annotations
 
 from vislens.models.families.base import Family, regroup_views
+from vislens.models.families.registry import register
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
 
@@ -66,6 +67,7 @@ def internvl_layout(ip, config, image_size: tuple[int, int], crop_to_patches: bo
     return lay
 
 
+@register
 class InternVL(Family):
     model_type = "internvl"
     label = "InternVL"
@@ -90,6 +92,3 @@ class InternVL(Family):
         kw = tiling(vlm.processor)
         side = _pair(vlm.config.vision_config.image_size)[0]
         return f"{side}x{side} tiles (up to {kw['max_patches']}) + thumbnail"
-
-
-FAMILY = InternVL()

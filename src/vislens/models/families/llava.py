@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vislens.models.families.base import Family
+from vislens.models.families.registry import register
 from vislens.models.geometry import Axis, Layout, cells, patch_chain, patches
 
 
@@ -27,6 +28,7 @@ def llava_layout(ip, image_size: tuple[int, int], patch: int, processed_hw: tupl
     return lay
 
 
+@register
 class Llava(Family):
     model_type = "llava"
     label = "LLaVA-1.5"
@@ -38,6 +40,3 @@ class Llava(Family):
         hw = tuple(inputs["pixel_values"].shape[-2:])
         patch = vlm.config.vision_config.patch_size
         return [[llava_layout(ip, im.size, patch, hw) for im in ims] for ims in images]
-
-
-FAMILY = Llava()

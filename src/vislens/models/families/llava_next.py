@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from vislens.models.families.anyres import anyres_layout
 from vislens.models.families.base import Family
+from vislens.models.families.registry import register
 
 
+@register
 class LlavaNext(Family):
     model_type = "llava_next"
     label = "LLaVA-NeXT"
@@ -20,6 +22,3 @@ class LlavaNext(Family):
 
     def native_image_size(self, vlm) -> str:
         return super().native_image_size(vlm) + " tiles + base view"
-
-
-FAMILY = LlavaNext()

@@ -7,6 +7,7 @@ import numpy as np
 
 from vislens.models.families.anyres import _base_view, anyres_layout
 from vislens.models.families.base import Family
+from vislens.models.families.registry import register
 from vislens.models.geometry import Layout
 
 
@@ -20,6 +21,7 @@ def onevision_multi_layout(ip, config, image_size: tuple[int, int]) -> Layout:
     return lay
 
 
+@register
 class LlavaOnevision(Family):
     model_type = "llava_onevision"
     label = "LLaVA-OneVision"
@@ -36,6 +38,3 @@ class LlavaOnevision(Family):
 
     def native_image_size(self, vlm) -> str:
         return super().native_image_size(vlm) + " tiles + base view"
-
-
-FAMILY = LlavaOnevision()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from vislens.models.families.base import Family
+from vislens.models.families.registry import register
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
 
@@ -46,6 +47,7 @@ def mistral3_layout(ip, config, image_size: tuple[int, int], processed_hw) -> La
     return lay
 
 
+@register
 class Mistral3(Family):
     model_type = "mistral3"
     label = "Mistral 3 (Pixtral vision)"
@@ -75,6 +77,3 @@ class Mistral3(Family):
     def native_image_size(self, vlm) -> str:
         longest = size_dict(vlm.processor.image_processor.size).get("longest_edge")
         return f"variable grid of 28-px cells (longest side up to {longest} px)"
-
-
-FAMILY = Mistral3()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from vislens.models.families.base import regroup_views
 from vislens.models.families.llava import Llava
+from vislens.models.families.registry import register
 
 
+@register
 class PaliGemma(Llava):
     """LLaVA-1.5's layout (one raster grid of the processed square) with its own model."""
 
@@ -37,6 +39,3 @@ class PaliGemma(Llava):
         """Its vision pass gives one [views, tokens, hidden] tensor (tiles and thumbnail, or
         one view per image): regrouped per image, handed back in that form."""
         return regroup_views(out.pooler_output, batch, "PaliGemma")
-
-
-FAMILY = PaliGemma()

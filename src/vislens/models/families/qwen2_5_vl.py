@@ -4,6 +4,7 @@ merged 2x2 into one token, mRoPE positions from the image grid."""
 from __future__ import annotations
 
 from vislens.models.families.base import Family
+from vislens.models.families.registry import register
 from vislens.models.geometry import Axis, Layout, cells, patches, size_dict
 
 
@@ -21,6 +22,7 @@ def qwen_layout(image_size: tuple[int, int], grid_thw, patch: int, merge: int) -
     return lay
 
 
+@register
 class Qwen25VL(Family):
     model_type = "qwen2_5_vl"
     label = "Qwen2.5-VL"
@@ -44,6 +46,3 @@ class Qwen25VL(Family):
         hi = size.get("longest_edge") or getattr(ip, "max_pixels", None)
         side = lambda px: int(round(px ** 0.5))  # noqa: E731
         return f"dynamic ({side(lo)}x{side(lo)} to {side(hi)}x{side(hi)} px area)"
-
-
-FAMILY = Qwen25VL()

@@ -5,13 +5,12 @@ only change the vision tower, not where a token's pixels are); mRoPE positions f
 from __future__ import annotations
 
 from vislens.models.families.qwen2_5_vl import Qwen25VL
+from vislens.models.families.registry import register
 
 
+@register
 class Qwen2VL(Qwen25VL):
     model_type = "qwen2_vl"
     label = "Qwen2-VL"
     model_class = "Qwen2VLForConditionalGeneration"
     processor_class = "Qwen2VLProcessor"
-
-
-FAMILY = Qwen2VL()

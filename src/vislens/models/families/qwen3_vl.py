@@ -7,9 +7,12 @@ additions at the ablated positions too."""
 
 from __future__ import annotations
 
+from vislens.models.embeddings import ImageEmbeddings
 from vislens.models.families.qwen2_5_vl import Qwen25VL
+from vislens.models.families.registry import register
 
 
+@register
 class Qwen3VL(Qwen25VL):
     model_type = "qwen3_vl"
     label = "Qwen3-VL"
@@ -20,12 +23,7 @@ class Qwen3VL(Qwen25VL):
     def split_features(self, out, batch):
         """Per image: its merged features, and its DeepStack features per injection layer
         (`get_image_features` splits both per image, layer by layer)."""
-        from vislens.models.vlm import ImageEmbeddings
-
         per_image = [f.detach() for f in out.pooler_output]
         layers = [[f.detach() for f in layer] for layer in out.deepstack_features]
         injected = [[layer[i] for layer in layers] for i in range(len(per_image))]
         return ImageEmbeddings(per_image, injected)
-
-
-FAMILY = Qwen3VL()
