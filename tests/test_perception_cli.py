@@ -8,8 +8,7 @@ import typer
 from native_formats import write_blink, write_voc
 from typer.testing import CliRunner
 
-from vislens.cli import COMMANDS
-from vislens.cli import samples as cli_samples
+from vislens.cli import COMMANDS, model_options
 from vislens.data import tasks as shapes_tasks
 from vislens.models.vlm import VLM
 from vislens.toy.build import ToySpec, build_model, build_processor
@@ -23,7 +22,7 @@ TASK_NAMES = ["fg-seg", "co-seg", "co-seg-oracle", "sem-seg", "sem-seg-oracle", 
 @pytest.fixture()
 def app(monkeypatch):
     tiny = VLM(build_model(TINY).eval(), build_processor(TINY), "llava", name="tiny")
-    monkeypatch.setattr(cli_samples, "load_model", lambda model, device, dtype, **where: tiny)
+    monkeypatch.setattr(model_options, "load_model", lambda model, device, dtype, **where: tiny)
     app = typer.Typer(pretty_exceptions_enable=False)
     for name in ("perceive", "prefix", "artifacts", "surface"):
         app.command(name)(COMMANDS[name])

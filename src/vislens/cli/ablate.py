@@ -9,27 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli import samples as S
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    console,
-    emit,
-    placement,
-    progress_for,
-    quiet,
-    scale_out,
-    user_errors,
-)
+from vislens.cli.common import console, emit, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
+@model_options
 def ablate(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
     n: int = typer.Option(200, "--n", help="number of images to draw (ShapesWorld) or read"),
     out: Path = typer.Option(Path("runs/ablate"), help="run directory (rerun to resume)"),
@@ -51,13 +37,6 @@ def ablate(
                                   "for every setting (Neo et al.), or own: each setting's "
                                   "prompt and answer word (a variant)"),
     seed: int = typer.Option(0, help="seed for targets, random token sets and noise"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    workers: int = WORKERS_OPTION,
-    ray: str = RAY_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Ablate object / buffer / register / random / gradient tokens and count broken answers.
 
@@ -68,7 +47,7 @@ def ablate(
 
     Example: vislens ablate --model toy --n 200 --out runs/ablate --json
     """
-    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
+    with model_session(opts) as load:
         from vislens.experiments import ablation
 
         config = ablation.AblationConfig(settings=S.names(settings),
@@ -78,17 +57,16 @@ def ablate(
                                          ig_prompt=ig_prompt, reference=reference, seed=seed)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
-        vlm = models.load(model, device, dtype, local=S.load_model,
-                          **placement(device, device_map, max_memory))
+        vlm = load()
         # --reference (imagenet:DIR is read lazily) or the default held-out set: run() resolves
         # it and the summary's "reference" records which set, how many images, and overlap
         summary = ablation.execute(vlm, samples, config, out,
-                                   S.meta(model, data, n, device, dtype, reference=reference),
-                                   progress=progress_for(as_json))
-        if as_json:
+                                   S.meta(opts, data, n, reference=reference),
+                                   progress=progress_for(opts.as_json))
+        if opts.as_json:
             emit(summary, True)
             return
-        table = Table(title=f"% of correct answers broken ({model}, {data})")
+        table = Table(title=f"% of correct answers broken ({opts.model}, {data})")
         table.add_column("condition")
         for s in config.settings:
             table.add_column(f"{s} (n={summary['n_kept'][s]})", justify="right")

@@ -9,31 +9,14 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli import perception as P
-from vislens.cli import samples as S
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    console,
-    emit,
-    fmt,
-    placement,
-    positive,
-    progress_for,
-    quiet,
-    scale_out,
-    user_errors,
-)
+from vislens.cli.common import console, emit, fmt, positive, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 from vislens.cli.prefix import headline_table
 
 
+@model_options
 def artifacts(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     data: list[str] = typer.Option(None, help=P.DATA_HELP),
     n_images: int = typer.Option(32, help="images the artifact scores are computed on"),
     z: float = typer.Option(2.0, help="flag positions scoring above mean + z * std of the layer"),
@@ -47,20 +30,13 @@ def artifacts(
     seed: int = typer.Option(0, help="seed for clustering, the selection split and the "
                                      "bootstrap intervals"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    workers: int = WORKERS_OPTION,
-    ray: str = RAY_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Find input-agnostic image keys per layer, block text from reading them, re-measure
     perception (sem-seg, ref-seg) and multiple-choice accuracy (Liu et al. B2).
 
     Example: vislens artifacts --model toy --out runs/artifacts
     """
-    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
+    with model_session(opts) as load:
         from vislens.experiments.perception import artifacts as exp
         from vislens.experiments.perception.surface import SurfaceConfig
 
@@ -72,14 +48,13 @@ def artifacts(
             layers=pcfg.layers, perceive=pcfg, batch_size=batch_size,
             mc=SurfaceConfig(data=specs.get("mc", specs["*"]), n=n, kind=kind,
                              batch_size=batch_size))
-        vlm = models.load(model, device, dtype, local=S.load_model,
-                          **placement(device, device_map, max_memory))
+        vlm = load()
         P.check_layers(vlm, config.layers)
-        summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
-        if as_json:
+        summary = exp.execute(vlm, config, out, P.meta(opts.model, vlm), progress_for(opts.as_json))
+        if opts.as_json:
             emit(summary, True)
             return
-        table = Table(title=f"{model}: input-agnostic keys ({n_images} images)")
+        table = Table(title=f"{opts.model}: input-agnostic keys ({n_images} images)")
         for col in ("layer", "flagged", "max score", "mean score"):
             table.add_column(col, justify="right")
         for layer, count in summary["n_flagged"].items():

@@ -9,29 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli import samples as S
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    console,
-    emit,
-    fmt,
-    placement,
-    positive,
-    progress_for,
-    quiet,
-    scale_out,
-    user_errors,
-)
+from vislens.cli.common import console, emit, fmt, positive, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
+@model_options
 def attention(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
     n: int = typer.Option(60, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/attention"), help="run directory (rerun to resume)"),
@@ -44,13 +28,6 @@ def attention(
     viewers: int = typer.Option(3, help="interactive HTML viewers for the first N images"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    workers: int = WORKERS_OPTION,
-    ray: str = RAY_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Where the answer position looks: its attention over image patches in every layer.
 
@@ -61,7 +38,7 @@ def attention(
 
     Example: vislens attention --model toy --n 40 --query last --out runs/attention
     """
-    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
+    with model_session(opts) as load:
         positive("--batch-size", batch_size)
         from vislens.experiments import attention as att
 
@@ -69,16 +46,15 @@ def attention(
                                      batch_size=batch_size)
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "large")
-        vlm = models.load(model, device, dtype, local=S.load_model,
-                          **placement(device, device_map, max_memory))
-        summary = att.execute(vlm, samples, config, out, S.meta(model, data, n, device, dtype),
-                              progress=progress_for(as_json))
-        if as_json:
+        vlm = load()
+        summary = att.execute(vlm, samples, config, out, S.meta(opts, data, n),
+                              progress=progress_for(opts.as_json))
+        if opts.as_json:
             emit(summary, True)
             return
         per = summary["per_layer"]
         table = Table(title=f"attention of the {summary['query_label']} "
-                      f"({summary['query_token']!r}; {model}, {summary['n_images']} images)")
+                      f"({summary['query_token']!r}; {opts.model}, {summary['n_images']} images)")
         for name in ("layer", "image", "text", f"first {summary['first_token']}"[:14],
                      "object share", "object area", "peak on obj"):
             table.add_column(name, justify="right")

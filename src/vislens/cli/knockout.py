@@ -9,27 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli import samples as S
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    emit,
-    fmt,
-    placement,
-    progress_for,
-    quiet,
-    scale_out,
-    user_errors,
-)
+from vislens.cli.common import emit, fmt, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
+@model_options
 def knockout(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
     n: int = typer.Option(100, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/knockout"), help="run directory (rerun to resume)"),
@@ -46,13 +32,6 @@ def knockout(
     stride: int = typer.Option(None, help="their stride (default: half the window)"),
     area: str = typer.Option("", help="target area range MIN:MAX in pixels"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    workers: int = WORKERS_OPTION,
-    ray: str = RAY_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Block attention edges in windows of layers; measure how much of the answer survives.
 
@@ -64,7 +43,7 @@ def knockout(
 
     Example: vislens knockout --model toy --n 100 --windows sliding:1,all --out runs/ko --json
     """
-    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
+    with model_session(opts) as load:
         from vislens.experiments import knockout as ko
 
         config = ko.KnockoutConfig(settings=S.names(settings),
@@ -74,17 +53,16 @@ def knockout(
             raise ValueError("give --windows or --window/--stride, not both")
         config.validate()
         samples, config.area = S.open_samples(data, n, area or None, "small")
-        vlm = models.load(model, device, dtype, local=S.load_model,
-                          **placement(device, device_map, max_memory))
-        summary = ko.execute(vlm, samples, config, out, S.meta(model, data, n, device, dtype),
-                             progress=progress_for(as_json))
-        if as_json:
+        vlm = load()
+        summary = ko.execute(vlm, samples, config, out, S.meta(opts, data, n),
+                             progress=progress_for(opts.as_json))
+        if opts.as_json:
             emit(summary, True)
             return
         kept = ", ".join(f"{s} {k}" for s, k in summary["n_kept"].items())
         for key, what in (("relative_accuracy", "every answer token"),
                           ("relative_accuracy_first_token", "first token, as Neo et al.")):
-            table = Table(title=f"relative accuracy after knockout, {what} ({model}; "
+            table = Table(title=f"relative accuracy after knockout, {what} ({opts.model}; "
                           f"kept: {kept})")
             table.add_column("edges blocked \\ layers")
             for label in summary["window_labels"]:

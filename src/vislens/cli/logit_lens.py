@@ -7,29 +7,13 @@ from pathlib import Path
 import typer
 
 from vislens.cli import samples as S
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    console,
-    emit,
-    fmt,
-    placement,
-    positive,
-    progress_for,
-    quiet,
-    scale_out,
-    user_errors,
-)
+from vislens.cli.common import console, emit, fmt, positive, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
+@model_options
 def logit_lens(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
     n: int = typer.Option(60, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/logit-lens"), help="run directory (rerun to resume)"),
@@ -41,13 +25,6 @@ def logit_lens(
     viewers: int = typer.Option(3, help="interactive HTML viewers for the first N images"),
     seed: int = typer.Option(0, help="seed for choosing targets"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    workers: int = WORKERS_OPTION,
-    ray: str = RAY_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Decode every image token at every layer (final norm + unembedding, applied once).
 
@@ -58,7 +35,7 @@ def logit_lens(
 
     Example: vislens logit-lens --model toy --n 60 --out runs/lens --viewers 3
     """
-    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
+    with model_session(opts) as load:
         positive("--top-k", top_k)
         positive("--batch-size", batch_size)
         from vislens.experiments import logit_lens as lens
@@ -71,11 +48,10 @@ def logit_lens(
         samples, chosen = S.open_samples(data, n, area or None, "large")
         config = lens.LensConfig(top_k=top_k, area=chosen, viewers=viewers, seed=seed,
                                  batch_size=batch_size)
-        vlm = models.load(model, device, dtype, local=S.load_model,
-                          **placement(device, device_map, max_memory))
-        summary = lens.execute(vlm, samples, config, out, S.meta(model, data, n, device, dtype),
-                               progress=progress_for(as_json))
-        if as_json:
+        vlm = load()
+        summary = lens.execute(vlm, samples, config, out, S.meta(opts, data, n),
+                               progress=progress_for(opts.as_json))
+        if opts.as_json:
             emit(summary, True)
             return
         S.print_funnel(summary)

@@ -8,28 +8,13 @@ import typer
 from rich.console import Console
 
 from vislens.cli import perception as P
-from vislens.cli import samples as S
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    console,
-    emit,
-    placement,
-    progress_for,
-    quiet,
-    scale_out,
-    user_errors,
-)
+from vislens.cli.common import console, emit, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
+@model_options
 def perceive(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     data: list[str] = typer.Option(None, help=P.DATA_HELP),
     tasks: str = typer.Option(P.ALL_TASKS, help=P.TASKS_HELP),
     n: int = typer.Option(20, "--n", help="items per task (episodes, sets, images, pairs, videos)"),
@@ -46,13 +31,6 @@ def perceive(
                                    "'mean' token feature or its 'last' token's"),
     similarity: str = typer.Option("cosine", help="text vs image tokens (sem-seg, ref-seg): "
                                    "'cosine' or 'dot' (the plain dot product)"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    workers: int = WORKERS_OPTION,
-    ray: str = RAY_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Zero-shot perception from image keys / values in every LM layer (Liu et al. B1).
 
@@ -68,19 +46,19 @@ def perceive(
 
     Example: vislens perceive --model toy --out runs/perceive
     """
-    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
+    with model_session(opts) as load:
         from vislens.experiments.perception import perceive as exp
 
         config = P.perceive_config(tasks, data, seed, n, layers, batch_size,
                                    sem_seg_oracle=sem_seg_oracle, text_token=text_token,
                                    similarity=similarity)
-        vlm = models.load(model, device, dtype, local=S.load_model,
-                          **placement(device, device_map, max_memory))
+        vlm = load()
         P.check_layers(vlm, config.layers)
-        summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
-        if as_json:
+        summary = exp.execute(vlm, config, out, P.meta(opts.model, vlm), progress_for(opts.as_json))
+        if opts.as_json:
             emit(summary, True)
             return
-        Console().print(P.perception_table(summary["tasks"], f"{model}: perception per source"))
+        Console().print(P.perception_table(summary["tasks"],
+                                           f"{opts.model}: perception per source"))
         Console().print(P.layer_table(summary["tasks"], "score per LM layer"))
         console.print(f"plots and summary.json in {out}")

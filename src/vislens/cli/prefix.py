@@ -9,29 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli import perception as P
-from vislens.cli import samples as S
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    emit,
-    fmt,
-    placement,
-    positive,
-    progress_for,
-    quiet,
-    scale_out,
-    user_errors,
-)
+from vislens.cli.common import emit, fmt, positive, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
+@model_options
 def prefix(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     text: str = typer.Option("classes", "--prefix",
                              help="text before the image: 'classes' (the data set's class "
                                   "list, the same for every item, cut to --max-prefix-tokens "
@@ -49,19 +33,12 @@ def prefix(
     seed: int = typer.Option(0, help="seed for clustering, the selection split and the "
                                      "bootstrap intervals"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    workers: int = WORKERS_OPTION,
-    ray: str = RAY_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Re-run perceive with a text prefix before the image; report the change (Liu et al. B3).
 
     Example: vislens prefix --model toy --out runs/prefix
     """
-    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
+    with model_session(opts) as load:
         from vislens.experiments.perception import prefix as exp
         from vislens.experiments.perception.prefix import check_prefix
 
@@ -70,15 +47,15 @@ def prefix(
         pcfg = P.perceive_config(tasks, data, seed, n, layers, batch_size)
         config = exp.PrefixConfig(perceive=pcfg, prefix=text,
                                   max_prefix_tokens=max_prefix_tokens)
-        vlm = models.load(model, device, dtype, local=S.load_model,
-                          **placement(device, device_map, max_memory))
+        vlm = load()
         P.check_layers(vlm, pcfg.layers)
-        summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
-        if as_json:
+        summary = exp.execute(vlm, config, out, P.meta(opts.model, vlm), progress_for(opts.as_json))
+        if opts.as_json:
             emit(summary, True)
             return
         label = f"{text!r} (ORACLE: names the answer)" if summary["oracle"] else repr(text)
-        Console().print(P.perception_table(summary["prefixed"], f"{model}: with prefix {label}"))
+        Console().print(P.perception_table(summary["prefixed"],
+                                           f"{opts.model}: with prefix {label}"))
         Console().print(P.layer_table(summary["delta"], "change with the prefix (prefix - clean, "
                                       "all items)", signed=True))
         key = "oracle_headline" if summary["oracle"] else "headline"

@@ -1,5 +1,6 @@
 """What ablate, logit-lens and knockout share: the data option, target areas and
-Neo et al.'s image selection, loading, and what a run directory records."""
+Neo et al.'s image selection, and what a run directory records (the model itself is
+opened by model_options)."""
 
 from __future__ import annotations
 
@@ -44,16 +45,11 @@ def print_funnel(summary: dict) -> None:
         console.print(line, highlight=False)
 
 
-def load_model(model: str, device: str, dtype: str | None, **where):
-    """where: a device map and its memory caps (common.placement), in place of `device`."""
-    from vislens.models import load
-
-    return load(model, device=device, dtype=dtype, **where)
-
-
-def meta(model: str, data: str, n: int, device: str, dtype: str | None, **extra) -> dict:
-    """What a run directory records besides the experiment's own config."""
-    return {"model": model, "data": data, "n": n, "device": device, "dtype": dtype, **extra}
+def meta(opts, data: str, n: int, **extra) -> dict:
+    """What a run directory records besides the experiment's own config; opts: the
+    command's model_options.ModelOptions."""
+    return {"model": opts.model, "data": data, "n": n, "device": opts.device,
+            "dtype": opts.dtype, **extra}
 
 
 def names(text: str) -> tuple[str, ...]:

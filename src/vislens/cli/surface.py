@@ -9,30 +9,14 @@ from rich.console import Console
 from rich.table import Table
 
 from vislens.cli import perception as P
-from vislens.cli import samples as S
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    console,
-    emit,
-    placement,
-    positive,
-    progress_for,
-    quiet,
-    scale_out,
-    user_errors,
-)
+from vislens.cli.common import console, emit, positive, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 from vislens.errors import VislensError
 
 
+@model_options
 def surface(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     data: str = typer.Option("shapesworld", help="multiple-choice items: shapesworld[:SEED] "
                                                   "(held-out world 1000 by default) or "
                                                   "blink:PARQUET"),
@@ -46,13 +30,6 @@ def surface(
                                      "(drop vision where a family resamples its features)"),
     seed: int = typer.Option(0, help="seed of the permutation baseline (candidates shuffled)"),
     batch_size: int = typer.Option(8, help="items per forward pass"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    workers: int = WORKERS_OPTION,
-    ray: str = RAY_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Is the answer in the image values but not in the model's output? (Liu et al. B4)
 
@@ -62,7 +39,7 @@ def surface(
 
     Example: vislens surface --model toy --n 40 --out runs/surface
     """
-    with user_errors(), quiet(as_json), scale_out(workers, ray) as models:
+    with model_session(opts) as load:
         from vislens.experiments.perception import surface as exp
 
         positive("--n", n)
@@ -73,14 +50,13 @@ def surface(
                                    batch_size=batch_size, sources=P.parse_sources(sources),
                                    seed=seed)
         config.validate()
-        vlm = models.load(model, device, dtype, local=S.load_model,
-                          **placement(device, device_map, max_memory))
+        vlm = load()
         P.check_layers(vlm, config.layers)
-        summary = exp.execute(vlm, config, out, P.meta(model, vlm), progress_for(as_json))
-        if as_json:
+        summary = exp.execute(vlm, config, out, P.meta(opts.model, vlm), progress_for(opts.as_json))
+        if opts.as_json:
             emit(summary, True)
             return
-        table = Table(title=f"{model}: model answer vs image-value readout "
+        table = Table(title=f"{opts.model}: model answer vs image-value readout "
                             f"({summary['n_scored']} scored items, layer {summary['best_layer']})")
         for col in ("", "count"):
             table.add_column(col)
