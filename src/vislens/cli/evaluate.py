@@ -6,32 +6,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    emit,
-    placement,
-    positive,
-    progress_for,
-    quiet,
-    user_errors,
-)
+from vislens.cli.common import emit, positive, progress_for
+from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
+@model_options(workers=False)
 def evaluate(
-    model: str = MODEL_OPTION,
+    opts: ModelOptions,
     n: int = typer.Option(50, "--n", help="number of fresh ShapesWorld scenes"),
     seed: int = typer.Option(1000, help="ShapesWorld seed (held out; the toys trained on 0)"),
     batch_size: int = typer.Option(32, help="questions per forward pass"),
-    device: str = DEVICE_OPTION,
-    device_map: str = DEVICE_MAP_OPTION,
-    max_memory: str = MAX_MEMORY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    as_json: bool = JSON_OPTION,
 ) -> None:
     """Measure a model's accuracy on fresh ShapesWorld scenes in each setting.
 
@@ -40,24 +24,22 @@ def evaluate(
 
     Example: vislens eval --model toy --n 100 --seed 7 --json
     """
-    with user_errors(), quiet(as_json):
+    with model_session(opts) as load:
         positive("--n", n)
         positive("--batch-size", batch_size)
         from vislens.data import shapesworld
         from vislens.experiments.accuracy import evaluate as run
-        from vislens.models import load
 
         shapesworld.check_held_out(seed)
-        vlm = load(model, device=device, dtype=dtype,
-                   **placement(device, device_map, max_memory))
+        vlm = load()
         samples = shapesworld.generate(n, seed=seed)
         result = run(vlm.model, vlm.processor, samples, batch_size=batch_size,
-                     progress=progress_for(as_json))
-        summary = {"model": model, "seed": seed, **result}
-        if as_json:
+                     progress=progress_for(opts.as_json))
+        summary = {"model": opts.model, "seed": seed, **result}
+        if opts.as_json:
             emit(summary, True)
             return
-        table = Table(title=f"{model}: accuracy on {n} ShapesWorld scenes (seed {seed})")
+        table = Table(title=f"{opts.model}: accuracy on {n} ShapesWorld scenes (seed {seed})")
         table.add_column("setting")
         table.add_column("questions", justify="right")
         table.add_column("accuracy", justify="right")
