@@ -1,4 +1,5 @@
-"""What every command shares: one-line errors, --json output, progress bars, option help."""
+"""What every command shares: one-line errors, --json output, progress bars, option help
+(the options of the commands that run a model are in model_options)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from vislens.progress import progress_bar
 console = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = '"toy", "toy-qwen" or a local Hugging Face model directory'
-DTYPE_HELP = "float32, bfloat16 or float16 (default: the dtype the checkpoint was saved in)"
 JSON_HELP = "print the summary as JSON on stdout (nothing else goes to stdout)"
+# declared once (typer reads them, never changes them); the other model options are in
+# model_options
+MODEL_OPTION = typer.Option("toy", help=MODEL_HELP)
+JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
 
 
 @contextmanager
@@ -47,65 +51,9 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
-DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1"
-# options every model command takes, declared once (typer reads them, never changes them)
-MODEL_OPTION = typer.Option("toy", help=MODEL_HELP)
-DEVICE_OPTION = typer.Option("cpu", help=DEVICE_HELP)
-DTYPE_OPTION = typer.Option(None, help=DTYPE_HELP)
-JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
-DEVICE_MAP_HELP = ("spread a model too large for one GPU over every GPU, then the CPU, with "
-                   "accelerate: auto, balanced, balanced_low_0 or sequential (replaces --device)")
-MAX_MEMORY_HELP = ('with --device-map, the memory each device may hold, e.g. '
-                   '"0=70GiB,1=70GiB,cpu=200GiB"')
-DEVICE_MAP_OPTION = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP)
-MAX_MEMORY_OPTION = typer.Option(None, "--max-memory", metavar="DEVICE=SIZE,...",
-                                 help=MAX_MEMORY_HELP)
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 OUT_OF_MEMORY = ("out of memory on the chosen device: lower --batch-size, pass --dtype "
                  "bfloat16, or spread the model over more devices with --device-map auto "
                  "(--max-memory to cap each)")
-WORKERS_HELP = ("share the images out over N Ray workers on this machine, one model each "
-                "(one GPU each with --device cuda); 0 = this process alone. Needs "
-                "pip install 'vislens\\[ray]'")
-RAY_HELP = ("run the workers on the Ray cluster at ADDRESS (HOST:PORT, ray://HOST:PORT or "
-            "auto; default one per GPU, or per node on CPUs); --out must be on a filesystem "
-            "every node sees. A cluster with token authentication needs RAY_AUTH_MODE=token "
-            "and its token (README: Several GPUs and Ray)")
-WORKERS_OPTION = typer.Option(0, "--workers", help=WORKERS_HELP)
-RAY_OPTION = typer.Option("", "--ray", metavar="ADDRESS", help=RAY_HELP)
-
-
-@contextmanager
-def scale_out(workers: int, address: str) -> Iterator[Any]:
-    """--workers / --ray checked now, before anything is loaded; yields a
-    vislens.distributed.Models whose load() gives the model or a pool of Ray workers,
-    shut down when the command ends (Ray is imported only when one is asked for)."""
-    from vislens.distributed import Models
-
-    models = Models(workers, address or None)
-    try:
-        yield models
-    finally:
-        models.close()
-
-
-def placement(device: str, device_map: str | None, max_memory: str | None) -> dict[str, Any]:
-    """An accelerate device map and its memory caps as vislens.models.load's keywords ({}:
-    the model goes whole on --device), checked before anything loads."""
-    if device_map is None:
-        if max_memory is not None:
-            raise VislensError("--max-memory caps the devices of a --device-map: pass "
-                               "--device-map auto with it")
-        return {}
-    if device_map not in DEVICE_MAPS:
-        raise VislensError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
-    if device != "cpu":
-        raise VislensError("--device-map places the model itself: leave out --device")
-    from vislens.models.loading import parse_max_memory
-
-    return {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
-
-
 def positive(name: str, value: int) -> None:
     if value < 1:
         raise VislensError(f"{name} must be at least 1 (got {value})")

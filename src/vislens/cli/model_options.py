@@ -19,27 +19,39 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
-from vislens.cli.common import (
-    DEVICE_MAP_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    JSON_OPTION,
-    MAX_MEMORY_OPTION,
-    MODEL_OPTION,
-    RAY_OPTION,
-    WORKERS_OPTION,
-    placement,
-    quiet,
-    scale_out,
-    user_errors,
-)
+import typer
+
+from vislens.cli.common import JSON_OPTION, MODEL_OPTION, quiet, user_errors
+from vislens.errors import VislensError
+
+DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1"
+DTYPE_HELP = "float32, bfloat16 or float16 (default: the dtype the checkpoint was saved in)"
+DEVICE_OPTION = typer.Option("cpu", help=DEVICE_HELP)
+DTYPE_OPTION = typer.Option(None, help=DTYPE_HELP)
+DEVICE_MAP_HELP = ("spread a model too large for one GPU over every GPU, then the CPU, with "
+                   "accelerate: auto, balanced, balanced_low_0 or sequential (replaces --device)")
+MAX_MEMORY_HELP = ('with --device-map, the memory each device may hold, e.g. '
+                   '"0=70GiB,1=70GiB,cpu=200GiB"')
+DEVICE_MAP_OPTION = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP)
+MAX_MEMORY_OPTION = typer.Option(None, "--max-memory", metavar="DEVICE=SIZE,...",
+                                 help=MAX_MEMORY_HELP)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+WORKERS_HELP = ("share the images out over N Ray workers on this machine, one model each "
+                "(one GPU each with --device cuda); 0 = this process alone. Needs "
+                "pip install 'vislens\\[ray]'")
+RAY_HELP = ("run the workers on the Ray cluster at ADDRESS (HOST:PORT, ray://HOST:PORT or "
+            "auto; default one per GPU, or per node on CPUs); --out must be on a filesystem "
+            "every node sees. A cluster with token authentication needs RAY_AUTH_MODE=token "
+            "and its token (README: Several GPUs and Ray)")
+WORKERS_OPTION = typer.Option(0, "--workers", help=WORKERS_HELP)
+RAY_OPTION = typer.Option("", "--ray", metavar="ADDRESS", help=RAY_HELP)
 
 
 @dataclass(frozen=True)
 class ModelOptions:
     """What a command was told about its model: which, where, in what dtype, over how
-    many workers, and whether it speaks JSON. Defaults are the options' defaults, so that
-    code calling a command's function directly gets what the command line would."""
+    many workers, and whether it speaks JSON. The defaults are the options' (`study`
+    needs a default instance in its signature, see there)."""
 
     model: str = "toy"
     device: str = "cpu"
@@ -58,12 +70,14 @@ _PLACEMENT = (("device", str, DEVICE_OPTION), ("device_map", str, DEVICE_MAP_OPT
               ("max_memory", str, MAX_MEMORY_OPTION), ("dtype", str, DTYPE_OPTION))
 _SCALE_OUT = (("workers", int, WORKERS_OPTION), ("ray", str, RAY_OPTION))
 _JSON = ("as_json", bool, JSON_OPTION)
+# a field without an option (or the reverse) would fail only when a command runs
 assert {f.name for f in fields(ModelOptions)} == \
     {name for name, _, _ in (_MODEL, *_PLACEMENT, *_SCALE_OUT, _JSON)}
 
 
 def model_options(command: Callable | None = None, *, workers: bool = True):
-    """Decorate a command whose first or any parameter is `opts: ModelOptions`.
+    """Decorate a command that takes `opts: ModelOptions`: --model is listed where `opts`
+    stands, the other shared options after the command's own.
 
     workers=False: the command runs in this process only, so --workers / --ray are not
     offered (its ModelOptions keeps their defaults: no Ray)."""
@@ -93,9 +107,40 @@ def model_options(command: Callable | None = None, *, workers: bool = True):
     return run
 
 
+@contextmanager
+def scale_out(workers: int, address: str) -> Iterator[Any]:
+    """--workers / --ray checked now, before anything is loaded; yields a
+    vislens.distributed.Models whose load() gives the model or a pool of Ray workers,
+    shut down when the command ends (Ray is imported only when one is asked for)."""
+    from vislens.distributed import Models
+
+    models = Models(workers, address or None)
+    try:
+        yield models
+    finally:
+        models.close()
+
+
+def placement(device: str, device_map: str | None, max_memory: str | None) -> dict[str, Any]:
+    """An accelerate device map and its memory caps as vislens.models.load's keywords ({}:
+    the model goes whole on --device), checked before anything loads."""
+    if device_map is None:
+        if max_memory is not None:
+            raise VislensError("--max-memory caps the devices of a --device-map: pass "
+                               "--device-map auto with it")
+        return {}
+    if device_map not in DEVICE_MAPS:
+        raise VislensError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+    if device != "cpu":
+        raise VislensError("--device-map places the model itself: leave out --device")
+    from vislens.models.loading import parse_max_memory
+
+    return {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
+
+
 def load_model(model: str, device: str, dtype: str | None, **where):
     """The model in this process (tests swap it for a ready one); where: a device map and
-    its memory caps (common.placement), in place of `device`."""
+    its memory caps (placement), in place of `device`."""
     from vislens.models import load
 
     return load(model, device=device, dtype=dtype, **where)
@@ -113,6 +158,8 @@ def model_session(opts: ModelOptions) -> Iterator[Callable[[], Any]]:
 
 
 def open_model(opts: ModelOptions, models) -> Any:
-    """models: the vislens.distributed.Models of the session."""
+    """The model model_session yields the loader of (models: its
+    vislens.distributed.Models); --device-map / --max-memory are checked only here, after
+    the command's own options, as they always were."""
     return models.load(opts.model, opts.device, opts.dtype, local=load_model,
                        **placement(opts.device, opts.device_map, opts.max_memory))

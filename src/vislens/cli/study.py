@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from vislens.cli.common import console, emit, placement, progress_for, quiet, user_errors
-from vislens.cli.model_options import ModelOptions, model_options
+from vislens.cli.common import console, emit, progress_for, quiet, user_errors
+from vislens.cli.model_options import ModelOptions, model_options, placement
 from vislens.errors import VislensError
 
 
