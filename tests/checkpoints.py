@@ -9,7 +9,7 @@ with the real quirks, generation config) except the weights: the language
 model and the vision tower are shrunk in depth and width and randomly
 initialised (seeded). Vocabulary sizes stay real, so token ids, embedding
 rows and logit widths are those of the real model. The facts come from
-/work/shared/notes/real-checkpoints.md; values that sheet marks UNVERIFIED
+docs/sources/real-checkpoints.md; values that sheet marks UNVERIFIED
 are noted where they are chosen.
 
 Use `checkpoint_dir(name)` (a Path that `vislens.load(str(path))` reads) or

@@ -4,7 +4,7 @@ Tests that use them stand in for the real checkpoints only if every fact a
 loader or an experiment reads is the real one: classes, config values,
 special-token ids, how BOS gets in, the chat format with its quirks, and how
 many image tokens a 640x480 image becomes. The expected values below are the
-fact sheet's (/work/shared/notes/real-checkpoints.md), written out again
+fact sheet's (docs/sources/real-checkpoints.md), written out again
 rather than read from the builder, so a slip in the builder fails here.
 """
 
