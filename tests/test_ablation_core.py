@@ -1,7 +1,7 @@
 """A1 ablation internals against Neo et al.'s protocol (docs/sources/PROTOCOLS.md,
 docs/PROTOCOL.md): register threshold, the mean vector's reference set, integrated gradients
-as Neo ran them
-(the answer checks: test_answers_protocol.py). Each test failed on the code before its fix."""
+as Neo ran them (the answer checks: test_answers_protocol.py). Each test failed on the
+code before its fix."""
 
 from pathlib import Path
 
