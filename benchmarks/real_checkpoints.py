@@ -134,6 +134,8 @@ def deepen(vlm, layers: int) -> None:
                 mod.layer_idx = i
         for k, v in shared.items():  # vislens' per-model state: the same object, not a copy
             setattr(layer.self_attn, k, v)
+        for branch in (layer.self_attn, layer.mlp):
+            _without_backward(branch)
         stack.append(layer)
     configs = {id(c): c for c in (vlm.language_model.config,
                                   vlm.config.get_text_config(decoder=True))}
@@ -142,6 +144,22 @@ def deepen(vlm, layers: int) -> None:
         if isinstance(types, list | tuple) and len(types) == have:
             cfg.layer_types = list(types) + [types[-1]] * (layers - have)
         cfg.num_hidden_layers = layers
+
+
+def _without_backward(module) -> None:
+    """Run `module` (a zeroed copy's attention or MLP) without recording it for autograd: its
+    output is exactly zero, so is its gradient, and the residual connection carries the
+    whole gradient past it. Forward work is unchanged (and counted); backward skips what
+    would only multiply by a zero matrix (integrated gradients stay bit-identical)."""
+    import torch
+
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        with torch.no_grad():
+            return inner(*args, **kwargs)
+
+    module.forward = forward
 
 
 def _past(kwargs: dict, layer: int | None = None) -> int:
@@ -234,6 +252,15 @@ def _load(name: str, depth: str):
     return vlm
 
 
+def reference_images() -> list:
+    """The mean ablation vector's reference set: the two ImageNet stand-ins the real-checkpoint
+    tests pass as --reference (tests/e2e.py), never the evaluated scenes. Only the vision
+    tower reads them, once per run (not per image)."""
+    from vislens.data import tasks
+
+    return [m.sample.image for m in tasks.semantic_maps(2, seed=4)]
+
+
 def child(name: str, experiment: str, k: int, depth: str = "real") -> dict:
     """One measurement, in this (fresh) process: run `experiment` on k images."""
     vlm = _load(name, depth)
@@ -252,7 +279,8 @@ def child(name: str, experiment: str, k: int, depth: str = "real") -> dict:
         if experiment == "ablate-neo":
             config = ablation.AblationConfig(area=(1000, 2000), ig_steps=50,
                                              max_new_tokens={**MAX_NEW_TOKENS, **NEO_NEW_TOKENS})
-        summary = ablation.execute(vlm, scenes()[:k], config, out / "a", {"model": name})
+        summary = ablation.execute(vlm, scenes()[:k], config, out / "a", {"model": name},
+                                   reference_images=reference_images())
     elif experiment == "logit-lens":
         from vislens.experiments import logit_lens
 
@@ -287,8 +315,9 @@ def child(name: str, experiment: str, k: int, depth: str = "real") -> dict:
 
 
 def check_depth(name: str) -> dict:
-    """Greedy tokens, the last positions' logits and the final residual stream (every
-    position, before the final norm) of the fitted 2-layer model and of its deepened copy."""
+    """Greedy tokens, the last positions' logits, the final residual stream (every position,
+    before the final norm) and integrated gradients of the fitted 2-layer model and of its
+    deepened copy."""
     import torch
 
     vlm = _load(name, "fixture")
@@ -314,10 +343,21 @@ def check_depth(name: str) -> dict:
         handle.remove()
         return got
 
-    shallow = outputs()
+    from vislens.experiments.ablation import integrated_gradients
+
+    one = vlm.prepare([samples[0].image], [question(samples[0], 0, "polling").prompt])
+    with torch.no_grad():
+        target = int(vlm.forward(one, logits_to_keep=1).logits[0, -1].argmax())
+
+    def attribution():  # integrated gradients (4 steps), per token and hidden dimension
+        return integrated_gradients(vlm, one, vlm.image_embeddings(one), target, "zeros", 4,
+                                    sign="dims")
+
+    shallow, shallow_ig = outputs(), attribution()
     deepen(vlm, REAL[name]["layers"])
-    deep = outputs()
+    deep, deep_ig = outputs(), attribution()
     return {"layers": [2, vlm.num_layers],
+            "same_integrated_gradients": bool((shallow_ig == deep_ig).all()),
             "same_tokens": all(torch.equal(a[0], b[0]) for a, b in zip(shallow, deep)),
             "same_logits": all(torch.equal(a[1], b[1]) for a, b in zip(shallow, deep)),
             "same_final_residual": all(torch.equal(a[2], b[2]) for a, b in zip(shallow, deep)),
@@ -573,6 +613,7 @@ def main() -> None:
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     if "after" not in raw:  # an older file (one flat mapping of 2-layer runs): start afresh
         raw = {"before": raw.get("before", {}), "after": {"runs": {}, "sources": {}}}
+    failed: list[str] = []
     if not args.table_only:
         source = source_of(args.src.resolve())
         if args.record_before and not source["src_same_as_before"]:
@@ -586,8 +627,13 @@ def main() -> None:
             for experiment in experiments:
                 key = f"{name}/{experiment}"
                 start = time.perf_counter()
-                runs = [measure(name, experiment, 1, args.src),
-                        measure(name, experiment, 3, args.src)]
+                try:
+                    runs = [measure(name, experiment, 1, args.src),
+                            measure(name, experiment, 3, args.src)]
+                except RuntimeError as err:  # the other rows still run; exit 1 at the end
+                    failed.append(key)
+                    print(err, file=sys.stderr, flush=True)
+                    continue
                 raw["after"]["runs"][key] = runs
                 raw["after"]["sources"][key] = {**source, "measured": today}
                 if args.record_before:
@@ -602,6 +648,8 @@ def main() -> None:
     print(args.out, file=log)
     if args.json:
         print(json.dumps(counts(raw), indent=1))
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
