@@ -238,6 +238,30 @@ def _counter(vlm):
     return work, log
 
 
+def _generations(vlm) -> dict:
+    """Log each generate call of the model: rows and budget (max_new_tokens) -> calls, new
+    tokens made (the longest row's), prompt tokens. What a real model, whose captions run
+    on, would add if every generation used its whole budget follows from it (`at_budget`)."""
+    log: dict[tuple, dict] = {}
+    inner = vlm.model.generate
+
+    def generate(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seqs = getattr(out, "sequences", out)
+        budget = kwargs.get("max_new_tokens") or vlm.model.generation_config.max_new_tokens
+        rows, prompt = int(seqs.shape[0]), int(ids.shape[1]) if ids is not None else 0
+        entry = log.setdefault((rows, int(budget)), {"rows": rows, "budget": int(budget),
+                                                      "n": 0, "new": 0, "prompt": 0})
+        entry["n"] += 1
+        entry["new"] += int(seqs.shape[1]) - prompt
+        entry["prompt"] += prompt
+        return out
+
+    vlm.model.generate = generate
+    return log
+
+
 def _load(name: str, depth: str):
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
@@ -268,6 +292,7 @@ def child(name: str, experiment: str, k: int, depth: str = "real") -> dict:
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     work, log = _counter(vlm)
+    generations = _generations(vlm)
     out = Path(tempfile.mkdtemp())
     start = time.perf_counter()
     summary: dict = {}
@@ -311,6 +336,7 @@ def child(name: str, experiment: str, k: int, depth: str = "real") -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_load_mb": base_rss,
             "layers": vlm.num_layers, **work, "calls": list(log.values()),
+            "generations": list(generations.values()),
             "n_kept": summary.get("n_kept")}
 
 
@@ -406,12 +432,34 @@ def priced(name: str, experiment: str, run: dict, naive: bool = False) -> dict:
     return {"token_layers": tl, "seconds_7b": flops / SUSTAINED_FLOPS + moved / MEMORY_BANDWIDTH}
 
 
+def at_budget(name: str, run: dict) -> dict:
+    """What the run's generations would add if each ran to its budget (max_new_tokens) as a
+    real model's caption may (the look-alikes stop after the answer): decode steps, token x
+    layer evaluations (rows x every layer per step) and 7B seconds (weights and LM head per
+    step, keys and values of prompt + budget per row and layer: an upper bound)."""
+    r = REAL[name]
+    n_layers, h = run["layers"], r["hidden"]
+    per_layer = 2 * h * h + 2 * h * r["kv"] + 3 * h * r["ff"]
+    steps = tl = moved = 0.0
+    for g in run.get("generations", []):
+        extra = g["n"] * g["budget"] - g["new"]  # a generation's first token is its prefill's
+        steps += extra
+        tl += g["rows"] * extra * n_layers
+        keys = g["prompt"] / g["n"] + g["budget"]
+        moved += extra * (2 * (per_layer * n_layers + h * r["vocab"])
+                          + g["rows"] * keys * n_layers * 2 * 2 * r["kv"])
+    return {"budget_decode_calls": steps, "budget_token_layers": tl,
+            "budget_seconds_7b": moved / MEMORY_BANDWIDTH,
+            "generate_calls": sum(g["n"] for g in run.get("generations", []))}
+
+
 def per_image(name: str, experiment: str, one: dict, three: dict) -> dict:
     """(three - one) / 2 of every additive quantity, priced as run and naive."""
     def row(run):
         got = {k: run[k] for k in ("seconds", "prefill_tokens", "decode_calls")}
         got.update(priced(name, experiment, run))
         got.update({f"naive_{k}": v for k, v in priced(name, experiment, run, True).items()})
+        got.update(at_budget(name, run))
         return got
 
     a, b = row(one), row(three)
@@ -469,6 +517,18 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
 
 
+def _sources(raw: dict) -> str:
+    """The after rows' sources in words: checkout commit, and src/ as at before or not."""
+    seen: dict[str, int] = {}
+    for src in raw["after"].get("sources", {}).values():
+        words = f"a checkout at {src['commit'][:7]}" + (
+            f" whose src/ is {BEFORE_COMMIT[:7]}'s" if src["src_same_as_before"] else
+            " (src/ changed since before)") + (", with uncommitted changes" if src["src_dirty"]
+                                                else "") + f", {src['measured']}"
+        seen[words] = seen.get(words, 0) + 1
+    return "; ".join(f"{n} rows {w}" for w, n in seen.items()) or "none"
+
+
 def table(raw: dict, names, experiments) -> list[str]:
     before = raw.get("before", {})
     lines = [
@@ -491,11 +551,10 @@ def table(raw: dict, names, experiments) -> list[str]:
         "= (run on 3 images - run on 1) / 2. **naive** = the protocol run naively, every "
         "condition a full forward (or generation) from scratch: the before run's calls, "
         "each uncached one as rows x whole sequence x layers, each decode step as rows x "
-        "layers. **before** = vislens at "
-        f"{before.get('source', {}).get('commit', BEFORE_COMMIT)[:7]} (measured "
+        f"layers. **before** = vislens' src/ at {BEFORE_COMMIT[:7]} (measured "
         f"{before.get('measured', '-')}, kept in REAL_CHECKPOINTS.json's `before`, "
         "rerecorded only by `--record-before`). **after** = the source the last run "
-        "of each row imported (its commit per row in the JSON). "
+        f"of each row imported: {_sources(raw)}. "
         "ablate = AblationConfig's defaults (50 IG steps; 40 / 3 / 6 new tokens for "
         "generative / polling / VQA); ablate-neo = Neo et al.'s released settings (50 IG "
         "steps; 200 / 10 new tokens generative / polling). Knockout has one variant: its "
@@ -517,6 +576,7 @@ def table(raw: dict, names, experiments) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     hours: dict = {}
+    budgets: dict = {}
     for name in names:
         for experiment in experiments:
             key = f"{name}/{experiment}"
@@ -531,6 +591,7 @@ def table(raw: dict, names, experiments) -> list[str]:
             secs = [was["naive_seconds_7b"] if was else None,
                     was["seconds_7b"] if was else None, work["seconds_7b"]]
             hours[(name, experiment)] = secs
+            budgets[(name, experiment)] = work
 
             def fmt(x, spec=",.0f"):
                 return "-" if x is None else format(x, spec)
@@ -545,18 +606,43 @@ def table(raw: dict, names, experiments) -> list[str]:
                 f"{mem['weights_gb']:.1f} + {mem['activations_gb']:.1f} | "
                 + (f"{mem['disk_features_gb']:.2f} + {mem['ram_features_mb']:.0f} |"
                    if experiment == "perceive" else "- |"))
+    lines += ["", "Generation budgets. The look-alikes end every generation after its "
+              "answer (\"A giraffe.\", \"Yes\"), so a budget of 200 new tokens costs little "
+              "more than 40 do here; a real model's caption runs on. Per image, the decode "
+              "steps the after "
+              "run took and the steps, token x layer evaluations and 7B seconds it would "
+              "take if every generation ran to its budget (max_new_tokens; keys priced at "
+              "prompt + budget: an upper bound):", "",
+              "| checkpoint | experiment | generate calls / image | decode steps / image | "
+              "at budget | token x layer / image at budget | 7B s / image at budget (est.) |",
+              "|---|---|---|---|---|---|---|"]
+    for name in names:
+        for experiment in experiments:
+            work = budgets.get((name, experiment))
+            if work is None or not work["generate_calls"]:
+                continue
+            lines.append(
+                f"| {name} | {experiment} | {work['generate_calls']:,.0f} | "
+                f"{work['decode_calls']:,.0f} | "
+                f"{work['decode_calls'] + work['budget_decode_calls']:,.0f} | "
+                f"{work['token_layers'] + work['budget_token_layers']:,.0f} | "
+                f"{work['seconds_7b'] + work['budget_seconds_7b']:.2f} |")
     lines += ["", f"GPU-hours for Neo et al.'s A1 (ablate) + A3 (knockout) on {COCO_IMAGES:,} "
               "COCO images, one GPU, from the 7B estimates above (every image passing the "
               "selection, as every fixture scene does; on COCO fewer do, so these are upper "
-              "bounds of the same work):", "",
-              "| checkpoint | ablate settings | naive | before | after |", "|---|---|---|---|---|"]
+              "bounds of the same work); the last column with every generation at its "
+              "budget:", "",
+              "| checkpoint | ablate settings | naive | before | after | after, at budget |",
+              "|---|---|---|---|---|---|"]
     for name in names:
         for variant in ("ablate", "ablate-neo"):
             a, k = hours.get((name, variant)), hours.get((name, "knockout"))
             if a is None or k is None:
                 continue
+            full = [budgets[(name, e)]["seconds_7b"] + budgets[(name, e)]["budget_seconds_7b"]
+                    for e in (variant, "knockout")]
             cells = ["-" if x is None or y is None else f"{COCO_IMAGES * (x + y) / 3600:,.1f}"
-                     for x, y in zip(a, k)]
+                     for x, y in [*zip(a, k), full]]
             lines.append(f"| {name} | {variant} | " + " | ".join(cells) + " |")
     return lines
 
