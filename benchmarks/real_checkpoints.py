@@ -17,10 +17,14 @@ num_hidden_layers and layer_types are set to match (the cache and the mask build
 them). In the copies the attention output projection (o_proj) and the MLP down projection
 (down_proj) are zero: they compute attention and MLP in full (the counted work is real)
 but add exactly nothing to the residual stream, so every answer, and with it every
-experiment's funnel, is the fitted 2-layer model's. `--check-depth` verifies this: on
+experiment's funnel, is the fitted 2-layer model's. Their attention and MLP run without
+autograd: the gradient through them is exactly zero, the residual connection carries all
+of it, and the backward of integrated gradients skips only products with zero matrices
+(on a 2-core CPU it was most of an ablate run). `--check-depth` verifies all this: on
 every checkpoint a left-padded batch of the three scenes asked each setting's question
-gives the same greedy tokens and bit-identical logits on both models (checked when this
-was written: equal on all four).
+gives the same greedy tokens, bit-identical last logits and final residual stream (every
+position), and integrated gradients are bit-identical, on the 2-layer model and its
+deepened copy (checked when this was written: equal on all four).
 
 What is counted. A forward pre-hook on every decoder layer's self_attn module adds rows x
 query tokens of the hidden states it receives: token x layer evaluations. A layer an
@@ -32,18 +36,30 @@ log (rows, query tokens, cached or not, with gradients or not, layers computed),
 older counters: prompt tokens of uncached passes, decode calls. Each (checkpoint,
 experiment) runs in a fresh process on 1 and on 3 images; (three - one) / 2 is the cost
 per image. The vision tower is not counted (it runs once per image in every variant),
-nor is a backward pass (integrated gradients: counted as its forward).
+nor is a backward pass (integrated gradients: counted as its forward). Each generate call
+is logged too (rows, max_new_tokens, new tokens made): the look-alikes end a generation
+after its answer, a real model's caption runs on, so the table also shows what every
+generation run to its budget would cost. Ablation's mean vector averages the two
+ImageNet stand-ins the real-checkpoint tests pass as --reference (vision tower only).
 
 Three counts per experiment, token x layer evaluations per image:
 - naive: the protocol run naively, every condition a full forward (or a generation) from
   scratch: from the BEFORE run's per-call log, every uncached call as rows x its full
   sequence x L (no layer skipped, nothing reused) and every decode step as rows x L.
   In the before code every uncached call runs the whole prompt, so this is exactly
-  "every condition from scratch" over the same conditions.
-- before: the code at BEFORE_COMMIT (vislens main before "Compute only what an
-  intervention changes"), measured once with `--record-before --src <that tree's src>`
-  and kept in the JSON's "before" section, which a normal run never overwrites.
+  "every condition from scratch" over the same conditions (for ablate it equals before:
+  the before code already ran every condition through every layer; knockout's before
+  already resumed each window group at its first layer).
+- before: vislens' src/ at BEFORE_COMMIT (main before "Compute only what an
+  intervention changes"), kept in the JSON's "before" section, which a normal run
+  never overwrites. `--record-before` (re)records it and refuses a source tree that
+  differs from that commit's src/:
+    git worktree add /tmp/before 943ca44
+    python benchmarks/real_checkpoints.py --record-before --src /tmp/before/src
+  (tests/ and this script come from the checkout they are run from.)
 - after: whatever src/ tree the run imports (default: this checkout's src/).
+Counts are exact, but decode steps follow greedy generations: a change in floating-point
+rounding (another batching, say) can move where an ablated condition's generation stops.
 
 Experiments: ablate (AblationConfig's defaults: ig_steps 50, new tokens generative 40,
 polling 3, VQA 6), ablate-neo (Neo et al.'s released settings: ig_steps 50, generative
@@ -542,8 +558,10 @@ def table(raw: dict, names, experiments) -> list[str]:
         "last with their attention output projection (o_proj) and MLP down projection "
         "(down_proj) zeroed, so they compute attention and MLP in full but add nothing to "
         "the residual stream: every answer and every funnel is the fitted model's "
-        "(`--check-depth`: same greedy tokens, bit-identical logits on all four), while "
-        "depth-dependent work (knockout's windows) is the real model's.",
+        "(`--check-depth`: same greedy tokens, bit-identical logits, final residual stream "
+        "and integrated gradients on all four), while depth-dependent work (knockout's "
+        "windows) is the real model's. Their attention and MLP run without autograd (the "
+        "gradient through them is exactly zero; the residual connection carries it).",
         "",
         "**token x layer** = rows x query tokens summed over every decoder layer's "
         "self-attention call (a hook on each `self_attn`): a skipped layer counts nothing, "
