@@ -285,7 +285,7 @@ def _load(name: str, depth: str):
 
     import vislens
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("REAL_CHECKPOINTS_THREADS", "2")))  # 1: shared CPU
     vlm = vislens.load(str(fitted_dir(name)))
     if depth == "real":
         deepen(vlm, REAL[name]["layers"])
