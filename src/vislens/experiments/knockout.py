@@ -29,10 +29,13 @@ word; `first_correct` (Neo et al.: one forward, the argmax at the last position,
 :47-57) = the argmax where the answer word starts is still its clean first token.
 
 Every (condition, window) of a sample is a row of a batch: one knockout
-context per window, each blocking only its own rows. Rows are grouped by
-their window's first layer s, and each group resumes from the clean residual
-entering layer s (recorded by the clean pass the sweep needs anyway), so
-layers below s are never recomputed; the vision pass runs once per sample.
+context per window, each blocking only its own rows. A knockout in window [a, b]
+whose first blocked query is p changes nothing below layer a and nothing before
+position p (no position attends to a later one), so rows are grouped by (a, p) and
+each group runs positions p.. of layers a..L on the clean pass's keys and values
+(interventions.continuation): a "-> last" condition recomputes the answer rows alone.
+The clean answer is decoded from the recorded prompt, and the vision pass runs once per
+sample. Families whose positions see later ones recompute every position from layer a.
 """
 
 from __future__ import annotations
