@@ -200,8 +200,24 @@ def parts(out: Path) -> int:
     return len(list((Path(out) / "rows.parquet").glob("part-*.parquet")))
 
 
+def close(a, b) -> bool:
+    """Equal, floats to float rounding: a Ray worker runs torch with its own thread count,
+    and a small matmul (a knockout row that recomputes only the answer position) may then
+    sum in another order; everything else must be identical."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, int | float) and isinstance(b, int | float) and \
+            a == pytest.approx(b, rel=1e-5, abs=1e-7, nan_ok=True)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and \
+            all(close(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def same_summary(a: dict, a_dir: Path, b: dict, b_dir: Path) -> bool:
-    return json.dumps(a).replace(str(a_dir), "OUT") == json.dumps(b).replace(str(b_dir), "OUT")
+    return close(json.loads(json.dumps(a).replace(str(a_dir), "OUT")),
+                 json.loads(json.dumps(b).replace(str(b_dir), "OUT")))
 
 
 def no_duplicates(found: list[dict]) -> bool:
@@ -214,7 +230,7 @@ def test_ray_address_with_the_token_is_the_single_process_run(head, single, tmp_
     done = head.run([*KNOCKOUT, "--ray", head.address, "--out", str(out)],
                     RAY_AUTH_MODE="token")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert rows(out) == rows(single[0]) and rows(out)
+    assert close(rows(out), rows(single[0])) and rows(out)
     assert same_summary(json.loads(done.stdout), out, single[1], single[0])
     assert head.token not in done.stdout + done.stderr
 
@@ -258,7 +274,7 @@ def test_a_worker_killed_mid_run_leaves_no_row_missing_or_twice(head, single, tm
             driver.kill()
     assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
     assert killed_after < len(rows(single[0]))
-    assert rows(out) == rows(single[0]) and no_duplicates(rows(out))
+    assert close(rows(out), rows(single[0])) and no_duplicates(rows(out))
     assert same_summary(json.loads(stdout), out, single[1], single[0])
 
 
@@ -305,7 +321,7 @@ def test_a_job_stopped_and_submitted_again_resumes_without_duplicates(head, sing
     again = head.ray([*submit, "--", *entrypoint], cwd=work, timeout=300)
     assert again.returncode == 0 and "succeeded" in again.stdout + again.stderr, \
         (again.stdout + again.stderr)[-3000:]
-    assert rows(out) == rows(single[0]) and no_duplicates(rows(out))
+    assert close(rows(out), rows(single[0])) and no_duplicates(rows(out))
     assert all(r in rows(out) for r in kept)
     summary = json.loads((out / "summary.json").read_text())
     expected = json.loads((single[0] / "summary.json").read_text())
