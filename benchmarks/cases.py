@@ -19,7 +19,7 @@ from vislens.experiments.batching import repeat_batch
 from vislens.experiments.knockout import edge_sets
 from vislens.experiments.stats import layer_windows
 from vislens.interventions import LAST, capture, knockout
-from vislens.interventions.hub import PREFIX
+from vislens.interventions.attention_function import PREFIX
 from vislens.models.vlm import Batch
 
 TOP_K = 5

@@ -28,7 +28,7 @@ deepened copy (checked when this was written: equal on all four).
 
 What is counted. A forward pre-hook on every decoder layer's self_attn module adds rows x
 query tokens of the hidden states it receives: token x layer evaluations. A layer an
-experiment skips (interventions/resume.py replaces a skipped layer's forward by an
+experiment skips (interventions/from_layer.py replaces a skipped layer's forward by an
 identity, so its self_attn never runs) adds nothing; a pass over a cached prefix adds its
 new tokens only (a decode step: rows x 1 per layer). The hook also adds rows x query
 tokens x key tokens (attention work). A pre-hook on the language model keeps a per-call

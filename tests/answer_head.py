@@ -367,8 +367,8 @@ def fit_head(vlm, states: States, margin: float = 4.0, ceiling: float | None = N
 SOURCES = (  # vislens files the recorded states depend on
     "experiments/prompts.py", "experiments/selection.py", "experiments/batching.py",
     "models/prompting.py", "models/vlm.py", "models/loading.py", "models/novideo.py",
-    "interventions/capture.py", "interventions/hub.py", "experiments/perception/surface.py",
-    "data/tasks.py", "data/samples.py",
+    "interventions/capture.py", "interventions/attention_function.py",
+    "experiments/perception/surface.py", "data/tasks.py", "data/samples.py",
 )
 
 
@@ -409,7 +409,7 @@ def build(name: str, out: Path) -> dict:
     lens_states(vlm, lens_scenes(), states)
     mc_states(vlm, mc_items(), states)
     record = time.perf_counter() - t
-    cap = vlm.spec.logit_softcap(vlm.config)
+    cap = vlm.family.logit_softcap(vlm.config)
     fit = fit_head(vlm, states, ceiling=None if cap is None else cap / 2)
     for f in src.iterdir():
         if f.name != "model.safetensors":

@@ -72,8 +72,8 @@ def test_stored_attention_equals_eager_weights(family_run):
         first, q = int(valid[0]), int(valid[-1])
         patches, newlines = tm.image_positions(b), tm.newline_positions(b)
         assert maps.patch.shape == (vlm.num_layers, 4, len(patches))
-        assert (maps.tile == 1).any() == (vlm.family == "llava_next")
-        assert len(newlines) > 0 if vlm.family == "llava_next" else len(newlines) == 0
+        assert (maps.tile == 1).any() == (vlm.model_type == "llava_next")
+        assert len(newlines) > 0 if vlm.model_type == "llava_next" else len(newlines) == 0
         text = np.setdiff1d(valid, np.concatenate([patches, newlines, [first]]))
         for layer, w in enumerate(ref):
             row = w[b, :, q].double().numpy()  # [H, S]
@@ -91,7 +91,7 @@ def test_stored_attention_equals_eager_weights(family_run):
             obj = maps.on_object
             assert r["object_share"] == pytest.approx(mean[obj].sum() / mean.sum(), rel=1e-3)
             assert r["peak_on_object"] == bool(obj[int(mean.argmax())])
-            if vlm.family == "llava_next":
+            if vlm.model_type == "llava_next":
                 assert r["newline_mass"] > 0  # newline tokens are image-side, never drawn
         assert obj.any() and not obj.all()
         assert maps.query_token and maps.first_token
@@ -101,7 +101,7 @@ def test_stored_attention_equals_eager_weights(family_run):
 def test_summary_and_viewer_files(family_run):
     vlm, _, samples, _, run, summary = family_run
     assert summary["n_images"] == 2 and summary["n_layers"] == vlm.num_layers
-    assert summary["has_newlines"] == (vlm.family == "llava_next")
+    assert summary["has_newlines"] == (vlm.model_type == "llava_next")
     for layer in range(vlm.num_layers):
         total = sum(summary["per_layer"][m][layer] for m in attention.MASSES)
         assert total == pytest.approx(1.0, abs=1e-5)

@@ -325,7 +325,7 @@ def test_image_tokens_and_bos_for_a_640x480_image(checkpoint, processor):
 def test_loads_and_runs_through_vislens(checkpoint):
     name, path = checkpoint
     vlm = vislens.load(str(path))
-    assert vlm.family == FAMILY[name] and type(vlm.model).__name__ == MODEL_CLASS[name]
+    assert vlm.model_type == FAMILY[name] and type(vlm.model).__name__ == MODEL_CLASS[name]
     assert type(vlm.processor).__name__ == PROCESSOR_CLASS[name]
     assert vlm.num_layers == 2 and vlm.dtype == torch.float32
     assert vlm.image_token_id == IMAGE_TOKEN_ID[name]

@@ -403,7 +403,7 @@ def test_paligemma_unembed_is_the_soft_capped_logits(paligemma):
         logits = vlm.forward(batch, logits_to_keep=4).logits
     torch.testing.assert_close(vlm.unembed(cap.residual[vlm.num_layers]), logits[0],
                                rtol=0, atol=1e-5)
-    assert vlm.spec.logit_softcap(vlm.config) == 30.0 and logits.abs().max() < 30
+    assert vlm.family.logit_softcap(vlm.config) == 30.0 and logits.abs().max() < 30
 
 
 def test_family_declarations():

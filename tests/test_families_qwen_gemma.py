@@ -96,7 +96,7 @@ def test_fixture_holds_to_the_release(name, load):
     tokens a 640x480 image becomes."""
     path = checkpoint_dir(name)
     vlm = load(name)
-    assert vlm.family == FAMILY[name] and type(vlm.model).__name__ == MODEL_CLASS[name]
+    assert vlm.model_type == FAMILY[name] and type(vlm.model).__name__ == MODEL_CLASS[name]
     assert type(vlm.processor).__name__ == PROCESSOR_CLASS[name]
     assert vlm.image_token_id == IMAGE_TOKEN_ID[name]
     assert vlm.lm_head.weight.shape[0] == VOCAB[name]

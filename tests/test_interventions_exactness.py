@@ -98,7 +98,7 @@ def test_logit_lens_last_layer_is_the_logits(case):
 
 # ---- hand-written reference ------------------------------------------------------------------
 def position_ids(vlm, batch):
-    if vlm.family == "qwen2_5_vl":
+    if vlm.model_type == "qwen2_5_vl":
         pos, _ = vlm.model.model.get_rope_index(
             batch.input_ids, image_grid_thw=batch.inputs["image_grid_thw"],
             attention_mask=batch.attention_mask,
@@ -296,7 +296,7 @@ def test_mean_embedding_cached_by_model_and_data(tmp_path):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_resume_from_cached_residual_equals_full_run(family):
-    from vislens.interventions import residual_streams, resume
+    from vislens.interventions import residual_streams, start_at_layer
 
     vlm = make(family)
     images = [Image.new("RGB", s, (200, 40 * i, 90)) for i, s in enumerate(SIZES[family])]
@@ -308,13 +308,13 @@ def test_resume_from_cached_residual_equals_full_run(family):
         with knockout(vlm, edges, layers=[1]):
             full = vlm.forward(batch).logits
     cached = residual_streams(vlm, batch, [1])
-    with resume(vlm, 1, cached[1]), torch.no_grad():
+    with start_at_layer(vlm, 1, cached[1]), torch.no_grad():
         close(vlm.forward(batch).logits[real(batch)], clean[real(batch)], atol=1e-5)
         with knockout(vlm, edges, layers=[1]):
             resumed = vlm.forward(batch).logits
     close(resumed[real(batch)], full[real(batch)], atol=1e-5)
     wrong = torch.zeros_like(cached[1])
-    with resume(vlm, 1, wrong), torch.no_grad():
+    with start_at_layer(vlm, 1, wrong), torch.no_grad():
         assert (vlm.forward(batch).logits - clean).abs().max() > 1e-3  # the cache is what runs
     close(vlm.forward(batch).logits, clean, atol=1e-6)  # layers restored after the context
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vislens.cli import samples as cli_samples
+from vislens.cli import image_inputs
 from vislens.data import shapesworld
 from vislens.data.answers import head_words
 from vislens.experiments import logit_lens
@@ -99,8 +99,8 @@ def test_default_images_by_source(untrained, tmp_path):
     coco = [shapesworld.generate(1, seed=5)[0]]
     coco[0].meta = {**coco[0].meta, "source": "coco"}
     assert logit_lens.default_area(coco) == (20000.0, 30000.0)
-    assert cli_samples.AREAS["large"]["coco"] == logit_lens.AREAS["coco"]
-    assert cli_samples.AREAS["large"]["shapesworld"] == logit_lens.AREAS["shapesworld"]
+    assert image_inputs.AREAS["large"]["coco"] == logit_lens.AREAS["coco"]
+    assert image_inputs.AREAS["large"]["shapesworld"] == logit_lens.AREAS["shapesworld"]
     scenes = shapesworld.generate(6, seed=11)
     run = RunDir(tmp_path, {"t": 1}, key=["sample"])
     s = logit_lens.run(untrained, scenes, logit_lens.LensConfig(viewers=0), run)

@@ -57,7 +57,7 @@ def test_a_type_without_module_falls_back(unregistered):
 
 def test_generic_fallback_runs_position_experiments(gemma3, unregistered):
     vlm = vislens.load(str(gemma3))
-    assert isinstance(vlm.spec, Generic) and vlm.num_layers == 2
+    assert isinstance(vlm.family, Generic) and vlm.num_layers == 2
     batch = vlm.prepare([Image.new("RGB", (300, 200), (200, 40, 40)),
                          Image.new("RGB", (90, 120))],
                         ["what", "is there a red circle in this image ?"])

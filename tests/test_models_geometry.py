@@ -53,7 +53,7 @@ def test_token_counts_match_processor(vlm):
         assert len(tm.image_positions(b)) + len(tm.newline_positions(b)) == n_tokens
         cols = np.sort(np.concatenate([tm.image_positions(b), tm.newline_positions(b)]))
         assert np.array_equal(cols, np.flatnonzero(ids[b] == vlm.image_token_id))
-    if vlm.family in QWEN:
+    if vlm.model_type in QWEN:
         # documented: one token per merge x merge block of the returned image_grid_thw
         merge = vlm.processor.image_processor.merge_size
         expected = [int(t.prod()) // merge**2 for t in batch.inputs["image_grid_thw"]]
@@ -63,14 +63,14 @@ def test_token_counts_match_processor(vlm):
 
 def test_feature_rows_match_model_packing(vlm):
     """The model's own packed features have exactly one row per slot of the map."""
-    sizes = SIZES + ([(1900, 1500)] if vlm.family == "llava_onevision" else [])
+    sizes = SIZES + ([(1900, 1500)] if vlm.model_type == "llava_onevision" else [])
     images = [Image.new("RGB", s) for s in sizes]
     batch = vlm.prepare(images, ["what"] * len(images))
     feats = vlm.image_embeddings(batch)
     tm = batch.token_map
     for b, f in enumerate(feats):
         assert f.shape[0] == len(tm.image_positions(b)) + len(tm.newline_positions(b))
-    if vlm.family in ("llava_next", "llava_onevision"):
+    if vlm.model_type in ("llava_next", "llava_onevision"):
         # newline slots are exactly where the model put its image_newline vector
         newline = vlm.model.model.image_newline
         for b, f in enumerate(feats):
@@ -82,7 +82,7 @@ def test_feature_rows_match_model_packing(vlm):
 
 
 def test_anyres_grid_is_transformers_choice(vlm):
-    if vlm.family not in ("llava_next", "llava_onevision"):
+    if vlm.model_type not in ("llava_next", "llava_onevision"):
         pytest.skip("anyres families only")
     from transformers.models.llava_next.modeling_llava_next import (
         get_anyres_image_grid_shape,
@@ -102,7 +102,7 @@ def test_anyres_grid_is_transformers_choice(vlm):
 
 
 def test_qwen_rows_cols_are_mrope_positions(vlm):
-    if vlm.family not in QWEN:
+    if vlm.model_type not in QWEN:
         pytest.skip("Qwen families only")
     images = [Image.new("RGB", s) for s in SIZES]
     batch = vlm.prepare(images, ["what"] * len(images))

@@ -96,7 +96,7 @@ def test_load_local_dirs_and_errors(tmp_path):
     for family in ("llava", "qwen2_5_vl"):
         path = save(family, tmp_path / family)
         vlm = vislens.load(path)
-        assert vlm.family == family and vlm.num_layers == 2
+        assert vlm.model_type == family and vlm.num_layers == 2
         batch = vlm.prepare([Image.new("RGB", (120, 90))], ["what"])
         assert len(batch.token_map) > 0
     bad = tmp_path / "bert"
@@ -112,7 +112,7 @@ def test_toy_missing_or_loads():
     from vislens.models.loading import assets_dir
 
     if (assets_dir() / "toy" / "config.json").is_file():
-        assert vislens.load("toy").family == "llava"
+        assert vislens.load("toy").model_type == "llava"
     else:
         with pytest.raises(FileNotFoundError, match="toy"):
             vislens.load("toy")

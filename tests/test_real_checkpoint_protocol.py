@@ -117,7 +117,7 @@ def test_surface_scores_answer_strings_and_shows_separate_images(checkpoint, vlm
     vlm = vlms(name, path)
     item = open_task("multiple-choice", "shapesworld:1000", 1, kind="fill")[0]
     shown = surface.shown_images(vlm, item)
-    if vlm.spec.multi_image:
+    if vlm.family.multi_image:
         assert isinstance(shown, list) and len(shown) == len(item.images)
         tm = vlm.prepare([shown], [item.prompt()]).token_map
         assert sorted(set(tm.image.tolist())) == list(range(len(item.images)))

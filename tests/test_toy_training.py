@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from vislens.errors import VislensError
 from vislens.toy import qwen
 from vislens.toy.build import ToySpec
-from vislens.toy.resume import STATE_NAME, RunState
+from vislens.toy.training_state import STATE_NAME, RunState
 
 LM = dict(lm_hidden=48, lm_heads=2, lm_mlp=64, lm_layers=2)
 
@@ -191,7 +191,7 @@ def test_a_rerun_with_other_options_is_refused_and_changes_nothing(tmp_path, mon
     with pytest.raises(VislensError, match=r"different recipe \(steps_c\)"):
         train(out, seed=0, recipe=llava_recipe(steps_c=4), progress=False)
     stage = tmp_path / "stage_B.pt"
-    save_stage_state(stage, build_model(llava_recipe().spec, seed=5), OracleHead(48),
+    save_stage_state(stage, build_model(llava_recipe().family, seed=5), OracleHead(48),
                      {"A", "A2", "B"})
     with pytest.raises(VislensError, match="began from scratch; rerun without --resume"):
         train(out, seed=0, recipe=llava_recipe(), progress=False, resume=stage)

@@ -269,7 +269,7 @@ class _Worker:
 
         if threads:
             torch.set_num_threads(threads)
-        self.vlm, self.error, self.out, self.spec = None, None, None, None
+        self.vlm, self.error, self.out, self.run_spec = None, None, None, None
         try:
             from vislens.models import load
 
@@ -280,7 +280,7 @@ class _Worker:
     def info(self) -> dict:
         if self.error is not None:
             raise self.error
-        return {"family": self.vlm.family, "num_layers": self.vlm.num_layers,
+        return {"family": self.vlm.model_type, "num_layers": self.vlm.num_layers,
                 "device": str(self.vlm.device), "pid": os.getpid()}
 
     def call(self, fn: Callable, args: tuple) -> Any:
@@ -289,7 +289,7 @@ class _Worker:
     def open(self, spec: tuple | None) -> None:
         from vislens.experiments.runs import RunDir
 
-        self.spec = spec
+        self.run_spec = spec
         self.out = None if spec is None else RunDir(spec[0], spec[1], spec[2])
 
     def unit(self, fn: Callable, unit: Any, args: tuple, index: int, retry: bool) -> Any:
@@ -298,7 +298,7 @@ class _Worker:
         try:
             result = fn(self.vlm, self.out, unit, *args)
         except BaseException:
-            self.open(self.spec)  # rows of a failed unit are never written by the next one
+            self.open(self.run_spec)  # rows of a failed unit are never written by the next one
             raise
         if self.out is not None:
             self.out.flush_as(index)
@@ -322,8 +322,8 @@ class RayPool:
                  family: str, num_layers: int):
         self.name, self.device = name, device
         self.actors, self.options, self.owns_ray = actors, options, owns_ray
-        self.family, self.num_layers = family, num_layers
-        self.spec = family_for(family)
+        self.model_type, self.num_layers = family, num_layers
+        self.family = family_for(family)
         self.deaths: list[BaseException] = []  # why workers were lost, newest last
 
     @property
@@ -331,7 +331,7 @@ class RayPool:
         return self
 
     def require_layout(self, what: str) -> None:
-        self.spec.require_layout(what)
+        self.family.require_layout(what)
 
     @classmethod
     def start(cls, model: str, device: str = "cpu", dtype: str | None = None, workers: int = 0,

@@ -8,15 +8,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli import samples as S
 from vislens.cli.common import console, emit, progress_for
+from vislens.cli.image_inputs import (
+    DATA_HELP,
+    DEFAULT_DATA,
+    meta,
+    names,
+    open_samples,
+    print_funnel,
+)
 from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
 @model_options
 def ablate(
     opts: ModelOptions,
-    data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
+    data: str = typer.Option(DEFAULT_DATA, help=DATA_HELP),
     n: int = typer.Option(200, "--n", help="number of images to draw (ShapesWorld) or read"),
     out: Path = typer.Option(Path("runs/ablate"), help="run directory (rerun to resume)"),
     settings: str = typer.Option("generative,polling,vqa", help="comma-separated settings"),
@@ -50,18 +57,18 @@ def ablate(
     with model_session(opts) as load:
         from vislens.experiments import ablation
 
-        config = ablation.AblationConfig(settings=S.names(settings),
-                                         conditions=S.names(conditions) or None,
+        config = ablation.AblationConfig(settings=names(settings),
+                                         conditions=names(conditions) or None,
                                          vector=vector, ig_steps=ig_steps, ig_batch=ig_batch,
                                          ig_sign=ig_sign,
                                          ig_prompt=ig_prompt, reference=reference, seed=seed)
         config.validate()
-        samples, config.area = S.open_samples(data, n, area or None, "small")
+        samples, config.area = open_samples(data, n, area or None, "small")
         vlm = load()
         # --reference (imagenet:DIR is read lazily) or the default held-out set: run() resolves
         # it and the summary's "reference" records which set, how many images, and overlap
         summary = ablation.execute(vlm, samples, config, out,
-                                   S.meta(opts, data, n, reference=reference),
+                                   meta(opts, data, n, reference=reference),
                                    progress=progress_for(opts.as_json))
         if opts.as_json:
             emit(summary, True)
@@ -79,7 +86,7 @@ def ablate(
             console.print(f"mean vector over {ref['n_images']} images of {ref['spec']} "
                           f"({'disjoint from' if ref['disjoint'] else 'OVERLAPPING'} the "
                           f"evaluated images{'; vislens default' if ref['default'] else ''})")
-        S.print_funnel(summary)
+        print_funnel(summary)
         console.print(f"rows, summary and plot in {out}")
 
 

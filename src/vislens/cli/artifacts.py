@@ -8,16 +8,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli import perception as P
 from vislens.cli.common import console, emit, fmt, positive, progress_for
 from vislens.cli.model_options import ModelOptions, model_options, model_session
+from vislens.cli.perception_options import (
+    DATA_HELP,
+    LAYERS_HELP,
+    check_layers,
+    layer_table,
+    meta,
+    parse_data,
+    perceive_config,
+)
 from vislens.cli.prefix import headline_table
 
 
 @model_options
 def artifacts(
     opts: ModelOptions,
-    data: list[str] = typer.Option(None, help=P.DATA_HELP),
+    data: list[str] = typer.Option(None, help=DATA_HELP),
     n_images: int = typer.Option(32, help="images the artifact scores are computed on"),
     z: float = typer.Option(2.0, help="flag positions scoring above mean + z * std of the layer"),
     min_score: float = typer.Option(0.9, help="... and above this input-agnostic score "
@@ -25,7 +33,7 @@ def artifacts(
     n: int = typer.Option(20, "--n", help="items per re-measured task and multiple-choice items"),
     kind: str = typer.Option("fill", help="ShapesWorld multiple-choice attribute: shape, color, "
                                           "fill"),
-    layers: str = typer.Option("all", help=P.LAYERS_HELP),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/artifacts"), help="run directory (resumable)"),
     seed: int = typer.Option(0, help="seed for clustering, the selection split and the "
                                      "bootstrap intervals"),
@@ -41,16 +49,16 @@ def artifacts(
         from vislens.experiments.perception.surface import SurfaceConfig
 
         positive("--n-images", n_images)
-        specs = P.parse_data(data)
-        pcfg = P.perceive_config("sem-seg,ref-seg", data, seed, n, layers, batch_size)
+        specs = parse_data(data)
+        pcfg = perceive_config("sem-seg,ref-seg", data, seed, n, layers, batch_size)
         config = exp.ArtifactsConfig(
             data=specs.get("images", specs["*"]), n_images=n_images, z=z, min_score=min_score,
             layers=pcfg.layers, perceive=pcfg, batch_size=batch_size,
             mc=SurfaceConfig(data=specs.get("mc", specs["*"]), n=n, kind=kind,
                              batch_size=batch_size))
         vlm = load()
-        P.check_layers(vlm, config.layers)
-        summary = exp.execute(vlm, config, out, P.meta(opts.model, vlm), progress_for(opts.as_json))
+        check_layers(vlm, config.layers)
+        summary = exp.execute(vlm, config, out, meta(opts.model, vlm), progress_for(opts.as_json))
         if opts.as_json:
             emit(summary, True)
             return
@@ -61,7 +69,7 @@ def artifacts(
             table.add_row(layer, str(count), f"{summary['score_max'][layer]:.3f}",
                           f"{summary['score_mean'][layer]:.3f}")
         Console().print(table)
-        Console().print(P.layer_table(summary["perceive"]["delta"],
+        Console().print(layer_table(summary["perceive"]["delta"],
                                       "perception change when text cannot read them (all "
                                       "items)", signed=True))
         if summary["perceive"]["headline"]:

@@ -8,15 +8,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli import samples as S
 from vislens.cli.common import console, emit, fmt, positive, progress_for
+from vislens.cli.image_inputs import DATA_HELP, DEFAULT_DATA, meta, open_samples, print_funnel
 from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
 @model_options
 def attention(
     opts: ModelOptions,
-    data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
+    data: str = typer.Option(DEFAULT_DATA, help=DATA_HELP),
     n: int = typer.Option(60, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/attention"), help="run directory (rerun to resume)"),
     setting: str = typer.Option("polling", help="the question asked about the target: polling, "
@@ -45,9 +45,9 @@ def attention(
         config = att.AttentionConfig(setting=setting, query=query, viewers=viewers, seed=seed,
                                      batch_size=batch_size)
         config.validate()
-        samples, config.area = S.open_samples(data, n, area or None, "large")
+        samples, config.area = open_samples(data, n, area or None, "large")
         vlm = load()
-        summary = att.execute(vlm, samples, config, out, S.meta(opts, data, n),
+        summary = att.execute(vlm, samples, config, out, meta(opts, data, n),
                               progress=progress_for(opts.as_json))
         if opts.as_json:
             emit(summary, True)
@@ -64,6 +64,6 @@ def attention(
                           fmt(summary["area_share"][layer]),
                           fmt(summary["peak_on_object"][layer], 2))
         Console().print(table)
-        S.print_funnel(summary)
+        print_funnel(summary)
         for page in summary["viewer"]:
             console.print(f"viewer: {page}")

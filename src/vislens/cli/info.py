@@ -48,7 +48,7 @@ def describe(vlm, model: str) -> dict:
             "grid": {str(t): list(rc) for t, rc in tm.grids[0].items()}}
     return {
         "model": model,
-        "family": vlm.family,
+        "family": vlm.model_type,
         "layers": vlm.num_layers,
         "hidden_size": text.hidden_size,
         "attention_heads": text.num_attention_heads,

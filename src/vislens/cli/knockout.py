@@ -8,15 +8,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli import samples as S
 from vislens.cli.common import emit, fmt, progress_for
+from vislens.cli.image_inputs import (
+    DATA_HELP,
+    DEFAULT_DATA,
+    meta,
+    names,
+    open_samples,
+    print_funnel,
+)
 from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
 @model_options
 def knockout(
     opts: ModelOptions,
-    data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
+    data: str = typer.Option(DEFAULT_DATA, help=DATA_HELP),
     n: int = typer.Option(100, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/knockout"), help="run directory (rerun to resume)"),
     settings: str = typer.Option("polling,vqa", help="comma-separated settings"),
@@ -46,15 +53,15 @@ def knockout(
     with model_session(opts) as load:
         from vislens.experiments import knockout as ko
 
-        config = ko.KnockoutConfig(settings=S.names(settings),
-                                   conditions=S.names(conditions) or ko.CONDITIONS,
+        config = ko.KnockoutConfig(settings=names(settings),
+                                   conditions=names(conditions) or ko.CONDITIONS,
                                    windows=windows, window=window, stride=stride, seed=seed)
         if (window is not None or stride is not None) and windows != "neo":
             raise ValueError("give --windows or --window/--stride, not both")
         config.validate()
-        samples, config.area = S.open_samples(data, n, area or None, "small")
+        samples, config.area = open_samples(data, n, area or None, "small")
         vlm = load()
-        summary = ko.execute(vlm, samples, config, out, S.meta(opts, data, n),
+        summary = ko.execute(vlm, samples, config, out, meta(opts, data, n),
                              progress=progress_for(opts.as_json))
         if opts.as_json:
             emit(summary, True)
@@ -70,4 +77,4 @@ def knockout(
             for c, values in summary[key].items():
                 table.add_row(c, *[fmt(v, 2) for v in values])
             Console().print(table)
-        S.print_funnel(summary)
+        print_funnel(summary)

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import typer
 
-from vislens.cli import samples as S
 from vislens.cli.common import console, emit, fmt, positive, progress_for
+from vislens.cli.image_inputs import DATA_HELP, DEFAULT_DATA, meta, open_samples, print_funnel
 from vislens.cli.model_options import ModelOptions, model_options, model_session
 
 
 @model_options
 def logit_lens(
     opts: ModelOptions,
-    data: str = typer.Option(S.DEFAULT_DATA, help=S.DATA_HELP),
+    data: str = typer.Option(DEFAULT_DATA, help=DATA_HELP),
     n: int = typer.Option(60, "--n", help="number of images"),
     out: Path = typer.Option(Path("runs/logit-lens"), help="run directory (rerun to resume)"),
     top_k: int = typer.Option(5, help="tokens kept per layer and image token"),
@@ -45,16 +45,16 @@ def logit_lens(
                 raise ValueError("--area neo is Neo et al.'s COCO lens set; give --data "
                                  "coco:DIR (COCO val), or --area MIN:MAX")
             area = "{:g}:{:g}".format(*lens.AREAS["coco"])
-        samples, chosen = S.open_samples(data, n, area or None, "large")
+        samples, chosen = open_samples(data, n, area or None, "large")
         config = lens.LensConfig(top_k=top_k, area=chosen, viewers=viewers, seed=seed,
                                  batch_size=batch_size)
         vlm = load()
-        summary = lens.execute(vlm, samples, config, out, S.meta(opts, data, n),
+        summary = lens.execute(vlm, samples, config, out, meta(opts, data, n),
                                progress=progress_for(opts.as_json))
         if opts.as_json:
             emit(summary, True)
             return
-        S.print_funnel(summary)
+        print_funnel(summary)
         if not summary["layout"]:
             console.print(f"no token layout for this family: image tokens decoding to the "
                           f"target's word at some layer: {summary['image_hit_rate']:.1%} of "

@@ -7,18 +7,28 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from vislens.cli import perception as P
 from vislens.cli.common import console, emit, progress_for
 from vislens.cli.model_options import ModelOptions, model_options, model_session
+from vislens.cli.perception_options import (
+    ALL_TASKS,
+    DATA_HELP,
+    LAYERS_HELP,
+    TASKS_HELP,
+    check_layers,
+    layer_table,
+    meta,
+    perceive_config,
+    perception_table,
+)
 
 
 @model_options
 def perceive(
     opts: ModelOptions,
-    data: list[str] = typer.Option(None, help=P.DATA_HELP),
-    tasks: str = typer.Option(P.ALL_TASKS, help=P.TASKS_HELP),
+    data: list[str] = typer.Option(None, help=DATA_HELP),
+    tasks: str = typer.Option(ALL_TASKS, help=TASKS_HELP),
     n: int = typer.Option(20, "--n", help="items per task (episodes, sets, images, pairs, videos)"),
-    layers: str = typer.Option("all", help=P.LAYERS_HELP),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/perceive"), help="run directory (resumable)"),
     seed: int = typer.Option(0, help="seed for clustering and sampling (the data's world is "
                               "set by --data shapesworld:SEED)"),
@@ -49,16 +59,16 @@ def perceive(
     with model_session(opts) as load:
         from vislens.experiments.perception import perceive as exp
 
-        config = P.perceive_config(tasks, data, seed, n, layers, batch_size,
+        config = perceive_config(tasks, data, seed, n, layers, batch_size,
                                    sem_seg_oracle=sem_seg_oracle, text_token=text_token,
                                    similarity=similarity)
         vlm = load()
-        P.check_layers(vlm, config.layers)
-        summary = exp.execute(vlm, config, out, P.meta(opts.model, vlm), progress_for(opts.as_json))
+        check_layers(vlm, config.layers)
+        summary = exp.execute(vlm, config, out, meta(opts.model, vlm), progress_for(opts.as_json))
         if opts.as_json:
             emit(summary, True)
             return
-        Console().print(P.perception_table(summary["tasks"],
+        Console().print(perception_table(summary["tasks"],
                                            f"{opts.model}: perception per source"))
-        Console().print(P.layer_table(summary["tasks"], "score per LM layer"))
+        Console().print(layer_table(summary["tasks"], "score per LM layer"))
         console.print(f"plots and summary.json in {out}")

@@ -8,9 +8,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli import perception as P
 from vislens.cli.common import emit, fmt, positive, progress_for
 from vislens.cli.model_options import ModelOptions, model_options, model_session
+from vislens.cli.perception_options import (
+    ALL_TASKS,
+    DATA_HELP,
+    LAYERS_HELP,
+    TASKS_HELP,
+    check_layers,
+    layer_table,
+    meta,
+    perceive_config,
+    perception_table,
+)
 
 
 @model_options
@@ -25,10 +35,10 @@ def prefix(
                                   "or any text"),
     max_prefix_tokens: int = typer.Option(64, help="longest 'classes' prefix in tokens; a "
                                                    "longer class list keeps its first classes"),
-    data: list[str] = typer.Option(None, help=P.DATA_HELP),
-    tasks: str = typer.Option(P.ALL_TASKS, help=P.TASKS_HELP),
+    data: list[str] = typer.Option(None, help=DATA_HELP),
+    tasks: str = typer.Option(ALL_TASKS, help=TASKS_HELP),
     n: int = typer.Option(20, "--n", help="items per task"),
-    layers: str = typer.Option("all", help=P.LAYERS_HELP),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/prefix"), help="run directory (resumable)"),
     seed: int = typer.Option(0, help="seed for clustering, the selection split and the "
                                      "bootstrap intervals"),
@@ -44,19 +54,19 @@ def prefix(
 
         positive("--max-prefix-tokens", max_prefix_tokens)
         check_prefix(text)
-        pcfg = P.perceive_config(tasks, data, seed, n, layers, batch_size)
+        pcfg = perceive_config(tasks, data, seed, n, layers, batch_size)
         config = exp.PrefixConfig(perceive=pcfg, prefix=text,
                                   max_prefix_tokens=max_prefix_tokens)
         vlm = load()
-        P.check_layers(vlm, pcfg.layers)
-        summary = exp.execute(vlm, config, out, P.meta(opts.model, vlm), progress_for(opts.as_json))
+        check_layers(vlm, pcfg.layers)
+        summary = exp.execute(vlm, config, out, meta(opts.model, vlm), progress_for(opts.as_json))
         if opts.as_json:
             emit(summary, True)
             return
         label = f"{text!r} (ORACLE: names the answer)" if summary["oracle"] else repr(text)
-        Console().print(P.perception_table(summary["prefixed"],
+        Console().print(perception_table(summary["prefixed"],
                                            f"{opts.model}: with prefix {label}"))
-        Console().print(P.layer_table(summary["delta"], "change with the prefix (prefix - clean, "
+        Console().print(layer_table(summary["delta"], "change with the prefix (prefix - clean, "
                                       "all items)", signed=True))
         key = "oracle_headline" if summary["oracle"] else "headline"
         Console().print(headline_table(summary[key], "ORACLE change" if summary["oracle"]

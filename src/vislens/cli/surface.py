@@ -8,9 +8,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislens.cli import perception as P
 from vislens.cli.common import console, emit, positive, progress_for
 from vislens.cli.model_options import ModelOptions, model_options, model_session
+from vislens.cli.perception_options import (
+    LAYERS_HELP,
+    check_layers,
+    meta,
+    parse_layers,
+    parse_sources,
+)
 from vislens.errors import VislensError
 
 
@@ -23,7 +29,7 @@ def surface(
     kind: str = typer.Option("fill", help="ShapesWorld attribute asked about: shape, color, "
                                           "fill (the 'style' analogue)"),
     n: int = typer.Option(40, "--n", help="items (even ones choose the layer, odd ones score)"),
-    layers: str = typer.Option("all", help=P.LAYERS_HELP),
+    layers: str = typer.Option("all", help=LAYERS_HELP),
     out: Path = typer.Option(Path("runs/surface"), help="run directory (resumable)"),
     sources: str = typer.Option("values,projector,vision",
                                 help="readouts to compare: values plus projector and/or vision "
@@ -46,13 +52,13 @@ def surface(
         positive("--batch-size", batch_size)
         if kind not in ("shape", "color", "fill"):
             raise VislensError(f"--kind must be shape, color or fill, got {kind!r}")
-        config = exp.SurfaceConfig(data=data, n=n, kind=kind, layers=P.parse_layers(layers),
-                                   batch_size=batch_size, sources=P.parse_sources(sources),
+        config = exp.SurfaceConfig(data=data, n=n, kind=kind, layers=parse_layers(layers),
+                                   batch_size=batch_size, sources=parse_sources(sources),
                                    seed=seed)
         config.validate()
         vlm = load()
-        P.check_layers(vlm, config.layers)
-        summary = exp.execute(vlm, config, out, P.meta(opts.model, vlm), progress_for(opts.as_json))
+        check_layers(vlm, config.layers)
+        summary = exp.execute(vlm, config, out, meta(opts.model, vlm), progress_for(opts.as_json))
         if opts.as_json:
             emit(summary, True)
             return

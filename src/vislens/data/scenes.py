@@ -17,7 +17,13 @@ from PIL import Image
 
 from vislens.data._io import mask_box
 from vislens.data.samples import Instance, Sample
-from vislens.data.shapesworld import COLORS, DEFAULT_SIZE, _regular, _rotate, _shape_mask
+from vislens.data.shapesworld import (
+    COLORS,
+    DEFAULT_SIZE,
+    regular_polygon,
+    rotate_points,
+    shape_mask,
+)
 
 FILLS = ("solid", "outline", "striped")
 
@@ -39,7 +45,7 @@ class ObjectSpec:
         return f"{self.color} {self.shape}"
 
     def mask(self, size: int) -> np.ndarray:
-        return _shape_mask(self.shape, self.cx, self.cy, self.extent, self.angle, size)
+        return shape_mask(self.shape, self.cx, self.cy, self.extent, self.angle, size)
 
     def keypoints(self) -> np.ndarray:
         """Center then vertices, float (x, y) [K, 2]; they move with the object exactly."""
@@ -48,21 +54,21 @@ class ObjectSpec:
 
 def shape_keypoints(shape: str, cx: float, cy: float, extent: float,
                     angle: float = 0.0) -> np.ndarray:
-    """Same geometry as `shapesworld._shape_mask`: center, then the outline's corners/tips."""
+    """Same geometry as `shapesworld.shape_mask`: center, then the outline's corners/tips."""
     r = extent / 2
     if shape == "circle":
         pts = [(cx + r, cy), (cx, cy + r), (cx - r, cy), (cx, cy - r)]
     elif shape == "square":
-        pts = _regular(cx, cy, r * 1.2, 4, angle + math.pi / 4)
+        pts = regular_polygon(cx, cy, r * 1.2, 4, angle + math.pi / 4)
     elif shape == "diamond":
-        pts = _rotate([(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)],
+        pts = rotate_points([(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)],
                       cx, cy, angle * 0.3)
     elif shape == "triangle":
-        pts = _regular(cx, cy + r * 0.15, r * 1.1, 3, angle - math.pi / 2)
+        pts = regular_polygon(cx, cy + r * 0.15, r * 1.1, 3, angle - math.pi / 2)
     elif shape == "star":
-        pts = _regular(cx, cy, r * 1.1, 5, angle - math.pi / 2)
+        pts = regular_polygon(cx, cy, r * 1.1, 5, angle - math.pi / 2)
     elif shape == "cross":
-        pts = _rotate([(cx + r, cy), (cx, cy + r), (cx - r, cy), (cx, cy - r)],
+        pts = rotate_points([(cx + r, cy), (cx, cy + r), (cx - r, cy), (cx, cy - r)],
                       cx, cy, angle * 0.3)
     else:
         raise ValueError(f"unknown shape {shape!r}")

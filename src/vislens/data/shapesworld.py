@@ -62,7 +62,7 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def _shape_mask(shape: str, cx: float, cy: float, extent: float, angle: float,
+def shape_mask(shape: str, cx: float, cy: float, extent: float, angle: float,
                 canvas: int) -> np.ndarray:
     img = Image.new("1", (canvas, canvas), 0)
     draw = ImageDraw.Draw(img)
@@ -70,15 +70,15 @@ def _shape_mask(shape: str, cx: float, cy: float, extent: float, angle: float,
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
     elif shape == "square":
-        draw.polygon(_regular(cx, cy, r * 1.2, 4, angle + math.pi / 4), fill=1)
+        draw.polygon(regular_polygon(cx, cy, r * 1.2, 4, angle + math.pi / 4), fill=1)
     elif shape == "diamond":
         pts = [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)]
-        draw.polygon(_rotate(pts, cx, cy, angle * 0.3), fill=1)
+        draw.polygon(rotate_points(pts, cx, cy, angle * 0.3), fill=1)
     elif shape == "triangle":
-        draw.polygon(_regular(cx, cy + r * 0.15, r * 1.1, 3, angle - math.pi / 2), fill=1)
+        draw.polygon(regular_polygon(cx, cy + r * 0.15, r * 1.1, 3, angle - math.pi / 2), fill=1)
     elif shape == "star":
-        outer = _regular(cx, cy, r * 1.1, 5, angle - math.pi / 2)
-        inner = _regular(cx, cy, r * 0.45, 5, angle - math.pi / 2 + math.pi / 5)
+        outer = regular_polygon(cx, cy, r * 1.1, 5, angle - math.pi / 2)
+        inner = regular_polygon(cx, cy, r * 0.45, 5, angle - math.pi / 2 + math.pi / 5)
         draw.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=1)
     elif shape == "cross":
         w = r * 0.36
@@ -87,18 +87,19 @@ def _shape_mask(shape: str, cx: float, cy: float, extent: float, angle: float,
             [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)],
         ]
         for bar in bars:
-            draw.polygon(_rotate(bar, cx, cy, angle * 0.3), fill=1)
+            draw.polygon(rotate_points(bar, cx, cy, angle * 0.3), fill=1)
     else:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     return np.array(img, dtype=bool)
 
 
-def _regular(cx: float, cy: float, r: float, n: int, phase: float) -> list[tuple[float, float]]:
+def regular_polygon(cx: float, cy: float, r: float, n: int,
+                    phase: float) -> list[tuple[float, float]]:
     return [(cx + r * math.cos(phase + 2 * math.pi * k / n),
              cy + r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
 
 
-def _rotate(pts, cx, cy, a):
+def rotate_points(pts, cx, cy, a):
     c, s = math.cos(a), math.sin(a)
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in pts]
 
@@ -132,7 +133,7 @@ def make_scene(seed: int, index: int, size: int = DEFAULT_SIZE,
             extent = float(rng.uniform(lo, hi)) * scale
             margin = extent / 2 + 1
             cx, cy = rng.uniform(margin, size - margin, size=2)
-            mask = _shape_mask(SHAPES[shape_i], cx, cy, extent,
+            mask = shape_mask(SHAPES[shape_i], cx, cy, extent,
                                float(rng.uniform(-0.3, 0.3)), size)
             grown = np.zeros_like(mask)
             x0, y0, x1, y1 = _box(mask)

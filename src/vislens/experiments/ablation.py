@@ -165,7 +165,7 @@ def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
     worker and the samples are shared out, one unit per sample.
     """
     config.validate()
-    _check_layout(vlm.spec, config.conditions)
+    _check_layout(vlm.family, config.conditions)
     if not samples:
         raise ValueError("no samples to ablate; check --data / --n")
     ex = executor(vlm)
@@ -562,7 +562,7 @@ def _vector(vlm, config: AblationConfig, images) -> torch.Tensor | str:
 def _injected(vlm, config: AblationConfig, images):
     """What replaces injected (DeepStack) image features at ablated tokens: the vector's kind
     (zeros, or the references' per-layer means); None for a family without injection."""
-    if not getattr(vlm.spec, "deepstack", False):
+    if not getattr(vlm.family, "deepstack", False):
         return None
     return "zeros" if config.vector == "zeros" else mean_injected_features(vlm, images)
 

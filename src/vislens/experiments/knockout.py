@@ -58,7 +58,7 @@ from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked
 from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows, wilson_ci
-from vislens.interventions import LAST, knockout, resume
+from vislens.interventions import LAST, knockout, start_at_layer
 from vislens.interventions.continuation import Recorded, advance, extend, record, refused
 from vislens.report.plots import heatmap
 
@@ -254,7 +254,7 @@ def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None,
 def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta: dict,
             progress=None) -> dict:
     """Run into directory `out` (resuming), plot, and write summary.json."""
-    if not vlm.spec.geometric and config.conditions == CONDITIONS:  # the default: what runs
+    if not vlm.family.geometric and config.conditions == CONDITIONS:  # the default: what runs
         config = replace(config, conditions=LAYOUT_FREE)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     run_dir = RunDir(out, {"experiment": "knockout", **meta, **cfg},
@@ -279,10 +279,10 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
         raise ValueError("no samples for knockout; check --data / --n")
     config.validate()
     bad = [c for c in config.conditions if c not in LAYOUT_FREE]
-    if not vlm.spec.geometric and bad:
+    if not vlm.family.geometric and bad:
         raise VislensError(f"knockout conditions {', '.join(bad)} map the object's mask to "
                            f"image tokens, which needs a token layout; vislens has none for "
-                           f"{vlm.spec.model_type!r}: run --conditions "
+                           f"{vlm.family.model_type!r}: run --conditions "
                            f"{','.join(LAYOUT_FREE)} or add a family module")
     ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per sample
     windows = config.layer_windows(ex.info.num_layers)
@@ -434,7 +434,7 @@ def sweep(vlm, one, feats, edges: dict, grid: list[tuple[str, int]], windows,
             else:
                 if start > 0:
                     hidden = recorded.residual[start].expand(n, -1, -1)
-                    stack.enter_context(resume(vlm, start, hidden))
+                    stack.enter_context(start_at_layer(vlm, start, hidden))
                 logits = vlm.forward(repeat_batch(one, n), image_features=feats * n,
                                      logits_to_keep=keep).logits
         probs = torch.softmax(logits.float(), -1)

@@ -325,7 +325,7 @@ def summarise(tables: Iterable[pa.Table], vlm, config: LensConfig, viewer_dir: P
     for table in tables:
         tally.add(table)
     n_obj, n_bg, n_img = tally.n_obj, tally.n_bg, tally.n_img
-    layout = vlm.spec.geometric
+    layout = vlm.family.geometric
     return {
         "model": getattr(vlm, "name", ""),
         "layout": layout,  # False: no token has pixels; only the image-token rates exist

@@ -141,7 +141,7 @@ def _steps(vlm, config: StudyConfig, samples, out: Path, loaded: float, progress
         surface_section(summaries["surface"]),
         timing_section(times),
     ]
-    facts = {"model": config.model, "data": config.data, "family": vlm.family,
+    facts = {"model": config.model, "data": config.data, "family": vlm.model_type,
              "LM layers": vlm.num_layers, "device": config.device,
              "total time (s), all runs of this study": round(times["total"], 1)}
     page = render_page(f"vislens study: {config.model}", facts, sections)

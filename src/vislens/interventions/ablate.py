@@ -19,10 +19,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from vislens.interventions.hub import attach
+from vislens.interventions.attention_function import attach
 
 
-def _past_length(kwargs: dict) -> int:
+def past_length(kwargs: dict) -> int:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     return 0 if cache is None else int(cache.get_seq_length())
 
@@ -147,10 +147,10 @@ def ablate(vlm, positions, vector="zeros", injected=None):
     [n_positions, hidden] tensors. A family without injection ignores it.
     """
     attach(vlm)
-    deepstack = bool(getattr(vlm.spec, "deepstack", False))
+    deepstack = bool(getattr(vlm.family, "deepstack", False))
     if injected is None and deepstack:
         if not (isinstance(vector, str) and vector == "zeros"):
-            raise ValueError(f"{vlm.spec.label} adds image features to the image positions of "
+            raise ValueError(f"{vlm.family.label} adds image features to the image positions of "
                              "its first decoder layers as well (DeepStack); say what replaces "
                              "them: injected='zeros', 'keep', or mean_injected_features(vlm, "
                              "images) for a mean ablation")
@@ -160,7 +160,7 @@ def ablate(vlm, positions, vector="zeros", injected=None):
 
     def hook(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
-        if embeds is None or _past_length(kwargs) > 0:
+        if embeds is None or past_length(kwargs) > 0:
             return None
         kwargs["inputs_embeds"] = ab.apply(embeds)
         extra = kwargs.get("deepstack_visual_embeds")

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vislens.interventions.ablate import _past_length
-from vislens.interventions.hub import attach
+from vislens.interventions.ablate import past_length
+from vislens.interventions.attention_function import attach
 
 
 def _rows(positions) -> np.ndarray:
@@ -82,7 +82,6 @@ class Capture:
         if keys not in (False, True, "pre", "post"):
             raise ValueError(f"capture keys={keys!r}: pass True (pre- and post-RoPE), 'pre', "
                              "'post' or False")
-        self.want_residual, self.want_values = residual, values
         self.want_keys_pre, self.want_keys_post = keys in (True, "pre"), keys in (True, "post")
         self.recording = False
         self.steps: dict[int, list[torch.Tensor]] = {}
@@ -164,7 +163,7 @@ def capture(vlm, positions, layers: Iterable[int] | None = None, residual: bool 
         cap.steps.setdefault(idx, []).append(hidden[:, -1].detach())
 
     def start(module, args, kwargs):
-        cap.recording = _past_length(kwargs) == 0
+        cap.recording = past_length(kwargs) == 0
         read(0, args, kwargs)
 
     def read(idx, args, kwargs):

@@ -311,7 +311,7 @@ def advance(vlm, rows: Rows, hidden: torch.Tensor, positions: torch.Tensor | Non
                                      position_ids=positions, cache=Cache(layers=rows.layers),
                                      use_cache=True)
             logits = vlm.lm_head(out.last_hidden_state[:, -keep:])
-            cap = vlm.spec.logit_softcap(vlm.config)
+            cap = vlm.family.logit_softcap(vlm.config)
             if cap is not None:
                 logits = cap * torch.tanh(logits / cap)
     finally:

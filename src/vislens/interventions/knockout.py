@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from vislens.interventions.hub import attach
+from vislens.interventions.attention_function import attach
 
 LAST = "last"
 

@@ -37,7 +37,7 @@ def cache_root() -> Path:
 
 def model_key(vlm) -> str:
     h = hashlib.sha256()
-    h.update(vlm.family.encode())
+    h.update(vlm.model_type.encode())
     h.update(json.dumps(vlm.config.to_dict(), sort_keys=True, default=str).encode())
     from vislens.interventions.vision import projector_module
 
@@ -92,7 +92,7 @@ def mean_injected_features(vlm, images: Iterable[Image.Image], batch_size: int =
     """Per injection layer, the mean injected (DeepStack) feature over every image patch
     token of the reference images: what `ablate(..., injected=...)` puts in for a mean
     ablation. Empty for a family without injection."""
-    if not getattr(vlm.spec, "deepstack", False):
+    if not getattr(vlm.family, "deepstack", False):
         return []
     return _reference_means(vlm, images, "mean_injected", batch_size, cache_dir, prompt,
                             lambda rows, injected: injected)

@@ -22,9 +22,9 @@ import torch
 def projector_module(vlm, path: str | None = None) -> torch.nn.Module:
     """The module whose input is the vision encoder output and whose output feeds the LM
     (where it lives is declared by the family: vislens.models.families)."""
-    path = vlm.spec.projector if path is None else path
+    path = vlm.family.projector if path is None else path
     if not path:
-        raise ValueError(f"no projector is declared for {vlm.family!r}; the vision-encoder "
+        raise ValueError(f"no projector is declared for {vlm.model_type!r}; the vision-encoder "
                          "baseline needs a family module (vislens/models/families/)")
     module = vlm.model.model
     for part in path.split("."):
@@ -68,7 +68,7 @@ def record_projector(vlm):
     grouped, one row per output row (`projector_input`); its input is recorded
     instead.
     """
-    rec = ProjectorRecord(family=vlm.spec)
+    rec = ProjectorRecord(family=vlm.family)
 
     def read_input(module, args):
         x = args[0] if args else None
@@ -80,7 +80,7 @@ def record_projector(vlm):
         out = output[0] if isinstance(output, tuple) else output
         rec.outputs.append(out.detach())
 
-    source = getattr(vlm.spec, "projector_input", "")
+    source = getattr(vlm.family, "projector_input", "")
     handles = [projector_module(vlm, source or None).register_forward_pre_hook(read_input),
                projector_module(vlm).register_forward_hook(read_output)]
     try:

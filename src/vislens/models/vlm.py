@@ -72,15 +72,17 @@ class VLM:
     def __init__(self, model, processor, family: str | Family, name: str = "") -> None:
         self.model = model
         self.processor = processor
-        self.spec = family if isinstance(family, Family) else family_for(family)
-        self.family = self.spec.model_type
+        # family: the registered Family object (image layout, projector, decoder paths);
+        # model_type: its Hugging Face config string ("llava", "qwen2_5_vl", ...)
+        self.family = family if isinstance(family, Family) else family_for(family)
+        self.model_type = self.family.model_type
         self.name = name or str(getattr(model.config, "_name_or_path", ""))
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.image_token_id = self.spec.image_token_id(model.config)
-        self.spec.configure(processor)
+        self.image_token_id = self.family.image_token_id(model.config)
+        self.family.configure(processor)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -104,7 +106,7 @@ class VLM:
     @property
     def language_model(self) -> torch.nn.Module:
         """The decoder (embeddings, layers, final norm), without the LM head."""
-        return self.spec.decoder(self.model)
+        return self.family.decoder(self.model)
 
     @property
     def layers(self) -> torch.nn.ModuleList:
@@ -120,21 +122,21 @@ class VLM:
 
     @property
     def lm_head(self) -> torch.nn.Module:
-        return self.spec.lm_head(self.model)
+        return self.family.lm_head(self.model)
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of residual-stream vectors: final norm applied once, then the LM head (and
         the family's logit soft-cap, so they are the model's own logits)."""
         logits = self.lm_head(self.final_norm(hidden))
-        cap = self.spec.logit_softcap(self.config)
+        cap = self.family.logit_softcap(self.config)
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def require_layout(self, what: str) -> None:
-        self.spec.require_layout(what)
+        self.family.require_layout(what)
 
     def native_image_size(self) -> str:
         """The size the vision tower works at: fixed, or the range a dynamic one accepts."""
-        return self.spec.native_image_size(self)
+        return self.family.native_image_size(self)
 
     # ---- inputs ----------------------------------------------------------------------------
     def chat_text(self, prompt: str, answer_prefix: str | None = None,
@@ -178,13 +180,13 @@ class VLM:
                     (mask == 0).sum()))
         markers = [self._markers(ids[b], positions[b], [len(lay) for lay in layouts[b]])
                    for b in range(n)]
-        token_map = ImageTokenMap.build(layouts, positions, family=self.family, markers=markers)
+        token_map = ImageTokenMap.build(layouts, positions, family=self.model_type, markers=markers)
         for key, value in inputs.items():
             value = value.to(self.device)
             if value.is_floating_point():
                 value = value.to(self.dtype)
             inputs[key] = value
-        return Batch(inputs=inputs, token_map=token_map, texts=texts, family=self.spec)
+        return Batch(inputs=inputs, token_map=token_map, texts=texts, family=self.family)
 
     def _markers(self, ids: np.ndarray, image_cols: np.ndarray, per_image: list[int]
                  ) -> list[np.ndarray]:
@@ -196,7 +198,7 @@ class VLM:
         are tokens of the prompt's own vocabulary, not patches.
         """
         opening, closing = (self.tokenizer.convert_tokens_to_ids(t) if t else None
-                            for t in (self.spec.image_open, self.spec.image_close))
+                            for t in (self.family.image_open, self.family.image_close))
         out, start, floor = [], 0, 0
         for count in per_image:
             cols = image_cols[start:start + count]
@@ -234,7 +236,7 @@ class VLM:
     def _layouts(self, images: list[list[Image.Image]], inputs: dict
                  ) -> list[list[geometry.Layout]]:
         """Per sample, one layout per image, in sequence order (the family's own)."""
-        return self.spec.layouts(self, images, inputs)
+        return self.family.layouts(self, images, inputs)
 
     # ---- running ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,7 +256,7 @@ class VLM:
         kwargs = {k: v for k, v in batch.inputs.items()
                   if k in params and k not in ("input_ids", "attention_mask")}
         out = fn(**kwargs, return_dict=True)
-        batch.features = self.spec.split_features(out, batch)
+        batch.features = self.family.split_features(out, batch)
         return batch.features
 
     def forward(self, batch: Batch, image_features: list[torch.Tensor] | None = None,
@@ -268,9 +270,10 @@ class VLM:
         """
         self._check_features(image_features)
         inputs = batch.model_inputs(image_features)
-        if "position_ids" not in kwargs and not self.spec.mrope:
+        if "position_ids" not in kwargs and not self.family.mrope:
             mask = batch.attention_mask.long()
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0) + self.spec.position_offset
+            offset = self.family.position_offset
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0) + offset
         with torch.set_grad_enabled(grad):
             return self.model(**inputs, use_cache=False, **kwargs)
 
@@ -287,9 +290,9 @@ class VLM:
 
     def _check_features(self, image_features) -> None:
         """Features without their injected parts would run a DeepStack model on half its image."""
-        if image_features is not None and self.spec.deepstack and \
+        if image_features is not None and self.family.deepstack and \
                 getattr(image_features, "injected", None) is None:
-            raise ValueError(f"{self.spec.label} also injects per-layer visual features into its "
+            raise ValueError(f"{self.family.label} also injects per-layer visual features into its "
                              "first decoder layers; pass the features vlm.image_embeddings "
                              "returned (they carry those), not a plain list")
 

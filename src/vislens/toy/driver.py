@@ -34,7 +34,6 @@ from vislens.progress import progress_bar
 from vislens.toy.checks import final_checks
 from vislens.toy.curves import plot_training
 from vislens.toy.data import SceneStream, make_pool
-from vislens.toy.resume import RunState, atomic_lines, run_identity
 from vislens.toy.stages import (
     OracleHead,
     Parts,
@@ -44,6 +43,7 @@ from vislens.toy.stages import (
     save_stage_state,
     stage_optimizer,
 )
+from vislens.toy.training_state import RunState, atomic_lines, run_identity
 
 EVAL_SEED = 100_000  # held-out scenes use world seed EVAL_SEED + seed: never trained on
 

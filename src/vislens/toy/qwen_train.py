@@ -181,7 +181,7 @@ def qwen_loss(run: Run, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def _build(recipe: QwenRecipe, seed: int) -> Built:
-    spec = recipe.spec
+    spec = recipe.family
     processor = qwen.build_processor(spec)
     model = qwen.build_model(spec, seed=seed)
     if recipe.init_lm:
@@ -223,7 +223,7 @@ def train(out_dir: str | Path = qwen.TOY_QWEN_DIR, seed: int = 0,
     `out_dir` gets the Hugging Face checkpoint plus `training_log.json` and
     `loss.png`. `log_path` (optional) receives one JSON line per step as it
     goes, for watching long runs. The work directory `<out_dir>.stages/` keeps a
-    resumable state (`vislens.toy.resume`): calling again with the same seed and
+    resumable state (`vislens.toy.training_state`): calling again with the same seed and
     recipe continues an interrupted run from its last saved step (and cuts
     `log_path` back to that step). Each stage also leaves `stage_<X>.pt` there;
     `resume=<such a file>` starts from it and runs only the stages after X.

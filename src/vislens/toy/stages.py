@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from vislens.toy.data import IGNORE, Encoder, Pool, qa_batch
 from vislens.toy.oracle import oracle_tokens
-from vislens.toy.resume import atomic_save
+from vislens.toy.training_state import atomic_save
 
 
 class AttentionGuide:

@@ -130,11 +130,11 @@ def llava_loss(run: Run, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]
 
 
 def _build(recipe: Recipe, seed: int) -> Built:
-    processor = build_processor(recipe.spec)
-    model = build_model(recipe.spec, seed=seed)
+    processor = build_processor(recipe.family)
+    model = build_model(recipe.family, seed=seed)
     return Built(model, processor, llava_parts(model, processor),
-                 Encoder(processor.tokenizer, recipe.spec.grid ** 2),
-                 processor.tokenizer.get_vocab()[IMAGE], recipe.spec.grid)
+                 Encoder(processor.tokenizer, recipe.family.grid ** 2),
+                 processor.tokenizer.get_vocab()[IMAGE], recipe.family.grid)
 
 
 def _guides(recipe: Recipe, parts: Parts, image_id: int) -> list[AttentionGuide]:
@@ -164,7 +164,7 @@ def train(out_dir: str | Path, seed: int = 0, recipe: Recipe | None = None,
     `out_dir` gets the Hugging Face checkpoint plus `training_log.json`,
     `probes.jsonl` and `loss.png`; `log_path` (optional) receives one JSON line
     per step as it goes. The work directory `<out_dir>.partial` keeps a
-    resumable state (`vislens.toy.resume`): calling again with the same seed and
+    resumable state (`vislens.toy.training_state`): calling again with the same seed and
     recipe continues an interrupted run from its last saved step. Each stage also
     leaves `stage_<X>.pt` (model + oracle state) there; `resume=<such a file>`
     starts from it and runs only the stages after X.

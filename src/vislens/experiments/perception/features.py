@@ -151,12 +151,6 @@ class ImageFeatures:
                          (self.boxes[:, 1] + self.boxes[:, 3]) / 2], axis=1)
 
 
-def source_names(num_layers: int, layers: Sequence[int] | None, sources=SOURCES) -> list[str]:
-    layers = range(num_layers) if layers is None else layers
-    names = [f"{kind}/{layer}" for kind in LM_KINDS if kind in sources for layer in layers]
-    return names + [s for s in ("projector", "vision") if s in sources]
-
-
 def _keys_wanted(sources) -> bool | str:
     """capture's `keys`: only the kinds of key asked for are gathered (and spilled)."""
     post, pre = "keys" in sources, "keys-pre" in sources

@@ -38,7 +38,6 @@ from vislens.experiments.perception.artifacts import delta, held_out_delta
 
 # option -> what perceive.prefix_text calls it; an oracle names the item's answer
 ORACLE_PREFIXES = {"classes-oracle": "classes-present", "task-oracle": "task"}
-PREFIXES = ("classes", *ORACLE_PREFIXES)
 RENAMED = {"task": "task-oracle", "classes-present": "classes-oracle"}
 # SPair-71k's categories (its PairAnnotation files name one per pair)
 SPAIR_CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",

@@ -108,7 +108,7 @@ def parse_choice(text: str, choices: Sequence[str]) -> int | None:
 
 def shown_images(vlm, item) -> list[Image.Image] | Image.Image:
     """What the model sees of an item: its images, or their composite for one-image models."""
-    return list(item.images) if vlm.spec.multi_image else composite(item.images)
+    return list(item.images) if vlm.family.multi_image else composite(item.images)
 
 
 def _scoreable(vlm) -> bool:

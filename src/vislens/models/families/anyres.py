@@ -53,7 +53,7 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
     pins = config.image_grid_pinpoints
     lay = Layout(image_size)
 
-    _base_view(lay, ip, vision)
+    base_view(lay, ip, vision)
 
     # high-res view: aspect-preserving resize into the best pinpoint, centered padding,
     # crops of `side` px each put through the same per-patch chain
@@ -96,7 +96,7 @@ def anyres_layout(ip, config, image_size: tuple[int, int], onevision: bool) -> L
     return lay
 
 
-def _base_view(lay: Layout, ip, vision) -> None:
+def base_view(lay: Layout, ip, vision) -> None:
     """Tile 0 of NeXT / OneVision: the whole image stretched to the processor's size tuple,
     then the per-patch chain."""
     w, h = lay.image_size

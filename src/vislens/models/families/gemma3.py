@@ -6,7 +6,7 @@ crops, in the processor's order, which is the sequence order).
 
 Image tokens attend to every token of their own image bidirectionally (a token-type mask
 transformers builds); knockout and capture act on top of whatever mask the model built, so
-they compose with it (vislens.interventions.hub).
+they compose with it (vislens.interventions.attention_function).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vislens.models.families.anyres import _base_view, anyres_layout
+from vislens.models.families.anyres import anyres_layout, base_view
 from vislens.models.families.base import Family
 from vislens.models.families.registry import register
 from vislens.models.geometry import Layout
@@ -15,7 +15,7 @@ def onevision_multi_layout(ip, config, image_size: tuple[int, int]) -> Layout:
     """OneVision with several images in one prompt: each image is its base view only,
     closed by ONE newline slot (729 + 1 tokens; `batch_num_images` > 1 in transformers)."""
     lay = Layout(image_size)
-    _base_view(lay, ip, config.vision_config)
+    base_view(lay, ip, config.vision_config)
     g = lay.grids[0][0]
     lay._slot(0, g - 1, g, np.zeros(4), -1, True)
     return lay

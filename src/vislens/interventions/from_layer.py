@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from vislens.interventions.ablate import _past_length
+from vislens.interventions.ablate import past_length
 from vislens.interventions.capture import capture
 
 
@@ -33,21 +33,21 @@ def residual_streams(vlm, batch, layers) -> dict[int, torch.Tensor]:
 
 
 @contextmanager
-def resume(vlm, layer: int, hidden: torch.Tensor):
+def start_at_layer(vlm, layer: int, hidden: torch.Tensor):
     """Within the context, forward passes start at `layer` from `hidden` [B, S, hidden]."""
     if not 0 <= layer < vlm.num_layers:
-        raise ValueError(f"resume layer must be in 0..{vlm.num_layers - 1}, got {layer}")
+        raise ValueError(f"start_at_layer: layer must be in 0..{vlm.num_layers - 1}, got {layer}")
     skipped = list(vlm.layers[:layer])
 
     def identity(hidden_states, *args, **kwargs):
         return hidden_states
 
     def inject(module, args, kwargs):
-        if _past_length(kwargs) > 0:
-            raise ValueError("resume supports single forward passes, not generate")
+        if past_length(kwargs) > 0:
+            raise ValueError("start_at_layer supports single forward passes, not generate")
         current = args[0] if args else kwargs["hidden_states"]
         if tuple(current.shape) != tuple(hidden.shape):
-            raise ValueError(f"resume hidden is {tuple(hidden.shape)}, the pass needs "
+            raise ValueError(f"start_at_layer: hidden is {tuple(hidden.shape)}, the pass needs "
                              f"{tuple(current.shape)}")
         value = hidden.to(current.device, current.dtype)
         if args:
