@@ -191,7 +191,7 @@ def test_a_rerun_with_other_options_is_refused_and_changes_nothing(tmp_path, mon
     with pytest.raises(VislensError, match=r"different recipe \(steps_c\)"):
         train(out, seed=0, recipe=llava_recipe(steps_c=4), progress=False)
     stage = tmp_path / "stage_B.pt"
-    save_stage_state(stage, build_model(llava_recipe().family, seed=5), OracleHead(48),
+    save_stage_state(stage, build_model(llava_recipe().spec, seed=5), OracleHead(48),
                      {"A", "A2", "B"})
     with pytest.raises(VislensError, match="began from scratch; rerun without --resume"):
         train(out, seed=0, recipe=llava_recipe(), progress=False, resume=stage)

@@ -181,7 +181,7 @@ def qwen_loss(run: Run, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def _build(recipe: QwenRecipe, seed: int) -> Built:
-    spec = recipe.family
+    spec = recipe.spec
     processor = qwen.build_processor(spec)
     model = qwen.build_model(spec, seed=seed)
     if recipe.init_lm:

@@ -130,11 +130,11 @@ def llava_loss(run: Run, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]
 
 
 def _build(recipe: Recipe, seed: int) -> Built:
-    processor = build_processor(recipe.family)
-    model = build_model(recipe.family, seed=seed)
+    processor = build_processor(recipe.spec)
+    model = build_model(recipe.spec, seed=seed)
     return Built(model, processor, llava_parts(model, processor),
-                 Encoder(processor.tokenizer, recipe.family.grid ** 2),
-                 processor.tokenizer.get_vocab()[IMAGE], recipe.family.grid)
+                 Encoder(processor.tokenizer, recipe.spec.grid ** 2),
+                 processor.tokenizer.get_vocab()[IMAGE], recipe.spec.grid)
 
 
 def _guides(recipe: Recipe, parts: Parts, image_id: int) -> list[AttentionGuide]:
