@@ -200,17 +200,17 @@ def test_a_rerun_with_other_options_is_refused_and_changes_nothing(tmp_path, mon
 
 
 def test_ctrl_c_while_saving_leaves_the_previous_state_whole(tmp_path, monkeypatch):
-    from vislens.toy import resume
+    from vislens.toy import training_state
 
-    resume.atomic_save({"step": 1}, tmp_path / STATE_NAME)
+    training_state.atomic_save({"step": 1}, tmp_path / STATE_NAME)
 
     def torn(obj, f):
         f.write(b"half a state")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(resume.torch, "save", torn)
+    monkeypatch.setattr(training_state.torch, "save", torn)
     with pytest.raises(KeyboardInterrupt):
-        resume.atomic_save({"step": 2}, tmp_path / STATE_NAME)
+        training_state.atomic_save({"step": 2}, tmp_path / STATE_NAME)
     monkeypatch.undo()
     assert torch.load(tmp_path / STATE_NAME) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == [STATE_NAME]
