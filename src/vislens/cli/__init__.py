@@ -2,10 +2,11 @@
 
 One module per command, named for it (`vislens perceive` lives in perceive.py);
 `common` holds what every command shares, `model_options` the options of the commands
-that run a model (--model ... --json) and the one way they open it, `samples` the data
-and target options of ablate / logit-lens / knockout, `perception` those of perceive /
-prefix / artifacts / surface. Commands only parse options, call into experiments / data / toy, and
-print; every user-fixable problem ends as one line on stderr with exit code 2.
+that run a model (--model ... --json) and the one way they open it, `image_inputs` the
+data and target options of ablate / logit-lens / knockout / attention, `perception_options`
+those of perceive / prefix / artifacts / surface. Commands only parse options, call into
+experiments / data / toy, and print; every user-fixable problem ends as one line on stderr
+with exit code 2.
 """
 
 from __future__ import annotations
