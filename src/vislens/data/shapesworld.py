@@ -110,8 +110,14 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def make_scene(seed: int, index: int, size: int = DEFAULT_SIZE,
-               n_objects: tuple[int, int] = (1, 4), textured: bool | None = None) -> Sample:
-    """One deterministic scene; objects never overlap (masks are exact and whole)."""
+               n_objects: tuple[int, int] = (1, 4), textured: bool | None = None,
+               change: dict[int, dict[str, str]] | None = None) -> Sample:
+    """One deterministic scene; objects never overlap (masks are exact and whole).
+
+    `change` maps an instance's index to a new {"shape": ..} and / or {"color": ..}: the
+    scene's random draws are all made as without it (placement uses the original shape,
+    the colour keeps its jitter), so everything but that object is the same pixels and
+    masks (vislens.data.counterfactual builds causal-tracing pairs from it)."""
     rng = np.random.default_rng([seed, index])
     scale = size / DEFAULT_SIZE
     n = int(rng.integers(n_objects[0], n_objects[1] + 1))
@@ -133,8 +139,8 @@ def make_scene(seed: int, index: int, size: int = DEFAULT_SIZE,
             extent = float(rng.uniform(lo, hi)) * scale
             margin = extent / 2 + 1
             cx, cy = rng.uniform(margin, size - margin, size=2)
-            mask = shape_mask(SHAPES[shape_i], cx, cy, extent,
-                               float(rng.uniform(-0.3, 0.3)), size)
+            angle = float(rng.uniform(-0.3, 0.3))
+            mask = shape_mask(SHAPES[shape_i], cx, cy, extent, angle, size)
             grown = np.zeros_like(mask)
             x0, y0, x1, y1 = _box(mask)
             grown[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = True
@@ -143,12 +149,17 @@ def make_scene(seed: int, index: int, size: int = DEFAULT_SIZE,
         else:
             continue  # no room left: the scene keeps fewer objects
         occupied |= mask
-        name = color_names[color_i]
-        rgb = np.array(COLORS[name], dtype=np.float32) + rng.integers(-12, 13, size=3)
-        pixels[mask] = rgb
+        name, shape = color_names[color_i], SHAPES[shape_i]
+        jitter = rng.integers(-12, 13, size=3)
+        new = (change or {}).get(len(instances), {})
+        if new.get("shape", shape) != shape:
+            shape = new["shape"]
+            mask = shape_mask(shape, cx, cy, extent, angle, size)
+        name = new.get("color", name)
+        pixels[mask] = np.array(COLORS[name], dtype=np.float32) + jitter
         instances.append(Instance(
-            name=f"{name} {SHAPES[shape_i]}", mask=mask, box=_box(mask),
-            attributes={"shape": SHAPES[shape_i], "color": name, "size": size_name},
+            name=f"{name} {shape}", mask=mask, box=_box(mask),
+            attributes={"shape": shape, "color": name, "size": size_name},
         ))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     return Sample(id=f"sw-{seed}-{index}", image=image, instances=instances,
