@@ -28,8 +28,8 @@ def study(
     with user_errors(), quiet(opts.as_json):
         if scale <= 0:
             raise VislensError(f"--scale must be positive (got {scale})")
-        from vislens.distributed import check
         from vislens.experiments.study import StudyConfig, run_study
+        from vislens.runs.ray_cluster import check
 
         check(opts.workers, opts.ray or None)
         placement(opts.device, opts.device_map, opts.max_memory)  # checked before any work

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vislens.experiments.runs import write_json_atomic
 from vislens.report.page import Section, render_page
 from vislens.report.sections import (
     ablation_section,
@@ -27,6 +26,8 @@ from vislens.report.sections import (
     surface_section,
     timing_section,
 )
+from vislens.runs.handle import ModelHandle
+from vislens.runs.rundir import write_json_atomic
 
 
 @dataclass
@@ -74,7 +75,7 @@ class StepClock:
 def run_study(config: StudyConfig, out: Path, progress=None,
               log: Callable[[str], None] = print) -> dict:
     from vislens.data import open_dataset
-    from vislens.distributed import Models
+    from vislens.runs.ray_pool import Models
 
     out = Path(out)
     kind = config.data.partition(":")[0]
@@ -94,7 +95,8 @@ def run_study(config: StudyConfig, out: Path, progress=None,
         models.close()
 
 
-def _steps(vlm, config: StudyConfig, samples, out: Path, loaded: float, progress, log) -> dict:
+def _steps(vlm: ModelHandle, config: StudyConfig, samples, out: Path, loaded: float, progress,
+           log) -> dict:
     from vislens.experiments import ablation, attention, knockout, logit_lens
 
     out.mkdir(parents=True, exist_ok=True)
@@ -153,10 +155,10 @@ def _steps(vlm, config: StudyConfig, samples, out: Path, loaded: float, progress
             "summaries": {k: _headline(k, v) for k, v in summaries.items()}}
 
 
-def _accuracy(vlm, config: StudyConfig, seed: int, path: Path, progress) -> dict:
+def _accuracy(vlm: ModelHandle, config: StudyConfig, seed: int, path: Path, progress) -> dict:
     """Accuracy on fresh held-out scenes, kept in accuracy.json so a rerun reuses it."""
     from vislens.data import shapesworld
-    from vislens.distributed import executor
+    from vislens.runs.local import executor
 
     key = {"model": config.model, "seed": seed, "n": config.n(60), "dtype": config.dtype}
     if path.is_file():
@@ -175,7 +177,7 @@ def _evaluate(vlm, scenes, progress=None) -> dict:
     return evaluate(vlm.model, vlm.processor, scenes, progress=progress)
 
 
-def part_b(vlm, config: StudyConfig, out: Path, step, progress) -> None:
+def part_b(vlm: ModelHandle, config: StudyConfig, out: Path, step, progress) -> None:
     """Liu et al.'s experiments on ShapesWorld task variants of the study's (held-out) world."""
     from vislens.experiments.perception import artifacts, perceive, prefix, surface
 
