@@ -51,7 +51,7 @@ from vislens.interventions.continuation import (
 )
 from vislens.interventions.reference import overlap
 from vislens.models.vlm import ImageEmbeddings
-from vislens.report.plots import grouped_bars
+from vislens.render.plots import grouped_bars
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
 from vislens.runs.rundir import RunDir

@@ -40,8 +40,8 @@ from vislens.experiments.prompts import question
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import bootstrap_columns, rate
 from vislens.interventions import capture
-from vislens.report.attention_viewer import AttentionMaps, render_attention_viewer
-from vislens.report.plots import layer_curves
+from vislens.render.attention_viewer import AttentionMaps, render_attention_viewer
+from vislens.render.plots import layer_curves
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
 from vislens.runs.rundir import RunDir

@@ -58,7 +58,7 @@ from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows, wilson_ci
 from vislens.interventions import LAST, knockout, start_at_layer
 from vislens.interventions.continuation import Recorded, advance, extend, record, refused
-from vislens.report.plots import heatmap
+from vislens.render.plots import heatmap
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
 from vislens.runs.rundir import RunDir

@@ -47,8 +47,8 @@ from vislens.experiments import funnel
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import wilson_ci
 from vislens.interventions import capture
-from vislens.report.plots import layer_curves
-from vislens.report.viewer import LensToken, render_viewer
+from vislens.render.plots import layer_curves
+from vislens.render.viewer import LensToken, render_viewer
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
 from vislens.runs.rundir import RunDir
