@@ -1,5 +1,5 @@
 """Images per second of a run sharded over local Ray workers (`--workers N`,
-vislens.distributed) against the same run in one process.
+vislens.runs.ray_pool) against the same run in one process.
 
     python benchmarks/sharding.py [--models toy,mid] [--repeats 3] [--out benchmarks/SHARDING.md]
 
@@ -85,8 +85,8 @@ def bench(name: str, repeats: int, workers: list[int]) -> list[dict]:
     import torch
 
     from vislens.data import open_dataset
-    from vislens.distributed import RayPool
     from vislens.models import load
+    from vislens.runs.ray_pool import RayPool
 
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)

@@ -15,9 +15,9 @@ from vislens.data import shapesworld
 from vislens.errors import VislensError
 from vislens.experiments import ablation
 from vislens.experiments.prompts import question
-from vislens.experiments.runs import RunDir
 from vislens.interventions.reference import overlap
 from vislens.models.vlm import VLM
+from vislens.runs.rundir import RunDir
 from vislens.toy.build import build_model, build_processor
 
 ROOT = Path(__file__).resolve().parents[1]

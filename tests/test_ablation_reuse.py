@@ -19,10 +19,10 @@ from vislens.data.samples import Question
 from vislens.experiments import ablation, decoding
 from vislens.experiments.batching import cut_batch, extend_batch, repeat_batch
 from vislens.experiments.prompts import asked, question
-from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.interventions import ablate
 from vislens.interventions.continuation import advance, embed, record, refused
+from vislens.runs.rundir import RunDir
 
 
 # ---- the settled rules --------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from vislens.cli import app
 from vislens.data import shapesworld
 from vislens.data.samples import Instance, Sample
 from vislens.experiments import attention
-from vislens.experiments.runs import RunDir
 from vislens.experiments.stats import bootstrap_columns
 from vislens.models.vlm import VLM
+from vislens.runs.rundir import RunDir
 from vislens.toy.build import ToySpec, build_model, build_processor
 
 TINY = ToySpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, lm_hidden=32,

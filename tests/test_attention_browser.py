@@ -11,7 +11,7 @@ import vislens
 from vislens.data import shapesworld
 from vislens.experiments import attention
 from vislens.models.vlm import VLM
-from vislens.report.page import render_page
+from vislens.render.page import render_page
 from vislens.report.sections import attention_section
 
 BRIGHTEST = "rgb(252, 255, 164)"  # the colour map's top, what the peak patch must show

@@ -1,4 +1,4 @@
-"""Runs sharded over Ray workers (`--workers N`, vislens.distributed) on the toy.
+"""Runs sharded over Ray workers (`--workers N`, vislens.runs.ray_pool) on the toy.
 
 One local Ray cluster for the module: 127.0.0.1 only, 2 CPUs, 2 workers, shut
 down at the end. A sharded run must write the single-process run's rows, in its
@@ -23,10 +23,10 @@ ray = pytest.importorskip("ray")
 
 from vislens.cli import app  # noqa: E402
 from vislens.data import open_dataset  # noqa: E402
-from vislens.distributed import RayPool  # noqa: E402
 from vislens.errors import VislensError  # noqa: E402
 from vislens.experiments import ablation, attention, knockout, logit_lens  # noqa: E402
 from vislens.experiments.perception import artifacts, perceive, prefix, surface  # noqa: E402
+from vislens.runs.ray_pool import RayPool  # noqa: E402
 
 META = {"model": "toy"}
 SMALL, LARGE = (0.0, 350.0), (350.0, float("inf"))
@@ -287,7 +287,7 @@ def test_token_mode_without_a_token_is_one_line_before_any_connection(env, messa
 
 
 def test_the_token_is_looked_for_where_ray_looks_and_never_read_out(tmp_path, monkeypatch):
-    from vislens.distributed import _token_source
+    from vislens.runs.ray_cluster import token_source as _token_source
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):

@@ -13,7 +13,7 @@ import vislens
 from vislens.data import shapesworld
 from vislens.experiments import knockout, logit_lens
 from vislens.experiments.perception import perceive
-from vislens.experiments.runs import RunDir
+from vislens.runs.rundir import RunDir
 
 
 @pytest.fixture(scope="module")

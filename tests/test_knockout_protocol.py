@@ -12,10 +12,10 @@ import vislens
 from vislens.data import shapesworld
 from vislens.experiments import knockout, prompts
 from vislens.experiments.batching import extend_batch
-from vislens.experiments.runs import RunDir
 from vislens.interventions import LAST
 from vislens.interventions import knockout as knock
 from vislens.models.vlm import VLM
+from vislens.runs.rundir import RunDir
 from vislens.toy.build import build_model, build_processor
 
 

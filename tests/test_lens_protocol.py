@@ -9,9 +9,9 @@ from vislens.cli import image_inputs
 from vislens.data import shapesworld
 from vislens.data.answers import head_words
 from vislens.experiments import logit_lens
-from vislens.experiments.runs import RunDir
 from vislens.interventions import capture
 from vislens.models.vlm import VLM
+from vislens.runs.rundir import RunDir
 from vislens.toy.build import build_model, build_processor
 
 

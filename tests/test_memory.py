@@ -19,10 +19,10 @@ import vislens
 from vislens.data import shapesworld
 from vislens.experiments.perception import features as F
 from vislens.experiments.perception import perceive
-from vislens.experiments.runs import RunDir
 from vislens.interventions import capture
 from vislens.interventions.vision import record_projector, vision_rows
 from vislens.models.vlm import VLM
+from vislens.runs.rundir import RunDir
 from vislens.toy.build import ToySpec, build_model, build_processor
 
 TINY = ToySpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, lm_hidden=32,

@@ -7,10 +7,10 @@ import torch
 from vislens.data import shapesworld
 from vislens.experiments import ablation, knockout, logit_lens
 from vislens.experiments.batching import repeat_batch
-from vislens.experiments.runs import RunDir
 from vislens.interventions import LAST, ablate
 from vislens.interventions import knockout as knock
 from vislens.models.vlm import VLM
+from vislens.runs.rundir import RunDir
 from vislens.toy.build import build_model, build_processor
 
 

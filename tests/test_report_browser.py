@@ -8,8 +8,8 @@ import torch
 from vislens.data import shapesworld
 from vislens.experiments import logit_lens
 from vislens.models.vlm import VLM
-from vislens.report.page import render_page
-from vislens.report.plots import grouped_bars, heatmap
+from vislens.render.page import render_page
+from vislens.render.plots import grouped_bars, heatmap
 from vislens.report.sections import (
     ablation_section,
     accuracy_section,

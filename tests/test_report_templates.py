@@ -1,7 +1,7 @@
 """Every HTML page the report code writes, rendered from fixed inputs, against stored bytes.
 
 The expected pages under tests/data/report_templates/ were rendered by the code as it was
-before the templates moved out of Python strings into src/vislens/report/templates/, so a
+before the templates moved out of Python strings into src/vislens/render/templates/, so a
 change to a template (or to how it is filled) shows up here as a byte difference.
 
 The input image's PNG is replaced by a digest of its pixels: Pillow's PNG encoder (its zlib)
@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vislens.report import attention_viewer, viewer
-from vislens.report.attention_viewer import AttentionMaps, render_attention_viewer
-from vislens.report.html import fill
-from vislens.report.page import Section, TableData, render_page
-from vislens.report.viewer import LensToken, render_viewer
+from vislens.render import attention_viewer, viewer
+from vislens.render.attention_viewer import AttentionMaps, render_attention_viewer
+from vislens.render.html import fill
+from vislens.render.page import Section, TableData, render_page
+from vislens.render.viewer import LensToken, render_viewer
 
 EXPECTED = Path(__file__).parent / "data" / "report_templates"
 # text that a naive substitution would trip over: braces, dollars, markup, a script end

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from vislens.errors import VislensError
-from vislens.experiments.runs import RunDir
+from vislens.runs.rundir import RunDir
 
 
 def test_rows_resume_and_summary(tmp_path):
@@ -40,7 +40,7 @@ def test_nothing_is_written_before_the_first_result(tmp_path):
 
 
 def test_numbered_parts_leave_gaps_and_a_later_flush_never_overwrites(tmp_path):
-    """A sharded run numbers parts by unit (vislens.distributed), so numbers can skip; the
+    """A sharded run numbers parts by unit (vislens.runs.ray_pool), so numbers can skip; the
     next plain flush goes past the highest, and a part written again under its own
     number replaces itself instead of adding its rows twice."""
     run = RunDir(tmp_path, {"model": "toy"}, key=["sample"])

@@ -122,15 +122,15 @@ def test_shipped_toy_loads_with_auto_classes_and_answers(toy):
 @shipped
 def test_shipped_toy_perceives_and_needs_the_image(toy):
     from vislens.experiments.accuracy import evaluate
-    from vislens.toy.checks import mean_image_embedding, replace_image_tokens
+    from vislens.toy.checks import mean_projector_output, replace_image_tokens
 
     model, processor = toy
     scenes = shapesworld.generate(30, seed=HELD_OUT_SEED)
     clean = evaluate(model, processor, scenes, batch_size=30)
     for setting, acc in clean["accuracy"].items():
         assert acc >= FLOOR[setting], (setting, clean["accuracy"])
-    mean = mean_image_embedding(model, processor,
-                                [s.image for s in shapesworld.generate(16, seed=7)])
+    mean = mean_projector_output(model, processor,
+                                 [s.image for s in shapesworld.generate(16, seed=7)])
     with replace_image_tokens(model, mean):
         ablated = evaluate(model, processor, scenes, settings=("polling", "vqa"),
                            batch_size=30)

@@ -110,9 +110,9 @@ def model_options(command: Callable | None = None, *, workers: bool = True):
 @contextmanager
 def scale_out(workers: int, address: str) -> Iterator[Any]:
     """--workers / --ray checked now, before anything is loaded; yields a
-    vislens.distributed.Models whose load() gives the model or a pool of Ray workers,
+    vislens.runs.ray_pool.Models whose load() gives the model or a pool of Ray workers,
     shut down when the command ends (Ray is imported only when one is asked for)."""
-    from vislens.distributed import Models
+    from vislens.runs.ray_pool import Models
 
     models = Models(workers, address or None)
     try:
@@ -159,7 +159,7 @@ def model_session(opts: ModelOptions) -> Iterator[Callable[[], Any]]:
 
 def open_model(opts: ModelOptions, models) -> Any:
     """The model model_session yields the loader of (models: its
-    vislens.distributed.Models); --device-map / --max-memory are checked only here, after
+    vislens.runs.ray_pool.Models); --device-map / --max-memory are checked only here, after
     the command's own options, as they always were."""
     return models.load(opts.model, opts.device, opts.dtype, local=load_model,
                        **placement(opts.device, opts.device_map, opts.max_memory))

@@ -28,8 +28,9 @@ def study(
     with user_errors(), quiet(opts.as_json):
         if scale <= 0:
             raise VislensError(f"--scale must be positive (got {scale})")
-        from vislens.distributed import check
         from vislens.experiments.study import StudyConfig, run_study
+        from vislens.report.study import write_study_report
+        from vislens.runs.ray_cluster import check
 
         check(opts.workers, opts.ray or None)
         placement(opts.device, opts.device_map, opts.max_memory)  # checked before any work
@@ -39,7 +40,8 @@ def study(
                              workers=opts.workers, ray=opts.ray or None)
         log = (lambda m: None) if opts.as_json else \
             (lambda m: console.print(m, highlight=False))
-        result = run_study(config, out, progress=progress_for(opts.as_json), log=log)
+        ran = run_study(config, out, progress=progress_for(opts.as_json), log=log)
+        result = write_study_report(ran, out)
         if opts.as_json:
             emit(result, True)
             return

@@ -33,12 +33,10 @@ import torch
 
 from vislens.data import shapesworld
 from vislens.data.samples import Question, Sample
-from vislens.distributed import executor
 from vislens.errors import VislensError
 from vislens.experiments import decoding, funnel
 from vislens.experiments.batching import cut_batch, extend_batch, repeat_batch
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked, question
-from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.experiments.stats import wilson_ci
 from vislens.interventions import ablate, mean_image_embedding, mean_injected_features
@@ -53,7 +51,10 @@ from vislens.interventions.continuation import (
 )
 from vislens.interventions.reference import overlap
 from vislens.models.vlm import ImageEmbeddings
-from vislens.report.plots import grouped_bars
+from vislens.render.plots import grouped_bars
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
+from vislens.runs.rundir import RunDir
 
 RANDOM_KS = (5, 10, 20, 40, 60, 100, 250)
 FIXED_CONDITIONS = ("object", "object+1", "object+2", "register", "random-matched",
@@ -121,7 +122,7 @@ class AblationConfig:
         return names
 
 
-def execute(vlm, samples: list[Sample], config: AblationConfig, out: Path, meta: dict,
+def execute(vlm: ModelHandle, samples: list[Sample], config: AblationConfig, out: Path, meta: dict,
             reference_images=None, progress=None) -> dict:
     """Run into directory `out` (resuming), plot, and write summary.json."""
     run_dir = RunDir(out, {"experiment": "ablate", **meta, **_jsonable(asdict(config))},
@@ -157,11 +158,11 @@ def _jsonable(config: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
-def run(vlm, samples: list[Sample], config: AblationConfig, out: RunDir,
+def run(vlm: ModelHandle, samples: list[Sample], config: AblationConfig, out: RunDir,
         reference_images=None, progress=None) -> dict:
     """Rows go to `out` as they are made (resumable); returns the summary.
 
-    `vlm` may be a vislens.distributed.RayPool: the vector is then computed by one
+    `vlm` may be a vislens.runs.ray_pool.RayPool: the vector is then computed by one
     worker and the samples are shared out, one unit per sample.
     """
     config.validate()
@@ -822,7 +823,7 @@ def token_scores(per_dim: np.ndarray, sign: str) -> np.ndarray:
     return np.abs(per_dim).sum(-1) if sign == "abs" else per_dim.sum(-1)
 
 
-def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> dict:
+def summarise(rows: list[dict], vlm: ModelHandle, config: AblationConfig, data: str = "") -> dict:
     """The paper's table: % of kept samples each condition breaks, with 95% Wilson CIs."""
     kept_rows = [r for r in rows if r["kept"] and r["condition"] not in ("clean", "noised")]
     n_kept, drop, ci95, tokens = {}, {}, {}, {}

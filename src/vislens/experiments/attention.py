@@ -34,16 +34,17 @@ import numpy as np
 import torch
 
 from vislens.data.samples import SETTINGS, Sample
-from vislens.distributed import executor
 from vislens.experiments import funnel
 from vislens.experiments.logit_lens import display_token
 from vislens.experiments.prompts import question
-from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import bootstrap_columns, rate
 from vislens.interventions import capture
-from vislens.report.attention_viewer import AttentionMaps, render_attention_viewer
-from vislens.report.plots import layer_curves
+from vislens.render.attention_viewer import AttentionMaps, render_attention_viewer
+from vislens.render.plots import layer_curves
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
+from vislens.runs.rundir import RunDir
 
 MASSES = ("image", "text", "first")
 QUERY_HELP = ('"last" (the answer position: the last prompt token), -N (N-th token from the '
@@ -105,7 +106,7 @@ def query_column(vlm, batch, sample: int, spec: str) -> int:
     return hits[-1]
 
 
-def execute(vlm, samples: list[Sample], config: AttentionConfig, out: Path, meta: dict,
+def execute(vlm: ModelHandle, samples: list[Sample], config: AttentionConfig, out: Path, meta: dict,
             progress=None) -> dict:
     """Run into directory `out` (resuming), plot, and write summary.json."""
     config.validate()
@@ -135,7 +136,8 @@ def execute(vlm, samples: list[Sample], config: AttentionConfig, out: Path, meta
     return summary
 
 
-def run(vlm, samples: list[Sample], config: AttentionConfig, out: RunDir, progress=None) -> dict:
+def run(vlm: ModelHandle, samples: list[Sample], config: AttentionConfig, out: RunDir,
+        progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for the attention view; check --data / --n")
     vlm.require_layout("maps object masks to image tokens")
@@ -144,7 +146,7 @@ def run(vlm, samples: list[Sample], config: AttentionConfig, out: RunDir, progre
     chosen = [(s, t) for s, t in zip(samples, targets) if t is not None]
     todo = [(s, t) for s, t in chosen if not out.done(sample=s.id)]
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
+    ex = executor(vlm)  # this process, or a vislens.runs.ray_pool.RayPool: one unit per chunk
     ex.map(_chunk, chunks, config, out=out, progress=progress, label="attention")
     viewers = write_viewers(ex.info, chosen[:config.viewers], out.path)
     summary = summarise(out.rows(), ex.info, config, viewers)
@@ -240,7 +242,7 @@ def load_maps(path: Path) -> AttentionMaps:
         return AttentionMaps.from_arrays({k: z[k] for k in z.files})
 
 
-def write_viewers(vlm, chosen, run_dir: Path) -> list[dict]:
+def write_viewers(vlm: ModelHandle, chosen, run_dir: Path) -> list[dict]:
     """Viewer pages of the first kept images, rebuilt from their map files (so a resumed
     run writes the same pages as an uninterrupted one)."""
     pages = []
@@ -262,7 +264,8 @@ def write_viewers(vlm, chosen, run_dir: Path) -> list[dict]:
     return pages
 
 
-def summarise(rows: list[dict], vlm, config: AttentionConfig, viewers: list[dict]) -> dict:
+def summarise(rows: list[dict], vlm: ModelHandle, config: AttentionConfig,
+              viewers: list[dict]) -> dict:
     """Per-layer means over images with bootstrap intervals (images resampled)."""
     n_layers = vlm.num_layers
     images = sorted({r["sample"] for r in rows})

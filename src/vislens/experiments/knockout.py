@@ -49,18 +49,19 @@ import numpy as np
 import torch
 
 from vislens.data.samples import Sample
-from vislens.distributed import executor
 from vislens.errors import VislensError
 from vislens.experiments import funnel
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.decoding import greedy, plain_greedy
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked
-from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows, wilson_ci
 from vislens.interventions import LAST, knockout, start_at_layer
 from vislens.interventions.continuation import Recorded, advance, extend, record, refused
-from vislens.report.plots import heatmap
+from vislens.render.plots import heatmap
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
+from vislens.runs.rundir import RunDir
 
 NEO_CONDITIONS = ("object->last", "object+1->last", "object+2->last",
                   "image-but-object+1->last", "object+1->last-row",
@@ -251,7 +252,7 @@ def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None,
     }
 
 
-def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta: dict,
+def execute(vlm: ModelHandle, samples: list[Sample], config: KnockoutConfig, out: Path, meta: dict,
             progress=None) -> dict:
     """Run into directory `out` (resuming), plot, and write summary.json."""
     if not vlm.family.geometric and config.conditions == CONDITIONS:  # the default: what runs
@@ -274,7 +275,8 @@ def execute(vlm, samples: list[Sample], config: KnockoutConfig, out: Path, meta:
     return summary
 
 
-def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progress=None) -> dict:
+def run(vlm: ModelHandle, samples: list[Sample], config: KnockoutConfig, out: RunDir,
+        progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for knockout; check --data / --n")
     config.validate()
@@ -284,7 +286,7 @@ def run(vlm, samples: list[Sample], config: KnockoutConfig, out: RunDir, progres
                            f"image tokens, which needs a token layout; vislens has none for "
                            f"{vlm.family.model_type!r}: run --conditions "
                            f"{','.join(LAYOUT_FREE)} or add a family module")
-    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per sample
+    ex = executor(vlm)  # this process, or a vislens.runs.ray_pool.RayPool: one unit per sample
     windows = config.layer_windows(ex.info.num_layers)
     targets = choose_targets(samples, config.area)
     items = [(s, t) for s, t in zip(samples, targets) if t is not None

@@ -43,14 +43,15 @@ import torch
 
 from vislens.data.answers import head_words
 from vislens.data.samples import Sample
-from vislens.distributed import executor
 from vislens.experiments import funnel
-from vislens.experiments.runs import RunDir
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import wilson_ci
 from vislens.interventions import capture
-from vislens.report.plots import layer_curves
-from vislens.report.viewer import LensToken, render_viewer
+from vislens.render.plots import layer_curves
+from vislens.render.viewer import LensToken, render_viewer
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
+from vislens.runs.rundir import RunDir
 
 PROMPT = "describe this image ."
 PAPER = {"hit_rate": 0.237, "peak_layer_mean": 25.7, "n_layers": 33}  # LLaVA-1.5-7B, COCO
@@ -119,7 +120,7 @@ def display_token(token: str | None) -> str:
     return token.replace("\u2581", " ").replace("\u0120", " ").strip() or token
 
 
-def execute(vlm, samples: list[Sample], config: LensConfig, out: Path, meta: dict,
+def execute(vlm: ModelHandle, samples: list[Sample], config: LensConfig, out: Path, meta: dict,
             progress=None) -> dict:
     """Run into directory `out` (resuming), plot, and write summary.json."""
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
@@ -136,7 +137,8 @@ def execute(vlm, samples: list[Sample], config: LensConfig, out: Path, meta: dic
     return summary
 
 
-def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=None) -> dict:
+def run(vlm: ModelHandle, samples: list[Sample], config: LensConfig, out: RunDir,
+        progress=None) -> dict:
     if not samples:
         raise ValueError("no samples for the logit lens; check --data / --n")
     area = default_area(samples) if config.area == "auto" else config.area
@@ -146,7 +148,7 @@ def run(vlm, samples: list[Sample], config: LensConfig, out: RunDir, progress=No
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     viewer_dir = out.path / "viewer"
     kept_ids = [s.id for s, _ in chosen]
-    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
+    ex = executor(vlm)  # this process, or a vislens.runs.ray_pool.RayPool: one unit per chunk
     ex.map(_chunk, chunks, config, viewer_dir, kept_ids, out=out, progress=progress,
            label="logit lens")
     summary = summarise(out.tables(SUMMARY_COLUMNS), ex.info, config, viewer_dir)
@@ -315,7 +317,8 @@ class LensTally:
         self.img_layer_hits += hit.sum(0)
 
 
-def summarise(tables: Iterable[pa.Table], vlm, config: LensConfig, viewer_dir: Path) -> dict:
+def summarise(tables: Iterable[pa.Table], vlm: ModelHandle, config: LensConfig,
+              viewer_dir: Path) -> dict:
     """Hit rate over object patches, best layer, per-layer curve, background false alarms.
 
     tables: token rows (at least SUMMARY_COLUMNS), e.g. the run's parts one at a time.

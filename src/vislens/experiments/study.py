@@ -1,7 +1,8 @@
 """`vislens study`: every experiment with sensible defaults, one report.
 
 Each step writes its own run directory under the study directory (so a rerun
-resumes every step), and the report is rebuilt from their summaries.
+resumes every step); run_study returns their summaries, from which
+vislens.report.study rebuilds the report.
 """
 
 from __future__ import annotations
@@ -13,20 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vislens.experiments.runs import write_json_atomic
-from vislens.report.page import Section, render_page
-from vislens.report.sections import (
-    ablation_section,
-    accuracy_section,
-    artifacts_section,
-    attention_section,
-    knockout_section,
-    logit_lens_section,
-    perceive_section,
-    prefix_section,
-    surface_section,
-    timing_section,
-)
+from vislens.runs.handle import ModelHandle
+from vislens.runs.rundir import write_json_atomic
 
 
 @dataclass
@@ -44,6 +33,21 @@ class StudyConfig:
 
     def n(self, base: int) -> int:
         return max(2, round(base * self.scale))
+
+
+@dataclass
+class StudyRun:
+    """What a study ran: each step's summary (by step name, in order), seconds per step
+    summed over every invocation of the study, and the facts its report opens with."""
+
+    model: str
+    facts: dict[str, object]
+    summaries: dict[str, dict]
+    seconds: dict[str, float]
+
+    def headlines(self) -> dict[str, dict]:
+        """Per step, the few numbers a person looks at first."""
+        return {k: _headline(k, v) for k, v in self.summaries.items()}
 
 
 class StepClock:
@@ -72,9 +76,9 @@ class StepClock:
 
 
 def run_study(config: StudyConfig, out: Path, progress=None,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print) -> StudyRun:
     from vislens.data import open_dataset
-    from vislens.distributed import Models
+    from vislens.runs.ray_pool import Models
 
     out = Path(out)
     kind = config.data.partition(":")[0]
@@ -94,7 +98,8 @@ def run_study(config: StudyConfig, out: Path, progress=None,
         models.close()
 
 
-def _steps(vlm, config: StudyConfig, samples, out: Path, loaded: float, progress, log) -> dict:
+def _steps(vlm: ModelHandle, config: StudyConfig, samples, out: Path, loaded: float, progress,
+           log) -> StudyRun:
     from vislens.experiments import ablation, attention, knockout, logit_lens
 
     out.mkdir(parents=True, exist_ok=True)
@@ -129,34 +134,16 @@ def _steps(vlm, config: StudyConfig, samples, out: Path, loaded: float, progress
         out / "attention", {**meta, "n": config.n(24)}, progress=progress))
     part_b(vlm, config, out, step, progress)
     times = clock.totals()
-    sections: list[Section] = [
-        accuracy_section(summaries["accuracy"]),
-        ablation_section(summaries["ablation"]),
-        logit_lens_section(summaries["logit lens"]),
-        knockout_section(summaries["knockout"]),
-        attention_section(summaries["attention"]),
-        perceive_section(summaries["perceive"]),
-        artifacts_section(summaries["artifacts"]),
-        prefix_section(summaries["prefix"]),
-        surface_section(summaries["surface"]),
-        timing_section(times),
-    ]
     facts = {"model": config.model, "data": config.data, "family": vlm.model_type,
              "LM layers": vlm.num_layers, "device": config.device,
              "total time (s), all runs of this study": round(times["total"], 1)}
-    page = render_page(f"vislens study: {config.model}", facts, sections)
-    report = out / "report.html"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text(page)
-    tmp.replace(report)
-    return {"report": str(report), "seconds": times, "sections": [s.key for s in sections],
-            "summaries": {k: _headline(k, v) for k, v in summaries.items()}}
+    return StudyRun(config.model, facts, summaries, times)
 
 
-def _accuracy(vlm, config: StudyConfig, seed: int, path: Path, progress) -> dict:
+def _accuracy(vlm: ModelHandle, config: StudyConfig, seed: int, path: Path, progress) -> dict:
     """Accuracy on fresh held-out scenes, kept in accuracy.json so a rerun reuses it."""
     from vislens.data import shapesworld
-    from vislens.distributed import executor
+    from vislens.runs.local import executor
 
     key = {"model": config.model, "seed": seed, "n": config.n(60), "dtype": config.dtype}
     if path.is_file():
@@ -175,7 +162,7 @@ def _evaluate(vlm, scenes, progress=None) -> dict:
     return evaluate(vlm.model, vlm.processor, scenes, progress=progress)
 
 
-def part_b(vlm, config: StudyConfig, out: Path, step, progress) -> None:
+def part_b(vlm: ModelHandle, config: StudyConfig, out: Path, step, progress) -> None:
     """Liu et al.'s experiments on ShapesWorld task variants of the study's (held-out) world."""
     from vislens.experiments.perception import artifacts, perceive, prefix, surface
 

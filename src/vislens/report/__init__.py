@@ -1,1 +1,3 @@
-"""Plots and self-contained HTML (no network: CSS, JS and images inline)."""
+"""The study report: each experiment's summary as a section of one page (vislens.render
+draws it). The top layer beside the CLI: it reads experiments' summaries; only the CLI
+imports it."""

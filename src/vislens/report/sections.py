@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vislens.experiments.perception.perceive import best_chance
-from vislens.report.page import Section, TableData, fmt
+from vislens.render.page import Section, TableData, fmt
 
 
 def accuracy_section(summary: dict) -> Section:

@@ -17,10 +17,14 @@ REFERENCE_SEED = 107_777  # scenes the mean image token is taken over (never tra
 
 
 @torch.no_grad()
-def mean_image_embedding(model, processor, images: Sequence) -> torch.Tensor:
+def mean_projector_output(model, processor, images: Sequence) -> torch.Tensor:
     """Mean image token as the LM receives it (projector / merger output) over reference
     images: [D]. The image processor's outputs (pixels, and Qwen's `image_grid_thw`)
-    are what `get_image_features` takes."""
+    are what `get_image_features` takes.
+
+    Unlike vislens.interventions.mean_image_embedding (a loaded VLM; patch tokens only,
+    newline slots left out; cached on disk), this averages every row the bare
+    transformers model's projector returns, uncached: what training has at hand."""
     enc = processor.image_processor(images=list(images), return_tensors="pt")
     feats = model.model.get_image_features(**{k: v.to(model.device) for k, v in enc.items()})
     feats = getattr(feats, "pooler_output", feats)
@@ -67,7 +71,7 @@ def final_checks(model, processor, scenes) -> dict:
 
     clean = evaluate(model, processor, scenes)
     reference = shapesworld.generate(64, seed=REFERENCE_SEED)
-    mean = mean_image_embedding(model, processor, [s.image for s in reference])
+    mean = mean_projector_output(model, processor, [s.image for s in reference])
     with replace_image_tokens(model, mean):
         ablated = evaluate(model, processor, scenes)
     return {"held_out": {"scenes": len(scenes), "seed": scenes[0].meta["seed"],

@@ -43,10 +43,11 @@ import torch
 from PIL import Image
 
 from vislens.data.resolve import open_dataset
-from vislens.distributed import executor
 from vislens.experiments.perception import perceive, surface
 from vislens.experiments.perception.features import KeyCells, extract
 from vislens.experiments.stats import choose_layer, paired_delta, selection_split
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
 
 TEXT_TASKS = perceive.TEXT_TASKS
 
@@ -154,12 +155,12 @@ def agnostic_scores(vlm, images: list[Image.Image], config: ArtifactsConfig,
                           dict(last.token_map.grids[last.index]))
 
 
-def run(vlm, config: ArtifactsConfig, out, progress: Callable | None = None
+def run(vlm: ModelHandle, config: ArtifactsConfig, out, progress: Callable | None = None
         ) -> tuple[dict, ArtifactScores]:
     images = [s.image for s in open_dataset(config.data, config.n_images)][:config.n_images]
     if len(images) < 2:
         raise ValueError("artifact scores need at least 2 images; raise --n-images")
-    ex = executor(vlm)  # a vislens.distributed.RayPool scores on one worker, then shares out
+    ex = executor(vlm)  # a vislens.runs.ray_pool.RayPool scores on one worker, then shares out
     art = ex.call(agnostic_scores, images, config, progress=progress)
     blocked = {ly: art.cells(ly) for ly, idx in art.flagged.items() if len(idx)}
     pcfg = config.perceive
@@ -304,12 +305,12 @@ def delta(before: dict, after: dict) -> dict:
     return out
 
 
-def execute(vlm, config: ArtifactsConfig, out, meta: dict, progress: Callable | None = None
-            ) -> dict:
+def execute(vlm: ModelHandle, config: ArtifactsConfig, out, meta: dict,
+            progress: Callable | None = None) -> dict:
     """Run into directory `out` (resuming): scores.json, the artifact grid, clean vs
     knockout curves, summary.json."""
     from vislens.experiments.perception.plots import artifact_grid, compare_curves
-    from vislens.experiments.runs import RunDir, write_json_atomic
+    from vislens.runs.rundir import RunDir, write_json_atomic
 
     run_dir = RunDir(out, {"experiment": "artifacts", **meta, **asdict(config)},
                      key=["condition", "task", "item"])

@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vislens.data.resolve import open_task
-from vislens.distributed import executor
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import SOURCES, ImageFeatures, extract
 from vislens.experiments.stats import bootstrap_metric, choose_layer, selection_split
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
 
 ORACLES = {"co-seg": "co-seg-oracle", "ref-seg": "ref-seg-oracle",  # GT-matched variants
            "sem-seg": "sem-seg-oracle"}  # told the classes present
@@ -111,13 +112,13 @@ def load_items(task: str, config: PerceiveConfig) -> list:
     return items[:config.n]
 
 
-def run(vlm, config: PerceiveConfig, out, progress: Callable | None = None,
+def run(vlm: ModelHandle, config: PerceiveConfig, out, progress: Callable | None = None,
         condition: str = "clean", blocked: dict | None = None,
         items: dict[str, list] | None = None) -> dict:
     """Score every task item not yet in `out` (a RunDir keyed condition/task/item).
 
     One unit per batch of items, every task's units in one map, so that a
-    vislens.distributed.RayPool passed as `vlm` keeps all its workers busy across tasks.
+    vislens.runs.ray_pool.RayPool passed as `vlm` keeps all its workers busy across tasks.
     """
     vlm.require_layout("scores tokens against pixel masks and points")
     check_config(config)
@@ -607,11 +608,11 @@ def _clean(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
 
 
-def execute(vlm, config: PerceiveConfig, out, meta: dict, progress: Callable | None = None
-            ) -> dict:
+def execute(vlm: ModelHandle, config: PerceiveConfig, out, meta: dict,
+            progress: Callable | None = None) -> dict:
     """Run into directory `out` (resuming), plot one curve per task, write summary.json."""
     from vislens.experiments.perception.plots import task_curves
-    from vislens.experiments.runs import RunDir
+    from vislens.runs.rundir import RunDir
 
     run_dir = RunDir(out, {"experiment": "perceive", **meta, **asdict(config)},
                      key=["condition", "task", "item"])

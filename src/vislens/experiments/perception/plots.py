@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vislens.report.plots import layer_curves, save_figure  # noqa: E402
+from vislens.render.plots import layer_curves, save_figure  # noqa: E402
 
 
 def task_curves(summary: dict, out_dir: Path, suffix: str = "") -> list[Path]:

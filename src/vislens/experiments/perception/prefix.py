@@ -32,9 +32,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from vislens.distributed import executor
 from vislens.experiments.perception import perceive
 from vislens.experiments.perception.artifacts import delta, held_out_delta
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
 
 # option -> what perceive.prefix_text calls it; an oracle names the item's answer
 ORACLE_PREFIXES = {"classes-oracle": "classes-present", "task-oracle": "task"}
@@ -123,7 +124,8 @@ def _counter(vlm, texts: list[str]) -> list[int]:
     return [len(vlm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
-def class_prefixes(vlm, config: PrefixConfig, items: dict[str, list]) -> dict[str, dict]:
+def class_prefixes(vlm: ModelHandle, config: PrefixConfig, items: dict[str, list]
+                   ) -> dict[str, dict]:
     """Per task: the "classes" prefix text and how it was made."""
     ex = executor(vlm)
     cache: dict[str, int] = {}
@@ -145,7 +147,7 @@ def class_prefixes(vlm, config: PrefixConfig, items: dict[str, list]) -> dict[st
     return out
 
 
-def run(vlm, config, out, progress: Callable | None = None) -> dict:
+def run(vlm: ModelHandle, config, out, progress: Callable | None = None) -> dict:
     config = as_prefix_config(config)
     prefix = check_prefix(config.prefix)
     pcfg = replace(config.perceive, prefix=None)
@@ -175,10 +177,10 @@ def run(vlm, config, out, progress: Callable | None = None) -> dict:
             ("oracle_headline" if oracle else "headline"): head}
 
 
-def execute(vlm, config, out, meta: dict, progress: Callable | None = None) -> dict:
+def execute(vlm: ModelHandle, config, out, meta: dict, progress: Callable | None = None) -> dict:
     """Run into directory `out` (resuming), plot clean vs prefixed, write summary.json."""
     from vislens.experiments.perception.plots import compare_curves
-    from vislens.experiments.runs import RunDir
+    from vislens.runs.rundir import RunDir
 
     config = as_prefix_config(config)
     run_dir = RunDir(out, {"experiment": "prefix", **meta, **asdict(config)},

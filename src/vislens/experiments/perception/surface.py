@@ -38,11 +38,12 @@ import torch
 from PIL import Image
 
 from vislens.data.resolve import open_task
-from vislens.distributed import executor
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import block_keys, extract
 from vislens.experiments.perception.perceive import PROMPT
 from vislens.experiments.stats import permutation_null, rate
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
 
 PAPER = {"blink-art-style": 0.333}  # share of items solved by the values, missed by the model
 READOUT_SOURCES = ("values", "projector", "vision")
@@ -187,14 +188,14 @@ def readout(vlm, item, config: SurfaceConfig) -> dict[str, list[int]]:
     return out
 
 
-def run(vlm, config: SurfaceConfig, out, progress: Callable | None = None) -> dict:
+def run(vlm: ModelHandle, config: SurfaceConfig, out, progress: Callable | None = None) -> dict:
     items = load_items(config)
     config.validate()
     if len(items) < 2:
         raise ValueError("surface needs at least 2 items (half choose the layer); raise --n")
     todo = [(i, it) for i, it in enumerate(items) if not out.done(item=str(i))]
     chunks = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
-    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per chunk
+    ex = executor(vlm)  # this process, or a vislens.runs.ray_pool.RayPool: one unit per chunk
     ex.map(_chunk, chunks, config, out=out, progress=progress, label="surface")
     return summarise(out.rows(), ex.info.num_layers, config)
 
@@ -211,7 +212,7 @@ def _chunk(vlm, out, chunk, config: SurfaceConfig) -> None:
 
 
 def answers(vlm, _out, items: list, batch_size: int, blocked: dict | None = None) -> list[dict]:
-    """model_answers as a unit of vislens.distributed (artifacts shares its items out)."""
+    """model_answers as an executor unit (vislens.runs.local; artifacts shares its items out)."""
     return model_answers(vlm, items, batch_size, blocked=blocked)
 
 
@@ -290,11 +291,11 @@ def _rounded(r: dict) -> dict:
             "ci95": None if r["ci95"] is None else [round(x, 4) for x in r["ci95"]], "n": r["n"]}
 
 
-def execute(vlm, config: SurfaceConfig, out, meta: dict, progress: Callable | None = None
-            ) -> dict:
+def execute(vlm: ModelHandle, config: SurfaceConfig, out, meta: dict,
+            progress: Callable | None = None) -> dict:
     """Run into directory `out` (resuming), plot, write summary.json."""
     from vislens.experiments.perception.plots import surface_plot
-    from vislens.experiments.runs import RunDir
+    from vislens.runs.rundir import RunDir
 
     run_dir = RunDir(out, {"experiment": "surface", **meta, **asdict(config)}, key=["item"])
     summary = run(vlm, config, run_dir, progress)

@@ -29,9 +29,9 @@ def esc(value: object) -> str:
 
 @functools.cache
 def template(name: str) -> string.Template:
-    """The template file src/vislens/report/templates/<name>, read once (package data, so it
+    """The template file src/vislens/render/templates/<name>, read once (package data, so it
     ships in the wheel and reads the same from a zip)."""
-    text = (resources.files("vislens.report") / "templates" / name).read_text(encoding="utf-8")
+    text = (resources.files("vislens.render") / "templates" / name).read_text(encoding="utf-8")
     return string.Template(text)
 
 

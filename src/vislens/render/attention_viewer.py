@@ -12,7 +12,7 @@ the one shown. Attention values travel as bytes (one scale per layer and head)
 so a 32-layer, 32-head model with ~2,900 patch tokens stays a few MB, not tens.
 
 The page's markup, style and script are templates/attention_viewer.{html,css,js}
-next to this module, filled by vislens.report.html.fill.
+next to this module, filled by vislens.render.html.fill.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 from PIL import Image
 
-from vislens.report.html import esc, fill, image_data_uri
-from vislens.report.viewer import BASE_CSS, DISPLAY_WIDTH, patch_divs
+from vislens.render.html import esc, fill, image_data_uri
+from vislens.render.viewer import BASE_CSS, DISPLAY_WIDTH, patch_divs
 
 VIEW_NAMES = {0: "base view", 1: "high-res view"}
 COLORS = {"image": "#1f77b4", "text": "#ff7f0e", "first": "#2ca02c"}  # the PNG plot's C0-C2

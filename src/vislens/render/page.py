@@ -1,10 +1,11 @@
-"""The study report: one self-contained HTML page (inline CSS, images, viewers).
+"""A report page: one self-contained HTML page of sections (inline CSS, images, viewers);
+the study's report is one (vislens.report.sections makes its sections).
 
 Sections are plain data (tables, images, embedded pages) so every experiment
 is shown the same way and a test can check each one rendered.
 
 The page's markup and style are templates/report_page.{html,css} next to this module,
-filled by vislens.report.html.fill (the sections' fragments are built here).
+filled by vislens.render.html.fill (the sections' fragments are built here).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vislens.report.html import esc, fill, png_file_data_uri
+from vislens.render.html import esc, fill, png_file_data_uri
 
 _CSS = fill("report_page.css")
 

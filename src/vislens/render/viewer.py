@@ -5,7 +5,7 @@ test can count them); a little inline JavaScript adds hover highlighting of
 the patch on the image, the top-k detail panel, and the word filter.
 
 The page's markup, style and script are templates/logit_lens_viewer.{html,css,js}
-next to this module, filled by vislens.report.html.fill.
+next to this module, filled by vislens.render.html.fill.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from vislens.report.html import esc, fill, image_data_uri
+from vislens.render.html import esc, fill, image_data_uri
 
 DISPLAY_WIDTH = 384
 # what every per-image viewer shares: the page, the image with its patches, the hover mark

@@ -101,7 +101,7 @@ class RunDir:
 
     def next_index(self) -> int:
         """One past the highest part number on disk. Not the count: a sharded run numbers
-        its parts by unit and can leave gaps (vislens.distributed)."""
+        its parts by unit and can leave gaps (vislens.runs.ray_pool)."""
         numbers = [int(m.group(1)) for p in self._parts()
                    if (m := re.match(r"part-(\d+)", p.name))]
         return max(numbers, default=-1) + 1
