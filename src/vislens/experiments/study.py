@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vislens.experiments.runs import write_json_atomic
 from vislens.report.page import Section, render_page
@@ -27,6 +28,9 @@ from vislens.report.sections import (
     surface_section,
     timing_section,
 )
+
+if TYPE_CHECKING:
+    from vislens.experiments.accuracy import AccuracySummary
 
 
 @dataclass
@@ -102,9 +106,10 @@ def _steps(vlm, config: StudyConfig, samples, out: Path, loaded: float, progress
     clock.seconds["load model"] = clock.seconds.get("load model", 0.0) + loaded
     meta = {"model": config.model, "data": config.data, "device": config.device,
             "dtype": config.dtype}
-    summaries: dict[str, dict] = {}
+    # step -> its summary (each step's own type: the `*Summary` its section function takes)
+    summaries: dict[str, Any] = {}
 
-    def step(name: str, fn: Callable[[], dict]) -> None:
+    def step(name: str, fn: Callable[[], Any]) -> None:
         log(f"study: {name} ...")
         t = time.perf_counter()
         with clock.step(name):
@@ -169,7 +174,7 @@ def _accuracy(vlm, config: StudyConfig, seed: int, path: Path, progress) -> dict
     return result
 
 
-def _evaluate(vlm, scenes, progress=None) -> dict:
+def _evaluate(vlm, scenes, progress=None) -> AccuracySummary:
     from vislens.experiments.accuracy import evaluate
 
     return evaluate(vlm.model, vlm.processor, scenes, progress=progress)
