@@ -243,11 +243,13 @@ def study(tmp_path_factory):
     return result, summaries
 
 
+@pytest.mark.slow
 def test_every_study_step_has_a_contract(study):
     result, _ = study
     assert set(result["summaries"]) == set(STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", list(STEPS))
 def test_real_summary_keeps_its_contract(study, step):
     _, summaries = study
@@ -255,6 +257,7 @@ def test_real_summary_keeps_its_contract(study, step):
     assert not found, "\n".join(found)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", list(STEPS))
 def test_report_and_headline_read_declared_keys(study, step):
     from vislens.experiments.study import _headline
