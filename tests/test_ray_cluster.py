@@ -279,8 +279,9 @@ def test_a_worker_killed_mid_run_leaves_no_row_missing_or_twice(head, single, tm
 
 
 def test_a_job_stopped_and_submitted_again_resumes_without_duplicates(head, single, tmp_path):
-    """README's recipe: `ray job submit --working-dir . -- vislens ... --ray auto`, the run
-    directory given as an absolute path; `ray job stop` mid-run, the same submit again."""
+    """docs/scale-out.md's recipe: `ray job submit --working-dir . -- vislens ... --ray
+    auto`, the run directory given as an absolute path; `ray job stop` mid-run, the same
+    submit again."""
     if not head.jobs:
         message = "ray job submit needs ray[default] (pip install -e '.[test]')"
         if IN_CI:

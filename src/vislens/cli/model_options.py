@@ -42,7 +42,7 @@ WORKERS_HELP = ("share the images out over N Ray workers on this machine, one mo
 RAY_HELP = ("run the workers on the Ray cluster at ADDRESS (HOST:PORT, ray://HOST:PORT or "
             "auto; default one per GPU, or per node on CPUs); --out must be on a filesystem "
             "every node sees. A cluster with token authentication needs RAY_AUTH_MODE=token "
-            "and its token (README: Several GPUs and Ray)")
+            "and its token (docs/scale-out.md)")
 WORKERS_OPTION = typer.Option(0, "--workers", help=WORKERS_HELP)
 RAY_OPTION = typer.Option("", "--ray", metavar="ADDRESS", help=RAY_HELP)
 

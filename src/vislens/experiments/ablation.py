@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from vislens.data.samples import Question, Sample
 from vislens.errors import VislensError
 from vislens.experiments import decoding, funnel
 from vislens.experiments.batching import cut_batch, extend_batch, repeat_batch
+from vislens.experiments.funnel import Funnel
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked, question
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.experiments.stats import wilson_ci
@@ -123,12 +125,14 @@ class AblationConfig:
 
 
 def execute(vlm: ModelHandle, samples: list[Sample], config: AblationConfig, out: Path, meta: dict,
-            reference_images=None, progress=None) -> dict:
+            reference_images=None, progress=None) -> AblationSummary:
     """Run into directory `out` (resuming), plot, and write summary.json."""
     run_dir = RunDir(out, {"experiment": "ablate", **meta, **_jsonable(asdict(config))},
                      key=["sample", "setting", "condition"])
-    summary = run(vlm, samples, config, run_dir, reference_images, progress)
-    summary.update(model=meta.get("model", summary["model"]), data=meta.get("data", ""))
+    summary = cast(AblationSummary,
+                   run(vlm, samples, config, run_dir, reference_images, progress))
+    summary["model"] = meta.get("model", summary["model"])
+    summary["data"] = meta.get("data", "")
     summary["plot"] = str(grouped_bars(
         summary["drop"], run_dir.path / "ablation.png",
         f"Token ablation ({summary['model']}): % of correct answers broken", "% broken",
@@ -823,7 +827,36 @@ def token_scores(per_dim: np.ndarray, sign: str) -> np.ndarray:
     return np.abs(per_dim).sum(-1) if sign == "abs" else per_dim.sum(-1)
 
 
-def summarise(rows: list[dict], vlm: ModelHandle, config: AblationConfig, data: str = "") -> dict:
+class AblationReference(TypedDict):
+    """The mean vector's reference images (`resolve_reference`)."""
+
+    spec: str  # their data spec
+    n_images: int
+    default: bool  # vislens chose them (no --reference)
+    overlap: int  # of them also evaluated, pixel for pixel
+    disjoint: bool  # overlap == 0
+
+
+class AblationSummary(TypedDict):
+    """summary.json of `vislens ablate` (what `execute` returns): `summarise`'s keys, then
+    `run`'s (funnel, reference) and `execute`'s (model, data, plot). Read by
+    report/sections.py `ablation_section` and experiments/study.py `_headline`;
+    tests/test_summary_contract.py checks both against these keys."""
+
+    model: str
+    data: str
+    n_kept: dict[str, int]  # setting -> samples kept (right clean, wrong noised)
+    drop: dict[str, dict[str, float]]  # setting -> condition -> % of kept answers broken
+    ci95: dict[str, dict[str, list[float]]]  # setting -> condition -> Wilson interval, %
+    mean_tokens: dict[str, dict[str, float]]  # setting -> condition -> tokens ablated
+    paper: dict[str, dict[str, int]]  # PAPER: Neo et al.'s % broken
+    config: dict[str, Any]
+    funnel: Funnel
+    reference: AblationReference | None  # None: zero ablation
+    plot: str  # ablation.png
+
+
+def summarise(rows: list[dict], vlm, config: AblationConfig, data: str = "") -> dict:
     """The paper's table: % of kept samples each condition breaks, with 95% Wilson CIs."""
     kept_rows = [r for r in rows if r["kept"] and r["condition"] not in ("clean", "noised")]
     n_kept, drop, ci95, tokens = {}, {}, {}, {}

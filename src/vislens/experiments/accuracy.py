@@ -8,6 +8,7 @@ answers are judged by each `Question`'s own rule (vislens.data.answers).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -45,10 +46,25 @@ def generate_answers(model, processor, images: Sequence, questions: Sequence[Que
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+class _AccuracyOptional(TypedDict, total=False):
+    rows: list[dict]  # with rows=True: every question, answer and verdict
+    seed: int  # the scenes' world (added by `vislens study`, experiments/study.py)
+
+
+class AccuracySummary(_AccuracyOptional):
+    """What `evaluate` returns (`vislens eval --json`; the study's accuracy.json "result",
+    read by report/sections.py `accuracy_section`)."""
+
+    accuracy: dict[str, float]  # setting -> share of questions answered right
+    ci95: dict[str, list[float]]  # setting -> Wilson interval
+    n: int  # scenes
+    questions: dict[str, int]  # setting -> questions asked
+
+
 def evaluate(model, processor, samples: Sequence[Sample],
              settings: Sequence[str] = SETTINGS, batch_size: int = 16,
              max_new_tokens: int = 24, seed: int = 0, rows: bool = False,
-             progress=None) -> dict:
+             progress=None) -> AccuracySummary:
     """Accuracy per setting over every question ShapesWorld offers for each sample.
 
     Polling counts its yes and its no question, VQA its shape and color question.
@@ -65,7 +81,7 @@ def evaluate(model, processor, samples: Sequence[Sample],
     was_training = model.training
     model.eval()
     rng = np.random.default_rng(seed)
-    result: dict = {"accuracy": {}, "ci95": {}, "n": len(samples), "questions": {}}
+    result: AccuracySummary = {"accuracy": {}, "ci95": {}, "n": len(samples), "questions": {}}
     listed: list[dict] = []
     try:
         for setting in settings:

@@ -29,16 +29,18 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
 
 from vislens.data.samples import SETTINGS, Sample
 from vislens.experiments import funnel
+from vislens.experiments.funnel import Funnel
 from vislens.experiments.logit_lens import display_token
 from vislens.experiments.prompts import question
 from vislens.experiments.selection import choose_targets
-from vislens.experiments.stats import bootstrap_columns, rate
+from vislens.experiments.stats import Rate, bootstrap_columns, rate
 from vislens.interventions import capture
 from vislens.render.attention_viewer import AttentionMaps, render_attention_viewer
 from vislens.render.plots import layer_curves
@@ -107,12 +109,12 @@ def query_column(vlm, batch, sample: int, spec: str) -> int:
 
 
 def execute(vlm: ModelHandle, samples: list[Sample], config: AttentionConfig, out: Path, meta: dict,
-            progress=None) -> dict:
+            progress=None) -> AttentionSummary:
     """Run into directory `out` (resuming), plot, and write summary.json."""
     config.validate()
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     run_dir = RunDir(out, {"experiment": "attention", **meta, **cfg}, key=["sample"])
-    summary = run(vlm, samples, config, run_dir, progress)
+    summary = cast(AttentionSummary, run(vlm, samples, config, run_dir, progress))
     summary["model"] = meta.get("model", summary["model"])
     name = summary["model"]
     where = f"{summary['query_label']}, {name}"
@@ -242,10 +244,21 @@ def load_maps(path: Path) -> AttentionMaps:
         return AttentionMaps.from_arrays({k: z[k] for k in z.files})
 
 
-def write_viewers(vlm: ModelHandle, chosen, run_dir: Path) -> list[dict]:
+class ViewerPage(TypedDict):
+    """One interactive attention page (`write_viewers`), captioned in the report."""
+
+    path: str
+    sample: str
+    target: str
+    prompt: str
+    query_token: str
+    answer: str
+
+
+def write_viewers(vlm: ModelHandle, chosen, run_dir: Path) -> list[ViewerPage]:
     """Viewer pages of the first kept images, rebuilt from their map files (so a resumed
     run writes the same pages as an uninterrupted one)."""
-    pages = []
+    pages: list[ViewerPage] = []
     for sample, _ in chosen:
         src = maps_path(run_dir, sample.id)
         if not src.is_file():
@@ -264,8 +277,43 @@ def write_viewers(vlm: ModelHandle, chosen, run_dir: Path) -> list[dict]:
     return pages
 
 
-def summarise(rows: list[dict], vlm: ModelHandle, config: AttentionConfig,
-              viewers: list[dict]) -> dict:
+class AttentionSummary(TypedDict):
+    """summary.json of `vislens attention` (what `execute` returns): `summarise`'s keys, then
+    `run`'s (funnel) and `execute`'s (plot, object_plot; model set to the run's name). Read
+    by report/sections.py `attention_section` and experiments/study.py `_headline`;
+    tests/test_summary_contract.py checks both against these keys. Per-layer lists are
+    means over images (None where no image has a value); shares are 0-1."""
+
+    model: str
+    setting: str
+    query: str
+    query_label: str  # "answer position" or "query 'WORD'"
+    query_token: str | None  # the query's token text (most common over images)
+    first_token: str
+    has_newlines: bool  # row-newline tokens counted with the image
+    n_images: int
+    n_layers: int
+    n_heads: int
+    per_layer: dict[str, list[float | None]]  # "image" / "text" / "first" / "newline" mass
+    per_layer_ci95: dict[str, list[list[float] | None]]  # MASSES -> bootstrap intervals
+    object_share: list[float | None]  # the object's share of the image attention
+    object_share_ci95: list[list[float] | None]
+    area_share: list[float | None]  # the object's share of the image tokens
+    object_lift: list[float | None]  # object_share / area_share
+    peak_on_object: list[float | None]  # images whose most-attended patch is on the object
+    peak_on_object_ci95: list[list[float] | None]
+    peak_layer_image: int | None
+    peak_layer_object: int | None
+    answer_accuracy: Rate | None  # first answer token right
+    viewers: list[ViewerPage]
+    viewer: list[str]  # their paths
+    config: dict[str, Any]
+    funnel: Funnel
+    plot: str  # attention_mass.png
+    object_plot: str  # attention_object.png
+
+
+def summarise(rows: list[dict], vlm, config: AttentionConfig, viewers: list[ViewerPage]) -> dict:
     """Per-layer means over images with bootstrap intervals (images resampled)."""
     n_layers = vlm.num_layers
     images = sorted({r["sample"] for r in rows})

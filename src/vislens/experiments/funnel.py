@@ -19,6 +19,7 @@ says at which step its images were lost and which option changes that.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 STEPS = ("read", "selected", "region", "clean_correct", "noise_filter", "kept")
 LABELS = {
@@ -45,13 +46,22 @@ LOST = {
 SKIPPED_REGION = "region"  # a clean row's `skipped` value: VQA region word not unambiguous
 
 
+class Funnel(TypedDict):
+    """The summary key `funnel` (`tally`); the report prints it as a table and its `lost`
+    lines as notes."""
+
+    steps: list[str]  # STEPS, in order
+    counts: dict[str, dict[str, int | None]]  # setting -> step -> images left (None: n/a)
+    lost: dict[str, str]  # setting -> where it lost every image and what to change
+
+
 def images_read(samples: Sequence) -> int:
     """What the loader read: a vislens.data.samples.SampleList says, else every sample."""
     return int(getattr(samples, "read", len(samples)))
 
 
 def tally(samples: Sequence, targets: Sequence, rows: list[dict] | None,
-          settings: Sequence[str], noise: bool = False) -> dict:
+          settings: Sequence[str], noise: bool = False) -> Funnel:
     """The funnel of one run. `rows`: the experiment's rows; its clean rows (condition
     "clean") carry `correct`, `kept` and, when the region step dropped them, `skipped`;
     None for an experiment that keeps every selected image (no clean-answer check).

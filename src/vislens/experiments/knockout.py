@@ -44,6 +44,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from vislens.errors import VislensError
 from vislens.experiments import funnel
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.decoding import greedy, plain_greedy
+from vislens.experiments.funnel import Funnel
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows, wilson_ci
@@ -253,14 +255,14 @@ def edge_sets(tm, batch, sample: int = 0, mask: np.ndarray | None = None,
 
 
 def execute(vlm: ModelHandle, samples: list[Sample], config: KnockoutConfig, out: Path, meta: dict,
-            progress=None) -> dict:
+            progress=None) -> KnockoutSummary:
     """Run into directory `out` (resuming), plot, and write summary.json."""
     if not vlm.family.geometric and config.conditions == CONDITIONS:  # the default: what runs
         config = replace(config, conditions=LAYOUT_FREE)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     run_dir = RunDir(out, {"experiment": "knockout", **meta, **cfg},
                      key=["sample", "setting", "condition", "window"])
-    summary = run(vlm, samples, config, run_dir, progress)
+    summary = cast(KnockoutSummary, run(vlm, samples, config, run_dir, progress))
     summary["model"] = meta.get("model", "")
     for key, name, what in (("relative_accuracy", "knockout.png", "every answer token"),
                             ("relative_accuracy_first_token", "knockout_first_token.png",
@@ -444,6 +446,33 @@ def sweep(vlm, one, feats, edges: dict, grid: list[tuple[str, int]], windows,
             out = probs.new_empty(len(grid), *probs.shape[1:])
         out[torch.as_tensor(idx, device=out.device)] = probs
     return out
+
+
+class KnockoutSummary(TypedDict):
+    """summary.json of `vislens knockout` (what `execute` returns): `summarise`'s keys, then
+    `run`'s (funnel) and `execute`'s (model, plot, plot_first_token). Read by
+    report/sections.py `knockout_section` and experiments/study.py `_headline`;
+    tests/test_summary_contract.py checks both against these keys. A cell is one
+    (condition, window): lists run over `windows`, None where no row was kept."""
+
+    windows: list[list[int]]  # [first, last] layer of each window
+    window_labels: list[str]  # "0-9", ..., "all"
+    metrics: dict[str, str]  # METRICS: what each relative accuracy counts
+    relative_accuracy: dict[str, list[float | None]]  # condition -> per window (vislens rule)
+    ci95: dict[str, list[list[float] | None]]
+    relative_accuracy_first_token: dict[str, list[float | None]]  # Neo et al.'s rule
+    ci95_first_token: dict[str, list[list[float] | None]]
+    prob_change: dict[str, list[float | None]]  # mean change in p(answer)
+    prob_change_first_token: dict[str, list[float | None]]
+    relative_accuracy_by_setting: dict[str, dict[str, list[float | None]]]
+    relative_accuracy_first_token_by_setting: dict[str, dict[str, list[float | None]]]
+    n_kept: dict[str, int]  # setting -> samples answered right clean
+    paper: dict[str, dict[str, float]]  # PAPER
+    config: dict[str, Any]
+    funnel: Funnel
+    model: str
+    plot: str  # knockout.png
+    plot_first_token: str  # knockout_first_token.png
 
 
 def summarise(rows: list[dict], config: KnockoutConfig, windows, n_layers: int | None = None

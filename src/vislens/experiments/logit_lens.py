@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +45,7 @@ import torch
 from vislens.data.answers import head_words
 from vislens.data.samples import Sample
 from vislens.experiments import funnel
+from vislens.experiments.funnel import Funnel
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import wilson_ci
 from vislens.interventions import capture
@@ -54,7 +56,8 @@ from vislens.runs.local import executor
 from vislens.runs.rundir import RunDir
 
 PROMPT = "describe this image ."
-PAPER = {"hit_rate": 0.237, "peak_layer_mean": 25.7, "n_layers": 33}  # LLaVA-1.5-7B, COCO
+# LLaVA-1.5-7B, COCO
+PAPER: LensPaper = {"hit_rate": 0.237, "peak_layer_mean": 25.7, "n_layers": 33}
 # Target areas where LensConfig.area is "auto" (the default), by the samples' source:
 # Neo et al.'s lens set is COCO val images with one object of 20,000-30,000 px^2 (170
 # images); on ShapesWorld (96 px) the "large" shapes (26-36 px across) are >= 350 px^2.
@@ -121,11 +124,11 @@ def display_token(token: str | None) -> str:
 
 
 def execute(vlm: ModelHandle, samples: list[Sample], config: LensConfig, out: Path, meta: dict,
-            progress=None) -> dict:
+            progress=None) -> LensSummary:
     """Run into directory `out` (resuming), plot, and write summary.json."""
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     run_dir = RunDir(out, {"experiment": "logit-lens", **meta, **cfg}, key=["sample"])
-    summary = run(vlm, samples, config, run_dir, progress)
+    summary = cast(LensSummary, run(vlm, samples, config, run_dir, progress))
     summary["model"] = meta.get("model", summary["model"])
     curves = {"object patches": summary["per_layer"]} if summary["layout"] else {}
     curves["every image token"] = summary["per_layer_image"]
@@ -317,8 +320,46 @@ class LensTally:
         self.img_layer_hits += hit.sum(0)
 
 
-def summarise(tables: Iterable[pa.Table], vlm: ModelHandle, config: LensConfig,
-              viewer_dir: Path) -> dict:
+class LensPaper(TypedDict):
+    """Neo et al.'s numbers the report sets beside ours (PAPER)."""
+
+    hit_rate: float
+    peak_layer_mean: float
+    n_layers: int
+
+
+class LensSummary(TypedDict):
+    """summary.json of `vislens logit-lens` (what `execute` returns): `summarise`'s keys,
+    then `run`'s (area, funnel) and `execute`'s (plot; model set to the run's name). Read by
+    report/sections.py `logit_lens_section` and experiments/study.py `_headline`;
+    tests/test_summary_contract.py checks both against these keys. Rates are shares (0-1);
+    the object / background ones are None on a family without a layout."""
+
+    model: str
+    layout: bool  # False: no token has pixels; only the image-token rates exist
+    hit_rate: float | None  # object patches whose top-k holds the word at some layer
+    hit_rate_ci95: list[float] | None
+    background_rate_ci95: list[float] | None
+    peak_layer_mean: float | None  # mean over hit patches of their best layer
+    n_layers: int  # residual states: LM layers + the embeddings
+    per_layer: list[float]  # share of object patches hit, per residual state
+    background_rate: float | None  # background patches hit
+    image_hit_rate: float  # any image token hit
+    per_layer_image: list[float]
+    n_image_tokens: int
+    n_images: int
+    n_object_patches: int
+    n_background_patches: int
+    viewer: list[str]  # the interactive pages written, one per image
+    hit_rule: str
+    paper: LensPaper
+    config: dict[str, Any]
+    area: list[float | None] | None  # target area range (None: any; open end None)
+    funnel: Funnel
+    plot: str  # logit_lens.png
+
+
+def summarise(tables: Iterable[pa.Table], vlm, config: LensConfig, viewer_dir: Path) -> dict:
     """Hit rate over object patches, best layer, per-layer curve, background false alarms.
 
     tables: token rows (at least SUMMARY_COLUMNS), e.g. the run's parts one at a time.

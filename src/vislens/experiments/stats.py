@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 import numpy as np
+
+
+class Rate(TypedDict):
+    """A share of yes / no outcomes as summaries store it (`rate`)."""
+
+    rate: float | None  # None for no trials
+    ci95: list[float] | None  # Wilson interval; None for no trials
+    n: int  # trials
 
 
 def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -21,7 +30,7 @@ def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float
     return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
 
 
-def rate(flags: Sequence[bool], level: float = 0.95) -> dict:
+def rate(flags: Sequence[bool], level: float = 0.95) -> Rate:
     """A rate with its Wilson interval: {"rate", "ci95", "n"} (rate None for no trials)."""
     flags = [bool(f) for f in flags]
     n, k = len(flags), sum(flags)

@@ -13,9 +13,13 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vislens.runs.handle import ModelHandle
 from vislens.runs.rundir import write_json_atomic
+
+if TYPE_CHECKING:
+    from vislens.experiments.accuracy import AccuracySummary
 
 
 @dataclass
@@ -107,9 +111,10 @@ def _steps(vlm: ModelHandle, config: StudyConfig, samples, out: Path, loaded: fl
     clock.seconds["load model"] = clock.seconds.get("load model", 0.0) + loaded
     meta = {"model": config.model, "data": config.data, "device": config.device,
             "dtype": config.dtype}
-    summaries: dict[str, dict] = {}
+    # step -> its summary (each step's own type: the `*Summary` its section function takes)
+    summaries: dict[str, Any] = {}
 
-    def step(name: str, fn: Callable[[], dict]) -> None:
+    def step(name: str, fn: Callable[[], Any]) -> None:
         log(f"study: {name} ...")
         t = time.perf_counter()
         with clock.step(name):
@@ -156,7 +161,7 @@ def _accuracy(vlm: ModelHandle, config: StudyConfig, seed: int, path: Path, prog
     return result
 
 
-def _evaluate(vlm, scenes, progress=None) -> dict:
+def _evaluate(vlm, scenes, progress=None) -> AccuracySummary:
     from vislens.experiments.accuracy import evaluate
 
     return evaluate(vlm.model, vlm.processor, scenes, progress=progress)

@@ -4,12 +4,28 @@ and the published number beside ours where the paper gives one."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from vislens.experiments.perception.perceive import best_chance
 from vislens.render.page import Section, TableData, fmt
 
+if TYPE_CHECKING:  # the summary.json contracts each section reads (no import at run time)
+    from vislens.experiments.ablation import AblationSummary
+    from vislens.experiments.accuracy import AccuracySummary
+    from vislens.experiments.attention import AttentionSummary
+    from vislens.experiments.knockout import KnockoutSummary
+    from vislens.experiments.logit_lens import LensSummary
+    from vislens.experiments.perception.artifacts import (
+        ArtifactsSummary,
+        HeldOutChange,
+        HeldOutTask,
+    )
+    from vislens.experiments.perception.perceive import PerceiveSummary, TaskEntry
+    from vislens.experiments.perception.prefix import PrefixSummary
+    from vislens.experiments.perception.surface import SurfaceSummary
 
-def accuracy_section(summary: dict) -> Section:
+
+def accuracy_section(summary: AccuracySummary) -> Section:
     rows = [[s, summary["accuracy"][s]] for s in summary["accuracy"]]
     return Section(
         "accuracy", "Does the model see? Accuracy on fresh ShapesWorld scenes",
@@ -19,7 +35,7 @@ def accuracy_section(summary: dict) -> Section:
                           ["setting", "accuracy"], rows)])
 
 
-def funnel_table(summary: dict) -> TableData | None:
+def funnel_table(summary: AblationSummary | LensSummary | KnockoutSummary) -> TableData | None:
     """How many images each selection step kept, per setting (experiments/funnel.py)."""
     funnel = summary.get("funnel")
     if not funnel:
@@ -34,16 +50,16 @@ def funnel_table(summary: dict) -> TableData | None:
                      rows)
 
 
-def _funnel(summary: dict) -> list[TableData]:
+def _funnel(summary: AblationSummary | LensSummary | KnockoutSummary) -> list[TableData]:
     table = funnel_table(summary)
     return [table] if table else []
 
 
-def _funnel_notes(summary: dict) -> list[str]:
+def _funnel_notes(summary: AblationSummary | LensSummary | KnockoutSummary) -> list[str]:
     return list((summary.get("funnel") or {}).get("lost", {}).values())
 
 
-def ablation_section(summary: dict) -> Section:
+def ablation_section(summary: AblationSummary) -> Section:
     settings = list(summary["drop"])
     names = list(dict.fromkeys(c for s in settings for c in summary["drop"][s]))
     header = ["condition"] + [h for s in settings for h in
@@ -75,9 +91,9 @@ def ablation_section(summary: dict) -> Section:
         notes=_funnel_notes(summary))
 
 
-def logit_lens_section(summary: dict, max_viewers: int = 3) -> Section:
+def logit_lens_section(summary: LensSummary, max_viewers: int = 3) -> Section:
     paper = summary["paper"]
-    rows = [
+    rows: list[list[object]] = [
         ["object patches decoding to their word (any layer)", summary["hit_rate"],
          paper["hit_rate"]],
         ["background patches decoding to the object's word", summary["background_rate"], None],
@@ -101,7 +117,7 @@ def logit_lens_section(summary: dict, max_viewers: int = 3) -> Section:
         pages=pages, notes=_funnel_notes(summary))
 
 
-def knockout_section(summary: dict) -> Section:
+def knockout_section(summary: KnockoutSummary) -> Section:
     labels = summary["window_labels"]
     kept = ", ".join(f"{s}: {k}" for s, k in summary["n_kept"].items())
     rows = [[c, *v] for c, v in summary["relative_accuracy"].items()]
@@ -136,12 +152,12 @@ def timing_section(times: dict[str, float]) -> Section:
                                                              ["step", "seconds"], rows)])
 
 
-def _held_out(e: dict, kind: str) -> tuple[object, object]:
+def _held_out(e: TaskEntry, kind: str) -> tuple[object, object]:
     sel = e.get("selected", {}).get(kind)
     return (None, None) if sel is None else (sel["score"], sel["layer"])
 
 
-def _perception_rows(tasks: dict) -> list[list[object]]:
+def _perception_rows(tasks: dict[str, TaskEntry]) -> list[list[object]]:
     rows = []
     for task, e in tasks.items():
         rows.append([task, e["metric"], *_held_out(e, "values"), *_held_out(e, "keys"),
@@ -155,7 +171,7 @@ PERCEPTION_HEADER = ["task", "metric", "values (held-out layer)", "layer",
                      "best chance level", "items (selection / held-out)"]
 
 
-def perceive_section(summary: dict) -> Section:
+def perceive_section(summary: PerceiveSummary) -> Section:
     return Section(
         "perceive", "B1. Zero-shot perception from the LM's image keys and values",
         "Each task is scored from image keys / values of every LM layer, from the projector "
@@ -170,21 +186,23 @@ def perceive_section(summary: dict) -> Section:
                 for p in summary["plots"]])
 
 
-def _curve_caption(task: str, tasks: dict) -> str:
-    metric = tasks.get(task, {}).get("metric", "score")
+def _curve_caption(task: str, tasks: dict[str, TaskEntry]) -> str:
+    entry = tasks.get(task)
+    metric = entry.get("metric", "score") if entry else "score"
     oracle = " (object chosen with the ground truth: an upper bound)" if "oracle" in task else ""
     return (f"{task}{oracle}: {metric} of image values and keys per LM layer; dashed: "
             "projector output and vision encoder")
 
 
-def _headline_rows(headline: dict, kind: str = "values") -> list[list[object]]:
+def _headline_rows(headline: dict[str, HeldOutTask], kind: Literal["values", "keys"] = "values"
+                   ) -> list[list[object]]:
     """One row per task: the change at the layer chosen on the selection half, measured
     on the held-out half, with its bootstrap interval and item counts."""
     rows = []
     for task, entry in headline.items():
-        h = entry.get(kind) or {}
+        h: HeldOutChange | dict = entry.get(kind) or {}
         ci = h.get("ci95")
-        rows.append([task, h.get("metric", entry.get("metric")), h.get("layer"), h.get("before"),
+        rows.append([task, entry.get("metric"), h.get("layer"), h.get("before"),
                      h.get("after"), h.get("delta"),
                      f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else None,
                      f"{h.get('n_select', '–')} / {h.get('n_eval', '–')}"])
@@ -195,9 +213,9 @@ HEADLINE_HEADER = ["task", "metric", "layer (chosen on the selection half)", "be
                    "change", "95% bootstrap interval", "items (selection / held-out)"]
 
 
-def prefix_section(summary: dict) -> Section:
+def prefix_section(summary: PrefixSummary) -> Section:
     oracle = bool(summary.get("oracle"))
-    headline = summary.get("oracle_headline" if oracle else "headline") or {}
+    headline = (summary.get("oracle_headline") if oracle else summary.get("headline")) or {}
     label = " (ORACLE: the prefix names the answer)" if oracle else ""
     return Section(
         "prefix", "B3. A text prefix before the image",
@@ -214,7 +232,7 @@ def prefix_section(summary: dict) -> Section:
                 for p in summary.get("plots", [])])
 
 
-def artifacts_section(summary: dict) -> Section:
+def artifacts_section(summary: ArtifactsSummary) -> Section:
     rows = [[layer, count, summary["score_max"][layer], summary["score_mean"][layer]]
             for layer, count in summary["n_flagged"].items()]
     mc = summary["multiple_choice"]
@@ -241,8 +259,12 @@ def artifacts_section(summary: dict) -> Section:
                  Path(summary["grid_plot"]))])
 
 
-def surface_section(summary: dict) -> Section:
-    keys = ("solved_by_values_not_model", "solved_by_model_not_values", "both", "neither")
+Outcome = Literal["solved_by_values_not_model", "solved_by_model_not_values", "both", "neither"]
+
+
+def surface_section(summary: SurfaceSummary) -> Section:
+    keys: tuple[Outcome, ...] = ("solved_by_values_not_model", "solved_by_model_not_values",
+                                 "both", "neither")
     rows = [[k.replace("_", " "), summary[k]] for k in keys]
     return Section(
         "surface", "B4. Present in the values, not surfaced in the answer",
@@ -264,7 +286,7 @@ def surface_section(summary: dict) -> Section:
         notes=[_beats_chance(summary)] if "values_beat_chance" in summary else [])
 
 
-def _beats_chance(summary: dict) -> str:
+def _beats_chance(summary: SurfaceSummary) -> str:
     perm = summary.get("values_permutation") or {}
     p = perm.get("p_value")
     verdict = "beats" if summary["values_beat_chance"] else "does NOT beat"
@@ -280,7 +302,7 @@ def _share(value: float | None, ci: list[float] | None = None, digits: int = 3) 
     return text if not ci else f"{text} ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})"
 
 
-def attention_section(summary: dict, max_viewers: int = 2) -> Section:
+def attention_section(summary: AttentionSummary, max_viewers: int = 2) -> Section:
     per, ci = summary["per_layer"], summary["per_layer_ci95"]
     first = summary.get("first_token") or "?"
     rows = [[layer, _share(per["image"][layer], ci["image"][layer]),
@@ -294,7 +316,7 @@ def attention_section(summary: dict, max_viewers: int = 2) -> Section:
               "peak patch on the object"]
     top, best = summary["peak_layer_image"], summary["peak_layer_object"]
     acc = summary.get("answer_accuracy")
-    headline = [
+    headline: list[list[object]] = [
         ["layer with the most attention on the image", top,
          _share(per["image"][top]) if top is not None else None],
         ["layer where the object draws most (share of image attention / share of tokens)",

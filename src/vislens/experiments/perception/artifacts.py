@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -155,6 +156,72 @@ def agnostic_scores(vlm, images: list[Image.Image], config: ArtifactsConfig,
                           dict(last.token_map.grids[last.index]))
 
 
+class HeldOutChange(TypedDict):
+    """A change between two conditions at one layer (`held_out_delta`): the layer chosen on
+    the selection half, the change measured on the other half."""
+
+    layer: int | None
+    delta: float | None  # after - before
+    ci95: list[float] | None  # paired bootstrap over items
+    before: float | None
+    after: float | None
+    n_select: int
+    n_eval: int
+    selected_on: str
+
+
+class _HeldOutKinds(TypedDict, total=False):
+    values: HeldOutChange  # where the run scored that source
+    keys: HeldOutChange
+
+
+class HeldOutTask(_HeldOutKinds):
+    """One task's headline (`held_out_delta`), read by report/sections.py `_headline_rows`."""
+
+    metric: str
+
+
+class MultipleChoice(TypedDict):
+    """The model's multiple-choice accuracy with and without the artifacts blocked."""
+
+    n: int  # items
+    kind: str  # what the items ask (ShapesWorld attribute or the data's task)
+    clean_accuracy: float | None
+    knockout_accuracy: float | None
+    delta: float | None  # knockout - clean
+    delta_ci95: list[float] | None  # paired bootstrap over items
+    chance_accuracy: float | None  # mean of 1 / choices
+    answer_mode: str  # how answers were read (generated letter or answer likelihood)
+
+
+class ArtifactsPerception(TypedDict):
+    clean: dict[str, perceive.TaskEntry]
+    knockout: dict[str, perceive.TaskEntry]  # text blocked from the flagged keys
+    delta: dict[str, dict[str, Any]]  # task -> knockout - clean per layer (`delta`)
+    headline: dict[str, HeldOutTask]  # task -> held-out change ({} when nothing is flagged)
+
+
+class ArtifactsSummary(TypedDict):
+    """summary.json of `vislens artifacts` (what `execute` returns): `run`'s keys, then
+    `execute`'s (grid_plot, plots). Read by report/sections.py `artifacts_section` and
+    experiments/study.py `_headline`; tests/test_summary_contract.py checks both against
+    these keys. Layers are keys as strings (JSON)."""
+
+    n_images: int  # images the scores were computed on
+    z: float
+    min_score: float
+    flagged: dict[str, list[int]]  # layer -> flagged positions, in image-token order
+    n_flagged: dict[str, int]
+    score_max: dict[str, float]
+    score_mean: dict[str, float]
+    stability_mean: dict[str, float]
+    blocked_layers: list[int]
+    perceive: ArtifactsPerception
+    multiple_choice: MultipleChoice
+    grid_plot: str  # artifacts.png
+    plots: list[str]  # clean vs knockout curves, one per task
+
+
 def run(vlm: ModelHandle, config: ArtifactsConfig, out, progress: Callable | None = None
         ) -> tuple[dict, ArtifactScores]:
     images = [s.image for s in open_dataset(config.data, config.n_images)][:config.n_images]
@@ -213,7 +280,7 @@ def run(vlm: ModelHandle, config: ArtifactsConfig, out, progress: Callable | Non
 
 def held_out_delta(rows: list[dict], before: str, after: str, tasks: Sequence[str],
                    kinds: Sequence[str] = ("values", "keys"), seed: int = 0,
-                   n_boot: int = 1000) -> dict:
+                   n_boot: int = 1000) -> dict[str, HeldOutTask]:
     """The headline change of each task (and oracle variant) between two conditions.
 
     The items of a task are split in two (stats.selection_split: stratified by the item's
@@ -266,11 +333,12 @@ class _Paired:
         a, b = self.score("after", src, idx), self.score("before", src, idx)
         return None if a is None or b is None else a - b
 
-    def headline(self, kind: str, seed: int, n_boot: int) -> dict:
+    def headline(self, kind: str, seed: int, n_boot: int) -> HeldOutChange:
         sel, ev = selection_split(self.classes, seed)
-        entry = {"layer": None, "delta": None, "ci95": None, "before": None, "after": None,
-                 "n_select": len(sel), "n_eval": len(ev),
-                 "selected_on": "largest |change| on the selection half"}
+        entry: HeldOutChange = {
+            "layer": None, "delta": None, "ci95": None, "before": None, "after": None,
+            "n_select": len(sel), "n_eval": len(ev),
+            "selected_on": "largest |change| on the selection half"}
         if not sel or not ev:
             return entry
         layer = choose_layer({ly: self.change(f"{kind}/{ly}", sel)
@@ -306,7 +374,8 @@ def delta(before: dict, after: dict) -> dict:
 
 
 def execute(vlm: ModelHandle, config: ArtifactsConfig, out, meta: dict,
-            progress: Callable | None = None) -> dict:
+            progress: Callable | None = None
+            ) -> ArtifactsSummary:
     """Run into directory `out` (resuming): scores.json, the artifact grid, clean vs
     knockout curves, summary.json."""
     from vislens.experiments.perception.plots import artifact_grid, compare_curves
@@ -314,7 +383,8 @@ def execute(vlm: ModelHandle, config: ArtifactsConfig, out, meta: dict,
 
     run_dir = RunDir(out, {"experiment": "artifacts", **meta, **asdict(config)},
                      key=["condition", "task", "item"])
-    summary, art = run(vlm, config, run_dir, progress)
+    stats, art = run(vlm, config, run_dir, progress)
+    summary = cast(ArtifactsSummary, stats)
     write_json_atomic(run_dir.path / "scores.json", art.to_dict())
     summary["grid_plot"] = str(artifact_grid(art, run_dir.path / "artifacts.png"))
     p = summary["perceive"]

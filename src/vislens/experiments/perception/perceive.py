@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypedDict, cast
 
 import numpy as np
 
@@ -114,7 +115,7 @@ def load_items(task: str, config: PerceiveConfig) -> list:
 
 def run(vlm: ModelHandle, config: PerceiveConfig, out, progress: Callable | None = None,
         condition: str = "clean", blocked: dict | None = None,
-        items: dict[str, list] | None = None) -> dict:
+        items: dict[str, list] | None = None) -> dict[str, TaskEntry]:
     """Score every task item not yet in `out` (a RunDir keyed condition/task/item).
 
     One unit per batch of items, every task's units in one map, so that a
@@ -510,7 +511,7 @@ def aggregate(task: str, stats: list, classes: list[str]) -> float:
     return float(np.nanmean(stats))  # co-seg IoU, ref-seg IoU: mean over items
 
 
-def best_chance(entry: dict) -> float | None:
+def best_chance(entry: TaskEntry) -> float | None:
     """The strongest trivial predictor's score of a task's summary entry (all-background,
     all-foreground, random class, ...): the level a source must beat."""
     return max((v for v in (entry.get("chance") or {}).values() if v is not None), default=None)
@@ -521,14 +522,65 @@ def stat_variant(stat, which: str):
     return stat.get(which) if isinstance(stat, dict) and "free" in stat else stat
 
 
+class SelectedLayer(TypedDict):
+    """A source's layer chosen on the selection half, scored on the held-out half."""
+
+    layer: int
+    score: float | None
+    ci95: list[float | None] | None  # bootstrap over held-out items
+    n: int  # held-out items
+    n_selection: int
+
+
+# keys named as the sources are ("keys-pre" is no identifier), present per config.sources;
+# oracle (sem-corr) / static (temp-corr) / token_level only where they apply
+_TaskEntryOptional = TypedDict("_TaskEntryOptional", {
+    "keys": list[float | None],  # score per LM layer (layers), held-out half
+    "keys-pre": list[float | None],
+    "values": list[float | None],
+    "token_level": dict[str, Any],  # the same split scored per token
+    "oracle": float | None,  # sem-corr: the right token every time (an upper bound)
+    "static": float | None,  # temp-corr: frame 0's labels copied to every frame (a floor)
+}, total=False)
+
+
+class TaskEntry(_TaskEntryOptional):
+    """One task (or oracle variant) of a perception summary (`summarise`): scores at pixel
+    level on the held-out half of its items. Read by report/sections.py (the perception
+    tables) and experiments/study.py `_headline`."""
+
+    metric: str  # mIoU, IoU, PCK, J&F
+    level: str  # "pixel"
+    n: int  # items scored
+    n_selection: int
+    n_heldout: int
+    split: dict[str, Any]  # seed, stratified_by, selection / heldout item ids
+    layers: list[int]
+    projector: float | None  # the LM input
+    vision: float | None  # the vision encoder output
+    ci95: dict[str, list[float | None] | None]  # projector / vision -> bootstrap interval
+    chance: dict[str, float | None]  # trivial predictors (all-background, ...)
+    selected: dict[str, SelectedLayer]  # "keys" / "values" -> held-out score
+    upper_bound: dict[str, dict[str, Any]]  # best layer chosen on the held-out half itself
+
+
+class PerceiveSummary(TypedDict):
+    """summary.json of `vislens perceive` (what `execute` returns). Read by
+    report/sections.py `perceive_section` and experiments/study.py `_headline`;
+    tests/test_summary_contract.py checks both against these keys."""
+
+    tasks: dict[str, TaskEntry]  # task (and "-oracle" variant) -> its entry
+    plots: list[str]  # one curve per task
+
+
 def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers: int,
-              config: PerceiveConfig) -> dict:
+              config: PerceiveConfig) -> dict[str, TaskEntry]:
     """Per task (and oracle variant): pixel-level scores on the held-out half, the layer
     chosen on the selection half, chance levels, item counts; the token-level scores of
     the same split under "token_level"."""
     layers = list(range(num_layers)) if config.layers is None else list(config.layers)
     kinds = [k for k in ("keys", "keys-pre", "values") if k in config.sources]
-    out: dict = {}
+    out: dict[str, TaskEntry] = {}
     for task in tasks:
         mine = sorted((r for r in rows if r["condition"] == condition and r["task"] == task),
                       key=lambda r: int(r["item"]))
@@ -554,7 +606,7 @@ def summarise(rows: list[dict], condition: str, tasks: Sequence[str], num_layers
                                         "n_heldout": len(held),
                                         **_entry(task, [p["token"] for p in parsed], classes,
                                                  sel, held, which, layers, kinds, config)}
-            out[name] = entry
+            out[name] = cast(TaskEntry, entry)
     return out
 
 
@@ -609,14 +661,16 @@ def _clean(x: float) -> float | None:
 
 
 def execute(vlm: ModelHandle, config: PerceiveConfig, out, meta: dict,
-            progress: Callable | None = None) -> dict:
+            progress: Callable | None = None
+            ) -> PerceiveSummary:
     """Run into directory `out` (resuming), plot one curve per task, write summary.json."""
     from vislens.experiments.perception.plots import task_curves
     from vislens.runs.rundir import RunDir
 
     run_dir = RunDir(out, {"experiment": "perceive", **meta, **asdict(config)},
                      key=["condition", "task", "item"])
-    summary = {"tasks": run(vlm, config, run_dir, progress)}
-    summary["plots"] = [str(p) for p in task_curves(summary["tasks"], run_dir.path)]
+    tasks = run(vlm, config, run_dir, progress)
+    summary: PerceiveSummary = {"tasks": tasks, "plots": [
+        str(p) for p in task_curves(tasks, run_dir.path)]}
     run_dir.write_summary(summary)
     return summary

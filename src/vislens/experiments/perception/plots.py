@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -77,7 +79,7 @@ def artifact_grid(art, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def surface_plot(summary: dict, path: Path) -> Path:
+def surface_plot(summary: Mapping[str, Any], path: Path) -> Path:
     """Held-out readout accuracy of image values per layer; model / baselines as dashes."""
     per_layer = summary["heldout_values_accuracy"]
     hlines = {"model (scored half)": summary["model_accuracy"]["rate"],

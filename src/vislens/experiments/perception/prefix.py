@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any, TypedDict, cast
 
 from vislens.experiments.perception import perceive
-from vislens.experiments.perception.artifacts import delta, held_out_delta
+from vislens.experiments.perception.artifacts import HeldOutTask, delta, held_out_delta
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
 
@@ -147,6 +148,26 @@ def class_prefixes(vlm: ModelHandle, config: PrefixConfig, items: dict[str, list
     return out
 
 
+class _PrefixHeadline(TypedDict, total=False):
+    headline: dict[str, HeldOutTask]  # task -> held-out change (a prefix naming no answer)
+    oracle_headline: dict[str, HeldOutTask]  # the same, when the prefix is an oracle
+
+
+class PrefixSummary(_PrefixHeadline):
+    """summary.json of `vislens prefix` (what `execute` returns): `run`'s keys, then
+    `execute`'s (plots). Exactly one of headline / oracle_headline, as `oracle` says. Read
+    by report/sections.py `prefix_section` and experiments/study.py `_headline`;
+    tests/test_summary_contract.py checks both against these keys."""
+
+    prefix: str  # the --prefix option
+    oracle: bool  # the prefix names the item's answer
+    prefix_text: dict[str, dict[str, Any]]  # task -> the text put before the image, and why
+    clean: dict[str, perceive.TaskEntry]
+    prefixed: dict[str, perceive.TaskEntry]
+    delta: dict[str, dict[str, Any]]  # task -> prefixed - clean per layer
+    plots: list[str]  # clean vs prefixed curves, one per task
+
+
 def run(vlm: ModelHandle, config, out, progress: Callable | None = None) -> dict:
     config = as_prefix_config(config)
     prefix = check_prefix(config.prefix)
@@ -177,7 +198,8 @@ def run(vlm: ModelHandle, config, out, progress: Callable | None = None) -> dict
             ("oracle_headline" if oracle else "headline"): head}
 
 
-def execute(vlm: ModelHandle, config, out, meta: dict, progress: Callable | None = None) -> dict:
+def execute(vlm: ModelHandle, config, out, meta: dict,
+            progress: Callable | None = None) -> PrefixSummary:
     """Run into directory `out` (resuming), plot clean vs prefixed, write summary.json."""
     from vislens.experiments.perception.plots import compare_curves
     from vislens.runs.rundir import RunDir
@@ -185,7 +207,7 @@ def execute(vlm: ModelHandle, config, out, meta: dict, progress: Callable | None
     config = as_prefix_config(config)
     run_dir = RunDir(out, {"experiment": "prefix", **meta, **asdict(config)},
                      key=["condition", "task", "item"])
-    summary = run(vlm, config, run_dir, progress)
+    summary = cast(PrefixSummary, run(vlm, config, run_dir, progress))
     summary["plots"] = [str(p) for p in compare_curves(
         summary["clean"], summary["prefixed"], run_dir.path, ("clean", "prefix"))]
     run_dir.write_summary(summary)

@@ -32,6 +32,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from vislens.data.resolve import open_task
 from vislens.experiments.perception import metrics as M
 from vislens.experiments.perception.features import block_keys, extract
 from vislens.experiments.perception.perceive import PROMPT
-from vislens.experiments.stats import permutation_null, rate
+from vislens.experiments.stats import Rate, permutation_null, rate
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
 
@@ -216,6 +217,42 @@ def answers(vlm, _out, items: list, batch_size: int, blocked: dict | None = None
     return model_answers(vlm, items, batch_size, blocked=blocked)
 
 
+class _SurfaceOptional(TypedDict, total=False):
+    projector_accuracy: Rate  # where config.sources reads the projector output
+    vision_accuracy: Rate  # and the vision encoder's
+
+
+class SurfaceSummary(_SurfaceOptional):
+    """summary.json of `vislens surface` (what `execute` returns): `summarise`'s keys, then
+    `execute`'s (plot). Items alternate: even ones choose the layer, odd ones are scored.
+    Read by report/sections.py `surface_section` and experiments/study.py `_headline`;
+    tests/test_summary_contract.py checks both against these keys."""
+
+    n_items: int
+    n_scored: int
+    n_heldout: int  # items the layer is chosen on
+    kind: str  # what the items ask
+    best_layer: int
+    heldout_values_accuracy: dict[str, float]  # layer -> accuracy on the choosing half
+    values_accuracy: Rate  # the values readout at best_layer, scored items
+    model_accuracy: Rate  # the model's own answer
+    chance_accuracy: float  # mean of 1 / choices
+    model_unanswered: int
+    answer_mode: str
+    solved_by_values_not_model: int
+    solved_by_model_not_values: int
+    both: int
+    neither: int
+    present_not_surfaced: Rate  # values right, model wrong
+    present_not_surfaced_chance: float | None  # that rate for a readout guessing
+    values_permutation: dict[str, Any]  # the values readout against shuffled candidates
+    present_not_surfaced_permutation: dict[str, Any]
+    values_beat_chance: bool  # permutation p-value below config.alpha
+    seed: int
+    paper: dict[str, float]  # PAPER
+    plot: str  # surface.png
+
+
 def summarise(rows: list[dict], num_layers: int, config: SurfaceConfig) -> dict:
     rows = sorted(rows, key=lambda r: int(r["item"]))
     held = [r for r in rows if int(r["item"]) % 2 == 0]
@@ -285,20 +322,21 @@ def permuted(picked: np.ndarray, truth: np.ndarray, n_choices: np.ndarray, draws
     return out
 
 
-def _rounded(r: dict) -> dict:
+def _rounded(r: Rate) -> Rate:
     """A rate dict with its numbers rounded for the summary."""
     return {"rate": None if r["rate"] is None else round(r["rate"], 4),
             "ci95": None if r["ci95"] is None else [round(x, 4) for x in r["ci95"]], "n": r["n"]}
 
 
 def execute(vlm: ModelHandle, config: SurfaceConfig, out, meta: dict,
-            progress: Callable | None = None) -> dict:
+            progress: Callable | None = None
+            ) -> SurfaceSummary:
     """Run into directory `out` (resuming), plot, write summary.json."""
     from vislens.experiments.perception.plots import surface_plot
     from vislens.runs.rundir import RunDir
 
     run_dir = RunDir(out, {"experiment": "surface", **meta, **asdict(config)}, key=["item"])
-    summary = run(vlm, config, run_dir, progress)
+    summary = cast(SurfaceSummary, run(vlm, config, run_dir, progress))
     summary["plot"] = str(surface_plot(summary, run_dir.path / "surface.png"))
     run_dir.write_summary(summary)
     return summary
