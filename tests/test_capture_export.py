@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import vislens
 from vislens.activations import ActivationDataset, load_activations, read_index
 from vislens.cli import app
-from vislens.data import open_dataset
+from vislens.data import open_dataset, shapesworld
 from vislens.errors import VislensError
 from vislens.experiments import capture as cx
 from vislens.interventions import capture
@@ -121,6 +121,38 @@ def test_stored_vectors_are_a_direct_capture_bit_for_bit(dtype, scenes, tmp_path
         kinds = rows.column("kind").to_numpy(zero_copy_only=False)[mine]
         image = batch.token_map.image_positions(0)
         assert (kinds == "image").sum() == len(image) and set(kinds) == {"image", "text"}
+
+
+def test_a_padded_batch_indexes_each_sample_as_if_alone(tmp_path):
+    """toy-qwen reads each image at its own size, so a batch of two sizes is left-padded:
+    positions, token ids and boxes are still the sample's own, and the vectors are the
+    batch's capture exactly (and the sample's alone to float rounding)."""
+    vlm = vislens.load("toy-qwen")
+    scenes = [shapesworld.make_scene(1000, 0, size=96), shapesworld.make_scene(1000, 1, size=160)]
+    export(vlm, scenes, tmp_path, layers=(3,), sources=("residual", "values"), text=True,
+           batch_size=2)
+    batch = vlm.prepare([s.image for s in scenes], [cx.PROMPT] * 2)
+    assert batch.attention_mask[0].sum() < batch.seq_len  # the first sample is padded
+    valid = [np.flatnonzero(batch.attention_mask[b].numpy()) for b in range(2)]
+    with capture(vlm, valid, layers=[3], values=True) as together:
+        vlm.forward(batch, logits_to_keep=1)
+    for source in ("residual", "values"):
+        vectors, rows = load_activations(tmp_path, layer=3, source=source)
+        for b, scene in enumerate(scenes):
+            alone = vlm.prepare([scene.image], [cx.PROMPT])
+            with capture(vlm, [np.arange(alone.seq_len)], layers=[3], values=True) as cap:
+                vlm.forward(alone, logits_to_keep=1)
+            mine = rows.filter(pa.compute.equal(rows.column("sample"), scene.id)).to_pydict()
+            assert mine["position"] == list(range(alone.seq_len))
+            assert mine["token_id"] == alone.input_ids[0].tolist()
+            image = [i for i, k in enumerate(mine["kind"]) if k == "image"]
+            boxes = np.array([[mine[k][i] for k in ("x0", "y0", "x1", "y1")] for i in image])
+            assert np.array_equal(boxes, alone.token_map.box)
+            got = vectors[torch.as_tensor(np.flatnonzero(
+                rows.column("sample").to_numpy(zero_copy_only=False) == scene.id))]
+            assert torch.equal(got, together.of(TABLE[source], 3, b))
+            torch.testing.assert_close(got, getattr(cap, TABLE[source])[3], atol=1e-4,
+                                       rtol=1e-4)
 
 
 def test_the_dataset_iterator_streams_the_loaders_rows(toy, scenes, tmp_path):
