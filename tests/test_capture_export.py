@@ -167,7 +167,10 @@ def test_the_dataset_iterator_streams_the_loaders_rows(toy, scenes, tmp_path):
     assert [len(b["sample"]) for b in batches] == [100] * 7 + [20]
     assert torch.equal(torch.cat([b["activation"] for b in batches]), vectors)
     assert len(list(ds.iter(batch_size=100, drop_last_batch=True))) == 7
-    assert torch.equal(ds[300]["activation"], vectors[300]) and ds[-1]["row"] == 11
+    for i in (0, 287, 288, 300, 575, 576, 719):  # parts of 288, 288 and 144 rows
+        assert torch.equal(ds[i]["activation"], vectors[i]), i
+        assert ds[i]["sample"] == rows.column("sample")[i].as_py()
+    assert ds[-1]["row"] == 11 and ds[-1]["sample"] == scenes[4].id
     with pytest.raises(VislensError, match="has layers 1"):
         load_activations(tmp_path, layer=2, source="values")
     with pytest.raises(VislensError, match="has values"):

@@ -61,17 +61,32 @@ def read_index(path: str | Path, layer: int | None = None, source: str | None = 
     shard and row; one parquet part is read at a time, with the filter pushed down."""
     root = _run_dir(path)
     _check(root, layer, source, kind)
-    filters = [(name, "=", value) for name, value in
-               (("layer", layer), ("source", source), ("kind", kind)) if value is not None]
-    wanted = None if columns is None else list(dict.fromkeys([*columns, "shard", "shard_row"]))
-    tables = [pq.read_table(part, columns=wanted, filters=filters or None)
-              for part in sorted((root / INDEX).glob("part-*.parquet"))]
-    if not tables:
-        raise VislensError(f"{root} holds no exported rows yet; run (or rerun, to resume) "
-                           f"vislens capture --out {root}")
+    filters = _filters(layer, source, kind)
+    tables = [_read_part(part, filters, columns) for part in _parts(root)]
     table = pa.concat_tables(tables)
     order = [k for k in ("layer", "source", "shard", "shard_row") if k in table.column_names]
     return table.sort_by([(k, "ascending") for k in order])
+
+
+def _filters(layer: int | None, source: str | None, kind: str | None) -> list | None:
+    found = [(name, "=", value) for name, value in
+             (("layer", layer), ("source", source), ("kind", kind)) if value is not None]
+    return found or None
+
+
+def _read_part(part: Path, filters: list | None, columns: Sequence[str] | None) -> pa.Table:
+    """One part's rows that pass `filters`, ordered by shard and row."""
+    wanted = None if columns is None else list(dict.fromkeys([*columns, "shard", "shard_row"]))
+    table = pq.read_table(part, columns=wanted, filters=filters)
+    return table.sort_by([("shard", "ascending"), ("shard_row", "ascending")])
+
+
+def _parts(root: Path) -> list[Path]:
+    parts = sorted((root / INDEX).glob("part-*.parquet"))
+    if not parts:
+        raise VislensError(f"{root} holds no exported rows yet; run (or rerun, to resume) "
+                           f"vislens capture --out {root}")
+    return parts
 
 
 def load_activations(path: str | Path, layer: int, source: str = "residual",
@@ -106,29 +121,47 @@ class ActivationDataset:
     """One (layer, source) of a capture directory as rows, in the manner of a `datasets`
     Dataset: `len(ds)`, `ds[i]`, `for row in ds` (dicts: the index columns and
     "activation", a tensor), and `ds.iter(batch_size)` (dicts of lists, "activation"
-    stacked into one tensor).
+    stacked into one tensor). Rows come in load_activations' order.
 
-    Iteration reads one shard's tensor at a time, so it streams an export of any size;
+    It streams: iteration reads one index part and one shard's tensor at a time (a part
+    indexes one shard), so its memory does not grow with the export, index included;
     `ds[i]` reads just that row (safetensors slices the file).
     """
 
     def __init__(self, path: str | Path, layer: int, source: str = "residual",
                  kind: str | None = None, columns: Sequence[str] | None = None):
         self.path = _run_dir(path)
+        _check(self.path, layer, source, kind)
         self.layer, self.source, self.kind = int(layer), source, kind
-        self.index = read_index(self.path, layer, source, kind, columns)
         self.name = tensor_name(source, layer)
-        self.column_names = [*self.index.column_names, VECTOR]
+        self._filters = _filters(self.layer, source, kind)
+        self._columns = columns
+        # (first shard, part, rows) of every part, in shard order: only the shard column
+        # is read here, and let go
+        found = []
+        for part in _parts(self.path):
+            shards = _read_part(part, self._filters, ["shard"]).column("shard")
+            if len(shards):
+                found.append((str(shards[0]), part, len(shards)))
+        self._parts = [(part, rows) for _, part, rows in sorted(found)]
+        first = _read_part(self._parts[0][0], self._filters, columns) if self._parts else None
+        names = first.column_names if first is not None else list(columns or INDEX_COLUMNS)
+        self.column_names = [*names, VECTOR]
 
     def __len__(self) -> int:
-        return self.index.num_rows
+        return sum(rows for _, rows in self._parts)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         from safetensors import safe_open
 
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} of {len(self)}")
-        row = self.index.slice(i % len(self), 1).to_pylist()[0]
+        i %= len(self)
+        ends = np.cumsum([rows for _, rows in self._parts])
+        at = int(np.searchsorted(ends, i, side="right"))  # the part holding row i
+        i -= int(ends[at - 1]) if at else 0
+        row = _read_part(self._parts[at][0], self._filters, self._columns).slice(i, 1)
+        row = row.to_pylist()[0]
         with safe_open(str(self.path / row["shard"]), framework="pt") as f:
             r = int(row["shard_row"])
             row[VECTOR] = f.get_slice(self.name)[r:r + 1][0]
@@ -146,21 +179,22 @@ class ActivationDataset:
         vectors as one [batch, ...] tensor."""
         if batch_size < 1:
             raise VislensError(f"batch_size must be at least 1 (got {batch_size})")
-        cols: dict[str, list] = {k: [] for k in self.index.column_names}
+        names = self.column_names[:-1]
+        cols: dict[str, list] = {k: [] for k in names}
         vecs: list[torch.Tensor] = []
         held = 0
         for columns, vectors in self._blocks():
             start = 0
             while start < len(vectors):
                 take = min(batch_size - held, len(vectors) - start)
-                for k in cols:
+                for k in names:
                     cols[k].extend(columns[k][start:start + take])
                 vecs.append(vectors[start:start + take])
                 held += take
                 start += take
                 if held == batch_size:
                     yield {**cols, VECTOR: torch.cat(vecs)}
-                    cols, vecs, held = {k: [] for k in cols}, [], 0
+                    cols, vecs, held = {k: [] for k in names}, [], 0
         if held and not drop_last_batch:
             yield {**cols, VECTOR: torch.cat(vecs)}
 
@@ -168,10 +202,11 @@ class ActivationDataset:
         """(index columns as lists, vectors) of each shard in turn."""
         from safetensors import safe_open
 
-        for shard, rows in _shard_groups(self.index):
-            with safe_open(str(self.path / shard), framework="pt") as f:
-                vectors = _rows_of(f.get_tensor(self.name), rows)
-            yield rows.to_pydict(), vectors
+        for part, _ in self._parts:
+            for shard, rows in _shard_groups(_read_part(part, self._filters, self._columns)):
+                with safe_open(str(self.path / shard), framework="pt") as f:
+                    vectors = _rows_of(f.get_tensor(self.name), rows)
+                yield rows.to_pydict(), vectors
 
 
 def _run_dir(path: str | Path) -> Path:
