@@ -229,6 +229,8 @@ def test_an_interrupted_export_resumes_to_the_same_files(toy, scenes, tmp_path, 
     keys = list(zip(*(index(cut).column(k).to_pylist()
                       for k in ("sample", "position", "layer", "source"))))
     assert len(keys) == len(set(keys)) == 6 * 144 * 5  # residual 0, 3, 4; keys 0, 3
+    with pytest.raises(VislensError, match="keys has no layer 4"):  # past the last layer
+        load_activations(cut, layer=4, source="keys")
     assert json.dumps(resumed).replace(str(cut), "OUT") == \
         json.dumps(expected).replace(str(whole), "OUT")
     assert not list(cut.rglob("*.tmp"))
@@ -267,7 +269,7 @@ def one_line_error(result) -> str:
     (["--sources", ""], "--sources is empty"),
     (["--layers", "9"], "--layers 9 is out of range: the model has 4 layers"),
     (["--layers", "two"], "--layers must be all or a list"),
-    (["--layers", "4", "--sources", "keys"], "keys exist for layers 0-3"),
+    (["--layers", "2,4", "--sources", "keys,values"], "keys, values exist for layers 0-3"),
     (["--shard-size", "0"], "--shard-size must be at least 1"),
     (["--data", "coco:/no/such/dir"], "/no/such/dir does not exist"),
     (["--data", "shapesworld:0"], "trained on"),

@@ -95,12 +95,11 @@ class CaptureConfig:
             raise VislensError(
                 f"--layers {max(layers)} is out of range: the model has {num_layers} layers "
                 f"(residual 0-{num_layers}, keys / values 0-{num_layers - 1})")
-        for source in self.sources:
-            if source != "residual" and all(layer >= num_layers for layer in layers):
-                raise VislensError(
-                    f"--sources {source} at --layers {num_layers} only: {source} exist for "
-                    f"layers 0-{num_layers - 1} (layer {num_layers} is the last layer's "
-                    "output, residual only)")
+        if num_layers in layers and "residual" not in self.sources:
+            raise VislensError(
+                f"--layers {num_layers}: {', '.join(self.sources)} exist for layers "
+                f"0-{num_layers - 1} (layer {num_layers} is the last layer's output, a "
+                "residual only); drop it or add --sources residual")
         return replace(self, layers=layers, sources=tuple(self.sources))
 
     def pairs(self, num_layers: int) -> list[tuple[int, str]]:
@@ -205,7 +204,7 @@ class ShardWriter:
 
 
 @torch.no_grad()
-def _shard(vlm, out: RunDir, unit, config: CaptureConfig) -> dict:
+def _shard(vlm, out: RunDir, unit, config: CaptureConfig) -> None:
     """Capture one shard's images, write the shard, then its index rows (one part)."""
     number, samples = unit
     pairs = config.pairs(vlm.num_layers)
@@ -228,7 +227,6 @@ def _shard(vlm, out: RunDir, unit, config: CaptureConfig) -> dict:
     writer.write(path, {"vislens": json.dumps({"format": FORMAT,
                                                "samples": [s.id for s in samples]})})
     out.add_table(_index(pa.concat_tables(tokens), pairs, shard_name(number)))
-    return {"shard": number, "peak_bytes": writer.peak_bytes}
 
 
 def _capture(vlm, positions, config: CaptureConfig):
