@@ -43,8 +43,8 @@ def _reset() -> float:
 
 def child(n: int, shard_size: int, out: Path, result: Path) -> None:
     import vislens.models
-    from vislens.activations import ActivationDataset, load_activations
     from vislens.cli import app
+    from vislens.data.activations import ActivationDataset, load_activations
 
     marks: dict = {}
     real_load = vislens.models.load

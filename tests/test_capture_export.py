@@ -18,9 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 import vislens
-from vislens.activations import ActivationDataset, load_activations, read_index
 from vislens.cli import app
 from vislens.data import open_dataset, shapesworld
+from vislens.data.activations import ActivationDataset, load_activations, read_index
 from vislens.errors import VislensError
 from vislens.experiments import capture as cx
 from vislens.interventions import capture

@@ -33,9 +33,9 @@ def capture(
     dtype) plus a parquet index of sample, tile, row, col, pixel box and the object under
     each token, for training probes and sparse autoencoders.
 
-    Read back with vislens.activations.load_activations(OUT, layer=L, source="residual")
-    (a tensor and its index table) or vislens.activations.ActivationDataset; the format is
-    in docs/activations.md.
+    Read back with vislens.data.activations: load_activations(OUT, layer=L, source=S) gives
+    a tensor and its index table, ActivationDataset streams rows; the format is in
+    docs/activations.md.
 
     Example: vislens capture --model toy --n 200 --sources residual,keys,values --out acts
     """

@@ -1,7 +1,7 @@
 """Export activations of image tokens (and optionally the prompt's other tokens) per layer,
 for training probes and sparse autoencoders outside vislens.
 
-The format and its reader are vislens.activations. Here: the run that writes it.
+The format and its reader are vislens.data.activations. Here: the run that writes it.
 
 Images are cut into shards of `shard_size` in data order; a shard is one unit of the
 executor (this process or a Ray worker: vislens.distributed), so a sharded run writes the
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vislens.activations import (
+from vislens.data.activations import (
     FORMAT,
     INDEX_COLUMNS,
     SHARDS,
@@ -376,7 +376,7 @@ def summarise(tables, vlm, config: CaptureConfig, root: Path) -> dict:
         "n_shards": len(shards),
         "bytes": sum((root / s).stat().st_size for s in shards),
         "out": str(root),
-        "load": f"vislens.activations.load_activations({str(root)!r}, layer={layer}, "
+        "load": f"vislens.data.activations.load_activations({str(root)!r}, layer={layer}, "
                 f"source={source!r})",
         "config": asdict(config),
     }

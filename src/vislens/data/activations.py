@@ -13,7 +13,8 @@ A capture directory holds:
 The index is read with pyarrow and the tensors with safetensors' lazy reader, so
 `load_activations` reads only the one tensor of each shard it is asked for, and
 `ActivationDataset` holds one shard's tensor at a time however many images were exported.
-Nothing here imports a model, so a probe or SAE trainer needs only this module.
+Nothing here imports a model, so a probe or SAE trainer needs only this module; it lives
+with the data sets because an export is one, read as they are, below every experiment.
 """
 
 from __future__ import annotations
