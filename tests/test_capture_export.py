@@ -304,6 +304,7 @@ def test_help_has_an_example_and_json_gives_the_summary(tmp_path):
     assert summary["shapes"] == {"residual": [128], "keys": [4, 32], "values": [4, 32]}
     assert summary["n_rows"] == 3 * 144 * 6 and summary["dtype"] == "float32"
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert set(summary) == set(cx.CaptureSummary.__annotations__)  # the declared keys, all
 
 
 # ---- memory ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -126,7 +127,7 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
 
 
 def execute(vlm, samples: list[Sample], config: CaptureConfig, out: Path, meta: dict,
-            progress=None) -> dict:
+            progress=None) -> CaptureSummary:
     """Export into directory `out` (resuming), and write summary.json."""
     depth = executor(vlm).info.num_layers
     config = config.resolved(depth)
@@ -141,7 +142,8 @@ def execute(vlm, samples: list[Sample], config: CaptureConfig, out: Path, meta: 
     return summary
 
 
-def run(vlm, samples: list[Sample], config: CaptureConfig, out: RunDir, progress=None) -> dict:
+def run(vlm, samples: list[Sample], config: CaptureConfig, out: RunDir, progress=None
+        ) -> CaptureSummary:
     if not samples:
         raise VislensError("no samples to capture; check --data / --n")
     ids = [s.id for s in samples]
@@ -331,7 +333,30 @@ def _index(tokens: pa.Table, pairs: list[tuple[int, str]], shard: str) -> pa.Tab
     return pa.concat_tables(blocks).select(list(INDEX_COLUMNS))
 
 
-def summarise(tables, vlm, config: CaptureConfig, root: Path) -> dict:
+class CaptureSummary(TypedDict):
+    """summary.json of `vislens capture` (what `execute` returns and --json prints), declared
+    as main's other experiments declare theirs; tests/test_capture_export.py checks a real
+    summary against these keys."""
+
+    model: str
+    n_layers: int  # decoder layers of the model (residual has one state more)
+    n_images: int
+    n_tokens: dict[str, int]  # per kind (image, newline, marker, text), each stored once
+    n_object_tokens: int  # image tokens with an instance under them
+    n_background_tokens: int  # image tokens no instance touches
+    n_rows: int  # index rows: tokens x stored (layer, source) pairs
+    layers: list[int]
+    sources: list[str]
+    dtype: str | None  # as stored, e.g. "bfloat16"
+    shapes: dict[str, list[int]]  # per source, one token's vector
+    n_shards: int
+    bytes: int  # of the shard files
+    out: str
+    load: str  # the Python call that reads the first stored tensor back
+    config: dict[str, Any]
+
+
+def summarise(tables, vlm, config: CaptureConfig, root: Path) -> CaptureSummary:
     """Counts of what the export holds, from its index parts (read one at a time), and the
     stored dtype and shapes, from a shard's header."""
     from safetensors import safe_open
