@@ -16,6 +16,7 @@ import typer
 from vislens.cli.ablate import ablate
 from vislens.cli.artifacts import artifacts
 from vislens.cli.attention import attention
+from vislens.cli.capture import capture
 from vislens.cli.evaluate import evaluate
 from vislens.cli.info import info
 from vislens.cli.knockout import knockout
@@ -39,6 +40,7 @@ COMMANDS = {
     "study": study, "eval": evaluate, "info": info, "world": world, "train-toy": train_toy,
     "ablate": ablate, "logit-lens": logit_lens, "knockout": knockout, "attention": attention,
     "perceive": perceive, "artifacts": artifacts, "prefix": prefix, "surface": surface,
+    "capture": capture,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
