@@ -246,7 +246,7 @@ def study(tmp_path_factory):
 @pytest.mark.slow
 def test_every_study_step_has_a_contract(study):
     result, _ = study
-    assert set(result["summaries"]) == set(STEPS)
+    assert set(result.summaries) == set(STEPS)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ for training probes and sparse autoencoders outside vislens.
 The format and its reader are vislens.data.activations. Here: the run that writes it.
 
 Images are cut into shards of `shard_size` in data order; a shard is one unit of the
-executor (this process or a Ray worker: vislens.distributed), so a sharded run writes the
+executor (this process or a Ray worker: vislens.runs), so a sharded run writes the
 single-process run's files. A unit captures its images a batch at a time into a
 ShardWriter, writes the shard (temporary name, then renamed: a shard either exists whole
 or not at all), then its index rows as one RunDir part. The part is what marks the
@@ -45,10 +45,10 @@ from vislens.data.activations import (
     tensor_name,
 )
 from vislens.data.samples import Sample
-from vislens.distributed import executor
 from vislens.errors import VislensError
-from vislens.experiments.runs import RunDir
 from vislens.interventions import capture
+from vislens.runs.local import executor
+from vislens.runs.rundir import RunDir
 
 PROMPT = "describe this image ."
 CAPTURED = {"residual": "residual", "keys": "keys_post", "keys-pre": "keys_pre",
@@ -150,7 +150,7 @@ def run(vlm, samples: list[Sample], config: CaptureConfig, out: RunDir, progress
     if len(set(ids)) != len(ids):
         raise VislensError("the data holds two samples with one id; the index could not tell "
                            "them apart")
-    ex = executor(vlm)  # this process, or a vislens.distributed.RayPool: one unit per shard
+    ex = executor(vlm)  # this process, or a vislens.runs.ray_pool.RayPool: one unit per shard
     config = config.resolved(ex.info.num_layers)
     size = config.shard_size
     units = [(i // size, samples[i:i + size]) for i in range(0, len(samples), size)]
