@@ -25,9 +25,10 @@ value; ablation (on the LM's input) comes before every layer, so patching the re
 layer 0 wins over it there; knockout acts inside attention and composes as usual. Only
 the prompt pass is patched (under generate: the prefill), never generated tokens.
 
-DeepStack (Qwen3-VL adds image features to the image positions after each of its first
-layers): the residual entering layer l holds the additions made after layers below l and
-not those after layers l and above, which the corrupted run takes from its own image.
+DeepStack (Qwen3-VL adds its k-th set of image features to the image positions of layer
+k's output, k = 0, 1, 2): the residual entering layer l holds the additions k < l (the
+one made after layer l - 1 included) and not those k >= l, which the corrupted run takes
+from its own image.
 Restoring it alone below the last injection therefore leaves the corrupted image in the
 model; `injected=True` also restores those later additions (the clean run's) at the
 patched columns, after which every column restored at any layer gives the clean logits.
@@ -474,7 +475,9 @@ def attribution(vlm, clean, corrupt, metric: Callable[[torch.Tensor], torch.Tens
     logits). corrupt: the corrupted Batch. metric: logits [B, 1, vocab] -> [B] (e.g.
     `logit_difference`). The gradient is of the corrupted run, so an effect is exact for
     metrics linear in the activation and a first-order estimate otherwise. For DeepStack
-    it is the effect of restoring the residual alone (injected=False).
+    it is the effect of restoring the residual alone (injected=False). The corrupted
+    batch's image features are computed once and cached on it (as `vlm.image_embeddings`
+    does), so the backward pass never enters the vision tower.
     """
     L = vlm.num_layers
     layers = list(range(L)) if layers is None else sorted({int(x) for x in layers})
