@@ -81,12 +81,6 @@ CORRUPTIONS = ("color", "shape", "noise")
 GROUPS = ("object", "object+1", "rest-of-image", "last-row", "question", "answer-position")
 LAYOUT_FREE_GROUPS = ("question", "answer-position")
 FUNNEL_STEPS = ("read", "selected", "paired", "clean_correct", "corrupt_wrong", "kept")
-FUNNEL_LABELS = {
-    "read": "read", "selected": "passed the selection",
-    "paired": "had a clean / corrupted pair and a question naming only the target",
-    "clean_correct": "answered right clean", "corrupt_wrong": "answered wrong corrupted",
-    "kept": "kept",
-}
 TOP_K_DEFAULT = 5  # top-k tokens where the family has no layout or the object no token
 COLUMNS = ("pair", "kind", "layer", "group", "target", "answer", "foil", "answer_id",
            "foil_id", "ld_clean", "ld_corrupt", "paired", "clean_correct", "corrupt_wrong",
@@ -293,7 +287,7 @@ def tally(samples, targets, rows: list[dict], corrupt: str) -> funnel_steps.Funn
                "corrupt_wrong": "the corruption never changed the answer: try another "
                                 "--corrupt", "kept": "nothing was kept"}[step]
         lost[corrupt] = (f"{corrupt}: no pair kept; lost at the step "
-                         f"'{FUNNEL_LABELS[step]}': {why}")
+                         f"'{funnel_steps.LABELS[step]}': {why}")
     return {"steps": list(FUNNEL_STEPS), "counts": {corrupt: counts}, "lost": lost}
 
 
