@@ -232,6 +232,8 @@ def execute(vlm: ModelHandle, samples: list[Sample], config: PatchConfig, out: P
     summary["plots"] = {}
     for kind, by_group in summary["restored"].items():
         names = list(by_group)
+        if not names:  # no pair kept: the funnel says why
+            continue
         summary["plots"][kind] = str(heatmap(
             [by_group[g]["mean"] for g in names], names,
             [str(x) for x in summary["layers"]], run_dir.path / f"patch_{kind}.png",
