@@ -134,8 +134,8 @@ def _steps(vlm: ModelHandle, config: StudyConfig, samples, out: Path, loaded: fl
         vlm, samples[: config.n(80)], knockout.KnockoutConfig(area=small, seed=config.seed),
         out / "knockout", {**meta, "n": config.n(80)}, progress=progress))
     step("patch", lambda: patching.execute(
-        vlm, samples[: config.n(12)], patching.PatchConfig(area=small, seed=config.seed, maps=2),
-        out / "patch", {**meta, "n": config.n(12)}, progress=progress))
+        vlm, samples[: config.n(8)], patching.PatchConfig(area=small, seed=config.seed, maps=2),
+        out / "patch", {**meta, "n": config.n(8)}, progress=progress))
     step("attention", lambda: attention.execute(
         vlm, samples[: config.n(24)], attention.AttentionConfig(area=large, viewers=2,
                                                                 seed=config.seed),
