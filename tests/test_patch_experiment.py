@@ -60,6 +60,31 @@ def test_whole_layer_restores_one_and_nothing_restores_zero(toy, scenes, monkeyp
         assert shares[(layer, "question")] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_groups_batched_as_rows_equal_each_group_patched_alone(toy, scenes):
+    """Every group is a row of one corrupted batch; each row gives what a one-row batch
+    restoring that group alone gives (a hand-written patch, outside the experiment)."""
+    import torch
+
+    from vislens.interventions.patch import logit_difference, patch, record_sites
+
+    sample = scenes[0]
+    target = patching.choose_targets([sample], SMALL)[0]
+    config = _config(layers="1", token_layers="none")
+    rows = patching.pair_rows(toy, sample, target, config, [1], [])
+    head = rows[0]
+    pair = patching.make_pair(toy, sample, target, config)
+    clean = toy.prepare([pair.clean], [pair.question.prompt], [pair.prefix])
+    corrupt = toy.prepare([pair.corrupt], [pair.question.prompt], [pair.prefix])
+    source = record_sites(toy, clean, [("residual", 1)], logits_to_keep=1)
+    metric = logit_difference(head["answer_id"], head["foil_id"])
+    cols = patching.groups(toy, clean, pair)
+    for row in rows[1:]:
+        with patch(toy, source, corrupt, [("residual", 1)], [cols[row["group"]]]), \
+                torch.no_grad():
+            ld = float(metric(toy.forward(corrupt, logits_to_keep=1).logits.float()))
+        assert row["ld"] == pytest.approx(ld, abs=1e-4), row["group"]
+
+
 def test_groups_are_the_knockout_token_sets(toy, scenes):
     """object / object+1 / last row as knockout builds them; the rest is the image minus
     object+1; the answer position is the last column."""
