@@ -20,7 +20,7 @@ def _one_line_error(result) -> str:
 def test_every_command_has_help_with_an_example_and_json():
     for command in ("info", "eval", "world", "train-toy", "ablate", "logit-lens", "knockout",
                     "perceive", "artifacts", "prefix", "study", "surface", "attention",
-                    "capture"):
+                    "capture", "patch"):
         result = runner.invoke(app, [command, "--help"], terminal_width=200)
         assert result.exit_code == 0, command
         assert "Example: vislens" in result.output, command

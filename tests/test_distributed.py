@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 from vislens.cli import app  # noqa: E402
 from vislens.data import open_dataset  # noqa: E402
 from vislens.errors import VislensError  # noqa: E402
-from vislens.experiments import ablation, attention, knockout, logit_lens  # noqa: E402
+from vislens.experiments import ablation, attention, knockout, logit_lens, patching  # noqa: E402
 from vislens.experiments.perception import artifacts, perceive, prefix, surface  # noqa: E402
 from vislens.runs.ray_pool import RayPool  # noqa: E402
 
@@ -84,6 +84,9 @@ CASES = {
         vlm, scenes[:3], knockout.KnockoutConfig(settings=("polling",),
                                                  conditions=("object->last",), area=SMALL),
         out, META),
+    "patch": lambda vlm, scenes, out: patching.execute(
+        vlm, scenes[:3], patching.PatchConfig(layers="0,2", token_layers="1", area=SMALL,
+                                              maps=1), out, META),
     "logit-lens": lambda vlm, scenes, out: logit_lens.execute(
         vlm, scenes[:5], logit_lens.LensConfig(area=LARGE, batch_size=2, viewers=1), out, META),
     "attention": lambda vlm, scenes, out: attention.execute(

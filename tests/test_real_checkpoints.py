@@ -383,11 +383,11 @@ def test_eval_on_shapesworld(fitted):
 def test_study_runs_every_step(name, tmp_path):
     out = tmp_path / "study"
     s = cli("study", "--model", fitted_dir(name), "--scale", 0.01, "--out", out)
-    assert s["sections"] == ["accuracy", "ablation", "logit-lens", "knockout", "attention",
-                             "perceive", "artifacts", "prefix", "surface", "timing"]
+    assert s["sections"] == ["accuracy", "ablation", "logit-lens", "knockout", "patch",
+                             "attention", "perceive", "artifacts", "prefix", "surface", "timing"]
     assert Path(s["report"]).is_file()
-    for step in ("ablate", "logit-lens", "knockout", "attention", "perceive", "artifacts",
-                 "prefix", "surface"):
+    for step in ("ablate", "logit-lens", "knockout", "patch", "attention", "perceive",
+                 "artifacts", "prefix", "surface"):
         assert (out / step / "summary.json").is_file(), step
 
 

@@ -29,6 +29,7 @@ from vislens.experiments.accuracy import AccuracySummary
 from vislens.experiments.attention import AttentionSummary
 from vislens.experiments.knockout import KnockoutSummary
 from vislens.experiments.logit_lens import LensSummary
+from vislens.experiments.patching import Curve, PatchSummary, TokenLayer
 from vislens.experiments.perception.artifacts import (
     ArtifactsSummary,
     HeldOutChange,
@@ -43,13 +44,14 @@ SECTIONS_PY = Path(sections.__file__)
 CONTRACTS = {t.__name__: t for t in (
     AccuracySummary, AblationSummary, LensSummary, KnockoutSummary, AttentionSummary,
     PerceiveSummary, ArtifactsSummary, PrefixSummary, SurfaceSummary, TaskEntry, HeldOutTask,
-    HeldOutChange)}
+    HeldOutChange, PatchSummary, Curve, TokenLayer)}
 # study step -> (where its summary lies under the study directory, contract, section)
 STEPS = {
     "accuracy": ("accuracy.json", AccuracySummary, sections.accuracy_section),
     "ablation": ("ablate/summary.json", AblationSummary, sections.ablation_section),
     "logit lens": ("logit-lens/summary.json", LensSummary, sections.logit_lens_section),
     "knockout": ("knockout/summary.json", KnockoutSummary, sections.knockout_section),
+    "patch": ("patch/summary.json", PatchSummary, sections.patch_section),
     "attention": ("attention/summary.json", AttentionSummary, sections.attention_section),
     "perceive": ("perceive/summary.json", PerceiveSummary, sections.perceive_section),
     "artifacts": ("artifacts/summary.json", ArtifactsSummary, sections.artifacts_section),

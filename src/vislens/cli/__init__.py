@@ -21,6 +21,7 @@ from vislens.cli.evaluate import evaluate
 from vislens.cli.info import info
 from vislens.cli.knockout import knockout
 from vislens.cli.logit_lens import logit_lens
+from vislens.cli.patch import patch
 from vislens.cli.perceive import perceive
 from vislens.cli.prefix import prefix
 from vislens.cli.study import study
@@ -40,7 +41,7 @@ COMMANDS = {
     "study": study, "eval": evaluate, "info": info, "world": world, "train-toy": train_toy,
     "ablate": ablate, "logit-lens": logit_lens, "knockout": knockout, "attention": attention,
     "perceive": perceive, "artifacts": artifacts, "prefix": prefix, "surface": surface,
-    "capture": capture,
+    "capture": capture, "patch": patch,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

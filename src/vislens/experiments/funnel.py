@@ -29,6 +29,9 @@ LABELS = {
     "clean_correct": "answered right clean",
     "noise_filter": "answered wrong with the object noised",
     "kept": "kept",
+    # patch's own steps (experiments/patching.py FUNNEL_STEPS)
+    "paired": "had a clean / corrupted pair and a question naming only the target",
+    "corrupt_wrong": "answered wrong corrupted",
 }
 LOST = {
     "selected": ("no image has a target alone in its class in the area range",
@@ -106,7 +109,8 @@ def _past(step: str) -> str:
 
 def path(counts: dict) -> str:
     """The counts as 'N read -> N passed the selection -> ...', steps not applied left out."""
-    return " -> ".join(f"{counts[s]} {LABELS[s]}" for s in STEPS if counts.get(s) is not None)
+    return " -> ".join(f"{counts[s]} {LABELS.get(s, s)}" for s in counts
+                       if counts.get(s) is not None)
 
 
 def lines(funnel: dict | None) -> list[str]:

@@ -104,7 +104,7 @@ def run_study(config: StudyConfig, out: Path, progress=None,
 
 def _steps(vlm: ModelHandle, config: StudyConfig, samples, out: Path, loaded: float, progress,
            log) -> StudyRun:
-    from vislens.experiments import ablation, attention, knockout, logit_lens
+    from vislens.experiments import ablation, attention, knockout, logit_lens, patching
 
     out.mkdir(parents=True, exist_ok=True)
     clock = StepClock(out / "timing.json")
@@ -133,6 +133,9 @@ def _steps(vlm: ModelHandle, config: StudyConfig, samples, out: Path, loaded: fl
     step("knockout", lambda: knockout.execute(
         vlm, samples[: config.n(80)], knockout.KnockoutConfig(area=small, seed=config.seed),
         out / "knockout", {**meta, "n": config.n(80)}, progress=progress))
+    step("patch", lambda: patching.execute(
+        vlm, samples[: config.n(8)], patching.PatchConfig(area=small, seed=config.seed, maps=2),
+        out / "patch", {**meta, "n": config.n(8)}, progress=progress))
     step("attention", lambda: attention.execute(
         vlm, samples[: config.n(24)], attention.AttentionConfig(area=large, viewers=2,
                                                                 seed=config.seed),
@@ -201,6 +204,13 @@ def _headline(name: str, summary: dict) -> dict:
         return {"windows": summary["window_labels"],
                 "relative_accuracy": summary["relative_accuracy"],
                 "relative_accuracy_first_token": summary.get("relative_accuracy_first_token"),
+                "funnel": summary.get("funnel")}
+    if name == "patch":
+        return {"n_pairs": summary["n_pairs"], "layers": summary["layers"],
+                "restored_residual": {g: c["mean"] for g, c in
+                                      summary["restored"].get("residual", {}).items()},
+                "attribution_spearman": {x: a["spearman"]
+                                         for x, a in summary["attribution"].items()},
                 "funnel": summary.get("funnel")}
     if name == "attention":
         return {k: summary[k] for k in ("peak_layer_image", "peak_layer_object",

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the summary.json contracts each section reads (no import at
     from vislens.experiments.attention import AttentionSummary
     from vislens.experiments.knockout import KnockoutSummary
     from vislens.experiments.logit_lens import LensSummary
+    from vislens.experiments.patching import PatchSummary
     from vislens.experiments.perception.artifacts import (
         ArtifactsSummary,
         HeldOutChange,
@@ -35,7 +36,8 @@ def accuracy_section(summary: AccuracySummary) -> Section:
                           ["setting", "accuracy"], rows)])
 
 
-def funnel_table(summary: AblationSummary | LensSummary | KnockoutSummary) -> TableData | None:
+def funnel_table(summary: AblationSummary | LensSummary | KnockoutSummary | PatchSummary
+                 ) -> TableData | None:
     """How many images each selection step kept, per setting (experiments/funnel.py)."""
     funnel = summary.get("funnel")
     if not funnel:
@@ -50,12 +52,14 @@ def funnel_table(summary: AblationSummary | LensSummary | KnockoutSummary) -> Ta
                      rows)
 
 
-def _funnel(summary: AblationSummary | LensSummary | KnockoutSummary) -> list[TableData]:
+def _funnel(summary: AblationSummary | LensSummary | KnockoutSummary | PatchSummary
+            ) -> list[TableData]:
     table = funnel_table(summary)
     return [table] if table else []
 
 
-def _funnel_notes(summary: AblationSummary | LensSummary | KnockoutSummary) -> list[str]:
+def _funnel_notes(summary: AblationSummary | LensSummary | KnockoutSummary | PatchSummary
+                  ) -> list[str]:
     return list((summary.get("funnel") or {}).get("lost", {}).values())
 
 
@@ -144,6 +148,45 @@ def knockout_section(summary: KnockoutSummary) -> Section:
         + ([("relative accuracy, first answer-word token (Neo et al.'s rule)",
              Path(summary["plot_first_token"]))] if summary.get("plot_first_token") else []),
         notes=_funnel_notes(summary))
+
+
+def _interval(ci: list[float] | None) -> str | None:
+    return None if ci is None else f"{ci[0]:.2f}–{ci[1]:.2f}"
+
+
+def patch_section(summary: PatchSummary) -> Section:
+    layers = [str(x) for x in summary["layers"]]
+    tables = []
+    for kind, by_group in summary["restored"].items():
+        rows = [[g, *[f"{fmt(m, 2)} ({_interval(c)})" if m is not None else None
+                      for m, c in zip(curve["mean"], curve["ci95"])]]
+                for g, curve in by_group.items()]
+        tables.append(TableData(f"{kind}: share of the logit difference restored, mean (95% "
+                                f"bootstrap interval) over {summary['n_pairs']} pairs; restoring "
+                                f"nothing = {summary['reference']['nothing']:g}, everything = "
+                                f"{summary['reference']['everything']:g}",
+                                ["group \\ layer", *layers], rows))
+    att = [[x, a["spearman"], _interval(a["spearman_ci95"]), a["topk_overlap"],
+            a["topk_restored"], _interval(a["topk_restored_ci95"]), a["n"]]
+           for x, a in summary["attribution"].items()]
+    if att:
+        tables.append(TableData("single image tokens of the residual: attribution patching vs "
+                                "exact patching (chance Spearman 0)",
+                                ["layer", "Spearman", "95% CI", "top-k overlap",
+                                 "top-k by attribution restore", "95% CI", "pairs"], att))
+    tables += _funnel(summary)
+    images = [(f"restored share per layer and token group ({kind})", Path(p))
+              for kind, p in summary["plots"].items()]
+    images += [("single tokens restored, exact and attribution, on the image", Path(p))
+               for p in summary["maps"]]
+    return Section(
+        "patch", "Causal tracing: where does the answer read the object?",
+        f"Clean and corrupted images ({summary['corrupt']}) with the same question; the "
+        "clean run's activations are restored in the corrupted run, one token group and "
+        "layer at a time, and the share of the logit difference (answer - foil, first "
+        "tokens, at the answer position) that comes back is measured. Complements the "
+        "knockout: there blocking edges, here restoring activations.",
+        tables=tables, images=images, notes=_funnel_notes(summary))
 
 
 def timing_section(times: dict[str, float]) -> Section:

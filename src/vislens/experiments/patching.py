@@ -1,0 +1,550 @@
+"""Causal tracing on image tokens: where does the answer read the object?
+
+Knockout blocks attention edges and asks whether the answer survives; patching asks the
+converse: in a run whose image no longer holds the answer, which activations of the clean
+run bring it back? (Meng et al.'s causal tracing, with clean / corrupted pairs whose
+answers are two known words, as in Wang et al.'s logit-difference patching.)
+
+Pairs. Each selected sample and target (`choose_targets`) gives a clean and a corrupted
+image with the same prompt, so both runs line up column for column (patch.check_layout):
+  color / shape  ShapesWorld only: the exact counterfactual scene (data.counterfactual),
+                 the target's colour or shape changed and every other pixel the same.
+                 The prompt is the VQA question of that attribute; the answer is the clean
+                 word, the foil the changed scene's word.
+  noise          Neo et al.'s object noise (selection.noise_object, seed = config.seed),
+                 any data: the ShapesWorld colour question, or elsewhere the sample's VQA
+                 question (prompts.asked) with its prefix and the answer's article ("It is
+                 a"/"an"), so the next token is the class name. The foil is the corrupted
+                 run's top token at the answer position.
+A question must single the target out (the colour question names its shape, the shape
+question its colour: no other object may share it), else the pair is not made.
+
+Metric. LD = logit(answer) - logit(foil) at the answer position (the column after the
+answer prefix, the last one), each word by its FIRST token in context (the token the
+model would emit right after the prefix; a word split into pieces counts by its first,
+where the model commits to it). A pair is kept when the clean argmax there is the
+answer's token and the corrupted argmax is not (the funnel below counts each step).
+
+Restored share = (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt) per (site kind,
+layer, token group), patch.restored_share: restoring nothing is 0 and restoring every
+column of a layer's residual is 1 by construction (the clean logits come back); these are
+the chance and ceiling lines, there is no other reference. A share can leave [0, 1]
+(restoring part of a layer can overshoot or go the wrong way). Groups, on the clean
+token map: object (tokens whose box meets the union of both targets' masks, or the
+noised mask), object+1 (dilated by one token), rest-of-image (image minus object+1),
+last image row, question words (knockout.question_columns) and the answer position.
+A family without a token layout runs the question / answer-position groups only.
+
+Every group of one (kind, layer) is a row of one corrupted batch (repeat_batch): one
+`patch` context per (kind, layer), each row restoring its own columns.
+
+Per image token, at `token_layers`: attribution patching of the residual (one backward
+pass for all tokens, patch.attribution) against exact patching of each image token alone
+(one token per row); kept per pair and layer: Spearman rank correlation over image
+tokens, the overlap of the top k by each (k = object tokens, 5 without a layout or
+object token), and the share restored by patching the top k by attribution together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypedDict, cast
+
+import numpy as np
+import torch
+
+from vislens.data import counterfactual as cf
+from vislens.data.samples import Question, Sample
+from vislens.errors import VislensError
+from vislens.experiments import funnel as funnel_steps
+from vislens.experiments.batching import repeat_batch
+from vislens.experiments.knockout import question_columns
+from vislens.experiments.prompts import asked
+from vislens.experiments.selection import choose_targets, noise_object
+from vislens.experiments.stats import bootstrap_ci, bootstrap_columns
+from vislens.interventions.patch import (
+    KINDS,
+    attribution,
+    logit_difference,
+    patch,
+    record_sites,
+    restored_share,
+    site_grid,
+)
+from vislens.render.plots import heatmap, save_figure
+from vislens.runs.handle import ModelHandle
+from vislens.runs.local import executor
+from vislens.runs.rundir import RunDir
+
+CORRUPTIONS = ("color", "shape", "noise")
+GROUPS = ("object", "object+1", "rest-of-image", "last-row", "question", "answer-position")
+LAYOUT_FREE_GROUPS = ("question", "answer-position")
+FUNNEL_STEPS = ("read", "selected", "paired", "clean_correct", "corrupt_wrong", "kept")
+TOP_K_DEFAULT = 5  # top-k tokens where the family has no layout or the object no token
+COLUMNS = ("pair", "kind", "layer", "group", "target", "answer", "foil", "answer_id",
+           "foil_id", "ld_clean", "ld_corrupt", "paired", "clean_correct", "corrupt_wrong",
+           "kept", "ld", "share", "n_positions", "positions", "exact", "estimate",
+           "boxes", "spearman", "k", "topk_overlap", "topk_restored")
+
+
+def layer_list(spec: str, n_layers: int | None = None, name: str = "--layers") -> list[int]:
+    """Layers from "all", "none", "auto" (4 evenly spaced) or a comma list of L and A-B
+    items (0-based, inclusive); with n_layers, checked against the model's depth."""
+    spec = str(spec).strip().lower()
+    if spec in ("all", "auto", "none"):
+        if n_layers is None or spec == "none":
+            return []
+        if spec == "all":
+            return list(range(n_layers))
+        return sorted({int(x) for x in np.linspace(0, n_layers - 1, min(4, n_layers)).round()})
+    out: list[int] = []
+    for item in (x.strip() for x in spec.split(",")):
+        a, sep, b = item.partition("-")
+        if not a.isdigit() or (sep and not b.isdigit()) or (sep and int(a) > int(b)):
+            raise ValueError(f"{name} item {item!r} is none of all, auto, none, L or A-B "
+                             "(0-based layers, A <= B)")
+        out += range(int(a), int(b if sep else a) + 1)
+    if n_layers is not None and out and max(out) >= n_layers:
+        raise ValueError(f"{name} {spec}: this model has layers 0..{n_layers - 1}")
+    return sorted(set(out))
+
+
+@dataclass
+class PatchConfig:
+    corrupt: str = "color"  # color / shape (exact counterfactual, ShapesWorld) or noise
+    kinds: tuple[str, ...] = ("residual",)
+    layers: str = "all"  # layer_list: the layers whose sites are restored group by group
+    token_layers: str = "auto"  # per-image-token maps: 4 evenly spaced layers ("none": off)
+    area: tuple[float, float] | None = None
+    seed: int = 0  # the noise corruption's seed
+    maps: int = 3  # per-token maps drawn for the first N kept pairs
+    chunk: int = 64  # rows per forward pass of the one-token-per-row exact patching
+
+    def validate(self) -> None:
+        """Every option checked before anything is loaded or written."""
+        if self.corrupt not in CORRUPTIONS:
+            raise ValueError(f"unknown --corrupt {self.corrupt!r}; choose from "
+                             f"{', '.join(CORRUPTIONS)}")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"unknown --kinds {', '.join(bad) or '(none)'}; choose from "
+                             f"{', '.join(KINDS)}")
+        if not layer_list(self.layers, None) and self.layers.strip().lower() == "none":
+            raise ValueError("--layers none restores nothing; give all or a list of layers")
+        layer_list(self.token_layers, None, "--token-layers")
+        for name, value in (("--maps", self.maps), ("--chunk", self.chunk - 1)):
+            if value < 0:
+                raise ValueError(f"{name} must be at least {0 if name == '--maps' else 1}")
+
+
+# ---- pairs --------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """One clean / corrupted image pair with its question and the object's pixels."""
+
+    clean: Any  # PIL image
+    corrupt: Any
+    question: Question
+    prefix: str
+    mask: np.ndarray
+    foil: str | None  # None: the corrupted run's top token (noise)
+
+
+def _unique(sample: Sample, target: int, attribute: str) -> bool:
+    """The question about `attribute` names the target by its other attribute: no other
+    object may share that one."""
+    other = "shape" if attribute == "color" else "color"
+    mine = sample.instances[target].attributes[other]
+    return all(inst.attributes[other] != mine
+               for i, inst in enumerate(sample.instances) if i != target)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def make_pair(vlm, sample: Sample, target: int, config: PatchConfig) -> Pair | None:
+    """The pair of one sample and target, or None when there is none (funnel: paired)."""
+    shapes = sample.meta.get("source") == "shapesworld"
+    if config.corrupt in ("color", "shape"):
+        if not _unique(sample, target, config.corrupt):
+            return None
+        made = cf.counterfactual(sample, target, config.corrupt)
+        if made is None:
+            return None
+        q = made.question
+        return Pair(sample.image, made.changed.image, q, q.answer_prefix or "",
+                    made.object_mask(), made.foil)
+    mask = sample.instances[target].mask
+    if shapes:
+        if not _unique(sample, target, "color"):
+            return None
+        q = cf.question_for(sample, target, "color")
+        prefix = q.answer_prefix or ""
+    else:
+        q = asked(vlm, sample, target, "vqa")
+        if q is None:
+            return None
+        prefix = f"{q.answer_prefix} {_article(q.answer)}"
+    return Pair(sample.image, noise_object(sample.image, mask, config.seed), q, prefix,
+                mask, None)
+
+
+def first_token(vlm, prompt: str, prefix: str, word: str) -> int | None:
+    """The word's first token where the model would write it, right after the prefix: the
+    first id where the rendered prompt with `prefix + " " + word` departs from the one
+    with `prefix` alone (None where the word's tokens would change the prefix's)."""
+    def ids(answer_prefix: str) -> list[int]:
+        text = vlm.chat_text(prompt, answer_prefix)
+        return vlm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    base, full = ids(prefix), ids(f"{prefix} {word}")
+    if len(full) <= len(base) or full[:len(base)] != base:
+        return None
+    return int(full[len(base)])
+
+
+def groups(vlm, batch, pair: Pair) -> dict[str, np.ndarray]:
+    """Token columns of each group of one (clean) batch of one sample."""
+    tm = batch.token_map
+    answer = np.asarray([batch.seq_len - 1], dtype=np.int64)
+    question = question_columns(vlm.tokenizer, batch, 0, pair.question.prompt)
+    if not tm.geometric:
+        return {"question": question, "answer-position": answer}
+    obj = tm.positions(0, pair.mask)
+    obj1 = tm.dilate(obj, 1, 0)
+    image = tm.image_positions(0)
+    return {"object": obj, "object+1": obj1, "rest-of-image": np.setdiff1d(image, obj1),
+            "last-row": tm.last_row(0), "question": question, "answer-position": answer}
+
+
+# ---- run ----------------------------------------------------------------------------------
+def execute(vlm: ModelHandle, samples: list[Sample], config: PatchConfig, out: Path, meta: dict,
+            progress=None) -> PatchSummary:
+    """Run into directory `out` (resuming), plot, and write summary.json."""
+    config.validate()
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    run_dir = RunDir(out, {"experiment": "patch", **meta, **cfg},
+                     key=["pair", "kind", "layer", "group"])
+    summary = cast(PatchSummary, run(vlm, samples, config, run_dir, progress))
+    summary["model"] = meta.get("model", "")
+    summary["plots"] = {}
+    for kind, by_group in summary["restored"].items():
+        names = list(by_group)
+        if not names:  # no pair kept: the funnel says why
+            continue
+        summary["plots"][kind] = str(heatmap(
+            [by_group[g]["mean"] for g in names], names,
+            [str(x) for x in summary["layers"]], run_dir.path / f"patch_{kind}.png",
+            f"Causal tracing ({summary['model']}, {kind}): share of the logit difference "
+            f"restored, {summary['n_pairs']} pairs", "restored share (0 none, 1 all)"))
+    summary["maps"] = [str(p) for p in _draw_maps(run_dir, samples, config, summary)]
+    run_dir.write_summary(summary)
+    return summary
+
+
+def run(vlm: ModelHandle, samples: list[Sample], config: PatchConfig, out: RunDir,
+        progress=None) -> dict:
+    if not samples:
+        raise ValueError("no samples for patch; check --data / --n")
+    config.validate()
+    if config.corrupt != "noise":
+        other = [s.id for s in samples if s.meta.get("source") != "shapesworld"]
+        if other:
+            raise VislensError(f"--corrupt {config.corrupt} redraws ShapesWorld scenes exactly; "
+                               f"{other[0]!r} is not one: use --corrupt noise for other data")
+    ex = executor(vlm)
+    n_layers = ex.info.num_layers
+    layers = layer_list(config.layers, n_layers)
+    token_layers = layer_list(config.token_layers, n_layers, "--token-layers")
+    targets = choose_targets(samples, config.area)
+    items = [(s, t) for s, t in zip(samples, targets) if t is not None
+             and not out.done(pair=s.id, kind="pair", layer=-1, group="")]
+    ex.map(_unit, items, config, layers, token_layers, out=out, progress=progress,
+           label="patch")
+    rows = out.rows()
+    summary = summarise(rows, config, layers, token_layers, n_layers)
+    summary["funnel"] = tally(samples, targets, rows, config.corrupt)
+    return summary
+
+
+def tally(samples, targets, rows: list[dict], corrupt: str) -> funnel_steps.Funnel:
+    """The funnel of a patch run: FUNNEL_STEPS, under the corruption's name."""
+    pairs = [r for r in rows if r["kind"] == "pair"]
+    counts: dict[str, int | None] = {
+        "read": funnel_steps.images_read(samples),
+        "selected": sum(t is not None for t in targets),
+        "paired": sum(bool(r["paired"]) for r in pairs),
+        "clean_correct": sum(bool(r["clean_correct"]) for r in pairs),
+        "corrupt_wrong": sum(bool(r["clean_correct"] and r["corrupt_wrong"]) for r in pairs),
+        "kept": sum(bool(r["kept"]) for r in pairs)}
+    lost = {}
+    if not counts["kept"]:
+        step = next(s for s in FUNNEL_STEPS[1:] if not counts[s])
+        why = {"selected": "no image has a target alone in its class (--area, --n)",
+               "paired": "no target could be changed without touching another object, or no "
+                         "question named it alone: read more images with --n",
+               "clean_correct": "the model answers none right clean: try another --model",
+               "corrupt_wrong": "the corruption never changed the answer: try another "
+                                "--corrupt", "kept": "nothing was kept"}[step]
+        lost[corrupt] = (f"{corrupt}: no pair kept; lost at the step "
+                         f"'{funnel_steps.LABELS[step]}': {why}")
+    return {"steps": list(FUNNEL_STEPS), "counts": {corrupt: counts}, "lost": lost}
+
+
+def _row(**values) -> dict:
+    """A row with every column (parquet parts must agree on them)."""
+    return {**dict.fromkeys(COLUMNS), **values}
+
+
+def _unit(vlm, out: RunDir, item: tuple[Sample, int], config: PatchConfig, layers: list[int],
+          token_layers: list[int]) -> None:
+    """Every row of one pair; the pair row last, so a unit cut short is redone whole."""
+    sample, target = item
+    rows = pair_rows(vlm, sample, target, config, layers, token_layers)
+    for row in rows[1:] + rows[:1]:
+        out.add(row)
+
+
+@torch.no_grad()
+def _last_logits(vlm, batch, feats=None) -> torch.Tensor:
+    return vlm.forward(batch, image_features=feats, logits_to_keep=1).logits[:, -1].float()
+
+
+def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: list[int],
+              token_layers: list[int]) -> list[dict]:
+    """The pair row first, then its group rows and token rows (none when not kept)."""
+    base = {"pair": sample.id, "target": sample.instances[target].name}
+    head = _row(**base, kind="pair", layer=-1, group="", paired=False, clean_correct=False,
+                corrupt_wrong=False, kept=False)
+    pair = make_pair(vlm, sample, target, config)
+    if pair is None:
+        return [head]
+    q = pair.question
+    answer_id = first_token(vlm, q.prompt, pair.prefix, q.answer)
+    foil_id = None if pair.foil is None else first_token(vlm, q.prompt, pair.prefix, pair.foil)
+    if answer_id is None or (pair.foil is not None and foil_id is None):
+        return [head]
+    clean = vlm.prepare([pair.clean], [q.prompt], [pair.prefix])
+    corrupt = vlm.prepare([pair.corrupt], [q.prompt], [pair.prefix])
+    kinds = list(config.kinds)
+    sites = site_grid(kinds, layers) + [s for s in site_grid("residual", token_layers)
+                                        if s.kind not in kinds or s.layer not in layers]
+    source = record_sites(vlm, clean, sites, logits_to_keep=1)
+    clean_logits = source.logits[:, -1].float()
+    feats = vlm.image_embeddings(corrupt)
+    corrupt_logits = _last_logits(vlm, corrupt, feats)
+    clean_top, corrupt_top = int(clean_logits[0].argmax()), int(corrupt_logits[0].argmax())
+    if foil_id is None:
+        foil_id = corrupt_top
+    foil_word = pair.foil if pair.foil is not None else vlm.decode(torch.tensor([[foil_id]]))[0]
+    metric = logit_difference(answer_id, foil_id)
+    ld_clean, ld_corrupt = float(metric(clean_logits[:, None])), float(
+        metric(corrupt_logits[:, None]))
+    head.update(paired=True, answer=q.answer, foil=foil_word.strip(), answer_id=answer_id,
+                foil_id=foil_id, ld_clean=ld_clean, ld_corrupt=ld_corrupt,
+                clean_correct=clean_top == answer_id, corrupt_wrong=corrupt_top != answer_id)
+    head["kept"] = bool(head["clean_correct"] and head["corrupt_wrong"]
+                        and ld_clean != ld_corrupt)
+    if not head["kept"]:
+        return [head]
+    cols = groups(vlm, clean, pair)
+    names = list(cols)
+    rows = [head]
+    many = source.select([0] * len(names))
+    batch = repeat_batch(corrupt, len(names))
+    for kind in kinds:
+        for layer in layers:
+            lds = _patched(vlm, many, batch, feats, [(kind, layer)], [cols[g] for g in names],
+                           metric)
+            shares = restored_share(lds, ld_clean, ld_corrupt)
+            for g, ld, share in zip(names, lds.tolist(), shares.tolist()):
+                rows.append(_row(**base, kind=kind, layer=layer, group=g, ld=ld, share=share,
+                                 n_positions=len(cols[g])))
+    if token_layers:
+        rows += token_rows(vlm, base, clean, corrupt, source, feats, metric, token_layers,
+                           cols.get("object"), config.chunk, ld_clean, ld_corrupt)
+    return rows
+
+
+@torch.no_grad()
+def _patched(vlm, source, batch, feats, sites, positions, metric) -> torch.Tensor:
+    """LD of every row of `batch` (a repeated corrupted sample) with its own columns of the
+    clean run restored at `sites`."""
+    injected = True if vlm.family.deepstack else None
+    with patch(vlm, source, batch, sites, positions, injected=injected):
+        logits = vlm.forward(batch, image_features=feats * batch.size, logits_to_keep=1).logits
+    return metric(logits.float()).double().cpu()
+
+
+def token_rows(vlm, base: dict, clean, corrupt, source, feats, metric, token_layers,
+               obj: np.ndarray | None, chunk: int, ld_clean: float, ld_corrupt: float
+               ) -> list[dict]:
+    """Attribution vs exact patching of each image token of the residual, per token layer."""
+    from scipy.stats import spearmanr
+
+    image = corrupt.token_map.image_positions(0)
+    att = attribution(vlm, source, corrupt, metric, layers=token_layers)
+    gap = ld_clean - ld_corrupt
+    k = int(len(obj)) if obj is not None and len(obj) else TOP_K_DEFAULT
+    k = min(k, len(image))
+    tm = clean.token_map
+    boxes = tm.boxes(image, 0).astype(float).ravel().tolist() if tm.geometric else None
+    rows = []
+    for i, layer in enumerate(token_layers):
+        estimate = att.effects["residual"][0, i, torch.as_tensor(image)].double().numpy() / gap
+        top = image[np.argsort(-estimate, kind="stable")[:k]]
+        sets = [[c] for c in image] + [top]  # each token alone, then the top k together
+        lds = []
+        for start in range(0, len(sets), chunk):
+            part = sets[start:start + chunk]
+            lds.append(_patched(vlm, source.select([0] * len(part)),
+                                repeat_batch(corrupt, len(part)), feats,
+                                [("residual", layer)], part, metric))
+        shares = restored_share(torch.cat(lds), ld_clean, ld_corrupt).numpy()
+        exact = shares[:-1]
+        top_exact = set(image[np.argsort(-exact, kind="stable")[:k]].tolist())
+        rho = float(spearmanr(estimate, exact).statistic) if len(image) > 1 else float("nan")
+        rows.append(_row(**base, kind="token", layer=layer, group="", positions=image.tolist(),
+                         boxes=boxes, exact=exact.tolist(), estimate=estimate.tolist(),
+                         spearman=rho, k=k,
+                         topk_overlap=len(top_exact & set(top.tolist())) / k,
+                         topk_restored=float(shares[-1])))
+    return rows
+
+
+# ---- summary ------------------------------------------------------------------------------
+class Curve(TypedDict):
+    """A per-layer curve: the mean over kept pairs and its bootstrap interval (over pairs)."""
+
+    mean: list[float | None]
+    ci95: list[list[float] | None]
+
+
+class TokenLayer(TypedDict):
+    """Attribution vs exact patching of single image tokens at one layer, over kept pairs."""
+
+    spearman: float | None  # mean over pairs of Spearman's rho over image tokens
+    spearman_ci95: list[float] | None  # bootstrap over pairs
+    topk_overlap: float | None  # mean share of the top k (by exact) that attribution finds
+    topk_restored: float | None  # mean share restored by the top k by attribution, together
+    topk_restored_ci95: list[float] | None
+    n: int  # pairs
+
+
+class PatchSummary(TypedDict):
+    """summary.json of `vislens patch` (what `execute` returns): `summarise`'s keys, then
+    `run`'s (funnel) and `execute`'s (model, plots, maps). Read by report/sections.py
+    `patch_section` and experiments/study.py `_headline`. Shares: 0 = nothing restored
+    (the corrupted run), 1 = all of it (the clean run), by construction."""
+
+    layers: list[int]  # the layers of every curve
+    groups: list[str]  # the token groups, in order
+    restored: dict[str, dict[str, Curve]]  # kind -> group -> per layer
+    n_positions: dict[str, float | None]  # group -> mean number of columns over kept pairs
+    n_pairs: int  # pairs kept (the funnel's last step)
+    ld_clean: float | None  # mean LD of the clean runs
+    ld_corrupt: float | None  # mean LD of the corrupted runs
+    attribution: dict[str, TokenLayer]  # token layer (as a string) -> its comparison
+    corrupt: str  # color / shape / noise
+    reference: dict[str, float]  # {"nothing": 0.0, "everything": 1.0}
+    config: dict[str, Any]
+    funnel: funnel_steps.Funnel
+    model: str
+    plots: dict[str, str]  # kind -> layer x group heatmap (patch_<kind>.png)
+    maps: list[str]  # per-token maps of the first kept pairs (maps/<pair>.png)
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def _ci(values) -> list[float] | None:
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return list(bootstrap_ci(v)) if v else None
+
+
+def summarise(rows: list[dict], config: PatchConfig, layers: list[int],
+              token_layers: list[int], n_layers: int | None = None) -> dict:
+    """Mean restored share per (kind, group, layer) over kept pairs with bootstrap
+    intervals (pairs resampled together across layers), and the token comparison."""
+    kept = sorted(r["pair"] for r in rows if r["kind"] == "pair" and r["kept"])
+    present = {r["group"] for r in rows if r["kind"] in config.kinds}
+    names = [g for g in GROUPS if g in present]
+    index = {(r["pair"], r["kind"], r["layer"], r["group"]): r for r in rows}
+    restored: dict[str, dict[str, Curve]] = {}
+    for kind in config.kinds:
+        restored[kind] = {}
+        for g in names:
+            matrix = np.array([[index[(p, kind, x, g)]["share"] if (p, kind, x, g) in index
+                                else np.nan for x in layers] for p in kept], dtype=float)
+            matrix = matrix.reshape(len(kept), len(layers))
+            ci = bootstrap_columns(matrix)
+            restored[kind][g] = {
+                "mean": [_mean(matrix[:, j]) for j in range(len(layers))],
+                "ci95": [None if np.isnan(ci[j]).any() else [float(ci[j, 0]), float(ci[j, 1])]
+                         for j in range(len(layers))]}
+    tokens = [r for r in rows if r["kind"] == "token"]
+    att: dict[str, TokenLayer] = {}
+    for x in token_layers:
+        at = [r for r in tokens if r["layer"] == x]
+        att[str(x)] = {"spearman": _mean(r["spearman"] for r in at),
+                       "spearman_ci95": _ci([r["spearman"] for r in at]),
+                       "topk_overlap": _mean(r["topk_overlap"] for r in at),
+                       "topk_restored": _mean(r["topk_restored"] for r in at),
+                       "topk_restored_ci95": _ci([r["topk_restored"] for r in at]),
+                       "n": len(at)}
+    group_rows = [r for r in rows if r["kind"] in config.kinds and r["layer"] == layers[0]] \
+        if layers else []
+    pairs = [r for r in rows if r["kind"] == "pair" and r["kept"]]
+    return {
+        "layers": list(layers), "groups": names, "restored": restored,
+        "n_positions": {g: _mean(r["n_positions"] for r in group_rows if r["group"] == g
+                                 and r["kind"] == config.kinds[0]) for g in names},
+        "n_pairs": len(kept),
+        "ld_clean": _mean(r["ld_clean"] for r in pairs),
+        "ld_corrupt": _mean(r["ld_corrupt"] for r in pairs),
+        "attribution": att, "corrupt": config.corrupt,
+        "reference": {"nothing": 0.0, "everything": 1.0},
+        "config": asdict(config),
+    }
+
+
+# ---- per-token maps ---------------------------------------------------------------------------
+def _draw_maps(run_dir: RunDir, samples: list[Sample], config: PatchConfig, summary: dict
+               ) -> list[Path]:
+    """Exact and attribution shares of single image tokens drawn on the clean image, one
+    figure per pair (a row per token layer), for the first `config.maps` kept pairs whose
+    family has a token layout (the token rows carry each token's pixel box)."""
+    if not config.maps or not summary["attribution"]:
+        return []
+    import matplotlib.pyplot as plt
+
+    by_id = {s.id: s for s in samples}
+    tokens: dict[str, list[dict]] = {}
+    for r in run_dir.rows():
+        if r["kind"] == "token" and r["boxes"] and r["pair"] in by_id:
+            tokens.setdefault(r["pair"], []).append(r)
+    paths = []
+    for pair in sorted(tokens)[:config.maps]:
+        image = np.asarray(by_id[pair].image.convert("RGB"))
+        at = sorted(tokens[pair], key=lambda r: r["layer"])
+        fig, axes = plt.subplots(len(at), 2, figsize=(7, 3.3 * len(at)), squeeze=False)
+        for i, r in enumerate(at):
+            boxes = np.asarray(r["boxes"], dtype=float).reshape(-1, 4)
+            for j, (what, values) in enumerate((("exact", r["exact"]),
+                                                ("attribution", r["estimate"]))):
+                overlay = np.full(image.shape[:2], np.nan)
+                for (x0, y0, x1, y1), v in zip(boxes, values):
+                    overlay[max(0, int(y0)):int(np.ceil(y1)), max(0, int(x0)):int(np.ceil(x1))] = v
+                ax = axes[i, j]
+                ax.imshow(image)
+                im = ax.imshow(overlay, cmap="coolwarm", alpha=0.6, vmin=-1, vmax=1)
+                ax.set_title(f"layer {r['layer']}: {what}", fontsize=10)
+                ax.axis("off")
+            fig.colorbar(im, ax=axes[i].tolist(), label="share restored by one token")
+        fig.suptitle(f"{pair}: single image tokens of the residual restored")
+        paths.append(save_figure(fig, run_dir.path / "maps" / f"{pair}.png"))
+    return paths

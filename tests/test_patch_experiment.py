@@ -1,0 +1,197 @@
+"""`vislens patch` (experiments/patching.py): causal tracing on image tokens.
+
+The experiment is checked where a wrong number would not show: restoring every column of a
+layer's residual restores a share of 1 and restoring none 0 (its own rows, through its own
+code path); the funnel counts its pair rows; a rerun resumes instead of recomputing; bad
+input ends in one line; and the command runs on the look-alikes' real geometry.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import vislens
+from vislens.cli import app
+from vislens.data import open_dataset
+from vislens.errors import VislensError
+from vislens.experiments import patching
+
+META = {"model": "toy", "data": "shapesworld:1000"}
+SMALL = (0.0, 350.0)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return vislens.load("toy")
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return open_dataset("shapesworld:1000", n=6)
+
+
+def _config(**kw) -> patching.PatchConfig:
+    base = {"layers": "0,2", "token_layers": "1", "area": SMALL, "maps": 1}
+    return patching.PatchConfig(**{**base, **kw})
+
+
+def test_whole_layer_restores_one_and_nothing_restores_zero(toy, scenes, monkeypatch):
+    """Through the experiment's own rows: a group of every column restores the residual's
+    whole layer (share 1 up to float rounding of a batch of other size), an empty group
+    nothing (share 0), at every layer."""
+    def everything(vlm, batch, pair):
+        return {"object": np.arange(batch.seq_len), "question": np.zeros(0, dtype=np.int64)}
+
+    monkeypatch.setattr(patching, "groups", everything)
+    sample = scenes[0]
+    target = patching.choose_targets([sample], SMALL)[0]
+    rows = patching.pair_rows(toy, sample, target, _config(layers="all", token_layers="none"),
+                              list(range(toy.num_layers)), [])
+    assert rows[0]["kept"], "the toy must answer this pair right clean and wrong corrupted"
+    shares = {(r["layer"], r["group"]): r["share"] for r in rows[1:]}
+    assert len(shares) == 2 * toy.num_layers
+    for layer in range(toy.num_layers):
+        assert shares[(layer, "object")] == pytest.approx(1.0, abs=1e-5)
+        assert shares[(layer, "question")] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_groups_batched_as_rows_equal_each_group_patched_alone(toy, scenes):
+    """Every group is a row of one corrupted batch; each row gives what a one-row batch
+    restoring that group alone gives (a hand-written patch, outside the experiment)."""
+    import torch
+
+    from vislens.interventions.patch import logit_difference, patch, record_sites
+
+    sample = scenes[0]
+    target = patching.choose_targets([sample], SMALL)[0]
+    config = _config(layers="1", token_layers="none")
+    rows = patching.pair_rows(toy, sample, target, config, [1], [])
+    head = rows[0]
+    pair = patching.make_pair(toy, sample, target, config)
+    clean = toy.prepare([pair.clean], [pair.question.prompt], [pair.prefix])
+    corrupt = toy.prepare([pair.corrupt], [pair.question.prompt], [pair.prefix])
+    source = record_sites(toy, clean, [("residual", 1)], logits_to_keep=1)
+    metric = logit_difference(head["answer_id"], head["foil_id"])
+    cols = patching.groups(toy, clean, pair)
+    for row in rows[1:]:
+        with patch(toy, source, corrupt, [("residual", 1)], [cols[row["group"]]]), \
+                torch.no_grad():
+            ld = float(metric(toy.forward(corrupt, logits_to_keep=1).logits.float()))
+        assert row["ld"] == pytest.approx(ld, abs=1e-4), row["group"]
+
+
+def test_groups_are_the_knockout_token_sets(toy, scenes):
+    """object / object+1 / last row as knockout builds them; the rest is the image minus
+    object+1; the answer position is the last column."""
+    sample = scenes[0]
+    target = patching.choose_targets([sample], SMALL)[0]
+    pair = patching.make_pair(toy, sample, target, _config())
+    batch = toy.prepare([pair.clean], [pair.question.prompt], [pair.prefix])
+    g = patching.groups(toy, batch, pair)
+    tm = batch.token_map
+    image = tm.image_positions(0)
+    assert set(g["object"]) <= set(g["object+1"]) <= set(image)
+    assert set(g["rest-of-image"]) | set(g["object+1"]) == set(image)
+    assert not set(g["rest-of-image"]) & set(g["object+1"])
+    assert g["answer-position"].tolist() == [batch.seq_len - 1]
+    words = toy.tokenizer.convert_ids_to_tokens(batch.input_ids[0, g["question"]].tolist())
+    assert words == pair.question.prompt.split()[:-1]  # the question's words, not "?"
+
+
+def test_first_token_is_the_word_after_the_prefix(toy):
+    red = patching.first_token(toy, "what color is the circle ?", "it is", "red")
+    assert toy.tokenizer.convert_ids_to_tokens([red]) == ["red"]
+
+
+def test_funnel_counts_its_pair_rows_and_resume_recomputes_nothing(toy, scenes, tmp_path,
+                                                                   monkeypatch):
+    config = _config()
+    first = patching.execute(toy, scenes, config, tmp_path, META)
+    counts = first["funnel"]["counts"]["color"]
+    pairs = [r for r in pq.read_table(tmp_path / "rows.parquet").to_pylist() if r["kind"] == "pair"]
+    assert counts["read"] == len(scenes)
+    assert counts["selected"] == len(pairs)
+    assert counts["paired"] == sum(r["paired"] for r in pairs)
+    assert counts["clean_correct"] == sum(r["clean_correct"] for r in pairs)
+    assert counts["kept"] == first["n_pairs"] == sum(r["kept"] for r in pairs) > 0
+    assert counts["read"] >= counts["selected"] >= counts["paired"] >= counts["clean_correct"] \
+        >= counts["corrupt_wrong"] >= counts["kept"]
+    assert set(first["restored"]) == {"residual"} and first["layers"] == [0, 2]
+    assert set(first["attribution"]) == {"1"} and first["attribution"]["1"]["n"] == counts["kept"]
+    assert first["reference"] == {"nothing": 0.0, "everything": 1.0}
+    assert len(first["maps"]) == 1
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a resumed run recomputed a pair")
+
+    monkeypatch.setattr(patching, "_unit", boom)
+    again = patching.execute(toy, scenes, config, tmp_path, META)
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+
+
+def test_one_line_errors(toy, scenes, tmp_path):
+    with pytest.raises(ValueError, match="unknown --kinds"):
+        _config(kinds=("resid",)).validate()
+    with pytest.raises(ValueError, match="unknown --corrupt"):
+        _config(corrupt="blur").validate()
+    with pytest.raises(ValueError, match="this model has layers 0..3"):
+        patching.execute(toy, scenes[:1], _config(layers="0-9"), tmp_path / "a", META)
+    with pytest.raises(ValueError, match="--token-layers"):
+        patching.execute(toy, scenes[:1], _config(token_layers="7"), tmp_path / "b", META)
+    other = scenes[0].__class__(**{**scenes[0].__dict__, "meta": {"source": "coco"}})
+    with pytest.raises(VislensError, match="use --corrupt noise"):
+        patching.execute(toy, [other], _config(), tmp_path / "c", META)
+    assert not (tmp_path / "c").exists()
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_cli_help_json_and_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["patch", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "Example: vislens patch" in result.output
+    assert "--json" in result.output
+    assert "--corrupt noise" in _one_line_error(runner.invoke(
+        app, ["patch", "--data", f"coco:{tmp_path}", "--corrupt", "shape"]))
+    assert "--kinds" in _one_line_error(runner.invoke(app, ["patch", "--kinds", "x"]))
+    result = runner.invoke(app, ["patch", "--n", "3", "--layers", "1", "--token-layers", "none",
+                                 "--kinds", "residual,mlp", "--corrupt", "noise", "--maps", "0",
+                                 "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert set(s["restored"]) == {"residual", "mlp"} and s["corrupt"] == "noise"
+    assert s["funnel"]["counts"]["noise"]["read"] == 3
+    assert set(s["plots"]) == ({"residual", "mlp"} if s["n_pairs"] else set())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llava-1.5", "llava-onevision", "qwen2.5-vl"])
+def test_patch_runs_on_the_lookalikes(name, data, tmp_path):
+    """Noise pairs on the COCO-style scenes, on each look-alike's real geometry: the fitted
+    answer head says the target clean and the other object noised, so pairs are kept and
+    every group of the layout is measured."""
+    from answer_head import fitted_dir
+    from checkpoints import LLAVA15, ONEVISION, QWEN25VL
+
+    path = fitted_dir({"llava-1.5": LLAVA15, "llava-onevision": ONEVISION,
+                       "qwen2.5-vl": QWEN25VL}[name])
+    result = CliRunner().invoke(app, [
+        "patch", "--model", str(path), "--data", f"coco:{data['coco']}", "--n", "1",
+        "--corrupt", "noise", "--token-layers", "0", "--maps", "1", "--out",
+        str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["n_pairs"] == 1, s["funnel"]
+    assert s["groups"] == list(patching.GROUPS)
+    assert all(v is not None for c in s["restored"]["residual"].values() for v in c["mean"])
+    assert s["attribution"]["0"]["n"] == 1 and len(s["maps"]) == 1
