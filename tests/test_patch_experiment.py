@@ -187,7 +187,7 @@ def test_patch_runs_on_the_lookalikes(name, data, tmp_path):
                        "qwen2.5-vl": QWEN25VL}[name])
     result = CliRunner().invoke(app, [
         "patch", "--model", str(path), "--data", f"coco:{data['coco']}", "--n", "1",
-        "--corrupt", "noise", "--token-layers", "0", "--maps", "1", "--out",
+        "--corrupt", "noise", "--token-layers", "0", "--exact-tokens", "24", "--maps", "1", "--out",
         str(tmp_path / "run"), "--json"])
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
@@ -195,3 +195,26 @@ def test_patch_runs_on_the_lookalikes(name, data, tmp_path):
     assert s["groups"] == list(patching.GROUPS)
     assert all(v is not None for c in s["restored"]["residual"].values() for v in c["mean"])
     assert s["attribution"]["0"]["n"] == 1 and len(s["maps"]) == 1
+
+
+def test_exact_tokens_caps_the_one_token_patches_evenly(toy, scenes):
+    """Above `exact_tokens` image tokens, exact patching runs on that many tokens evenly
+    spaced in token order, and its values equal those of the uncapped run on those tokens."""
+    sample = scenes[0]
+    target = patching.choose_targets([sample], SMALL)[0]
+    layers = list(range(toy.num_layers))
+    full = patching.pair_rows(toy, sample, target, _config(token_layers="1"), layers, [1])
+    capped = patching.pair_rows(toy, sample, target, _config(token_layers="1", exact_tokens=10),
+                                layers, [1])
+    whole = next(r for r in full if r["kind"] == "token")
+    part = next(r for r in capped if r["kind"] == "token")
+    image = np.asarray(whole["positions"])
+    assert len(part["positions"]) == 10 < len(image)
+    steps = np.diff(np.searchsorted(image, part["positions"]))
+    assert steps.max() - steps.min() <= 1  # evenly spaced
+    at = {c: i for i, c in enumerate(whole["positions"])}
+    for c, e in zip(part["positions"], part["exact"], strict=True):
+        assert e == pytest.approx(whole["exact"][at[c]], abs=1e-5)
+    assert part["topk_restored"] == pytest.approx(whole["topk_restored"], abs=1e-5)
+    with pytest.raises(ValueError, match="--exact-tokens must be at least 2"):
+        _config(exact_tokens=1).validate()

@@ -39,6 +39,8 @@ def patch(
     area: str = typer.Option("", help="target area range MIN:MAX in pixels (default: knockout's "
                               "small objects)"),
     maps: int = typer.Option(3, help="per-token maps drawn on the image for the first N pairs"),
+    exact_tokens: int = typer.Option(256, help="at most this many image tokens (evenly spaced) "
+                                     "patched one at a time per token layer"),
     seed: int = typer.Option(0, help="seed of the noise corruption"),
 ) -> None:
     """Restore the clean run's activations, group by group, in a corrupted run.
@@ -55,7 +57,8 @@ def patch(
         from vislens.experiments import patching
 
         config = patching.PatchConfig(corrupt=corrupt, kinds=names(kinds), layers=layers,
-                                      token_layers=token_layers, seed=seed, maps=maps)
+                                      token_layers=token_layers, seed=seed, maps=maps,
+                                      exact_tokens=exact_tokens)
         config.validate()
         if config.corrupt != "noise" and data.partition(":")[0].lower() != "shapesworld":
             raise ValueError(f"--corrupt {corrupt} redraws ShapesWorld scenes exactly; use "
