@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from answer_head import States, fit_head
-from checkpoints_qwen_gemma import GEMMA3, NAMES, QWEN2VL, QWEN3VL, checkpoint_dir
+from lookalikes import GEMMA3, QWEN2VL, QWEN3VL, checkpoint_dir
 from PIL import Image
 
 import vislens
@@ -42,6 +42,7 @@ from vislens.interventions import (
 from vislens.models.vlm import VLM, ImageEmbeddings
 
 torch.set_num_threads(2)
+NAMES = (QWEN2VL, QWEN3VL, GEMMA3)
 FAMILY = {QWEN2VL: "qwen2_vl", QWEN3VL: "qwen3_vl", GEMMA3: "gemma3"}
 MODEL_CLASS = {QWEN2VL: "Qwen2VLForConditionalGeneration",
                QWEN3VL: "Qwen3VLForConditionalGeneration",

@@ -32,8 +32,9 @@ from answer_head import (
     mc_items,
     scenes,
 )
-from checkpoints import LLAVA15, NAMES, NEXT, ONEVISION, QWEN25VL
 from e2e import cli, rows_of
+from lookalikes import LLAVA15, NEXT, ONEVISION, QWEN25VL
+from lookalikes import PAPER as NAMES
 from PIL import Image
 
 import vislens

@@ -1,5 +1,5 @@
 """Every command end to end on the look-alikes of SmolVLM-Instruct (idefics3), InternVL3-8B-hf,
-Mistral-Small-3.1 and paligemma2-3b-mix-224 (tests/checkpoints_more.py), with answers made
+Mistral-Small-3.1 and paligemma2-3b-mix-224 (tests/lookalikes/), with answers made
 right by construction (answer_head.py: only the unembedding is fitted).
 
 The scenes, data sets and CLI calls are those of test_real_checkpoints.py, kept to the
@@ -16,12 +16,13 @@ import json
 import numpy as np
 import pytest
 from answer_head import fitted_dir, mc_answer, mc_items, scenes
-from checkpoints_more import FAMILY, NAMES, PALIGEMMA
 from e2e import cli, rows_of
+from lookalikes import FAMILY, INTERNVL, MISTRAL3, PALIGEMMA, SMOLVLM
 from test_real_checkpoints import TEXT_TASKS
 
 import vislens
 
+NAMES = (SMOLVLM, INTERNVL, MISTRAL3, PALIGEMMA)
 # patch tokens of a 640x480 scene: 12 crops + global view of 9x9, 12 tiles + thumbnail of
 # 16x16, an 18x23 grid, SigLIP's 16x16
 PATCHES_640x480 = {"SmolVLM-Instruct": 1053, "InternVL3-8B-hf": 3328,

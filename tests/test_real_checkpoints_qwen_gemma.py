@@ -1,6 +1,6 @@
 """Every experiment through the CLI on the Qwen2-VL, Qwen3-VL and Gemma 3 look-alikes.
 
-The fixtures (checkpoints_qwen_gemma.py) get an unembedding fitted by construction
+The fixtures (tests/lookalikes/) get an unembedding fitted by construction
 (answer_head.py), so the experiments that keep only correctly answered samples keep
 some and run their conditions on the real geometries: Qwen3-VL's DeepStack (the mean
 ablation replaces the injected features too), Gemma 3's bidirectional image blocks and
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 from answer_head import answer, fitted_dir, mc_answer, mc_items, scenes
-from checkpoints_qwen_gemma import GEMMA3, NAMES, QWEN2VL, QWEN3VL
 from e2e import cli, rows_of
+from lookalikes import GEMMA3, QWEN2VL, QWEN3VL
 from typer.testing import CliRunner
 
 from vislens.cli import app
 
+NAMES = (QWEN2VL, QWEN3VL, GEMMA3)
 FAMILY = {QWEN2VL: "qwen2_vl", QWEN3VL: "qwen3_vl", GEMMA3: "gemma3"}
 LAYERS = {QWEN2VL: 2, QWEN3VL: 4, GEMMA3: 2}
 CONDITIONS = "object,object+1,random-matched,ig-matched,all-but-object+1"
