@@ -16,7 +16,7 @@ interventions are exact where these families differ from the paper's four.
 
 Geometry (the image-token map against what the processors really do) is tested in
 test_models_geometry.py; every experiment through the CLI in
-test_real_checkpoints_qwen_gemma.py.
+test_lookalikes_e2e.py.
 """
 
 from __future__ import annotations
