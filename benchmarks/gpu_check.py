@@ -4,7 +4,7 @@ the same model, with peak CUDA memory. `bash benchmarks/gpu_check.sh` (under 8 m
 on one H200) writes benchmarks/GPU_CHECK.md; `--cpu-smoke` runs the same code on the
 shrunk look-alikes on the CPU (what the test-suite-free CI of this script is).
 
-The models are the look-alikes of tests/checkpoints.py (real processors, tokenizers,
+The models are the look-alikes of tests/lookalikes/ (real processors, tokenizers,
 special tokens, vocabularies) with the real widths and depths put back, initialised
 randomly on the GPU: cost does not depend on the weights' values. Random weights answer
 nothing right, so the sweeps are timed directly (the work a kept sample costs), not
@@ -76,7 +76,7 @@ def build(name: str, smoke: bool):
     import transformers
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from checkpoints import checkpoint_dir
+    from lookalikes import checkpoint_dir
 
     from vislens.models.loading import detect_family, load_processor
     from vislens.models.vlm import VLM
@@ -193,7 +193,7 @@ def main() -> None:
         sys.exit("no CUDA GPU here: run with --cpu-smoke, or on a GPU machine")
     sys.path.insert(0, str(ROOT / "tests"))
     from answer_head import scenes
-    from checkpoints import NAMES
+    from lookalikes import PAPER as NAMES
 
     device = "CPU (smoke: shrunk look-alikes)" if args.cpu_smoke else \
         torch.cuda.get_device_name(0)

@@ -7,7 +7,7 @@ A COCO-format fixture: 240 random star-shaped polygons of 1000-2000 px^2 at unif
 positions in 8 COCO image sizes. For each, the object patches of the released code
 (src/utils.py correct_annotations_for_crop + find_overlapping_patches, imported from the
 checkout given, never copied) and of vislens (the LLaVA-1.5 look-alike's real processor
-and token map, tests/checkpoints.py) as 24x24 indices.
+and token map, tests/lookalikes/) as 24x24 indices.
 """
 import json
 import sys
@@ -20,7 +20,7 @@ from pycocotools import mask as mu
 sys.path.insert(0, str(Path(sys.argv[1]) / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import utils as neo  # noqa: E402  (clemneo/llava-interp src/utils.py)
-from checkpoints import LLAVA15, checkpoint_dir  # noqa: E402
+from lookalikes import LLAVA15, checkpoint_dir  # noqa: E402
 
 from vislens.models import load  # noqa: E402
 

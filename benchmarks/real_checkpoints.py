@@ -2,7 +2,7 @@
 look-alikes at the real depth and extrapolated to the real 7-8B models:
 `python benchmarks/real_checkpoints.py` writes benchmarks/REAL_CHECKPOINTS.md and .json.
 
-The look-alikes (tests/checkpoints.py, answers fitted by tests/answer_head.py) have the
+The look-alikes (tests/lookalikes/, answers fitted by tests/answer_head.py) have the
 real processors, token counts, vocabularies and prompts, so the WORK an experiment
 asks of the language model per image (how many prompt tokens it runs, how many decode
 steps, how long its sequences are) is exactly what the real model is asked; only the
@@ -576,7 +576,7 @@ def table(raw: dict, names, experiments) -> list[str]:
         "# Cost per image on the paper checkpoints",
         "",
         "Written by `python benchmarks/real_checkpoints.py` (its docstring has the whole "
-        "method). Each experiment runs on the fitted look-alikes (tests/checkpoints.py, "
+        "method). Each experiment runs on the fitted look-alikes (tests/lookalikes/, "
         "tests/answer_head.py: real processors, token counts, vocabularies and prompts; LM "
         "64 wide) made as deep as the real models: 32 decoder layers (LLaVA-1.5, NeXT) or "
         "28 (OneVision, Qwen2.5-VL), the layers after the two fitted ones copies of the "
@@ -721,7 +721,7 @@ def main() -> None:
         print(json.dumps(child(name, experiment, int(k), args.depth)))
         return
     sys.path.insert(0, str(ROOT / "tests"))
-    from checkpoints import NAMES
+    from lookalikes import PAPER as NAMES
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(NAMES)
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()] or \

@@ -1,6 +1,6 @@
 """Look-alike checkpoints whose answers are right by construction: only the unembedding is fitted.
 
-The fixtures of checkpoints.py have random weights, so their answers are almost
+The look-alikes (tests/lookalikes/) have random weights, so their answers are almost
 never right and every experiment that keeps only correctly answered samples
 (ablation's noise filter, knockout's clean-correct filter) keeps none: the
 conditions, integrated gradients and knockout windows would never run on a real
@@ -40,13 +40,12 @@ Nothing else is fitted, so everything an experiment measures beyond these answer
 (what ablating or knocking out tokens does, features, artifacts) is the random
 model's own behaviour.
 
-`fitted_dir(name)` caches the result like checkpoints.checkpoint_dir, keyed by this
-file, the fixture fingerprint and the vislens sources the states depend on. It takes
-the paper fixtures (checkpoints.py) and the later families' (checkpoints_qwen_gemma.py,
-checkpoints_more.py) alike. A fixture that ties its unembedding to its input embeddings
-(Gemma 3, PaliGemma) gets its own lm_head in the fitted copy (tie_word_embeddings off):
-fitting a tied row would also move that token's input embedding, which the recorded
-states were computed with.
+`fitted_dir(name)` caches the result like lookalikes.checkpoint_dir, keyed by this
+file, the look-alike's fingerprint and the vislens sources the states depend on. It takes
+every look-alike of the registry alike. A fixture that ties its unembedding to its input
+embeddings (Gemma 3, PaliGemma) gets its own lm_head in the fitted copy
+(tie_word_embeddings off): fitting a tied row would also move that token's input
+embedding, which the recorded states were computed with.
 
 A family whose model soft-caps its logits (PaliGemma 2: 30 * tanh(z / 30)) would flatten
 large fitted logits into ties, so there the fit also keeps every state's target logit
@@ -62,10 +61,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import checkpoints_more
-import checkpoints_qwen_gemma
+import lookalikes
 import numpy as np
-from checkpoints import cache_root, fingerprint, publish
+from lookalikes import cache_root, publish
 from PIL import Image
 
 from vislens.data._io import mask_box
@@ -372,21 +370,11 @@ SOURCES = (  # vislens files the recorded states depend on
 )
 
 
-def owner(name: str):
-    """The module that builds fixture `name` (checkpoints, checkpoints_qwen_gemma or
-    checkpoints_more)."""
-    import checkpoints
-
-    if name in checkpoints_more.NAMES:
-        return checkpoints_more
-    return checkpoints_qwen_gemma if name in checkpoints_qwen_gemma.NAMES else checkpoints
-
-
-def key(name: str | None = None) -> str:
+def key(name: str) -> str:
     import vislens
 
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update((fingerprint() if name is None else owner(name).fingerprint()).encode())
+    digest.update(lookalikes.fingerprint(name).encode())
     root = Path(vislens.__file__).parent
     for rel in SOURCES:
         digest.update((root / rel).read_bytes())
@@ -402,7 +390,7 @@ def build(name: str, out: Path) -> dict:
 
     import vislens
 
-    src = owner(name).checkpoint_dir(name)
+    src = lookalikes.checkpoint_dir(name)
     vlm = vislens.load(str(src))
     t = time.perf_counter()
     states = answer_states(vlm, scenes())

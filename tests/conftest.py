@@ -9,14 +9,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from checkpoints import NAMES, checkpoint_dir  # noqa: E402
+from lookalikes import PAPER, checkpoint_dir  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@pytest.fixture(scope="session", params=NAMES)
+@pytest.fixture(scope="session", params=PAPER)
 def checkpoint(request):
-    """(name, directory) of each look-alike of a paper checkpoint (tests/checkpoints.py).
+    """(name, directory) of each look-alike of a paper checkpoint (tests/lookalikes/).
 
     Session-scoped and cached on disk, so every test that takes it runs once
     per checkpoint and the directories are built at most once per source.

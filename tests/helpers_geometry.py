@@ -213,6 +213,7 @@ def seen(family: str, model, image_processor, size: tuple[int, int],
     return np.concatenate([n[:, None], centre, sums[:, 3:]], 1)
 
 
+# the families whose geometry test_models_geometry.py reads from their look-alikes
 FIXTURES = {"qwen2_vl": "Qwen2-VL-7B-Instruct", "qwen3_vl": "Qwen3-VL-8B-Instruct",
             "gemma3": "gemma-3-4b-it"}
 
@@ -221,21 +222,15 @@ def real_geometry(family: str):
     """(model, processor) with the released checkpoints' geometry, Qwen's real pixel bounds too.
 
     The families added after the paper's four read their geometry from their look-alike
-    checkpoints (checkpoints_qwen_gemma, checkpoints_more), whose processors carry the
-    released settings."""
+    checkpoints (tests/lookalikes/), whose processors carry the released settings."""
+    from helpers_models import build
+    from lookalikes import FAMILY, PAPER, checkpoint_dir
+
     import vislens
 
-    if family in FIXTURES:
-        from checkpoints_qwen_gemma import checkpoint_dir
-
-        vlm = vislens.load(str(checkpoint_dir(FIXTURES[family])))
-        return vlm.model, vlm.processor
-    from checkpoints_more import FAMILY, checkpoint_dir
-    from helpers_models import build
-
-    more = {f: name for name, f in FAMILY.items()}
-    if family in more:
-        vlm = vislens.load(str(checkpoint_dir(more[family])))
+    later = {f: name for name, f in FAMILY.items() if name not in PAPER}
+    if family in later:
+        vlm = vislens.load(str(checkpoint_dir(later[family])))
         return vlm.model, vlm.processor
     model, proc = build(family)
     if family == "qwen2_5_vl":

@@ -308,7 +308,7 @@ def test_a_family_whose_positions_see_later_ones_falls_back(lookalike, tmp_path)
     """Gemma 3's image block attends both ways: its recorded pass cannot be continued, so
     the plain path runs, with today's verdicts."""
     from answer_head import scenes
-    from checkpoints_qwen_gemma import GEMMA3
+    from lookalikes import GEMMA3
 
     vlm = lookalike(GEMMA3)
     samples = scenes()[:1]

@@ -1,4 +1,4 @@
-"""The look-alike checkpoints (tests/checkpoints.py) hold to the fact sheet.
+"""The paper's four look-alike checkpoints (tests/lookalikes/) hold to the fact sheet.
 
 Tests that use them stand in for the real checkpoints only if every fact a
 loader or an experiment reads is the real one: classes, config values,
@@ -11,11 +11,12 @@ rather than read from the builder, so a slip in the builder fails here.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
 import torch
-from checkpoints import LLAVA15, NAMES, NEXT, ONEVISION, QWEN25VL
+from lookalikes import LLAVA15, NEXT, ONEVISION, PAPER, QWEN25VL
 from PIL import Image
 
 import vislens
@@ -342,9 +343,9 @@ def test_loads_and_runs_through_vislens(checkpoint):
 
 def test_tokenizers_rebuild_identically():
     """The cache key covers everything: a rebuild from this source gives the cached files."""
-    from checkpoints import checkpoint_dir, tokenizer_files
+    from lookalikes import checkpoint_dir, tokenizer_files
 
-    for name in NAMES:
+    for name in PAPER:
         tok, config, _ = tokenizer_files(name)
         path = checkpoint_dir(name)
         assert json.loads(tok.to_str()) == json.loads((path / "tokenizer.json").read_text())
@@ -352,7 +353,7 @@ def test_tokenizers_rebuild_identically():
 
 
 def test_cache_builds_once_and_publishes_only_finished_directories(tmp_path, monkeypatch):
-    import checkpoints
+    import lookalikes
 
     calls = []
 
@@ -364,12 +365,39 @@ def test_cache_builds_once_and_publishes_only_finished_directories(tmp_path, mon
         return out
 
     monkeypatch.setenv("VISLENS_FIXTURE_CACHE", str(tmp_path))
-    monkeypatch.setattr(checkpoints, "build", fake_build)
-    first = checkpoints.checkpoint_dir(LLAVA15)
-    assert checkpoints.checkpoint_dir(LLAVA15) == first and calls == [LLAVA15]
-    assert first.parent == tmp_path and first.name == f"{LLAVA15}-{checkpoints.fingerprint()}"
+    monkeypatch.setattr(lookalikes, "build", fake_build)
+    first = lookalikes.checkpoint_dir(LLAVA15)
+    assert lookalikes.checkpoint_dir(LLAVA15) == first and calls == [LLAVA15]
+    assert first.parent == tmp_path and \
+        first.name == f"{LLAVA15}-{lookalikes.fingerprint(LLAVA15)}"
     with pytest.raises(RuntimeError):
-        checkpoints.checkpoint_dir(NEXT)
+        lookalikes.checkpoint_dir(NEXT)
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no half-built leftovers
     with pytest.raises(ValueError, match="unknown checkpoint"):
-        checkpoints.checkpoint_dir("llava-2")
+        lookalikes.checkpoint_dir("llava-2")
+
+
+def test_each_family_is_keyed_by_its_own_sources(tmp_path, monkeypatch):
+    """A family's cache key covers its module and what it imports from the package, nothing
+    else: editing one family's builder rebuilds that family (and those built on it) only."""
+    import lookalikes
+
+    def stems(name):
+        return [p.stem for p in lookalikes.sources(name)]
+
+    assert stems(LLAVA15) == ["common", "llava"]
+    assert stems(lookalikes.QWEN2VL) == ["common", "qwen2_5_vl", "qwen2_vl"]
+    assert stems(lookalikes.QWEN3VL) == ["common", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+    assert all("__init__" not in stems(n) for n in lookalikes.NAMES)
+    # an edit of one family's module moves that family's key, and no other family's
+    package = tmp_path / "lookalikes"
+    package.mkdir()
+    for path in pathlib.Path(lookalikes.__file__).parent.glob("*.py"):
+        (package / path.name).write_bytes(path.read_bytes())
+    before = {n: lookalikes.fingerprint(n) for n in lookalikes.NAMES}
+    monkeypatch.setattr(lookalikes, "__file__", str(package / "__init__.py"))
+    assert {n: lookalikes.fingerprint(n) for n in lookalikes.NAMES} == before
+    with (package / "llava_next.py").open("a") as f:
+        f.write("# edited\n")
+    after = {n: lookalikes.fingerprint(n) for n in lookalikes.NAMES}
+    assert [n for n in lookalikes.NAMES if after[n] != before[n]] == [NEXT]

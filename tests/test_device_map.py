@@ -6,7 +6,7 @@ activations between modules with the same hooks it uses across GPUs)."""
 import numpy as np
 import pytest
 import torch
-from checkpoints import LLAVA15, checkpoint_dir
+from lookalikes import LLAVA15, checkpoint_dir
 from PIL import Image
 
 import vislens

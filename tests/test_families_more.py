@@ -1,6 +1,6 @@
 """Idefics3 / SmolVLM, InternVL, Mistral 3 and PaliGemma against what transformers does.
 
-On the look-alikes of checkpoints_more.py (real processors and settings, random
+On the look-alikes of tests/lookalikes/ (real processors and settings, random
 weights): token counts and tile grids are the processors' own, markers are kept
 apart from patches and prompt, features are what the model packs, keys are the
 same alone and in a left-padded batch; PaliGemma's prefix LM composes exactly with
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from checkpoints_more import FAMILY, INTERNVL, MISTRAL3, NAMES, PALIGEMMA, SMOLVLM, checkpoint_dir
+from lookalikes import FAMILY, INTERNVL, MISTRAL3, PALIGEMMA, SMOLVLM, checkpoint_dir
 from PIL import Image
 
 import vislens
@@ -26,6 +26,7 @@ from vislens.interventions import ablate, capture, knockout
 from vislens.interventions.vision import record_projector, vision_rows
 from vislens.models.vlm import VLM
 
+NAMES = (SMOLVLM, INTERNVL, MISTRAL3, PALIGEMMA)
 SIZES = [(640, 480), (200, 640), (1000, 250), (40, 30)]
 PROMPTS = ["Describe this image.", "Is there a red circle in this image?"]
 

@@ -16,7 +16,7 @@ interventions are exact where these families differ from the paper's four.
 
 Geometry (the image-token map against what the processors really do) is tested in
 test_models_geometry.py; every experiment through the CLI in
-test_real_checkpoints_qwen_gemma.py.
+test_lookalikes_e2e.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from answer_head import States, fit_head
-from checkpoints_qwen_gemma import GEMMA3, NAMES, QWEN2VL, QWEN3VL, checkpoint_dir
+from lookalikes import GEMMA3, QWEN2VL, QWEN3VL, checkpoint_dir
 from PIL import Image
 
 import vislens
@@ -42,6 +42,7 @@ from vislens.interventions import (
 from vislens.models.vlm import VLM, ImageEmbeddings
 
 torch.set_num_threads(2)
+NAMES = (QWEN2VL, QWEN3VL, GEMMA3)
 FAMILY = {QWEN2VL: "qwen2_vl", QWEN3VL: "qwen3_vl", GEMMA3: "gemma3"}
 MODEL_CLASS = {QWEN2VL: "Qwen2VLForConditionalGeneration",
                QWEN3VL: "Qwen3VLForConditionalGeneration",

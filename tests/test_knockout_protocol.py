@@ -127,7 +127,7 @@ def test_edge_sets_are_the_released_codes(untrained):
 def test_image_to_question_takes_only_the_question_words(untrained):
     """Not the chat template's tokens nor the answer prefix: on the toy ("<sep> it is a")
     and on LLaVA-1.5's look-alike (SentencePiece, "ASSISTANT: It is")."""
-    from checkpoints import LLAVA15, checkpoint_dir
+    from lookalikes import LLAVA15, checkpoint_dir
 
     sample = shapesworld.generate(1, seed=4)[0]
     q = prompts.question(sample, 0, "vqa")

@@ -18,8 +18,8 @@ from vislens.toy.build import build_model, build_processor
 @pytest.fixture(scope="module")
 def tokenizers():
     """Real-kind subword tokenizers: SentencePiece (LLaVA-1.5), byte-level BPE (Llama 3,
-    Qwen2.5), as the look-alikes of tests/checkpoints.py ship them."""
-    from checkpoints import LLAVA15, NEXT, QWEN25VL, checkpoint_dir
+    Qwen2.5), as the look-alikes of tests/lookalikes/ ship them."""
+    from lookalikes import LLAVA15, NEXT, QWEN25VL, checkpoint_dir
     from transformers import AutoTokenizer
 
     return {n: AutoTokenizer.from_pretrained(str(checkpoint_dir(n)))

@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
-from checkpoints import NEXT, checkpoint_dir
+from lookalikes import NEXT, checkpoint_dir
 
 import vislens
 from vislens.data import shapesworld

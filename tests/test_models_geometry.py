@@ -123,7 +123,7 @@ def test_qwen_rows_cols_are_mrope_positions(vlm):
 
 # ---- boxes against the pixels each patch really sees (real processors, real geometry) ----------
 REAL = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
-# crops + global view, tiles + thumbnail, a variable grid, a fixed square (checkpoints_more.py)
+# crops + global view, tiles + thumbnail, a variable grid, a fixed square (tests/lookalikes/)
 MORE = ["idefics3", "internvl", "mistral3", "paligemma"]
 SIZES = [(640, 480), (200, 640), (1000, 250), (40, 30)]
 CASES = [(f, s) for f in REAL + MORE for s in SIZES] + [

@@ -181,7 +181,7 @@ def test_patch_runs_on_the_lookalikes(name, data, tmp_path):
     answer head says the target clean and the other object noised, so pairs are kept and
     every group of the layout is measured."""
     from answer_head import fitted_dir
-    from checkpoints import LLAVA15, ONEVISION, QWEN25VL
+    from lookalikes import LLAVA15, ONEVISION, QWEN25VL
 
     path = fitted_dir({"llava-1.5": LLAVA15, "llava-onevision": ONEVISION,
                        "qwen2.5-vl": QWEN25VL}[name])

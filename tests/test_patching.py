@@ -10,8 +10,7 @@ Gemma 3 (bidirectional image block) and Qwen3-VL (DeepStack) included.
 
 from __future__ import annotations
 
-import checkpoints
-import checkpoints_qwen_gemma
+import lookalikes
 import numpy as np
 import pytest
 import torch
@@ -41,8 +40,8 @@ TOL = 1e-5
 # logits of the last KEEP columns (the look-alikes keep their real vocabularies, up to 262k:
 # every later column reads every earlier one, so a wrong restore shows there)
 KEEP = 24
-QWEN3VL, GEMMA3 = checkpoints_qwen_gemma.QWEN3VL, checkpoints_qwen_gemma.GEMMA3
-CASES = ["toy", "toy-qwen", checkpoints.LLAVA15, checkpoints.ONEVISION, checkpoints.QWEN25VL,
+QWEN3VL, GEMMA3 = lookalikes.QWEN3VL, lookalikes.GEMMA3
+CASES = ["toy", "toy-qwen", lookalikes.LLAVA15, lookalikes.ONEVISION, lookalikes.QWEN25VL,
          GEMMA3, QWEN3VL]
 LOOKALIKE_PROMPTS = ["Is there a cat in this image?", "What is it?"]
 
@@ -50,8 +49,7 @@ LOOKALIKE_PROMPTS = ["Is there a cat in this image?", "What is it?"]
 def _path(name: str) -> str:
     if name.startswith("toy"):
         return name
-    module = checkpoints_qwen_gemma if name in checkpoints_qwen_gemma.NAMES else checkpoints
-    return str(module.checkpoint_dir(name))
+    return str(lookalikes.checkpoint_dir(name))
 
 
 def _noise(size: tuple[int, int], seed: int) -> Image.Image:
@@ -393,8 +391,8 @@ def test_generate_patches_the_prefill_only(case):
 
 # ---- layouts ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, sizes", [
-    (checkpoints.ONEVISION, [(300, 400), (500, 300)]),  # another any-res grid and count
-    (checkpoints.QWEN25VL, [(280, 140), (140, 280)]),  # same count, transposed grid: mRoPE
+    (lookalikes.ONEVISION, [(300, 400), (500, 300)]),  # another any-res grid and count
+    (lookalikes.QWEN25VL, [(280, 140), (140, 280)]),  # same count, transposed grid: mRoPE
     ("toy", None),  # same image, another prompt length
 ])
 def test_mismatched_layouts_are_refused_in_one_line(name, sizes):
@@ -406,7 +404,7 @@ def test_mismatched_layouts_are_refused_in_one_line(name, sizes):
     else:
         clean = vlm.prepare([_noise(sizes[0], 0)], ["What is it?"])
         corrupt = vlm.prepare([_noise(sizes[1], 1)], ["What is it?"])
-        if name == checkpoints.QWEN25VL:
+        if name == lookalikes.QWEN25VL:
             assert len(clean.token_map) == len(corrupt.token_map)
     source = record_sites(vlm, clean, [("residual", 1)], logits_to_keep=1)
     with pytest.raises(ValueError, match="same token layout") as err:

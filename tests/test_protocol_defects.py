@@ -1,5 +1,5 @@
 """Protocol defects found by reading the code against docs/sources/PROTOCOLS.md; each test
-failed before its fix (the fixture-based ones live in test_real_checkpoints.py)."""
+failed before its fix (the fixture-based ones live in test_lookalikes_e2e.py)."""
 
 import json
 

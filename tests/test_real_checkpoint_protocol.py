@@ -1,5 +1,5 @@
 """Protocol defects that only real checkpoints show, checked on their look-alikes
-(tests/checkpoints.py): images-first templates, tokenizer-added BOS, subword answers,
+(tests/lookalikes/): images-first templates, tokenizer-added BOS, subword answers,
 left-padded RoPE keys, several images per prompt."""
 
 import numpy as np

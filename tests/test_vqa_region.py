@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from checkpoints import LLAVA15, checkpoint_dir
+from lookalikes import LLAVA15, checkpoint_dir
 from PIL import Image
 
 from vislens.data.samples import Instance, Sample

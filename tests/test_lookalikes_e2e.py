@@ -1,19 +1,32 @@
-"""Every experiment, `eval` and `study` on the four look-alike checkpoints, proving each path ran.
+"""Every experiment, `eval` and `study` end to end on the look-alike checkpoints, proving each
+path ran, family by family.
 
-Random weights almost never answer right, so a run on them keeps no sample and
-its conditions never execute. The fixtures here (answer_head.py) are the
-look-alikes with ONLY their unembedding fitted, so that greedy decoding answers
-the test scenes right when the target is visible and wrong when its pixels are
-noised; everything else is the random model. The scenes are 640x480, 560x420
-and 384x288 COCO-format images whose targets have multi-piece names
-("gir|af|fe"), so the experiments run on 576-2929-token sequences of the real
-geometries. Part-B commands read ShapesWorld task data plus native-format
-fixtures (Pascal VOC masks, a BLINK parquet). Sizes are the smallest that still
-exercise every path: this module is about what runs, not about the numbers.
+Random weights almost never answer right, so a run on them keeps no sample and its
+conditions never execute. The fixtures here (answer_head.py) are the look-alikes of
+tests/lookalikes/ with ONLY their unembedding fitted, so that greedy decoding answers the
+test scenes right when the target is visible and wrong when its pixels are noised;
+everything else is the random model. The scenes are 640x480, 560x420 and 384x288
+COCO-format images whose targets have multi-piece names ("gir|af|fe"), so the
+experiments run on the real geometries: 576-2929-token sequences of the paper's four,
+crops + global view (SmolVLM), tiles + thumbnail (InternVL), a break-delimited grid
+(Mistral 3), a prefix LM (PaliGemma), Qwen3-VL's DeepStack (the mean ablation replaces
+the injected features too), Gemma 3's bidirectional image blocks and 256-token images.
+Part-B commands read ShapesWorld task data plus native-format fixtures (Pascal VOC masks,
+a BLINK parquet).
+
+Every test is parametrised over the families it covers (`fitted`, indirect). The paper's
+four get the deepest checks (the experiments' numbers against runs done by hand: batched
+against alone, knockout windows against greedy decoding, every condition and task); the
+later families run each command at the smallest size that still runs every path (one
+selected image, two perception items) and are checked to keep samples on their geometry.
+Family-specific expectations are the tables below, keyed by checkpoint. Sizes are the
+smallest that still exercise every path: this module is about what runs, not about the
+numbers.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +45,26 @@ from answer_head import (
     mc_items,
     scenes,
 )
-from checkpoints import LLAVA15, NAMES, NEXT, ONEVISION, QWEN25VL
 from e2e import cli, rows_of
+from lookalikes import (
+    GEMMA3,
+    INTERNVL,
+    LLAVA15,
+    MISTRAL3,
+    NEXT,
+    ONEVISION,
+    PALIGEMMA,
+    PAPER,
+    QWEN2VL,
+    QWEN3VL,
+    QWEN25VL,
+    SMOLVLM,
+)
 from PIL import Image
+from typer.testing import CliRunner
 
 import vislens
+from vislens.cli import app
 from vislens.data.voc import VOC_CLASSES
 from vislens.experiments import knockout, logit_lens, prompts
 from vislens.experiments.accuracy import generate_answers
@@ -49,29 +77,72 @@ from vislens.interventions import ablate, capture, mean_image_embedding
 from vislens.interventions import knockout as knock
 from vislens.interventions.knockout import Knockout
 
+# the families after the paper's four: multi-image tiling, breaks and a prefix LM (issue #14
+# part 2), then Qwen2-VL / Qwen3-VL (DeepStack) / Gemma 3
+TILES_BREAKS_PREFIX = (SMOLVLM, INTERNVL, MISTRAL3, PALIGEMMA)
+QWEN_GEMMA = (QWEN2VL, QWEN3VL, GEMMA3)
+LATER = TILES_BREAKS_PREFIX + QWEN_GEMMA
+ALL = PAPER + LATER
+
 SETTINGS = ("generative", "polling", "vqa")
 CONDITIONS = ("object", "object+1", "object+2", "register", "random-matched", "ig-matched",
               "all-but-object+1", "random-40")
-# image tokens of a 640x480 scene: patches, and all image-token ids with NeXT / OneVision's
-# row newlines (the fact sheet's 576 / 2340 / 2929 / 391)
-PATCHES_640x480 = {LLAVA15: 576, NEXT: 2304, ONEVISION: 2889, QWEN25VL: 391}
-SEQUENCE_IMAGE_TOKENS_640x480 = {LLAVA15: 576, NEXT: 2340, ONEVISION: 2929, QWEN25VL: 391}
 TASKS = ("fg-seg", "co-seg", "sem-seg", "ref-seg", "sem-corr", "temp-corr")
 TEXT_TASKS = ("sem-seg", "ref-seg")
+
+# ---- what each family is, written out (not read from the builders) ----------------------------
+FAMILY = {LLAVA15: "llava", NEXT: "llava_next", ONEVISION: "llava_onevision",
+          QWEN25VL: "qwen2_5_vl", SMOLVLM: "idefics3", INTERNVL: "internvl",
+          MISTRAL3: "mistral3", PALIGEMMA: "paligemma", QWEN2VL: "qwen2_vl",
+          QWEN3VL: "qwen3_vl", GEMMA3: "gemma3"}
+LAYERS = {**dict.fromkeys(PAPER + TILES_BREAKS_PREFIX, 2), QWEN2VL: 2, QWEN3VL: 4, GEMMA3: 2}
+# patch tokens of a 640x480 scene: the paper's four (576 / 2304 / 2889 / 391, the fact
+# sheet's); 12 crops + global view of 9x9, 12 tiles + thumbnail of 16x16, an 18x23 grid,
+# SigLIP's 16x16
+PATCHES_640x480 = {LLAVA15: 576, NEXT: 2304, ONEVISION: 2889, QWEN25VL: 391,
+                   SMOLVLM: 1053, INTERNVL: 3328, MISTRAL3: 414, PALIGEMMA: 256}
+# all image-token ids of that scene, with NeXT / OneVision's row newlines (2340 / 2929)
+SEQUENCE_IMAGE_TOKENS_640x480 = {LLAVA15: 576, NEXT: 2340, ONEVISION: 2929, QWEN25VL: 391}
+# marker tokens of that image's block: crop markers (<fake_token_around_image>, the pieces
+# of <row_r_col_c>, crop-row newlines, <global-img>: not counted here), <img> </img>,
+# 17 breaks + [IMG_END], none
+MARKERS_640x480 = {SMOLVLM: None, INTERNVL: 2, MISTRAL3: 18, PALIGEMMA: 0}
+
+# ---- how big each family's runs are ------------------------------------------------------------
+# ablate: (settings, conditions, integrated-gradient steps). The later families leave out the
+# generative setting (40 new tokens a condition) and most conditions.
+ABLATE = {**dict.fromkeys(PAPER, (SETTINGS, CONDITIONS, 2)),
+          **dict.fromkeys(TILES_BREAKS_PREFIX,
+                          (("polling", "vqa"), ("object+1", "ig-matched", "all-but-object+1"),
+                           2)),
+          **dict.fromkeys(QWEN_GEMMA,
+                          (("vqa",), ("object", "object+1", "random-matched", "ig-matched",
+                                      "all-but-object+1"), 1))}
+# perceive: the paper's four run every task on every native format, the others two tasks
+PERCEIVE_DATA = ("--data", "sem-seg=voc:{voc}", "--data", "ref-seg=refcoco:{refcoco}",
+                 "--data", "sem-corr=spair:{spair}", "--data", "temp-corr=davis:{davis}")
 
 
 @dataclass
 class Fitted:
     name: str
     path: Path
-    vlm: object
+
+    @functools.cached_property
+    def vlm(self):
+        return vislens.load(str(self.path))
 
 
-@pytest.fixture(scope="session", params=NAMES)
-def fitted(request):
-    """Each look-alike with its fitted unembedding: name, directory, loaded VLM."""
-    path = fitted_dir(request.param)
-    return Fitted(request.param, path, vislens.load(str(path)))
+@pytest.fixture(scope="module")
+def fitted(request) -> Fitted:
+    """The look-alike `request.param` with its fitted unembedding: name, directory and (loaded
+    when first asked for) the VLM. Tests name their families with `over(...)`."""
+    return Fitted(request.param, fitted_dir(request.param))
+
+
+def over(*names: str):
+    """Run the test on the fitted look-alikes `names` (module-scoped: one loaded at a time)."""
+    return pytest.mark.parametrize("fitted", names, indirect=True)
 
 
 def word_starts(tokenizer, name: str) -> set[int]:
@@ -90,7 +161,16 @@ def word_starts(tokenizer, name: str) -> set[int]:
     return ids
 
 
+def lens_word_starts(tokenizer, name: str) -> set[int]:
+    """What the lens counts for a class: the starts of its head words (name's and listed
+    synonyms', plurals included), each written alone and in a sentence."""
+    from vislens.data.answers import head_words
+
+    return set().union(*(word_starts(tokenizer, w) for w in head_words(name)))
+
+
 # ---- the construction -------------------------------------------------------------------------
+@over(*PAPER)
 def test_fitted_fixtures_answer_right_clean_and_wrong_noised(fitted):
     """The construction works: eval's own generator (left-padded batches) says the target on
     every clean scene and misses it on every noised one, in all three settings."""
@@ -111,14 +191,7 @@ def test_fitted_fixtures_answer_right_clean_and_wrong_noised(fitted):
         assert text.strip() == said, (fitted.name, setting, text)  # and nothing after the EOS
 
 
-def lens_word_starts(tokenizer, name: str) -> set[int]:
-    """What the lens counts for a class: the starts of its head words (name's and listed
-    synonyms', plurals included), each written alone and in a sentence."""
-    from vislens.data.answers import head_words
-
-    return set().union(*(word_starts(tokenizer, w) for w in head_words(name)))
-
-
+@over(*PAPER)
 def test_class_word_ids_are_the_pieces_a_word_starts_with(fitted):
     """The lens counts a hit when a top-k token starts a head word of the class. A
     SentencePiece tokenizer writes " giraffe" as "▁" + "▁g|ir|af|fe": the bare "▁" starts
@@ -131,30 +204,65 @@ def test_class_word_ids_are_the_pieces_a_word_starts_with(fitted):
             assert tok.decode([i]).strip(), (fitted.name, cls, i)
 
 
+@over(*ALL)
+def test_info_counts_the_image_tokens(fitted):
+    name, path = fitted.name, fitted.path
+    facts = cli("info", "--model", path)
+    assert facts["family"] == FAMILY[name]
+    if name in TILES_BREAKS_PREFIX:
+        vlm = fitted.vlm
+        assert facts["layers"] == vlm.num_layers
+        assert facts["image_tokens_for"]["640x480 (photo)"]["image_tokens"] == \
+            PATCHES_640x480[name]
+        markers = len(vlm.prepare([scenes()[0].image], ["x"]).token_map.marker_positions(0))
+        assert markers == (MARKERS_640x480[name] if MARKERS_640x480[name] is not None
+                           else markers)
+        assert markers > 0 or name == PALIGEMMA
+
+
+@over(*ALL)
+def test_eval_on_shapesworld(fitted):
+    n = 2 if fitted.name in PAPER else 1
+    s = cli("eval", "--model", fitted.path, "--n", n)
+    assert s["questions"] == {"generative": n, "polling": 2 * n, "vqa": 2 * n}
+    assert all(0.0 <= a <= 1.0 for a in s["accuracy"].values())
+
+
 # ---- Neo et al. -------------------------------------------------------------------------------
+@over(*ALL)
 def test_ablate_keeps_samples_and_runs_every_condition(fitted, data, tmp_path):
-    """Noise filter, every condition (integrated gradients included) on the real geometry."""
-    out = tmp_path / "ablate"
+    """Noise filter, the family's conditions (integrated gradients included; for Qwen3-VL the
+    mean ablation and the gradients go through the injected features too) on the real
+    geometry."""
+    name, out = fitted.name, tmp_path / "ablate"
+    settings, conditions, ig_steps = ABLATE[name]
     s = cli("ablate", "--model", fitted.path, "--data", f"coco:{data['coco']}", "--n", 1,
-            "--ig-steps", 2, "--conditions", ",".join(CONDITIONS),
+            "--settings", ",".join(settings), "--ig-steps", ig_steps,
+            "--conditions", ",".join(conditions),
             "--reference", f"imagenet:{data['imagenet']}", "--out", out)
-    assert s["n_kept"] == {k: 1 for k in SETTINGS}, s["n_kept"]
+    assert s["n_kept"] == {k: 1 for k in settings}, s["n_kept"]
     rows = rows_of(out)
-    for setting in SETTINGS:
+    assert {r["condition"] for r in rows} == {"clean", "noised", *conditions}
+    for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
         (clean,) = [r for r in mine if r["condition"] == "clean"]
         (noised,) = [r for r in mine if r["condition"] == "noised"]
         assert clean["correct"] and not noised["correct"] and clean["kept"] and noised["kept"]
+        assert clean["text"].strip() == answer(scenes()[0], setting, False)
         tokens = {r["condition"]: r["n_tokens"] for r in mine
                   if r["condition"] not in ("clean", "noised")}
-        assert set(tokens) == set(CONDITIONS) == set(s["drop"][setting])
-        assert 0 < tokens["object"] <= tokens["object+1"] <= tokens["object+2"]
-        assert tokens["ig-matched"] == tokens["random-matched"] == tokens["object+1"]
-        assert tokens["random-40"] == 40
-        # every patch token of the 640x480 scene is either object+1 or the rest
-        assert tokens["all-but-object+1"] + tokens["object+1"] == PATCHES_640x480[fitted.name]
+        assert set(tokens) == set(conditions) == set(s["drop"][setting])
+        assert tokens["ig-matched"] == tokens["object+1"] > 0
+        if name in PATCHES_640x480:
+            # every patch token of the 640x480 scene is either object+1 or the rest
+            assert tokens["all-but-object+1"] + tokens["object+1"] == PATCHES_640x480[name]
+        if name in PAPER:
+            assert 0 < tokens["object"] <= tokens["object+1"] <= tokens["object+2"]
+            assert tokens["ig-matched"] == tokens["random-matched"] == tokens["object+1"]
+            assert tokens["random-40"] == 40
 
 
+@over(*PAPER)
 def test_logit_lens_decodes_every_image_token_batched_as_alone(fitted, data, tmp_path,
                                                                monkeypatch):
     """Rows for every patch token x layer of two images decoded in one left-padded batch,
@@ -227,6 +335,28 @@ def test_logit_lens_decodes_every_image_token_batched_as_alone(fitted, data, tmp
     assert s["hit_rate"] > 0 and s["per_layer"][last] > 0
 
 
+@over(*LATER)
+def test_logit_lens_finds_the_fitted_patches(fitted, data, tmp_path):
+    """One image: a row per patch token with an entry per layer, and the fitted object
+    patches found as hits at the last layer."""
+    name, out = fitted.name, tmp_path / "lens"
+    viewers = 1 if name in QWEN_GEMMA else 0
+    s = cli("logit-lens", "--model", fitted.path, "--data", f"coco:{data['lens']}", "--n", 1,
+            "--viewers", viewers, "--out", out)
+    last = LAYERS[name]
+    assert fitted.vlm.num_layers == last
+    assert s["n_images"] == 1 and s["n_layers"] == last + 1
+    assert s["hit_rate"] > 0 and s["per_layer"][last] > 0
+    rows = rows_of(out)
+    assert all(len(r["hit"]) == last + 1 for r in rows)
+    if name in PATCHES_640x480:
+        # one stored row per patch token
+        assert len(rows) == PATCHES_640x480[name]
+    hits = [r for r in rows if r["hit"][last] and r["coverage"] >= 0.5]
+    assert len(hits) >= 8, (name, len(hits))
+
+
+@over(*PAPER)
 def test_knockout_windows_judge_every_answer_token(fitted, data, tmp_path):
     """Every condition x window on a kept sample; the multi-piece VQA answer is judged on all
     its pieces, which greedy decoding under the same knockout confirms, window by window."""
@@ -268,42 +398,75 @@ def test_knockout_windows_judge_every_answer_token(fitted, data, tmp_path):
     assert changed  # blocking in all layers moved the answer's probability somewhere
 
 
+@over(*LATER)
+def test_knockout_keeps_samples(fitted, data, tmp_path):
+    name, out = fitted.name, tmp_path / "knockout"
+    windows = ["--window", 2, "--stride", 2] if LAYERS[name] > 2 else []  # 2 windows + all
+    s = cli("knockout", "--model", fitted.path, "--data", f"coco:{data['coco']}", "--n", 1,
+            "--settings", "vqa", *windows, "--out", out)
+    assert s["n_kept"] == {"vqa": 1}
+    rows = rows_of(out)
+    assert all(r["kept"] for r in rows if r["condition"] == "clean")
+    conditions = {r["condition"] for r in rows}
+    assert len(conditions) > 1 and "clean" in conditions
+
+
+@over(*LATER)
+def test_attention(fitted, data, tmp_path):
+    name = fitted.name
+    viewers = 1 if name in QWEN_GEMMA else 0
+    s = cli("attention", "--model", fitted.path, "--data", f"coco:{data['lens']}", "--n", 1,
+            "--viewers", viewers, "--out", tmp_path / "attention")
+    assert s["n_images"] == 1 and s["n_layers"] == LAYERS[name]
+    image = [m for m in s["per_layer"]["image"] if m is not None]
+    assert len(image) == LAYERS[name] and all(0 < m < 1 for m in image)
+
+
 # ---- Liu et al. -------------------------------------------------------------------------------
+@over(*ALL)
 def test_perceive_scores_every_task_from_every_source(fitted, data, tmp_path):
-    """Every task, every source computed (the vision encoder's where it has a side); sem-seg,
-    ref-seg, sem-corr and temp-corr read the VOC, RefCOCO, SPair and DAVIS fixtures."""
-    out = tmp_path / "perceive"
-    s = cli("perceive", "--model", fitted.path, "--n", 2, "--data", f"sem-seg=voc:{data['voc']}",
-            "--data", f"ref-seg=refcoco:{data['refcoco']}",
-            "--data", f"sem-corr=spair:{data['spair']}",
-            "--data", f"temp-corr=davis:{data['davis']}", "--out", out)
-    tasks = s["tasks"]
-    assert set(TASKS) <= set(tasks)
-    layers = list(range(fitted.vlm.num_layers))
-    # Qwen2.5-VL reads a 96-px ShapesWorld image as 3x3 merged tokens: a small object covers
-    # no token by half, so a metric can be undefined there (its score None) for every source
-    tokens = len(fitted.vlm.prepare([Image.new("RGB", (96, 96))], ["x"]).token_map)
-    for task in TASKS:
+    """Every source of every layer is computed, the vision encoder's where it has a side
+    (through the family's projector grouping: Qwen's 2x2 merge windows, Gemma's 4x4 pool).
+    The paper's four run every task (sem-seg, ref-seg, sem-corr and temp-corr read the VOC,
+    RefCOCO, SPair and DAVIS fixtures); the others fg-seg and sem-seg."""
+    name, vlm, out = fitted.name, fitted.vlm, tmp_path / "perceive"
+    if name in PAPER:
+        tasks, extra = TASKS, [a.format(**data) for a in PERCEIVE_DATA]
+    else:
+        tasks, extra = ("fg-seg", "sem-seg"), ["--tasks", "fg-seg,sem-seg",
+                                              "--data", f"sem-seg=voc:{data['voc']}"]
+    s = cli("perceive", "--model", fitted.path, "--n", 2, *extra, "--out", out)
+    assert set(tasks) <= set(s["tasks"])
+    layers = list(range(vlm.num_layers))
+    assert len(layers) == LAYERS[name]
+    # Qwen2.5-VL (and Qwen2-VL) read a 96-px ShapesWorld image as 3x3 merged tokens: a small
+    # object covers no token by half, so a metric can be undefined there (its score None) for
+    # every source
+    n_tokens = len(vlm.prepare([Image.new("RGB", (96, 96))], ["x"]).token_map)
+    for task in tasks:
         stats = [json.loads(r["stats"]) for r in rows_of(out) if r["task"] == task]
-        assert len(stats) == 2 and tasks[task]["n"] == 2
+        assert len(stats) == 2 and s["tasks"][task]["n"] == 2
         wanted = {f"{k}/{ly}" for k in ("keys", "values") for ly in layers} | {"projector"}
         if task not in TEXT_TASKS:
             wanted.add("vision")  # the vision tower has no text side: text tasks go without
         for st in stats:
-            assert wanted <= set(st), (fitted.name, task, sorted(st))
-        if tokens > 9:
-            assert tasks[task]["projector"] is not None, (fitted.name, task)
-            assert (tasks[task]["vision"] is None) == (task in TEXT_TASKS), (fitted.name, task)
+            assert wanted <= set(st), (name, task, sorted(st))
+        if n_tokens > 9:
+            assert s["tasks"][task]["projector"] is not None, (name, task)
+            assert (s["tasks"][task]["vision"] is None) == (task in TEXT_TASKS), (name, task)
         else:
-            assert fitted.name == QWEN25VL and tokens == 9
-    assert sum(tasks[t]["projector"] is not None for t in TASKS) >= 4
-    classes = {task: {r["class"] for r in rows_of(out) if r["task"] == task} for task in TASKS}
+            assert name in (QWEN25VL, QWEN2VL) and n_tokens == 9
+    classes = {task: {r["class"] for r in rows_of(out) if r["task"] == task} for task in tasks}
     assert all(set(c.split(",")) <= set(VOC_CLASSES) for c in classes["sem-seg"])
-    assert classes["ref-seg"] == {"refcoco"}  # the kind of every RefCOCO expression
-    assert classes["temp-corr"] == {p.name for p in (data["davis"] / "JPEGImages/480p").iterdir()}
-    assert classes["sem-corr"] == {p.name for p in (data["spair"] / "JPEGImages").iterdir()}
+    if name in PAPER:
+        assert sum(s["tasks"][t]["projector"] is not None for t in TASKS) >= 4
+        assert classes["ref-seg"] == {"refcoco"}  # the kind of every RefCOCO expression
+        assert classes["temp-corr"] == {p.name for p in
+                                        (data["davis"] / "JPEGImages/480p").iterdir()}
+        assert classes["sem-corr"] == {p.name for p in (data["spair"] / "JPEGImages").iterdir()}
 
 
+@over(*ALL)
 def test_artifacts_flag_keys_and_block_them(fitted, data, tmp_path, monkeypatch):
     """Forced flags (z 0, min score 0) are knocked out while the text tasks and the BLINK
     multiple choice are re-measured: the blocking really runs, in the flagged layers."""
@@ -317,29 +480,33 @@ def test_artifacts_flag_keys_and_block_them(fitted, data, tmp_path, monkeypatch)
         return got
 
     monkeypatch.setattr(Knockout, "blocked", counted)
-    out = tmp_path / "artifacts"
-    s = cli("artifacts", "--model", fitted.path, "--n", 2, "--n-images", 2, "--z", 0,
-            "--min-score", 0, "--data", f"mc=blink:{data['blink']}", "--out", out)
+    name, out = fitted.name, tmp_path / "artifacts"
+    n, size = (2, []) if name in PAPER else (1, ["--layers", "0,1"])
+    s = cli("artifacts", "--model", fitted.path, "--n", n, "--n-images", 2, "--z", 0,
+            "--min-score", 0, *size, "--data", f"mc=blink:{data['blink']}", "--out", out)
     flagged = {int(k) for k, v in s["n_flagged"].items() if v}
     assert flagged and blocked_layers == flagged
     rows = rows_of(out)
+    assert {r["condition"] for r in rows} == {"clean", "knockout"}
     for condition in ("clean", "knockout"):
         assert {r["task"] for r in rows if r["condition"] == condition} == set(TEXT_TASKS)
-    assert s["multiple_choice"]["n"] == 2  # the BLINK items
+    assert s["multiple_choice"]["n"] == n  # the BLINK items
     scores = json.loads((out / "scores.json").read_text())
-    n = len(scores["rows"])
-    assert all(len(v) == n for v in scores["scores"].values()) and (out / "artifacts.png").is_file()
+    k = len(scores["rows"])
+    assert all(len(v) == k for v in scores["scores"].values()) and (out / "artifacts.png").is_file()
 
 
+@over(*ALL)
 def test_prefix_precedes_the_image_and_changes_what_it_can(fitted, data, tmp_path):
     """The prefix run exists, and the prefix really sits before the image: image values of
     layer 0 (computed before any attention) stay as they were, those of layer 1 (after
     attending to the prefix) change; a prefix placed after the image could change neither."""
-    out = tmp_path / "prefix"
-    s = cli("prefix", "--model", fitted.path, "--prefix", "classes", "--tasks", "sem-seg,ref-seg",
-            "--n", 2, "--out", out)
+    name, out = fitted.name, tmp_path / "prefix"
+    tasks, n = (TEXT_TASKS, 2) if name in PAPER else (("sem-seg",), 1)
+    s = cli("prefix", "--model", fitted.path, "--prefix", "classes", "--tasks", ",".join(tasks),
+            "--n", n, "--out", out)
     assert {r["condition"] for r in rows_of(out)} == {"clean", "prefix"}
-    assert set(TEXT_TASKS) <= set(s["delta"])
+    assert set(tasks) <= set(s["delta"])
     vlm = fitted.vlm
     image, text = scenes()[1].image, "classes : giraffe , traffic light , hair drier ."
     batch = vlm.prepare([image], [logit_lens.PROMPT], prefixes=[text])
@@ -352,6 +519,7 @@ def test_prefix_precedes_the_image_and_changes_what_it_can(fitted, data, tmp_pat
     assert not torch.allclose(plain["values/1"], prefixed["values/1"], rtol=1e-3, atol=1e-5)
 
 
+@over(*ALL)
 def test_surface_reads_the_models_answers(fitted, data, tmp_path):
     """The fitted model answers "(A)"/"(B)" on the BLINK items (right on the first, wrong on
     the second): surface must read those choices, by the likelihood of each answer string,
@@ -364,19 +532,29 @@ def test_surface_reads_the_models_answers(fitted, data, tmp_path):
     for k, (r, item) in enumerate(zip(rows, mc_items(), strict=True)):
         said = mc_answer(k, item)
         assert r["mode"] == "answer-likelihood" and r["model"] == ord(said[1]) - ord("A"), r
-        assert r["model_text"] == said
+        assert r["model_text"] == said, (fitted.name, r)
         assert r["truth"] == item.answer_index and (r["model"] == r["truth"]) == (k == 0)
         assert set(json.loads(r["readout"])) >= {"values/0", "projector", "vision"}
-    shown = surface.shown_images(fitted.vlm, mc_items()[0])
-    texts = fitted.vlm.decode(fitted.vlm.generate(fitted.vlm.prepare(
-        [shown], [mc_items()[0].prompt()]), max_new_tokens=4))
+    vlm = fitted.vlm
+    shown = surface.shown_images(vlm, mc_items()[0])
+    texts = vlm.decode(vlm.generate(vlm.prepare([shown], [mc_items()[0].prompt()]),
+                                    max_new_tokens=4))
     assert parse_choice(texts[0], mc_items()[0].choices) == rows[0]["model"]  # greedy agrees
 
 
-def test_eval_on_shapesworld(fitted):
-    s = cli("eval", "--model", fitted.path, "--n", 2)
-    assert s["questions"] == {"generative": 2, "polling": 4, "vqa": 4}
-    assert all(0.0 <= a <= 1.0 for a in s["accuracy"].values())
+@over(*ALL)
+def test_text_tasks_read_the_prompt_after_the_markers(fitted):
+    """Text spans of the prompt map to their own ids whatever frames the image (markers,
+    breaks, a prefix-LM suffix)."""
+    from vislens.experiments.perception.features import after_image, text_columns
+
+    vlm = fitted.vlm
+    batch = vlm.prepare([scenes()[0].image], ["Is there a giraffe in this image?"])
+    cols = text_columns(vlm, batch, 0, "Is there a giraffe in this image?", (9, 18))
+    assert vlm.tokenizer.decode(batch.input_ids[0, cols]).strip() == "a giraffe"
+    question = after_image(batch, 0)
+    assert not np.isin(question, batch.token_map.marker_positions(0)).any()
+    assert set(cols) <= set(question.tolist())
 
 
 @pytest.mark.parametrize("name", [LLAVA15, QWEN25VL])
@@ -392,6 +570,7 @@ def test_study_runs_every_step(name, tmp_path):
 
 
 # ---- batched == one at a time -----------------------------------------------------------------
+@over(*PAPER)
 def test_batched_with_left_padding_equals_one_at_a_time(fitted):
     """Two scenes of different sizes and prompts in one left-padded batch compute what each
     computes alone: the final state and logits under a knockout, ablation generations,
@@ -444,3 +623,44 @@ def test_batched_with_left_padding_equals_one_at_a_time(fitted):
                                        msg=lambda m, src=src: f"{fitted.name} {src}: {m}")
         for src, x in solo.text[0].items():
             torch.testing.assert_close(feats[b].text[0][src], x, rtol=1e-5, atol=1e-5)
+
+
+# ---- a model type without a family module -----------------------------------------------------
+@pytest.fixture
+def generic_gemma3(monkeypatch) -> Path:
+    """The fitted Gemma 3 look-alike as a model type without a family module: the generic
+    fallback (positions only) on a model that answers right."""
+    from vislens.models.families import FAMILIES
+
+    monkeypatch.delitem(FAMILIES, "gemma3")
+    return fitted_dir(GEMMA3)
+
+
+def test_generic_fallback_runs_the_layout_free_experiments(generic_gemma3, data, tmp_path):
+    """Without a layout: ablation of register / random-K tokens, knockout of image ->
+    question, the logit lens over every image token; what needs pixels is one line."""
+    path, coco = generic_gemma3, f"coco:{data['coco']}"
+    out = tmp_path / "ablate"
+    s = cli("ablate", "--model", path, "--data", coco, "--n", 1, "--settings", "vqa",
+            "--reference", f"imagenet:{data['imagenet']}", "--out", out)
+    assert s["n_kept"] == {"vqa": 1}
+    conditions = {r["condition"] for r in rows_of(out)} - {"clean", "noised"}
+    assert conditions and all(c == "register" or c.startswith("random-") for c in conditions)
+    assert "random-matched" not in conditions
+    s = cli("knockout", "--model", path, "--data", coco, "--n", 1, "--settings", "vqa",
+            "--out", tmp_path / "knockout")
+    assert s["n_kept"] == {"vqa": 1}
+    assert set(s["relative_accuracy"]) == {"image->question"}
+    assert all(v is not None for v in s["relative_accuracy"]["image->question"])
+    s = cli("logit-lens", "--model", path, "--data", f"coco:{data['lens']}", "--n", 1,
+            "--out", tmp_path / "lens")
+    assert s["layout"] is False and s["hit_rate"] is None and s["viewer"] == []
+    assert s["n_image_tokens"] == 256 and s["image_hit_rate"] > 0  # the fitted hits
+    assert s["n_object_patches"] == 0
+    for command, extra in (("ablate", ["--conditions", "object,random-40"]),
+                           ("knockout", ["--conditions", "object->last"])):
+        bad = tmp_path / f"bad-{command}"
+        r = CliRunner().invoke(app, [command, "--model", str(path), "--data", coco, "--n", "1",
+                                     "--out", str(bad), *extra])
+        assert r.exit_code == 2 and "needs a token layout" in r.output, r.output
+        assert not bad.exists()
