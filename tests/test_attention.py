@@ -38,7 +38,8 @@ def resized(sample: Sample, width: int, height: int) -> Sample:
                   sample.meta)
 
 
-@pytest.fixture(scope="module", params=["llava_next", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=[pytest.param("llava_next", marks=pytest.mark.slow),
+                                        "qwen2_5_vl"])
 def family_run(request, tmp_path_factory):
     family = request.param
     model, proc = build(family)
@@ -203,6 +204,7 @@ def test_bootstrap_columns():
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_cli_help_json_resume_and_errors(tmp_path):
     help_text = runner.invoke(app, ["attention", "--help"], terminal_width=200).output
     assert "Example: vislens attention" in help_text and "--json" in help_text

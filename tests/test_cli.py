@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from vislens.cli import app
@@ -64,6 +65,7 @@ def test_world_writes_coco_and_refuses_to_overwrite(tmp_path):
     _one_line_error(runner.invoke(app, ["world", "--out", str(out), "--n", "3"]))
 
 
+@pytest.mark.slow
 def test_train_toy_bad_resume_and_donor_write_nothing(tmp_path):
     out = tmp_path / "toy"
     line = _one_line_error(runner.invoke(app, ["train-toy", "--out", str(out), "--resume",
@@ -150,6 +152,7 @@ def test_info_reports_the_native_size_and_example_counts():
     assert toy["native_image_size"] == "96x96"
 
 
+@pytest.mark.slow
 def test_device_map_options_are_checked_and_run(tmp_path):
     out = tmp_path / "run"
     for args, words in ((["--device-map", "everywhere"], "auto, balanced"),
