@@ -205,9 +205,7 @@ runner = CliRunner()
 
 
 @pytest.mark.slow
-def test_cli_help_json_resume_and_errors(tmp_path):
-    help_text = runner.invoke(app, ["attention", "--help"], terminal_width=200).output
-    assert "Example: vislens attention" in help_text and "--json" in help_text
+def test_cli_json_and_resume(tmp_path):
     out = tmp_path / "run"
     args = ["attention", "--n", "4", "--viewers", "1", "--out", str(out), "--json"]
     first = runner.invoke(app, args)
@@ -220,6 +218,11 @@ def test_cli_help_json_resume_and_errors(tmp_path):
     assert len(list((out / "maps").glob("*.npz"))) == summary["n_images"]
     again = runner.invoke(app, args)
     assert json.loads(again.stdout) == summary  # resumed: nothing recomputed, same numbers
+
+
+def test_cli_help_and_errors(tmp_path):
+    help_text = runner.invoke(app, ["attention", "--help"], terminal_width=200).output
+    assert "Example: vislens attention" in help_text and "--json" in help_text
     for bad, words in ((["--query", "red star"], "several words"),
                        (["--setting", "chat"], "unknown setting"),
                        (["--query", "zebra", "--n", "2"], "no token of the prompt"),

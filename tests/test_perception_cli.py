@@ -156,8 +156,7 @@ def test_surface_says_whether_the_values_beat_chance(app, tmp_path):
     assert s["present_not_surfaced_chance"] == pytest.approx(0.5 * (1 - model_acc))
 
 
-@pytest.mark.slow
-def test_artifacts_and_surface(app, tmp_path):
+def test_artifacts_and_surface(app, tmp_path):  # over 1 s, but the one run of `artifacts` here
     r = invoke(app, "artifacts", "--n", 1, "--n-images", 3, "--z", 0, "--min-score", 0.0,
                "--out", tmp_path / "art", "--json")
     assert r.exit_code == 0, r.output
