@@ -140,6 +140,7 @@ def test_ig_defaults_are_neos(untrained):
             ablation.AblationConfig(**bad).validate()
 
 
+@pytest.mark.slow
 def test_ig_runs_once_per_image_on_the_polling_prompt_for_every_setting(toy, tmp_path,
                                                                         monkeypatch):
     """One IG per kept image, on the polling question, explaining "yes" (never BOS), its

@@ -188,6 +188,7 @@ def compare(vlm, samples, config, vector, tmp_path, expect_shared=True):
     return got, ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["toy", "toy-qwen"])
 def test_toys_give_todays_verdicts(name, tmp_path):
     vlm = vislens.load(name)
@@ -202,6 +203,8 @@ def test_toys_give_todays_verdicts(name, tmp_path):
 
 
 LOOKALIKES = ["llava-1.5-7b-hf", "llama3-llava-next-8b-hf", "Qwen2.5-VL-7B-Instruct"]
+LLAVA15 = pytest.param("llava-1.5-7b-hf", marks=pytest.mark.lookalike)
+QWEN25VL = pytest.param("Qwen2.5-VL-7B-Instruct", marks=[pytest.mark.lookalike, pytest.mark.slow])
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +221,8 @@ def lookalike():
     return get
 
 
+@pytest.mark.slow
+@pytest.mark.lookalike
 @pytest.mark.parametrize("name", LOOKALIKES)
 def test_lookalikes_give_todays_verdicts(name, lookalike, tmp_path):
     from answer_head import scenes
@@ -251,7 +256,7 @@ def _continued(vlm, one, clean, p, sets, vector):
         return advance(vlm, rows, tail)[:, -1]
 
 
-@pytest.mark.parametrize("name", ["toy", "toy-qwen", "llava-1.5-7b-hf"])
+@pytest.mark.parametrize("name", ["toy", "toy-qwen", LLAVA15])
 def test_ablating_embeddings_from_the_first_token_equals_ablate(name, lookalike):
     """The conditions' path equals `ablate` + a full forward; starting one token late (the
     first ablated token taken as clean) does not, and this comparison sees it."""
@@ -279,7 +284,7 @@ def test_ablating_embeddings_from_the_first_token_equals_ablate(name, lookalike)
     assert float(off[0]) > 1e-3 * scale and float(off[2]) > 1e-3 * scale
 
 
-@pytest.mark.parametrize("name", ["toy", "llava-1.5-7b-hf", "Qwen2.5-VL-7B-Instruct"])
+@pytest.mark.parametrize("name", ["toy", LLAVA15, QWEN25VL])
 def test_ig_from_the_recorded_prefix_equals_full_forwards(name, lookalike):
     if name.startswith("toy"):
         vlm = vislens.load(name)
@@ -304,6 +309,8 @@ def test_ig_from_the_recorded_prefix_equals_full_forwards(name, lookalike):
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4 * np.abs(want).max())
 
 
+@pytest.mark.slow
+@pytest.mark.lookalike
 def test_a_family_whose_positions_see_later_ones_falls_back(lookalike, tmp_path):
     """Gemma 3's image block attends both ways: its recorded pass cannot be continued, so
     the plain path runs, with today's verdicts."""

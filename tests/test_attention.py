@@ -38,7 +38,8 @@ def resized(sample: Sample, width: int, height: int) -> Sample:
                   sample.meta)
 
 
-@pytest.fixture(scope="module", params=["llava_next", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=[pytest.param("llava_next", marks=pytest.mark.slow),
+                                        "qwen2_5_vl"])
 def family_run(request, tmp_path_factory):
     family = request.param
     model, proc = build(family)
@@ -203,9 +204,8 @@ def test_bootstrap_columns():
 runner = CliRunner()
 
 
-def test_cli_help_json_resume_and_errors(tmp_path):
-    help_text = runner.invoke(app, ["attention", "--help"], terminal_width=200).output
-    assert "Example: vislens attention" in help_text and "--json" in help_text
+@pytest.mark.slow
+def test_cli_json_and_resume(tmp_path):
     out = tmp_path / "run"
     args = ["attention", "--n", "4", "--viewers", "1", "--out", str(out), "--json"]
     first = runner.invoke(app, args)
@@ -218,6 +218,11 @@ def test_cli_help_json_resume_and_errors(tmp_path):
     assert len(list((out / "maps").glob("*.npz"))) == summary["n_images"]
     again = runner.invoke(app, args)
     assert json.loads(again.stdout) == summary  # resumed: nothing recomputed, same numbers
+
+
+def test_cli_help_and_errors(tmp_path):
+    help_text = runner.invoke(app, ["attention", "--help"], terminal_width=200).output
+    assert "Example: vislens attention" in help_text and "--json" in help_text
     for bad, words in ((["--query", "red star"], "several words"),
                        (["--setting", "chat"], "unknown setting"),
                        (["--query", "zebra", "--n", "2"], "no token of the prompt"),

@@ -14,6 +14,8 @@ from vislens.models.vlm import VLM
 from vislens.render.page import render_page
 from vislens.report.sections import attention_section
 
+# Chromium starts once for the module (~5 s on 2 cores): all in the full run only
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 BRIGHTEST = "rgb(252, 255, 164)"  # the colour map's top, what the peak patch must show
 
 

@@ -184,6 +184,7 @@ def processor(checkpoint):
     return load_processor(path, detect_family(path))
 
 
+@pytest.mark.lookalike
 def test_config_holds_the_real_values(checkpoint):
     from transformers import AutoConfig
 
@@ -203,6 +204,7 @@ def test_config_holds_the_real_values(checkpoint):
     assert config.dtype == torch.float32
 
 
+@pytest.mark.lookalike
 def test_image_processor_and_processor_settings(checkpoint, processor):
     name, _ = checkpoint
     assert type(processor).__name__ == PROCESSOR_CLASS[name]
@@ -218,6 +220,7 @@ def test_image_processor_and_processor_settings(checkpoint, processor):
         assert processor.vision_aspect_ratio == "anyres_max_9"
 
 
+@pytest.mark.lookalike
 def test_auto_processor_loads_them(checkpoint):
     from transformers import AutoProcessor
 
@@ -229,6 +232,7 @@ def test_auto_processor_loads_them(checkpoint):
     assert type(AutoProcessor.from_pretrained(path)).__name__ == PROCESSOR_CLASS[name]
 
 
+@pytest.mark.lookalike
 def test_tokenizer_kind_and_special_ids(checkpoint, processor):
     name, path = checkpoint
     tok = processor.tokenizer
@@ -262,6 +266,7 @@ def test_tokenizer_kind_and_special_ids(checkpoint, processor):
     assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
 
 
+@pytest.mark.lookalike
 def test_coco_class_names_come_out_in_pieces(checkpoint, processor):
     tok = processor.tokenizer
 
@@ -278,6 +283,7 @@ def test_coco_class_names_come_out_in_pieces(checkpoint, processor):
     assert pieces(" yes") <= 2 and pieces("Yes") == 1
 
 
+@pytest.mark.lookalike
 def test_chat_template_renders_the_documented_format(checkpoint, processor):
     name, path = checkpoint
     assert (path / "chat_template.json").is_file()
@@ -293,6 +299,7 @@ def test_chat_template_renders_the_documented_format(checkpoint, processor):
         assert render(user(image, text) + [answer]) == turn
 
 
+@pytest.mark.lookalike
 def test_image_tokens_and_bos_for_a_640x480_image(checkpoint, processor):
     name, _ = checkpoint
     img = image_640x480()
@@ -323,6 +330,7 @@ def test_image_tokens_and_bos_for_a_640x480_image(checkpoint, processor):
     assert list(direct["input_ids"][0]) == ids
 
 
+@pytest.mark.lookalike
 def test_loads_and_runs_through_vislens(checkpoint):
     name, path = checkpoint
     vlm = vislens.load(str(path))
@@ -341,6 +349,8 @@ def test_loads_and_runs_through_vislens(checkpoint):
     assert tuple(logits.shape) == (1, 1, vocab) and torch.isfinite(logits).all()
 
 
+@pytest.mark.lookalike
+@pytest.mark.slow  # trains the four tokenizers again
 def test_tokenizers_rebuild_identically():
     """The cache key covers everything: a rebuild from this source gives the cached files."""
     from lookalikes import checkpoint_dir, tokenizer_files

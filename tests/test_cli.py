@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from vislens.cli import app
@@ -65,11 +66,17 @@ def test_world_writes_coco_and_refuses_to_overwrite(tmp_path):
     _one_line_error(runner.invoke(app, ["world", "--out", str(out), "--n", "3"]))
 
 
-def test_train_toy_bad_resume_and_donor_write_nothing(tmp_path):
+@pytest.mark.slow  # the resume check runs inside training (~3 s)
+def test_train_toy_bad_resume_writes_nothing(tmp_path):
     out = tmp_path / "toy"
     line = _one_line_error(runner.invoke(app, ["train-toy", "--out", str(out), "--resume",
                                                str(tmp_path / "stage_B.pt")]))
     assert "stage checkpoint" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_train_toy_bad_donor_writes_nothing(tmp_path):
+    out = tmp_path / "toy"
     line = _one_line_error(runner.invoke(app, ["train-toy", "--out", str(out), "--family",
                                                "qwen", "--donor", str(tmp_path / "nope")]))
     assert "--donor" in line
@@ -151,6 +158,7 @@ def test_info_reports_the_native_size_and_example_counts():
     assert toy["native_image_size"] == "96x96"
 
 
+@pytest.mark.slow
 def test_device_map_options_are_checked_and_run(tmp_path):
     out = tmp_path / "run"
     for args, words in ((["--device-map", "everywhere"], "auto, balanced"),

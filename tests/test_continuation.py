@@ -21,7 +21,11 @@ from vislens.interventions import capture
 from vislens.interventions import knockout as knock
 from vislens.interventions.continuation import advance, embed, record
 
-PAPER = (lookalikes.LLAVA15, lookalikes.NEXT, lookalikes.QWEN25VL, lookalikes.ONEVISION)
+# NeXT's and OneVision's anyres images (2340 / 2929 tokens at 640x480) make their runs the
+# slow ones: the everyday loop continues LLaVA-1.5 and Qwen2.5-VL, the full run all four
+SLOW_NEXT = pytest.param(lookalikes.NEXT, marks=pytest.mark.slow)
+PAPER = (lookalikes.LLAVA15, SLOW_NEXT, lookalikes.QWEN25VL,
+         pytest.param(lookalikes.ONEVISION, marks=pytest.mark.slow))
 TOL = 1e-5
 
 
@@ -48,6 +52,10 @@ def _close_where_real(got, want, mask):
     return float((got - want).abs().amax(-1)[mask.bool()].max())
 
 
+@pytest.mark.lookalike
+@pytest.mark.parametrize("lookalike", (
+    lookalikes.LLAVA15, *(pytest.param(n, marks=pytest.mark.slow) for n in (
+        lookalikes.NEXT, lookalikes.QWEN25VL, lookalikes.ONEVISION))), indirect=True)
 def test_continuing_from_any_position_and_layer_equals_the_full_pass(lookalike):
     vlm = lookalike
     batch = _padded(vlm)
@@ -66,6 +74,7 @@ def test_continuing_from_any_position_and_layer_equals_the_full_pass(lookalike):
         torch.testing.assert_close(got, full[:, -got.shape[1]:], rtol=0, atol=TOL)
 
 
+@pytest.mark.lookalike
 def test_appended_tokens_continue_as_the_model_would(lookalike):
     """Text appended after a cached prompt (a question after a shared image, generated
     tokens) gets the positions the model gives it: mRoPE continues from its largest."""
@@ -92,6 +101,7 @@ def test_appended_tokens_continue_as_the_model_would(lookalike):
     assert second.length == batch.seq_len + 4 and more.length == batch.seq_len + 5
 
 
+@pytest.mark.lookalike
 def test_knockout_on_a_padded_batch_continues_from_its_first_blocked_query(lookalike):
     """Per-row edges on a left-padded batch: running from the first blocked query (of any
     row), from the window's first layer, equals the knocked-out full pass."""
@@ -142,7 +152,9 @@ def _full(vlm, ext, feats, edges, windows, grid, keep):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("name", (lookalikes.LLAVA15, lookalikes.NEXT, lookalikes.QWEN25VL))
+@pytest.mark.lookalike
+@pytest.mark.parametrize("name", (lookalikes.LLAVA15, SLOW_NEXT,
+                                  pytest.param(lookalikes.QWEN25VL, marks=pytest.mark.slow)))
 def test_knockout_sweep_equals_the_full_recomputation_on_every_condition_and_window(
         name, monkeypatch):
     vlm = vislens.load(str(lookalikes.checkpoint_dir(name)))
@@ -162,6 +174,8 @@ def test_knockout_sweep_equals_the_full_recomputation_on_every_condition_and_win
     assert float((wrong - want).abs().max()) > 10 * TOL  # the comparison above would fail
 
 
+@pytest.mark.slow
+@pytest.mark.lookalike
 @pytest.mark.parametrize("name", (lookalikes.GEMMA3, lookalikes.PALIGEMMA))
 def test_families_whose_positions_see_later_ones_recompute_every_position(name):
     vlm = vislens.load(str(lookalikes.checkpoint_dir(name)))
@@ -186,7 +200,9 @@ def test_families_whose_positions_see_later_ones_recompute_every_position(name):
     assert float((clean.residual[out] - blocked.residual[out]).abs().max()) > 1e-4
 
 
-@pytest.mark.parametrize("name", ("toy", lookalikes.LLAVA15, lookalikes.QWEN25VL))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("toy", *(pytest.param(n, marks=pytest.mark.lookalike)
+                                           for n in (lookalikes.LLAVA15, lookalikes.QWEN25VL))))
 def test_knockout_rows_equal_those_of_generate_and_a_full_clean_pass(name):
     """The experiment's shortcut end to end: the clean answer decoded from the recorded
     prompt and the answer teacher-forced after it give the rows that generate + a full

@@ -13,6 +13,8 @@ import vislens
 from vislens.experiments import ablation
 from vislens.interventions import LAST, ablate, capture, knockout
 
+pytestmark = pytest.mark.lookalike
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):

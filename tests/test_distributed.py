@@ -29,6 +29,8 @@ from vislens.experiments.perception import artifacts, perceive, prefix, surface 
 from vislens.runs.ray_pool import RayPool  # noqa: E402
 
 META = {"model": "toy"}
+# The tests that start the local Ray cluster (~10 s on an idle 2-core CPU, a minute or more
+# on a loaded one) are marked ray and slow: the full run only.
 SMALL, LARGE = (0.0, 350.0), (350.0, float("inf"))
 
 
@@ -122,6 +124,8 @@ def same_summary(a: dict, a_dir: Path, b: dict, b_dir: Path) -> bool:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_sharded_run_is_the_single_process_run_row_for_row(name, pool, local, scenes,
                                                              tmp_path):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
@@ -135,6 +139,8 @@ def test_a_sharded_run_is_the_single_process_run_row_for_row(name, pool, local, 
         sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file())
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_the_cli_runs_on_one_worker(cluster, local, tmp_path):
     """--workers 1 joins the running cluster (the test's own), one actor does every unit."""
     args = ["logit-lens", "--n", "4", "--batch-size", "2", "--viewers", "0", "--json"]
@@ -164,6 +170,8 @@ class Interrupt:
             yield item
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_killed_driver_loses_no_finished_part(pool, scenes, expected, tmp_path):
     sharded = tmp_path / "sharded"
     with pytest.raises(KeyboardInterrupt):
@@ -201,6 +209,8 @@ def crashing(pool, marker: Path, unit: int):
     return map
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_killed_workers_lose_nothing(pool, local, scenes, expected, tmp_path, monkeypatch):
     """Last of the tests on the module's pool: it kills both its workers."""
     first, second = tmp_path / "first", tmp_path / "second"
@@ -221,6 +231,7 @@ def test_killed_workers_lose_nothing(pool, local, scenes, expected, tmp_path, mo
     assert rows(second) == expected
 
 
+@pytest.mark.slow  # a fresh interpreter imports vislens and runs a command
 def test_importing_vislens_and_running_a_command_never_imports_ray(tmp_path):
     code = ("import sys\nfrom vislens.cli import app\n"
             "code = app(['logit-lens', '--n', '4', '--viewers', '0', '--json', '--out', "

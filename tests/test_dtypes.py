@@ -15,6 +15,9 @@ from vislens.experiments import knockout, logit_lens
 from vislens.experiments.perception import perceive
 from vislens.runs.rundir import RunDir
 
+# three dtypes' runs on the toy in one fixture (~10 s on 2 cores): the full run only
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

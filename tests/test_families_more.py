@@ -27,6 +27,8 @@ from vislens.interventions.vision import record_projector, vision_rows
 from vislens.models.vlm import VLM
 
 NAMES = (SMOLVLM, INTERNVL, MISTRAL3, PALIGEMMA)
+# every test loads a look-alike (but test_family_declarations, which reads the registry)
+pytestmark = pytest.mark.lookalike
 SIZES = [(640, 480), (200, 640), (1000, 250), (40, 30)]
 PROMPTS = ["Describe this image.", "Is there a red circle in this image?"]
 
@@ -40,7 +42,11 @@ def final_states(vlm, batch, **kwargs) -> torch.Tensor:
     return cap.residual[vlm.num_layers].view(batch.size, batch.seq_len, -1)
 
 
-@pytest.fixture(scope="module", params=NAMES)
+# SmolVLM and InternVL (1053 / 3328 image tokens at 640x480: over a second a test) run in the
+# full run only; Mistral 3 and PaliGemma in the everyday loop too
+@pytest.fixture(scope="module", params=[pytest.param(SMOLVLM, marks=pytest.mark.slow),
+                                        pytest.param(INTERNVL, marks=pytest.mark.slow),
+                                        MISTRAL3, PALIGEMMA])
 def lookalike(request):
     return request.param, vislens.load(str(checkpoint_dir(request.param)))
 
@@ -150,6 +156,7 @@ def test_features_are_what_the_model_packs(lookalike):
     assert len(vision) == len(rows) and torch.isfinite(vision).all()
 
 
+@pytest.mark.slow
 def test_keys_alone_equal_keys_in_a_left_padded_batch(lookalike):
     """Post-RoPE keys of image and text positions, alone and left-padded together: the
     positions vislens passes (or the model derives) count from each row's first token."""
@@ -335,6 +342,7 @@ def reference_states(vlm, batch, blocked: dict[int, torch.Tensor]) -> torch.Tens
     return h
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["paligemma2-eager-softcap", "paligemma1-sdpa"])
 def test_prefix_lm_knockout_equals_reference(paligemma, kind):
     """Knockout on top of the bidirectional prefix mask == the written-out reference with the
@@ -373,6 +381,7 @@ def test_prefix_lm_knockout_equals_reference(paligemma, kind):
         torch.testing.assert_close(last, vlm.unembed(ref[:, -1]), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_paligemma_captured_attention_rows_are_output_attentions(paligemma):
     """Attention rows captured through the registered function (soft-cap and bidirectional
     prefix included) equal the eager model's `output_attentions`, for a prefix query (an

@@ -41,7 +41,7 @@ from vislens.interventions import (
 )
 from vislens.models.vlm import VLM, ImageEmbeddings
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.lookalike
 NAMES = (QWEN2VL, QWEN3VL, GEMMA3)
 FAMILY = {QWEN2VL: "qwen2_vl", QWEN3VL: "qwen3_vl", GEMMA3: "gemma3"}
 MODEL_CLASS = {QWEN2VL: "Qwen2VLForConditionalGeneration",
@@ -218,6 +218,7 @@ def _features_without(feats: ImageEmbeddings, rows: list[np.ndarray]) -> ImageEm
     return ImageEmbeddings(per, injected)
 
 
+@pytest.mark.slow
 def test_deepstack_ablation_replaces_the_injected_rows_of_exactly_those_tokens(load):
     vlm = load(QWEN3VL)
     images = [scene(300, 200, (220, 30, 30)), scene(130, 170, (30, 200, 30), seed=2)]
@@ -532,6 +533,7 @@ def test_gemma_generate_past_the_sliding_window_under_knockout(gemma):
             inputs[key] = torch.cat([inputs[key], fill], 1)
 
 
+@pytest.mark.slow
 def test_gemma_pan_and_scan_saved_in_the_image_processor_is_honoured():
     """A preprocessor_config.json that turns pan-and-scan on is obeyed (the processor's class
     default would switch it off on every call), and the crops become tiles of the map."""

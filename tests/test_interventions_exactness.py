@@ -18,7 +18,6 @@ from PIL import Image
 from vislens.interventions import ablate, capture, knockout, mean_image_embedding, set_inner
 from vislens.models.vlm import VLM
 
-torch.set_num_threads(2)
 ALL = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl"]
 SIZES = {"llava": [(120, 90), (60, 100)], "llava_next": [(200, 120), (100, 140)],
          "llava_onevision": [(200, 120), (100, 140)], "qwen2_5_vl": [(150, 90), (80, 120)]}

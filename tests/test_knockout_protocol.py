@@ -124,6 +124,7 @@ def test_edge_sets_are_the_released_codes(untrained):
     assert all((a, b) in _pairs(e["object+1->last-row"], last) for a in lr for b in lr)
 
 
+@pytest.mark.lookalike
 def test_image_to_question_takes_only_the_question_words(untrained):
     """Not the chat template's tokens nor the answer prefix: on the toy ("<sep> it is a")
     and on LLaVA-1.5's look-alike (SentencePiece, "ASSISTANT: It is")."""

@@ -41,6 +41,7 @@ def test_head_words():
     assert head_words("red circle") == ["circle", "circles"]  # ShapesWorld: the shape
 
 
+@pytest.mark.lookalike
 def test_class_tokens_are_the_head_words_first_pieces(tokenizers):
     for name, tok in tokenizers.items():
         light = logit_lens.word_ids(tok, "traffic light")

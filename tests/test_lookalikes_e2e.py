@@ -77,6 +77,9 @@ from vislens.interventions import ablate, capture, mean_image_embedding
 from vislens.interventions import knockout as knock
 from vislens.interventions.knockout import Knockout
 
+# every command on every look-alike: the long end-to-end runs, in the full run only
+pytestmark = [pytest.mark.slow, pytest.mark.lookalike]
+
 # the families after the paper's four: multi-image tiling, breaks and a prefix LM (issue #14
 # part 2), then Qwen2-VL / Qwen3-VL (DeepStack) / Gemma 3
 TILES_BREAKS_PREFIX = (SMOLVLM, INTERNVL, MISTRAL3, PALIGEMMA)

@@ -138,6 +138,7 @@ def test_stored_features_equal_the_in_memory_float32_path(tiny):
     assert one[0].sources.store.nbytes == 144 * 32 * 4
 
 
+@pytest.mark.lookalike
 def test_stored_features_keep_bf16_bits_on_a_real_geometry():
     """The NeXT look-alike (2340 image-token ids, anyres tiles, one kv head) in bfloat16:
     rows are stored in bf16 (half the bytes of float32) and read back equal to the float32
@@ -154,6 +155,7 @@ def test_stored_features_keep_bf16_bits_on_a_real_geometry():
     assert store.nbytes == 2 * elements
 
 
+@pytest.mark.slow
 def test_perceive_scores_equal_the_in_memory_path(tiny, tmp_path, monkeypatch):
     """All six tasks scored from the store give the summary the in-memory float32 features
     give (same numbers, not within a tolerance: the features are the same bits)."""
@@ -165,6 +167,7 @@ def test_perceive_scores_equal_the_in_memory_path(tiny, tmp_path, monkeypatch):
     assert set(stored) >= set(perceive.TASKS)
 
 
+@pytest.mark.slow
 def test_one_source_of_an_item_in_memory_at_a_time(tiny, tmp_path, monkeypatch):
     """While a task scores an item (a 5+1-shot episode, a set of 4, a video of 8 frames, a
     pair), each read of a source finds at most one OTHER source's features still alive:

@@ -20,13 +20,23 @@ from PIL import Image
 
 from vislens.models.vlm import VLM
 
-torch.set_num_threads(2)
 SIZES = [(500, 300), (200, 640), (336, 336), (97, 61)]
 QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision", "qwen2_5_vl",
-                                        "qwen2_vl", "qwen3_vl", "gemma3"])
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl",
+            "gemma3"]
+
+
+def families(*slow: str) -> list:
+    """FAMILIES, those read from look-alikes (FIXTURES) marked lookalike, those named `slow`
+    marked slow."""
+    return [pytest.param(f, marks=[*([pytest.mark.lookalike] if f in FIXTURES else []),
+                                   *([pytest.mark.slow] if f in slow else [])])
+            for f in FAMILIES]
+
+
+@pytest.fixture(scope="module", params=families())
 def vlm(request):
     model, proc = real_geometry(request.param) if request.param in FIXTURES else \
         build(request.param)
@@ -61,6 +71,7 @@ def test_token_counts_match_processor(vlm):
         assert got == expected
 
 
+@pytest.mark.parametrize("vlm", families("llava_onevision"), indirect=True)  # + 1900x1500
 def test_feature_rows_match_model_packing(vlm):
     """The model's own packed features have exactly one row per slot of the map."""
     sizes = SIZES + ([(1900, 1500)] if vlm.model_type == "llava_onevision" else [])
@@ -140,6 +151,19 @@ CASES = [(f, s) for f in REAL + MORE for s in SIZES] + [
     # image splitting off: the global view alone, 81 tokens
     ("idefics3+nosplit", (640, 480)), ("idefics3+nosplit", (200, 640)),
 ]
+# real_geometry reads these families from their look-alikes; the cases over a second are slow
+LOOKALIKE = {"qwen2_vl", "qwen3_vl", "gemma3", *MORE}
+SLOW_CASES = {("llava_onevision", (2304, 1728)), ("llava_onevision", (1900, 1500)),
+              ("internvl", (640, 480)), ("internvl", (2000, 1500)), ("gemma3+pas", (641, 480)),
+              ("gemma3+pas", (1100, 300))}
+
+
+def case(family: str, size: tuple[int, int]):
+    marks = [*([pytest.mark.lookalike] if family.split("+")[0] in LOOKALIKE else []),
+             *([pytest.mark.slow] if (family, size) in SLOW_CASES else [])]
+    return pytest.param(family, size, marks=marks, id=f"{family}-{size[0]}x{size[1]}")
+
+
 CROPS = {(641, 480): 2, (1100, 300): 4, (300, 700): 2, (500, 450): 0}
 # A decoded pixel is within 0.5 px of its coordinate (uint8 rounding of one resize, see
 # helpers_geometry), so a patch's measured centre and extent are too, bar a fraction of a pixel
@@ -187,7 +211,7 @@ def _unpadded(config, size) -> tuple[int, int]:
     return tuple(unpad_image(torch.zeros(1, nph * g, npw * g), (h, w)).shape[1:])
 
 
-@pytest.mark.parametrize(("family", "size"), CASES, ids=[f"{f}-{w}x{h}" for f, (w, h) in CASES])
+@pytest.mark.parametrize(("family", "size"), [case(f, s) for f, s in CASES])
 def test_box_is_what_the_patch_sees(real_models, family, size):
     """Each token's box centre (and, unblended, its extent) is that of the pixels it reads."""
     model, proc = real_models(family)
@@ -217,7 +241,8 @@ def test_box_is_what_the_patch_sees(real_models, family, size):
     assert np.abs(box - extent)[known].max() <= TOL
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision", "idefics3"])
+@pytest.mark.parametrize("family", ["llava", "llava_onevision",
+                                    pytest.param("idefics3", marks=pytest.mark.lookalike)])
 def test_pixels_no_patch_sees_belong_to_no_token(real_models, family):
     """Strips cut away by a crop or left over at a crop's far edge are covered by no token."""
     model, proc = real_models(family)

@@ -13,8 +13,6 @@ from PIL import Image
 import vislens
 from vislens.models.vlm import VLM
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def llava():

@@ -34,6 +34,7 @@ def invoke(app, *args):
     return result
 
 
+@pytest.mark.slow
 def test_perceive_json_files_and_resume(app, tmp_path):
     out = tmp_path / "run"
     r = invoke(app, "perceive", "--n", 1, "--out", out, "--json")
@@ -54,6 +55,7 @@ def test_perceive_json_files_and_resume(app, tmp_path):
     assert json.loads(again.stdout) == summary  # resumed: nothing recomputed, same numbers
 
 
+@pytest.mark.slow
 def test_perceive_reports_counts_chance_levels_and_the_oracle_option(app, tmp_path):
     r = invoke(app, "perceive", "--tasks", "fg-seg,sem-seg", "--n", 3, "--layers", "1",
                "--out", tmp_path / "a", "--json")
@@ -107,6 +109,7 @@ def test_prefix_reports_change(app, tmp_path):
     assert (tmp_path / "run" / "sem-corr-prefix.png").is_file()
 
 
+@pytest.mark.slow
 def test_prefix_default_is_the_data_sets_classes_with_a_held_out_headline(app, tmp_path):
     from vislens.data.shapesworld import SHAPES
 
@@ -153,7 +156,7 @@ def test_surface_says_whether_the_values_beat_chance(app, tmp_path):
     assert s["present_not_surfaced_chance"] == pytest.approx(0.5 * (1 - model_acc))
 
 
-def test_artifacts_and_surface(app, tmp_path):
+def test_artifacts_and_surface(app, tmp_path):  # over 1 s, but the one run of `artifacts` here
     r = invoke(app, "artifacts", "--n", 1, "--n-images", 3, "--z", 0, "--min-score", 0.0,
                "--out", tmp_path / "art", "--json")
     assert r.exit_code == 0, r.output

@@ -38,7 +38,7 @@ pytest.importorskip("ray")
 import vislens  # noqa: E402
 from vislens.cli import app  # noqa: E402
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SRC = str(Path(vislens.__file__).resolve().parents[1])

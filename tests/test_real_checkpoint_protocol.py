@@ -5,6 +5,7 @@ left-padded RoPE keys, several images per prompt."""
 import numpy as np
 import pytest
 import torch
+from lookalikes import NEXT, ONEVISION, PAPER
 from PIL import Image
 
 from vislens.data import shapesworld
@@ -23,6 +24,16 @@ ENDS = {  # what the assistant turn looks like once the answer prefix is appende
     "Qwen2.5-VL-7B-Instruct": "<|im_start|>assistant\nIt is",
 }
 BOS = {"llava-1.5-7b-hf": 1, "llama3-llava-next-8b-hf": 128000}
+pytestmark = pytest.mark.lookalike
+
+
+def paper(*slow: str):
+    """The paper's four look-alikes (the `checkpoint` fixture), those named `slow` marked
+    slow: the test takes over a second on them (OneVision: loading it, and 2929 image
+    tokens at 640x480, take that on their own)."""
+    return pytest.mark.parametrize("checkpoint", [
+        pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in PAPER],
+        indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +48,7 @@ def vlms():
     return get
 
 
+@paper(ONEVISION)
 def test_prefix_precedes_the_image_tokens(checkpoint, vlms):
     """B3: on the three images-first llava-hf templates the prefix used to land after the
     image; it must come first in the ids on every family."""
@@ -55,6 +67,7 @@ def test_prefix_precedes_the_image_tokens(checkpoint, vlms):
     assert "giraffe" not in after and "Describe this image." in after
 
 
+@paper(ONEVISION)
 def test_eval_and_experiments_tokenise_alike_with_one_bos(checkpoint, vlms):
     """eval used to tokenise without special tokens (no BOS on LLaVA-1.5 / Llama-3)."""
     name, path = checkpoint
@@ -76,6 +89,7 @@ def test_eval_and_experiments_tokenise_alike_with_one_bos(checkpoint, vlms):
     assert len(answers) == 1  # the eval path runs on the real processor
 
 
+@paper(ONEVISION)
 def test_answer_span_finds_multi_piece_names(checkpoint, vlms):
     name, path = checkpoint
     tok = vlms(name, path).tokenizer
@@ -92,6 +106,7 @@ def test_answer_span_finds_multi_piece_names(checkpoint, vlms):
     assert decode(ids[cap[0]:cap[1]]).strip() == "traffic light" and cap[1] - cap[0] >= 3
 
 
+@paper(ONEVISION)
 def test_keys_are_the_same_alone_and_left_padded(checkpoint, vlms):
     name, path = checkpoint
     vlm = vlms(name, path)
@@ -110,6 +125,7 @@ def test_keys_are_the_same_alone_and_left_padded(checkpoint, vlms):
         torch.testing.assert_close(got[0][layer], got[1][layer], rtol=1e-5, atol=1e-5)
 
 
+@paper(NEXT, ONEVISION)
 def test_surface_scores_answer_strings_and_shows_separate_images(checkpoint, vlms):
     """B4: "(A)"-style answers scored by likelihood (equal to an independent one-choice-
     at-a-time reference); multi-image families see the images themselves."""

@@ -50,6 +50,8 @@ def test_report_is_self_contained(report):
     assert "<script src" not in html and "<link" not in html
 
 
+@pytest.mark.browser
+@pytest.mark.slow  # Chromium starts for it
 def test_report_renders_in_chromium(report, browser):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto(report.as_uri())

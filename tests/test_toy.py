@@ -120,6 +120,7 @@ def test_shipped_toy_loads_with_auto_classes_and_answers(toy):
 
 
 @shipped
+@pytest.mark.slow
 def test_shipped_toy_perceives_and_needs_the_image(toy):
     from vislens.experiments.accuracy import evaluate
     from vislens.toy.checks import mean_projector_output, replace_image_tokens

@@ -179,6 +179,7 @@ def test_shipped_generates_vocabulary_answers(shipped):
     assert all(len(a.split()) == 1 and a.split()[0] in colors for a in answers), answers
 
 
+@pytest.mark.slow
 def test_shipped_answers_held_out_scenes(shipped):
     """Measured on 150 scenes of another seed: >= 0.95 each (assets/toy_qwen/README.md);
     a small sample gets some slack, chance is 0.5 for polling and ~0.15 for VQA."""
@@ -188,6 +189,7 @@ def test_shipped_answers_held_out_scenes(shipped):
     assert min(acc.values()) >= 0.85, acc
 
 
+@pytest.mark.slow
 def test_shipped_fails_without_its_image_tokens(shipped):
     """Zeroing every image token (the vision tower's output) must cost accuracy."""
     model, processor = shipped

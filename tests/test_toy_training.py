@@ -37,6 +37,7 @@ def llava_toy(tmp_path_factory):
     return out, train(out, seed=0, recipe=llava_recipe(), progress=False)
 
 
+@pytest.mark.slow
 def test_llava_trainer_runs_every_stage_and_saves_a_loadable_model(llava_toy):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -53,6 +54,7 @@ def test_llava_trainer_runs_every_stage_and_saves_a_loadable_model(llava_toy):
     assert model.config.text_config.hidden_size == 48
 
 
+@pytest.mark.slow
 def test_qwen_trainer_starts_from_the_llava_lm(llava_toy, tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -73,6 +75,7 @@ def test_qwen_trainer_starts_from_the_llava_lm(llava_toy, tmp_path):
                                lm.layers[1].mlp.down_proj.weight)
 
 
+@pytest.mark.slow
 def test_resume_runs_only_the_stages_not_done(tmp_path):
     from vislens.toy.stages import OracleHead, save_stage_state
     from vislens.toy.train import Recipe, build_model, train
@@ -113,6 +116,7 @@ def losses(log: dict) -> list[tuple]:
     return [(r["stage"], r["step"], r["loss"]) for r in log["steps"]]
 
 
+@pytest.mark.slow
 def test_llava_rerun_after_ctrl_c_continues_to_the_uninterrupted_weights(
         llava_toy, tmp_path, monkeypatch):
     from vislens.toy.train import train
@@ -143,6 +147,7 @@ def test_llava_rerun_after_ctrl_c_continues_to_the_uninterrupted_weights(
     assert not work.exists() and not (out / STATE_NAME).exists()
 
 
+@pytest.mark.slow
 def test_qwen_rerun_after_ctrl_c_continues_to_the_uninterrupted_weights(tmp_path,
                                                                         monkeypatch):
     from vislens.toy.qwen_train import QwenRecipe, train
@@ -244,6 +249,7 @@ QWEN_FINGERPRINT = {
 }
 
 
+@pytest.mark.slow
 def test_training_follows_the_recorded_trajectory(llava_toy, tmp_path):
     """Retraining with the same seed and recipe gives the recorded losses and weights (to float
     rounding: recorded on the trainers before they shared one driver, where the weights were

@@ -12,6 +12,8 @@ from PIL import Image
 from vislens.data.samples import Instance, Sample
 from vislens.experiments import prompts
 
+pytestmark = pytest.mark.lookalike
+
 
 def _square(size, cx, cy, r=12):
     w, h = size
