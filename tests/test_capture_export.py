@@ -182,6 +182,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_an_interrupted_export_resumes_to_the_same_files(toy, scenes, tmp_path, monkeypatch):
     options = dict(sources=("residual", "keys"), layers=(0, 3, 4), shard_size=2, batch_size=2)
     whole = tmp_path / "whole"
@@ -239,6 +240,8 @@ def test_an_interrupted_export_resumes_to_the_same_files(toy, scenes, tmp_path, 
     assert sorted((cut / "rows.parquet").iterdir()) == parts
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_two_workers_write_the_single_process_export(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     # Ray stops workers when the machine is 95% full, whoever filled it (a shared machine)
@@ -308,6 +311,7 @@ def test_help_has_an_example_and_json_gives_the_summary(tmp_path):
 
 
 # ---- memory ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_writer_holds_one_shard_at_most_over_200_images(toy, tmp_path, monkeypatch):
     """What stays bounded whatever the number of images: the shard buffer (timings and the
     process' memory are measured in benchmarks/capture_memory.py, not asserted)."""
@@ -334,6 +338,7 @@ def test_the_writer_holds_one_shard_at_most_over_200_images(toy, tmp_path, monke
 
 
 # ---- docs --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_docs_probe_snippet_runs(tmp_path):
     doc = (Path(__file__).resolve().parent.parent / "docs" / "activations.md").read_text()
     code = re.search(r"```python\n(# probe.*?)```", doc, re.S).group(1)

@@ -42,6 +42,7 @@ UPWARD = {  # module, line appended inside a function, what the broken contract 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", sorted(UPWARD))
 def test_an_upward_import_inside_a_function_breaks_them(module, tmp_path):
     """A copy of the sources with one import the layers forbid, hidden in a function."""

@@ -60,6 +60,7 @@ def test_whole_layer_restores_one_and_nothing_restores_zero(toy, scenes, monkeyp
         assert shares[(layer, "question")] == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_groups_batched_as_rows_equal_each_group_patched_alone(toy, scenes):
     """Every group is a row of one corrupted batch; each row gives what a one-row batch
     restoring that group alone gives (a hand-written patch, outside the experiment)."""
@@ -108,6 +109,7 @@ def test_first_token_is_the_word_after_the_prefix(toy):
     assert toy.tokenizer.convert_ids_to_tokens([red]) == ["red"]
 
 
+@pytest.mark.slow
 def test_funnel_counts_its_pair_rows_and_resume_recomputes_nothing(toy, scenes, tmp_path,
                                                                    monkeypatch):
     config = _config()
@@ -156,6 +158,7 @@ def _one_line_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_help_json_and_errors(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["patch", "--help"], terminal_width=200)
@@ -175,6 +178,7 @@ def test_cli_help_json_and_errors(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.lookalike
 @pytest.mark.parametrize("name", ["llava-1.5", "llava-onevision", "qwen2.5-vl"])
 def test_patch_runs_on_the_lookalikes(name, data, tmp_path):
     """Noise pairs on the COCO-style scenes, on each look-alike's real geometry: the fitted
@@ -197,6 +201,7 @@ def test_patch_runs_on_the_lookalikes(name, data, tmp_path):
     assert s["attribution"]["0"]["n"] == 1 and len(s["maps"]) == 1
 
 
+@pytest.mark.slow
 def test_exact_tokens_caps_the_one_token_patches_evenly(toy, scenes):
     """Above `exact_tokens` image tokens, exact patching runs on that many tokens evenly
     spaced in token order, and its values equal those of the uncapped run on those tokens."""

@@ -41,8 +41,10 @@ TOL = 1e-5
 # every later column reads every earlier one, so a wrong restore shows there)
 KEEP = 24
 QWEN3VL, GEMMA3 = lookalikes.QWEN3VL, lookalikes.GEMMA3
-CASES = ["toy", "toy-qwen", lookalikes.LLAVA15, lookalikes.ONEVISION, lookalikes.QWEN25VL,
-         GEMMA3, QWEN3VL]
+HEAVY = [pytest.mark.lookalike, pytest.mark.slow]
+CASES = ["toy", pytest.param("toy-qwen", marks=pytest.mark.slow),
+         *(pytest.param(n, marks=HEAVY) for n in (lookalikes.LLAVA15, lookalikes.ONEVISION,
+                                                   lookalikes.QWEN25VL, GEMMA3, QWEN3VL))]
 LOOKALIKE_PROMPTS = ["Is there a cat in this image?", "What is it?"]
 
 
@@ -391,8 +393,10 @@ def test_generate_patches_the_prefill_only(case):
 
 # ---- layouts ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, sizes", [
-    (lookalikes.ONEVISION, [(300, 400), (500, 300)]),  # another any-res grid and count
-    (lookalikes.QWEN25VL, [(280, 140), (140, 280)]),  # same count, transposed grid: mRoPE
+    pytest.param(lookalikes.ONEVISION, [(300, 400), (500, 300)],  # another grid and count
+                 marks=HEAVY),
+    pytest.param(lookalikes.QWEN25VL, [(280, 140), (140, 280)],  # same count, transposed
+                 marks=HEAVY),  # grid: mRoPE
     ("toy", None),  # same image, another prompt length
 ])
 def test_mismatched_layouts_are_refused_in_one_line(name, sizes):
@@ -531,6 +535,7 @@ def test_attribution_matches_finite_differences(name):
     assert not bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["toy", "toy-qwen"])
 def test_attribution_ranks_image_tokens_as_exact_patching_does(name):
     """On a colour question whose answer the corruption flips (the object repainted), the

@@ -66,8 +66,8 @@ def test_projector_record_ties_merged_rows():
             return x.view(-1, 4 * x.shape[-1]).sum(-1, keepdim=True).repeat(1, 3)
 
     class Fake:
-        family = "qwen2_5_vl"
-        spec = FAMILIES["qwen2_5_vl"]
+        model_type = "qwen2_5_vl"
+        family = FAMILIES["qwen2_5_vl"]
         model = torch.nn.Module()
 
     fake = Fake()
