@@ -5,7 +5,8 @@ run itself, a forward hook written here over activations recorded by `capture` o
 hooks of this file, the same pairs run one at a time, another site kind, or finite
 differences in float64. Each runs on the toys and on look-alikes of the checkpoints the
 paper experiments use (real processors, token counts, any-res grids, mRoPE, left padding),
-Gemma 3 (bidirectional image block) and Qwen3-VL (DeepStack) included.
+Gemma 3 (bidirectional image block), PaliGemma (prefix LM: image and prompt attend both ways)
+and Qwen3-VL (DeepStack) included.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ TOL = 1e-5
 # logits of the last KEEP columns (the look-alikes keep their real vocabularies, up to 262k:
 # every later column reads every earlier one, so a wrong restore shows there)
 KEEP = 24
-QWEN3VL, GEMMA3 = lookalikes.QWEN3VL, lookalikes.GEMMA3
+QWEN3VL, GEMMA3, PALIGEMMA = lookalikes.QWEN3VL, lookalikes.GEMMA3, lookalikes.PALIGEMMA
 HEAVY = [pytest.mark.lookalike, pytest.mark.slow]
 CASES = ["toy", pytest.param("toy-qwen", marks=pytest.mark.slow),
          *(pytest.param(n, marks=HEAVY) for n in (lookalikes.LLAVA15, lookalikes.ONEVISION,
-                                                   lookalikes.QWEN25VL, GEMMA3, QWEN3VL))]
+                                                   lookalikes.QWEN25VL, GEMMA3, PALIGEMMA,
+                                                   QWEN3VL))]
 LOOKALIKE_PROMPTS = ["Is there a cat in this image?", "What is it?"]
 
 
@@ -78,7 +80,10 @@ def _pair(vlm, name: str):
         corrupt = [_recoloured(s) for s in scenes]
     else:
         sizes = [(200, 150), (150, 190)]
-        prompts, prefixes = LOOKALIKE_PROMPTS, None
+        prompts = LOOKALIKE_PROMPTS
+        # PaliGemma's prefix (image + prompt) attends both ways; an answer prefix is its
+        # causal suffix, the columns nothing earlier reads (one row has none)
+        prefixes = ["It is", None] if name == PALIGEMMA else None
         clean = [_noise(s, i) for i, s in enumerate(sizes)]
         corrupt = [_noise(s, 10 + i) for i, s in enumerate(sizes)]
     return prompts, prefixes, clean, corrupt
@@ -307,18 +312,31 @@ def test_a_padded_batch_patches_each_pair_as_alone(case):
         torch.testing.assert_close(together[b], alone[0], rtol=0, atol=TOL)  # last KEEP
 
 
+def _first_read_by_none_before(batch, b: int) -> int:
+    """The first column of row b that no earlier column reads: after the image, and after
+    a prefix-LM's bidirectional prefix (token_type_ids 0) where the family has one."""
+    start = batch.token_map.image_end(b) + 1
+    types = batch.inputs.get("token_type_ids")
+    if types is not None:
+        causal = np.flatnonzero(types[b].numpy() == 1)
+        start = max(start, int(causal[0]) if len(causal) else batch.seq_len)
+    return start
+
+
 # ---- site kinds agree ------------------------------------------------------------------------
 def test_residual_attn_and_mlp_of_layer_l_make_the_residual_of_l_plus_1(case):
     """Restoring layer l's input, attention and MLP at columns nothing earlier reads at that
     layer (a suffix: every column after the image) gives layer l+1's clean input there: the
     same run as restoring the residual of l+1. At every column both are the clean run.
-    (attn + mlp alone do not: the layer adds them to the corrupted residual it received.)"""
+    (attn + mlp alone do not: the layer adds them to the corrupted residual it received.)
+    Gemma 3's image block and PaliGemma's prefix attend both ways, so their suffix starts
+    after the block (PaliGemma: at the causal suffix, token_type_ids 1)."""
     vlm, clean, corrupt, mask = case["vlm"], case["clean"], case["corrupt"], case["mask"]
     L = vlm.num_layers
     source = record_sites(vlm, clean, site_grid(["residual", "attn", "mlp"], range(L)) +
                           [Site("residual", L)], logits_to_keep=KEEP)
-    tm = corrupt.token_map
-    suffix = [np.arange(tm.image_end(b) + 1, corrupt.seq_len) for b in range(corrupt.size)]
+    suffix = [np.arange(_first_read_by_none_before(corrupt, b), corrupt.seq_len)
+              for b in range(corrupt.size)]
     for layer in sorted({0, L // 2, L - 1}):
         parts = [("residual", layer), ("attn", layer), ("mlp", layer)]
         for cols in (None, suffix):
