@@ -66,7 +66,7 @@ from typer.testing import CliRunner
 import vislens
 from vislens.cli import app
 from vislens.data.voc import VOC_CLASSES
-from vislens.experiments import knockout, logit_lens, prompts
+from vislens.experiments import knockout, logit_lens, patching, prompts
 from vislens.experiments.accuracy import generate_answers
 from vislens.experiments.batching import repeat_batch
 from vislens.experiments.perception import surface
@@ -522,6 +522,28 @@ def test_prefix_precedes_the_image_and_changes_what_it_can(fitted, data, tmp_pat
     assert not torch.allclose(plain["values/1"], prefixed["values/1"], rtol=1e-3, atol=1e-5)
 
 
+# ---- causal tracing -----------------------------------------------------------------------------
+@over(*ALL)
+def test_patch_restores_every_group_of_the_layout(fitted, data, tmp_path):
+    """Noise pairs on the COCO-style scenes, on each family's real geometry (tiles, crops,
+    breaks, DeepStack, bidirectional image blocks, a prefix LM): the fitted head says the
+    target clean and the other object noised, so the pair is kept, every group of the layout
+    is restored at every layer, attribution and exact patching are compared on a token
+    layer and the per-token viewer is written."""
+    name, out = fitted.name, tmp_path / "patch"
+    s = cli("patch", "--model", fitted.path, "--data", f"coco:{data['coco']}", "--n", 1,
+            "--corrupt", "noise", "--layers", "all", "--token-layers", 0, "--exact-tokens", 12,
+            "--maps", 1, "--out", out)
+    assert s["n_pairs"] == 1, (name, s["funnel"])
+    assert s["groups"] == list(patching.GROUPS) and s["layers"] == list(range(LAYERS[name]))
+    for group, curve in s["restored"]["residual"].items():
+        assert all(v is not None and np.isfinite(v) for v in curve["mean"]), (name, group)
+    assert s["n_positions"]["object"] >= 1 and s["n_positions"]["answer-position"] == 1
+    token = s["attribution"]["residual"]["0"]
+    assert token["n"] == 1 and token["spearman"] is not None and token["topk_restored"] is not None
+    assert len(s["maps"]) == 1 and len(s["viewers"]) == 1, (name, s["maps"], s["viewers"])
+
+
 @over(*ALL)
 def test_surface_reads_the_models_answers(fitted, data, tmp_path):
     """The fitted model answers "(A)"/"(B)" on the BLINK items (right on the first, wrong on
@@ -641,7 +663,8 @@ def generic_gemma3(monkeypatch) -> Path:
 
 def test_generic_fallback_runs_the_layout_free_experiments(generic_gemma3, data, tmp_path):
     """Without a layout: ablation of register / random-K tokens, knockout of image ->
-    question, the logit lens over every image token; what needs pixels is one line."""
+    question, the logit lens over every image token, patching of the question and the
+    answer position; what needs pixels is one line."""
     path, coco = generic_gemma3, f"coco:{data['coco']}"
     out = tmp_path / "ablate"
     s = cli("ablate", "--model", path, "--data", coco, "--n", 1, "--settings", "vqa",
@@ -660,8 +683,15 @@ def test_generic_fallback_runs_the_layout_free_experiments(generic_gemma3, data,
     assert s["layout"] is False and s["hit_rate"] is None and s["viewer"] == []
     assert s["n_image_tokens"] == 256 and s["image_hit_rate"] > 0  # the fitted hits
     assert s["n_object_patches"] == 0
+    s = cli("patch", "--model", path, "--data", coco, "--n", 1, "--corrupt", "noise",
+            "--token-layers", 1, "--exact-tokens", 8, "--out", tmp_path / "patch")
+    assert s["n_pairs"] == 1 and s["groups"] == list(patching.LAYOUT_FREE_GROUPS)
+    assert all(v is not None for c in s["restored"]["residual"].values() for v in c["mean"])
+    assert s["attribution"]["residual"]["1"]["n"] == 1  # by positions: no boxes, no maps
+    assert s["maps"] == [] and s["viewers"] == []
     for command, extra in (("ablate", ["--conditions", "object,random-40"]),
-                           ("knockout", ["--conditions", "object->last"])):
+                           ("knockout", ["--conditions", "object->last"]),
+                           ("patch", ["--corrupt", "noise", "--groups", "question,object"])):
         bad = tmp_path / f"bad-{command}"
         r = CliRunner().invoke(app, [command, "--model", str(path), "--data", coco, "--n", "1",
                                      "--out", str(bad), *extra])

@@ -3,7 +3,7 @@
 The experiment is checked where a wrong number would not show: restoring every column of a
 layer's residual restores a share of 1 and restoring none 0 (its own rows, through its own
 code path); the funnel counts its pair rows; a rerun resumes instead of recomputing; bad
-input ends in one line; and the command runs on the look-alikes' real geometry.
+input ends in one line. (The command on every look-alike's geometry: test_lookalikes_e2e.py.)
 """
 
 from __future__ import annotations
@@ -124,9 +124,11 @@ def test_funnel_counts_its_pair_rows_and_resume_recomputes_nothing(toy, scenes, 
     assert counts["read"] >= counts["selected"] >= counts["paired"] >= counts["clean_correct"] \
         >= counts["corrupt_wrong"] >= counts["kept"]
     assert set(first["restored"]) == {"residual"} and first["layers"] == [0, 2]
-    assert set(first["attribution"]) == {"1"} and first["attribution"]["1"]["n"] == counts["kept"]
+    att = first["attribution"]
+    assert set(att) == {"residual"} and set(att["residual"]) == {"1"}
+    assert att["residual"]["1"]["n"] == counts["kept"]
     assert first["reference"] == {"nothing": 0.0, "everything": 1.0}
-    assert len(first["maps"]) == 1
+    assert len(first["maps"]) == len(first["viewers"]) == 1
 
     def boom(*args, **kwargs):
         raise AssertionError("a resumed run recomputed a pair")
@@ -141,6 +143,8 @@ def test_one_line_errors(toy, scenes, tmp_path):
         _config(kinds=("resid",)).validate()
     with pytest.raises(ValueError, match="unknown --corrupt"):
         _config(corrupt="blur").validate()
+    with pytest.raises(ValueError, match="unknown --groups objects; choose from object, "):
+        _config(groups=("objects",)).validate()
     with pytest.raises(ValueError, match="this model has layers 0..3"):
         patching.execute(toy, scenes[:1], _config(layers="0-9"), tmp_path / "a", META)
     with pytest.raises(ValueError, match="--token-layers"):
@@ -178,33 +182,10 @@ def test_cli_help_json_and_errors(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.lookalike
-@pytest.mark.parametrize("name", ["llava-1.5", "llava-onevision", "qwen2.5-vl"])
-def test_patch_runs_on_the_lookalikes(name, data, tmp_path):
-    """Noise pairs on the COCO-style scenes, on each look-alike's real geometry: the fitted
-    answer head says the target clean and the other object noised, so pairs are kept and
-    every group of the layout is measured."""
-    from answer_head import fitted_dir
-    from lookalikes import LLAVA15, ONEVISION, QWEN25VL
-
-    path = fitted_dir({"llava-1.5": LLAVA15, "llava-onevision": ONEVISION,
-                       "qwen2.5-vl": QWEN25VL}[name])
-    result = CliRunner().invoke(app, [
-        "patch", "--model", str(path), "--data", f"coco:{data['coco']}", "--n", "1",
-        "--corrupt", "noise", "--token-layers", "0", "--exact-tokens", "24", "--maps", "1", "--out",
-        str(tmp_path / "run"), "--json"])
-    assert result.exit_code == 0, result.output
-    s = json.loads(result.stdout)
-    assert s["n_pairs"] == 1, s["funnel"]
-    assert s["groups"] == list(patching.GROUPS)
-    assert all(v is not None for c in s["restored"]["residual"].values() for v in c["mean"])
-    assert s["attribution"]["0"]["n"] == 1 and len(s["maps"]) == 1
-
-
-@pytest.mark.slow
 def test_exact_tokens_caps_the_one_token_patches_evenly(toy, scenes):
     """Above `exact_tokens` image tokens, exact patching runs on that many tokens evenly
-    spaced in token order, and its values equal those of the uncapped run on those tokens."""
+    spaced in token order (NaN on the others), with the values of the uncapped run on
+    those tokens; attribution still covers every image token."""
     sample = scenes[0]
     target = patching.choose_targets([sample], SMALL)[0]
     layers = list(range(toy.num_layers))
@@ -213,13 +194,57 @@ def test_exact_tokens_caps_the_one_token_patches_evenly(toy, scenes):
                                 layers, [1])
     whole = next(r for r in full if r["kind"] == "token")
     part = next(r for r in capped if r["kind"] == "token")
-    image = np.asarray(whole["positions"])
-    assert len(part["positions"]) == 10 < len(image)
-    steps = np.diff(np.searchsorted(image, part["positions"]))
-    assert steps.max() - steps.min() <= 1  # evenly spaced
-    at = {c: i for i, c in enumerate(whole["positions"])}
-    for c, e in zip(part["positions"], part["exact"], strict=True):
-        assert e == pytest.approx(whole["exact"][at[c]], abs=1e-5)
+    assert part["positions"] == whole["positions"]
+    assert part["estimate"] == pytest.approx(whole["estimate"], abs=1e-6)
+    exact = np.asarray(part["exact"])
+    measured = np.flatnonzero(np.isfinite(exact))
+    assert len(measured) == 10 < len(exact) and np.isfinite(whole["exact"]).all()
+    steps = np.diff(measured)
+    assert steps.max() - steps.min() <= 1 and measured[0] == 0 and measured[-1] == len(exact) - 1
+    assert exact[measured] == pytest.approx(np.asarray(whole["exact"])[measured], abs=1e-5)
     assert part["topk_restored"] == pytest.approx(whole["topk_restored"], abs=1e-5)
     with pytest.raises(ValueError, match="--exact-tokens must be at least 2"):
         _config(exact_tokens=1).validate()
+
+
+@pytest.mark.slow
+def test_token_rows_of_every_kind_are_single_token_patches_of_that_site(toy, scenes):
+    """With --kinds residual,attn,mlp each site kind has its token rows; an attn / mlp
+    token's exact share is the share of restoring that site at that one column (a one-row
+    group patch through the experiment's own code path), and every site's attribution
+    estimate covers every image token."""
+    sample = scenes[0]
+    target = patching.choose_targets([sample], SMALL)[0]
+    config = _config(kinds=("residual", "attn", "mlp"), token_layers="2", exact_tokens=6)
+    rows = patching.pair_rows(toy, sample, target, config, [2], [2])
+    tokens = {r["group"]: r for r in rows if r["kind"] == "token"}
+    assert set(tokens) == {"residual", "attn", "mlp"}
+    for kind, r in tokens.items():
+        exact = np.asarray(r["exact"])
+        i = int(np.flatnonzero(np.isfinite(exact))[2])
+        one = _single_column(toy, sample, target, kind, r["positions"][i])
+        assert exact[i] == pytest.approx(one, abs=1e-5), kind
+        assert len(r["estimate"]) == len(r["positions"]) and np.isfinite(r["estimate"]).all()
+    assert tokens["attn"]["exact"] != tokens["mlp"]["exact"]
+
+
+def _single_column(vlm, sample, target, kind: str, column: int) -> float:
+    """The share restored by `kind` of layer 2 at one column, patched by hand."""
+    import torch
+
+    from vislens.interventions.patch import logit_difference, patch, record_sites, restored_share
+
+    config = _config()
+    pair = patching.make_pair(vlm, sample, target, config)
+    q = pair.question
+    clean = vlm.prepare([pair.clean], [q.prompt], [pair.prefix])
+    corrupt = vlm.prepare([pair.corrupt], [q.prompt], [pair.prefix])
+    metric = logit_difference(patching.first_token(vlm, q.prompt, pair.prefix, q.answer),
+                              patching.first_token(vlm, q.prompt, pair.prefix, pair.foil))
+    source = record_sites(vlm, clean, [(kind, 2)], logits_to_keep=1)
+    with torch.no_grad():
+        ld_clean = float(metric(source.logits.float()))
+        ld_corrupt = float(metric(vlm.forward(corrupt, logits_to_keep=1).logits.float()))
+        with patch(vlm, source, corrupt, [(kind, 2)], [[column]]):
+            ld = float(metric(vlm.forward(corrupt, logits_to_keep=1).logits.float()))
+    return float(restored_share(ld, ld_clean, ld_corrupt))

@@ -31,6 +31,10 @@ def patch(
                                 "the object's pixels noised (any data, COCO included)"),
     kinds: str = typer.Option("residual", help="comma list of sites restored: residual, attn, "
                               "mlp"),
+    groups: str = typer.Option("", help="comma list of token groups restored: object, "
+                               "object+1, rest-of-image, last-row, question, answer-position "
+                               "(default: every group the family maps; without a token "
+                               "layout, question and answer-position)"),
     layers: str = typer.Option("all", help="layers whose sites are restored: all, or a comma "
                                "list of L and A-B (0-based)"),
     token_layers: str = typer.Option("auto", help="layers of the per-image-token comparison of "
@@ -38,7 +42,8 @@ def patch(
                                      "none, or a comma list"),
     area: str = typer.Option("", help="target area range MIN:MAX in pixels (default: knockout's "
                               "small objects)"),
-    maps: int = typer.Option(3, help="per-token maps drawn on the image for the first N pairs"),
+    maps: int = typer.Option(3, help="per-token maps (PNG) and interactive viewers (HTML) of "
+                             "the first N kept pairs"),
     exact_tokens: int = typer.Option(256, help="at most this many image tokens (evenly spaced) "
                                      "patched one at a time per token layer"),
     seed: int = typer.Option(0, help="seed of the noise corruption"),
@@ -56,7 +61,8 @@ def patch(
     with model_session(opts) as load:
         from vislens.experiments import patching
 
-        config = patching.PatchConfig(corrupt=corrupt, kinds=names(kinds), layers=layers,
+        config = patching.PatchConfig(corrupt=corrupt, kinds=names(kinds), groups=names(groups),
+                                      layers=layers,
                                       token_layers=token_layers, seed=seed, maps=maps,
                                       exact_tokens=exact_tokens)
         config.validate()
@@ -79,8 +85,12 @@ def patch(
             for g, curve in by_group.items():
                 table.add_row(g, *[fmt(v, 2) for v in curve["mean"]])
             Console().print(table)
-        for layer, a in summary["attribution"].items():
-            Console().print(f"layer {layer}: attribution vs exact, Spearman {fmt(a['spearman'], 2)}"
-                            f", top-k overlap {fmt(a['topk_overlap'], 2)}, top-k restore "
-                            f"{fmt(a['topk_restored'], 2)} ({a['n']} pairs)", highlight=False)
+        for kind, by_layer in summary["attribution"].items():
+            for layer, a in by_layer.items():
+                Console().print(f"{kind} layer {layer}: attribution vs exact, Spearman "
+                                f"{fmt(a['spearman'], 2)}, top-k overlap "
+                                f"{fmt(a['topk_overlap'], 2)}, top-k restore "
+                                f"{fmt(a['topk_restored'], 2)} ({a['n']} pairs)", highlight=False)
+        for path in summary["viewers"]:
+            Console().print(f"viewer: {path}", highlight=False)
         print_funnel(summary)

@@ -87,8 +87,8 @@ FUNNEL_STEPS = ("read", "selected", "paired", "clean_correct", "corrupt_wrong", 
 TOP_K_DEFAULT = 5  # top-k tokens where the family has no layout or the object no token
 COLUMNS = ("pair", "kind", "layer", "group", "target", "answer", "foil", "answer_id",
            "foil_id", "ld_clean", "ld_corrupt", "paired", "clean_correct", "corrupt_wrong",
-           "kept", "ld", "share", "n_positions", "positions", "exact", "estimate",
-           "boxes", "spearman", "k", "topk_overlap", "topk_restored")
+           "kept", "prompt", "object_positions", "ld", "share", "n_positions", "positions", "exact",
+           "estimate", "boxes", "tiles", "spearman", "k", "topk_overlap", "topk_restored")
 
 
 def layer_list(spec: str, n_layers: int | None = None, name: str = "--layers") -> list[int]:
@@ -117,6 +117,7 @@ def layer_list(spec: str, n_layers: int | None = None, name: str = "--layers") -
 class PatchConfig:
     corrupt: str = "color"  # color / shape (exact counterfactual, ShapesWorld) or noise
     kinds: tuple[str, ...] = ("residual",)
+    groups: tuple[str, ...] = ()  # token groups restored (empty: every group the family maps)
     layers: str = "all"  # layer_list: the layers whose sites are restored group by group
     token_layers: str = "auto"  # per-image-token maps: 4 evenly spaced layers ("none": off)
     area: tuple[float, float] | None = None
@@ -134,6 +135,9 @@ class PatchConfig:
         if bad or not self.kinds:
             raise ValueError(f"unknown --kinds {', '.join(bad) or '(none)'}; choose from "
                              f"{', '.join(KINDS)}")
+        bad = [g for g in self.groups if g not in GROUPS]
+        if bad:
+            raise ValueError(f"unknown --groups {', '.join(bad)}; choose from {', '.join(GROUPS)}")
         if not layer_list(self.layers, None) and self.layers.strip().lower() == "none":
             raise ValueError("--layers none restores nothing; give all or a list of layers")
         layer_list(self.token_layers, None, "--token-layers")
@@ -193,8 +197,16 @@ def make_pair(vlm, sample: Sample, target: int, config: PatchConfig) -> Pair | N
         if q is None:
             return None
         prefix = f"{q.answer_prefix} {_article(q.answer)}"
-    return Pair(sample.image, noise_object(sample.image, mask, config.seed), q, prefix,
-                mask, None)
+    return Pair(sample.image, corrupted_image(sample, target, config), q, prefix, mask, None)
+
+
+def corrupted_image(sample: Sample, target: int, config: PatchConfig):
+    """The corrupted image of a pair (None where the counterfactual cannot be drawn): what
+    make_pair runs on and the viewer shows."""
+    if config.corrupt == "noise":
+        return noise_object(sample.image, sample.instances[target].mask, config.seed)
+    made = cf.counterfactual(sample, target, config.corrupt)
+    return None if made is None else made.changed.image
 
 
 def first_token(vlm, prompt: str, prefix: str, word: str) -> int | None:
@@ -209,6 +221,17 @@ def first_token(vlm, prompt: str, prefix: str, word: str) -> int | None:
     if len(full) <= len(base) or full[:len(base)] != base:
         return None
     return int(full[len(base)])
+
+
+def check_groups(vlm: ModelHandle, wanted: tuple[str, ...]) -> None:
+    """On a family without a layout only the layout-free groups run: both by default, and a
+    group asked for by name that needs pixels is one clear line, before any work."""
+    bad = [g for g in wanted if g not in LAYOUT_FREE_GROUPS]
+    if bad and not vlm.family.geometric:
+        raise VislensError(f"patch groups {', '.join(bad)} map the object's mask to image "
+                           f"tokens, which needs a token layout; vislens has none for "
+                           f"{vlm.model_type!r}: leave out --groups (question and "
+                           "answer-position run, by positions) or add a family module")
 
 
 def groups(vlm, batch, pair: Pair) -> dict[str, np.ndarray]:
@@ -245,7 +268,10 @@ def execute(vlm: ModelHandle, samples: list[Sample], config: PatchConfig, out: P
             [str(x) for x in summary["layers"]], run_dir.path / f"patch_{kind}.png",
             f"Causal tracing ({summary['model']}, {kind}): share of the logit difference "
             f"restored, {summary['n_pairs']} pairs", "restored share (0 none, 1 all)"))
-    summary["maps"] = [str(p) for p in _draw_maps(run_dir, samples, config, summary)]
+    drawn = _drawn(run_dir, samples, config) if config.maps and summary["attribution"] else {}
+    summary["maps"] = [str(p) for p in _draw_maps(run_dir, config, drawn)]
+    summary["viewers"] = [str(p) for p in _write_viewers(run_dir, samples, config, drawn,
+                                                         summary["model"])]
     run_dir.write_summary(summary)
     return summary
 
@@ -255,6 +281,7 @@ def run(vlm: ModelHandle, samples: list[Sample], config: PatchConfig, out: RunDi
     if not samples:
         raise ValueError("no samples for patch; check --data / --n")
     config.validate()
+    check_groups(vlm, config.groups)
     if config.corrupt != "noise":
         other = [s.id for s in samples if s.meta.get("source") != "shapesworld"]
         if other:
@@ -335,9 +362,8 @@ def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: lis
     clean = vlm.prepare([pair.clean], [q.prompt], [pair.prefix])
     corrupt = vlm.prepare([pair.corrupt], [q.prompt], [pair.prefix])
     kinds = list(config.kinds)
-    sites = site_grid(kinds, layers) + [s for s in site_grid("residual", token_layers)
-                                        if s.kind not in kinds or s.layer not in layers]
-    source = record_sites(vlm, clean, sites, logits_to_keep=1)
+    source = record_sites(vlm, clean, site_grid(kinds, sorted(set(layers) | set(token_layers))),
+                          logits_to_keep=1)
     clean_logits = source.logits[:, -1].float()
     feats = vlm.image_embeddings(corrupt)
     corrupt_logits = _last_logits(vlm, corrupt, feats)
@@ -348,15 +374,17 @@ def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: lis
     metric = logit_difference(answer_id, foil_id)
     ld_clean, ld_corrupt = float(metric(clean_logits[:, None])), float(
         metric(corrupt_logits[:, None]))
-    head.update(paired=True, answer=q.answer, foil=foil_word.strip(), answer_id=answer_id,
-                foil_id=foil_id, ld_clean=ld_clean, ld_corrupt=ld_corrupt,
+    head.update(paired=True, prompt=q.prompt, answer=q.answer, foil=foil_word.strip(),
+                answer_id=answer_id, foil_id=foil_id, ld_clean=ld_clean, ld_corrupt=ld_corrupt,
                 clean_correct=clean_top == answer_id, corrupt_wrong=corrupt_top != answer_id)
     head["kept"] = bool(head["clean_correct"] and head["corrupt_wrong"]
                         and ld_clean != ld_corrupt)
     if not head["kept"]:
         return [head]
     cols = groups(vlm, clean, pair)
-    names = list(cols)
+    if "object" in cols:
+        head["object_positions"] = cols["object"].tolist()
+    names = [g for g in cols if not config.groups or g in config.groups]
     rows = [head]
     many = source.select([0] * len(names))
     batch = repeat_batch(corrupt, len(names))
@@ -370,8 +398,7 @@ def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: lis
                                  n_positions=len(cols[g])))
     if token_layers:
         rows += token_rows(vlm, base, clean, corrupt, source, feats, metric, token_layers,
-                           cols.get("object"), config.chunk, ld_clean, ld_corrupt,
-                           config.exact_tokens)
+                           cols.get("object"), config, ld_clean, ld_corrupt)
     return rows
 
 
@@ -385,44 +412,54 @@ def _patched(vlm, source, batch, feats, sites, positions, metric) -> torch.Tenso
     return metric(logits.float()).double().cpu()
 
 
+def evenly(n: int, at_most: int) -> np.ndarray:
+    """Indices of at most `at_most` of n items, evenly spaced, first and last included."""
+    return np.arange(n) if n <= at_most else \
+        np.unique(np.linspace(0, n - 1, at_most).round().astype(np.int64))
+
+
 def token_rows(vlm, base: dict, clean, corrupt, source, feats, metric, token_layers,
-               obj: np.ndarray | None, chunk: int, ld_clean: float, ld_corrupt: float,
-               exact_tokens: int = 256) -> list[dict]:
-    """Attribution vs exact patching of each image token of the residual, per token layer
-    (on `exact_tokens` evenly spaced ones when the image has more)."""
+               obj: np.ndarray | None, config: PatchConfig, ld_clean: float, ld_corrupt: float
+               ) -> list[dict]:
+    """Attribution vs exact patching of each image token, per site kind and token layer:
+    attribution for every image token (one backward pass for all), exact patching of each
+    token alone on `exact_tokens` evenly spaced ones (NaN on the others)."""
     from scipy.stats import spearmanr
 
     every = corrupt.token_map.image_positions(0)
-    image = every if len(every) <= exact_tokens else \
-        every[np.unique(np.linspace(0, len(every) - 1, exact_tokens).round().astype(int))]
-    att = attribution(vlm, source, corrupt, metric, layers=token_layers)
+    chosen = evenly(len(every), config.exact_tokens)
+    image = every[chosen]
+    att = attribution(vlm, source, corrupt, metric, layers=token_layers, kinds=config.kinds)
     gap = ld_clean - ld_corrupt
     k = int(len(obj)) if obj is not None and len(obj) else TOP_K_DEFAULT
     k = min(k, len(image))
     tm = clean.token_map
-    boxes = tm.boxes(image, 0).astype(float).ravel().tolist() if tm.geometric else None
+    boxes = tm.boxes(every, 0).astype(float).ravel().tolist() if tm.geometric else None
+    tiles = tm.cells(every, 0)[:, 0].tolist() if tm.geometric else None
     rows = []
-    for i, layer in enumerate(token_layers):
-        effects = att.effects["residual"][0, i].double().numpy() / gap
-        estimate = effects[image]
-        top = every[np.argsort(-effects[every], kind="stable")[:k]]
-        sets = [[c] for c in image] + [top]  # each token alone, then the top k together
-        lds = []
-        for start in range(0, len(sets), chunk):
-            part = sets[start:start + chunk]
-            lds.append(_patched(vlm, source.select([0] * len(part)),
-                                repeat_batch(corrupt, len(part)), feats,
-                                [("residual", layer)], part, metric))
-        shares = restored_share(torch.cat(lds), ld_clean, ld_corrupt).numpy()
-        exact = shares[:-1]
-        top_exact = set(image[np.argsort(-exact, kind="stable")[:k]].tolist())
-        top_estimate = set(image[np.argsort(-estimate, kind="stable")[:k]].tolist())
-        rho = float(spearmanr(estimate, exact).statistic) if len(image) > 1 else float("nan")
-        rows.append(_row(**base, kind="token", layer=layer, group="", positions=image.tolist(),
-                         boxes=boxes, exact=exact.tolist(), estimate=estimate.tolist(),
-                         spearman=rho, k=k,
-                         topk_overlap=len(top_exact & top_estimate) / k,
-                         topk_restored=float(shares[-1])))
+    for kind in config.kinds:
+        for i, layer in enumerate(token_layers):
+            estimate = att.effects[kind][0, i].double().numpy()[every] / gap
+            top = every[np.argsort(-estimate, kind="stable")[:k]]
+            sets = [[c] for c in image] + [top]  # each token alone, then the top k together
+            lds = []
+            for start in range(0, len(sets), config.chunk):
+                part = sets[start:start + config.chunk]
+                lds.append(_patched(vlm, source.select([0] * len(part)),
+                                    repeat_batch(corrupt, len(part)), feats,
+                                    [(kind, layer)], part, metric))
+            shares = restored_share(torch.cat(lds), ld_clean, ld_corrupt).numpy()
+            exact = np.full(len(every), np.nan)
+            exact[chosen] = shares[:-1]
+            top_exact = set(image[np.argsort(-shares[:-1], kind="stable")[:k]].tolist())
+            top_estimate = set(image[np.argsort(-estimate[chosen], kind="stable")[:k]].tolist())
+            rho = float(spearmanr(estimate[chosen], shares[:-1]).statistic) \
+                if len(image) > 1 else float("nan")
+            rows.append(_row(**base, kind="token", layer=layer, group=kind,
+                             positions=every.tolist(), boxes=boxes, tiles=tiles,
+                             exact=exact.tolist(), estimate=estimate.tolist(), spearman=rho,
+                             k=k, topk_overlap=len(top_exact & top_estimate) / k,
+                             topk_restored=float(shares[-1])))
     return rows
 
 
@@ -458,7 +495,7 @@ class PatchSummary(TypedDict):
     n_pairs: int  # pairs kept (the funnel's last step)
     ld_clean: float | None  # mean LD of the clean runs
     ld_corrupt: float | None  # mean LD of the corrupted runs
-    attribution: dict[str, TokenLayer]  # token layer (as a string) -> its comparison
+    attribution: dict[str, dict[str, TokenLayer]]  # site kind -> token layer (a string) -> ...
     corrupt: str  # color / shape / noise
     reference: dict[str, float]  # {"nothing": 0.0, "everything": 1.0}
     config: dict[str, Any]
@@ -466,6 +503,7 @@ class PatchSummary(TypedDict):
     model: str
     plots: dict[str, str]  # kind -> layer x group heatmap (patch_<kind>.png)
     maps: list[str]  # per-token maps of the first kept pairs (maps/<pair>.png)
+    viewers: list[str]  # the same as interactive pages (viewer/<pair>.html)
 
 
 def _mean(values) -> float | None:
@@ -499,15 +537,17 @@ def summarise(rows: list[dict], config: PatchConfig, layers: list[int],
                 "ci95": [None if np.isnan(ci[j]).any() else [float(ci[j, 0]), float(ci[j, 1])]
                          for j in range(len(layers))]}
     tokens = [r for r in rows if r["kind"] == "token"]
-    att: dict[str, TokenLayer] = {}
-    for x in token_layers:
-        at = [r for r in tokens if r["layer"] == x]
-        att[str(x)] = {"spearman": _mean(r["spearman"] for r in at),
-                       "spearman_ci95": _ci([r["spearman"] for r in at]),
-                       "topk_overlap": _mean(r["topk_overlap"] for r in at),
-                       "topk_restored": _mean(r["topk_restored"] for r in at),
-                       "topk_restored_ci95": _ci([r["topk_restored"] for r in at]),
-                       "n": len(at)}
+    att: dict[str, dict[str, TokenLayer]] = {kind: {} for kind in config.kinds} \
+        if token_layers else {}
+    for kind in att:
+        for x in token_layers:
+            at = [r for r in tokens if r["layer"] == x and r["group"] == kind]
+            att[kind][str(x)] = {"spearman": _mean(r["spearman"] for r in at),
+                                 "spearman_ci95": _ci([r["spearman"] for r in at]),
+                                 "topk_overlap": _mean(r["topk_overlap"] for r in at),
+                                 "topk_restored": _mean(r["topk_restored"] for r in at),
+                                 "topk_restored_ci95": _ci([r["topk_restored"] for r in at]),
+                                 "n": len(at)}
     group_rows = [r for r in rows if r["kind"] in config.kinds and r["layer"] == layers[0]] \
         if layers else []
     pairs = [r for r in rows if r["kind"] == "pair" and r["kept"]]
@@ -525,38 +565,101 @@ def summarise(rows: list[dict], config: PatchConfig, layers: list[int],
 
 
 # ---- per-token maps ---------------------------------------------------------------------------
-def _draw_maps(run_dir: RunDir, samples: list[Sample], config: PatchConfig, summary: dict
+def _drawn(run_dir: RunDir, samples: list[Sample], config: PatchConfig
+           ) -> dict[str, dict[str, Any]]:
+    """The first `config.maps` kept pairs whose family has a token layout (their token rows
+    carry each token's pixel box): pair -> its pair row, group rows and token rows."""
+    by_id = {s.id: s for s in samples}
+    rows = run_dir.rows()
+    keep = sorted({r["pair"] for r in rows if r["kind"] == "token" and r["boxes"]
+                   and r["pair"] in by_id})[:config.maps]
+    out: dict[str, dict[str, Any]] = {p: {"sample": by_id[p], "groups": [], "tokens": []}
+                                      for p in keep}
+    for r in rows:
+        if r["pair"] not in out:
+            continue
+        if r["kind"] == "pair":
+            out[r["pair"]]["pair"] = r
+        else:
+            out[r["pair"]]["tokens" if r["kind"] == "token" else "groups"].append(r)
+    for d in out.values():
+        d["tokens"].sort(key=lambda r: (list(config.kinds).index(r["group"]), r["layer"]))
+    return out
+
+
+def _draw_maps(run_dir: RunDir, config: PatchConfig, drawn: dict[str, dict[str, Any]]
                ) -> list[Path]:
     """Exact and attribution shares of single image tokens drawn on the clean image, one
-    figure per pair (a row per token layer), for the first `config.maps` kept pairs whose
-    family has a token layout (the token rows carry each token's pixel box)."""
-    if not config.maps or not summary["attribution"]:
-        return []
+    figure per pair (a row per site kind and token layer, its own symmetric colour scale;
+    finer tokens drawn over coarser ones where views overlap)."""
     import matplotlib.pyplot as plt
 
-    by_id = {s.id: s for s in samples}
-    tokens: dict[str, list[dict]] = {}
-    for r in run_dir.rows():
-        if r["kind"] == "token" and r["boxes"] and r["pair"] in by_id:
-            tokens.setdefault(r["pair"], []).append(r)
     paths = []
-    for pair in sorted(tokens)[:config.maps]:
-        image = np.asarray(by_id[pair].image.convert("RGB"))
-        at = sorted(tokens[pair], key=lambda r: r["layer"])
+    for pair, d in drawn.items():
+        image = np.asarray(d["sample"].image.convert("RGB"))
+        at = d["tokens"]
         fig, axes = plt.subplots(len(at), 2, figsize=(7, 3.3 * len(at)), squeeze=False)
         for i, r in enumerate(at):
             boxes = np.asarray(r["boxes"], dtype=float).reshape(-1, 4)
-            for j, (what, values) in enumerate((("exact", r["exact"]),
-                                                ("attribution", r["estimate"]))):
+            order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+                               kind="stable")
+            values = [np.asarray(r["exact"], dtype=float), np.asarray(r["estimate"], dtype=float)]
+            top = max(float(np.nanmax(np.abs(v), initial=0.0)) for v in values) or 1.0
+            for j, (what, v) in enumerate(zip(("exact", "attribution"), values, strict=True)):
                 overlay = np.full(image.shape[:2], np.nan)
-                for (x0, y0, x1, y1), v in zip(boxes, values):
-                    overlay[max(0, int(y0)):int(np.ceil(y1)), max(0, int(x0)):int(np.ceil(x1))] = v
+                for t in order:
+                    if np.isfinite(v[t]):
+                        x0, y0, x1, y1 = boxes[t]
+                        overlay[max(0, int(y0)):int(np.ceil(y1)),
+                                max(0, int(x0)):int(np.ceil(x1))] = v[t]
                 ax = axes[i, j]
                 ax.imshow(image)
-                im = ax.imshow(overlay, cmap="coolwarm", alpha=0.6, vmin=-1, vmax=1)
-                ax.set_title(f"layer {r['layer']}: {what}", fontsize=10)
+                im = ax.imshow(overlay, cmap="coolwarm", alpha=0.6, vmin=-top, vmax=top)
+                ax.set_title(f"{r['group']}, layer {r['layer']}: {what}", fontsize=10)
                 ax.axis("off")
             fig.colorbar(im, ax=axes[i].tolist(), label="share restored by one token")
-        fig.suptitle(f"{pair}: single image tokens of the residual restored")
+        fig.suptitle(f"{pair}: single image tokens restored")
         paths.append(save_figure(fig, run_dir.path / "maps" / f"{pair}.png"))
+    return paths
+
+
+def _write_viewers(run_dir: RunDir, samples: list[Sample], config: PatchConfig,
+                   drawn: dict[str, dict[str, Any]], model: str) -> list[Path]:
+    """One interactive page per drawn pair (render.patch_viewer), written whole or not at
+    all."""
+    from vislens.render.patch_viewer import TokenEffects, render_patch_viewer
+
+    targets = dict(zip([s.id for s in samples], choose_targets(samples, config.area),
+                       strict=True))
+    folder = run_dir.path / "viewer"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for pair, d in drawn.items():
+        sample, head, at = d["sample"], d["pair"], d["tokens"]
+        corrupt = corrupted_image(sample, targets[pair], config)
+        positions = at[0]["positions"]
+        obj = set(head["object_positions"] or ())
+        effects = [TokenEffects(r["group"], r["layer"],
+                                [None if x is None or not np.isfinite(x) else x
+                                 for x in r["exact"]], r["estimate"], r["spearman"],
+                                r["topk_overlap"], r["topk_restored"], r["k"]) for r in at]
+        layers = sorted({r["layer"] for r in d["groups"]})
+        share = {(r["group"], r["kind"], r["layer"]): r["share"] for r in d["groups"]}
+        names = [g for g in GROUPS if any(r["group"] == g for r in d["groups"])]
+        tables = [(kind, layers, {g: [share.get((g, kind, x)) for x in layers] for g in names})
+                  for kind in config.kinds]
+        lead = (f"{model}: “{head['prompt']}”, answer “{head['answer']}” "
+                f"against “{head['foil']}”; right on the clean image, wrong on the "
+                f"corrupted one ({config.corrupt}). Logit difference (answer − foil, "
+                f"first tokens) {head['ld_clean']:.3f} clean, {head['ld_corrupt']:.3f} "
+                "corrupted.")
+        html = render_patch_viewer(
+            sample.image, corrupt, np.asarray(at[0]["boxes"], dtype=float).reshape(-1, 4),
+            at[0]["tiles"], positions, [p in obj for p in positions], effects, tables,
+            title=f"causal tracing: {pair} ({sample.instances[targets[pair]].name})", lead=lead)
+        path = folder / f"{pair}.html"
+        tmp = path.with_suffix(".html.tmp")
+        tmp.write_text(html, encoding="utf-8")
+        tmp.replace(path)
+        paths.append(path)
     return paths

@@ -209,8 +209,8 @@ def _headline(name: str, summary: dict) -> dict:
         return {"n_pairs": summary["n_pairs"], "layers": summary["layers"],
                 "restored_residual": {g: c["mean"] for g, c in
                                       summary["restored"].get("residual", {}).items()},
-                "attribution_spearman": {x: a["spearman"]
-                                         for x, a in summary["attribution"].items()},
+                "attribution_spearman": {x: a["spearman"] for x, a in
+                                         summary["attribution"].get("residual", {}).items()},
                 "funnel": summary.get("funnel")}
     if name == "attention":
         return {k: summary[k] for k in ("peak_layer_image", "peak_layer_object",

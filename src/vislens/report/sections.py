@@ -154,7 +154,7 @@ def _interval(ci: list[float] | None) -> str | None:
     return None if ci is None else f"{ci[0]:.2f}–{ci[1]:.2f}"
 
 
-def patch_section(summary: PatchSummary) -> Section:
+def patch_section(summary: PatchSummary, max_viewers: int = 1) -> Section:
     layers = [str(x) for x in summary["layers"]]
     tables = []
     for kind, by_group in summary["restored"].items():
@@ -166,27 +166,30 @@ def patch_section(summary: PatchSummary) -> Section:
                                 f"nothing = {summary['reference']['nothing']:g}, everything = "
                                 f"{summary['reference']['everything']:g}",
                                 ["group \\ layer", *layers], rows))
-    att = [[x, a["spearman"], _interval(a["spearman_ci95"]), a["topk_overlap"],
-            a["topk_restored"], _interval(a["topk_restored_ci95"]), a["n"]]
-           for x, a in summary["attribution"].items()]
-    if att:
-        tables.append(TableData("single image tokens of the residual: attribution patching vs "
-                                "exact patching (chance Spearman 0)",
+    for kind, by_layer in summary["attribution"].items():
+        att = [[x, a["spearman"], _interval(a["spearman_ci95"]), a["topk_overlap"],
+                a["topk_restored"], _interval(a["topk_restored_ci95"]), a["n"]]
+               for x, a in by_layer.items()]
+        tables.append(TableData(f"single image tokens ({kind}): attribution patching vs exact "
+                                "patching (chance Spearman 0)",
                                 ["layer", "Spearman", "95% CI", "top-k overlap",
                                  "top-k by attribution restore", "95% CI", "pairs"], att))
     tables += _funnel(summary)
     images = [(f"restored share per layer and token group ({kind})", Path(p))
               for kind, p in summary["plots"].items()]
     images += [("single tokens restored, exact and attribution, on the image", Path(p))
-               for p in summary["maps"]]
+               for p in summary["maps"][:1]]
+    pages = [(f"interactive causal-tracing viewer: {Path(p).stem}", Path(p).read_text())
+             for p in summary.get("viewers", [])[:max_viewers]]
     return Section(
         "patch", "Causal tracing: where does the answer read the object?",
         f"Clean and corrupted images ({summary['corrupt']}) with the same question; the "
         "clean run's activations are restored in the corrupted run, one token group and "
         "layer at a time, and the share of the logit difference (answer - foil, first "
         "tokens, at the answer position) that comes back is measured. Complements the "
-        "knockout: there blocking edges, here restoring activations.",
-        tables=tables, images=images, notes=_funnel_notes(summary))
+        "knockout: there blocking edges, here restoring activations. Hover a token in the "
+        "viewer to read what restoring it alone brings back.",
+        tables=tables, images=images, pages=pages, notes=_funnel_notes(summary))
 
 
 def timing_section(times: dict[str, float]) -> Section:
