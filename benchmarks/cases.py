@@ -371,3 +371,104 @@ def kv_tl(ctx: Context) -> torch.Tensor:
                                      cache[f"blocks.{i}.attn.v.hook_out"][0, pos].flatten(1)])
                         for i in range(n)])
 
+
+
+# ---- activation patching sweep ------------------------------------------------------------
+# Every method runs the clean pass (keeping the residual entering every layer), the
+# corrupted pass, and the residual of each layer restored at each token group.
+def patch_setup(ctx: Context) -> tuple[Batch, list[np.ndarray]]:
+    """The corrupted batch (the image's pixels noised: the same token layout) and six token
+    groups: object, object+1, the rest of the image, the last image row, the text after
+    the image, the answer position."""
+    b, tm = ctx.batch, ctx.batch.token_map
+    pixels = b.inputs["pixel_values"]
+    noise = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0))
+    corrupt = Batch(inputs={**b.inputs, "pixel_values": pixels + noise.to(pixels)},
+                    token_map=tm, texts=list(b.texts))
+    obj = tm.positions(0, ctx.mask)
+    obj1, image = tm.dilate(obj, 1, 0), tm.image_positions(0)
+    sets = [obj, obj1, np.setdiff1d(image, obj1), tm.last_row(0),
+            np.arange(tm.image_end(0) + 1, b.seq_len), np.array([b.seq_len - 1])]
+    return corrupt, sets
+
+
+def _copy(batch: Batch) -> Batch:
+    return Batch(inputs=dict(batch.inputs), token_map=batch.token_map, texts=list(batch.texts))
+
+
+def _repeat(inputs: dict, n: int) -> dict:
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def _patch_sweep(ctx: Context, corrupt: Batch, sets, continued: bool) -> torch.Tensor:
+    from vislens.experiments.patching import Corrupted
+    from vislens.interventions import record_sites, site_grid
+
+    vlm = ctx.vlm
+    layers = list(range(vlm.num_layers))
+    source = record_sites(vlm, ctx.fresh(), site_grid("residual", layers), logits_to_keep=1)
+    one = _copy(corrupt)
+    if continued:
+        run = Corrupted.of(vlm, source, one, layers, chunk=64)
+    else:
+        run = Corrupted(vlm, source, one, vlm.image_embeddings(one), None, None, 64)
+    run.last_logits()
+    return torch.cat([run.logits("residual", layer, sets) for layer in layers])
+
+
+def patch_vislens(ctx: Context, corrupt: Batch, sets) -> torch.Tensor:
+    """experiments/patching as it runs: the corrupted pass recorded, each layer's groups
+    continued from that layer and their first restored column (rows grouped by it)."""
+    return _patch_sweep(ctx, corrupt, sets, continued=True)
+
+
+def patch_whole(ctx: Context, corrupt: Batch, sets) -> torch.Tensor:
+    """vislens, every group a full row of one batch per layer (one vision pass): the sweep
+    before the corrupted pass was continued."""
+    return _patch_sweep(ctx, corrupt, sets, continued=False)
+
+
+@torch.no_grad()
+def patch_nnsight(ctx: Context, corrupt: Batch, sets) -> torch.Tensor:
+    nn, n = ctx.nn, len(sets)
+    layers = nn.model.language_model.layers
+    clean, out = [], []
+    with nn.trace(**ctx.inputs(), use_cache=False, logits_to_keep=1):
+        for layer in layers:
+            clean.append(layer.input.save())
+    with nn.trace(**corrupt.inputs, use_cache=False, logits_to_keep=1):
+        nn.output.logits.save()
+    for i, layer in enumerate(layers):
+        with nn.trace(**_repeat(corrupt.inputs, n), use_cache=False, logits_to_keep=1):
+            x = layer.input
+            for row, s in enumerate(sets):
+                cols = torch.as_tensor(s)
+                x[row, cols] = clean[i][0, cols]
+            out.append(nn.output.logits[:, -1].float().save())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def patch_tl(ctx: Context, corrupt: Batch, sets) -> torch.Tensor:
+    tl, n = ctx.tl, len(sets)
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(ctx.vlm.num_layers)]
+    b = ctx.batch.inputs
+    _, cache = tl.run_with_cache(b["input_ids"], pixel_values=b["pixel_values"],
+                                 attention_mask=b["attention_mask"],
+                                 names_filter=lambda name: name in names)
+    c = corrupt.inputs
+    tl(c["input_ids"], pixel_values=c["pixel_values"], attention_mask=c["attention_mask"])
+    rows = _repeat(c, n)
+    out = []
+    for name in names:
+        def hook(resid, hook, name=name):
+            for row, s in enumerate(sets):
+                cols = torch.as_tensor(s)
+                resid[row, cols] = cache[name][0, cols].to(resid.dtype)
+            return resid
+        logits = tl.run_with_hooks(rows["input_ids"], pixel_values=rows["pixel_values"],
+                                   attention_mask=rows["attention_mask"],
+                                   fwd_hooks=[(name, hook)])
+        out.append(logits[:, -1].float())
+    return torch.cat(out)

@@ -1,7 +1,7 @@
 """Regenerate benchmarks/RESULTS.md: `python benchmarks/run.py` (`--quick`: toy only, fewer runs).
 
-For every model: the logit-lens sweep, the ablation sweep, the knockout sweep
-and the key/value capture of `perceive`, each timed against a plain
+For every model: the logit-lens sweep, the ablation sweep, the knockout sweep,
+the key/value capture of `perceive` and the activation patching sweep, each timed against a plain
 transformers forward of the same model on the same batch and against the same
 experiment written with nnsight and TransformerLens, in one run, with the
 rivals' results checked equal to vislens' before any ratio is written.
@@ -106,6 +106,13 @@ def suites(ctx: C.Context):
           "vislens": lambda: C.kv_vislens(ctx), "nnsight": lambda: C.kv_nnsight(ctx)}
     if tl:
         kv["TransformerLens"] = lambda: C.kv_tl(ctx)
+    corrupt, groups = C.patch_setup(ctx)
+    pt = {"plain forward": lambda: C.plain_forward(ctx, logits_to_keep=1),
+          "vislens": lambda: C.patch_vislens(ctx, corrupt, groups),
+          "vislens, whole passes": lambda: C.patch_whole(ctx, corrupt, groups),
+          "nnsight": lambda: C.patch_nnsight(ctx, corrupt, groups)}
+    if tl:
+        pt["TransformerLens"] = lambda: C.patch_tl(ctx, corrupt, groups)
     n_img = len(ctx.positions)
     return [
         (f"logit lens ({ctx.vlm.num_layers + 1} layers x {n_img} image tokens, top-{C.TOP_K})",
@@ -115,6 +122,8 @@ def suites(ctx: C.Context):
          f"windows)", ko, close(tol)),
         (f"K/V capture for perceive ({ctx.vlm.num_layers} layers x {n_img} image tokens)",
          kv, close(tol)),
+        (f"activation patching sweep (residual, {ctx.vlm.num_layers} layers x {len(groups)} "
+         "token groups, answer logits)", pt, close(tol)),
     ]
 
 

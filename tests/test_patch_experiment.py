@@ -248,3 +248,60 @@ def _single_column(vlm, sample, target, kind: str, column: int) -> float:
         with patch(vlm, source, corrupt, [(kind, 2)], [[column]]):
             ld = float(metric(vlm.forward(corrupt, logits_to_keep=1).logits.float()))
     return float(restored_share(ld, ld_clean, ld_corrupt))
+
+
+@pytest.mark.slow
+def test_continued_and_whole_pass_rows_agree(toy, scenes, monkeypatch):
+    """The experiment's rows from the recorded corrupted pass (patch_continued, the toy's
+    default) equal those of whole patched passes (what families that cannot be continued
+    run): every group, layer and kind, and every single token."""
+    sample = scenes[0]
+    target = patching.choose_targets([sample], SMALL)[0]
+    config = _config(kinds=("residual", "attn", "mlp"), layers="all", token_layers="0,3")
+    layers = list(range(toy.num_layers))
+    seen = []
+    real = patching.record
+
+    def watched(*args, **kwargs):
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(patching, "record", watched)
+    continued = patching.pair_rows(toy, sample, target, config, layers, [0, 3])
+    assert seen, "the toy's corrupted pass must be recorded and continued"
+    monkeypatch.setattr(patching, "refused", lambda vlm: "forced for the test")
+    whole = patching.pair_rows(toy, sample, target, config, layers, [0, 3])
+    assert len(seen) == 1 and len(continued) == len(whole) > 1 + 3 * 4 * 6
+    for a, b in zip(continued, whole, strict=True):
+        assert (a["kind"], a["layer"], a["group"]) == (b["kind"], b["layer"], b["group"])
+        for key in ("ld", "share", "topk_restored"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["kind"], a["layer"], key)
+        if a["kind"] == "token":
+            assert a["exact"] == pytest.approx(b["exact"], abs=1e-4)
+
+
+def _price(groups, starts, end: int, cost: int) -> int:
+    return sum(len(g) * (end - min(starts[i] for i in g)) + cost for g in groups)
+
+
+def test_start_groups_is_the_cheapest_partition_within_max_rows():
+    """The grouping of rows by first changed column: against every partition of the sorted
+    rows (brute force), with and without a row cap."""
+    import itertools
+
+    from vislens.experiments.batching import start_groups
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        starts = rng.integers(0, 40, size=6).tolist()
+        end, cost = 50, int(rng.integers(0, 30))
+        order = sorted(range(6), key=lambda i: starts[i])
+        for cap in (None, 2):
+            got = start_groups(starts, end, cost, max_rows=cap)
+            assert sorted(i for g in got for i in g) == list(range(6))
+            assert all(cap is None or len(g) <= cap for g in got)
+            spans = [list(zip((0, *cuts), (*cuts, 6)))
+                     for k in range(6) for cuts in itertools.combinations(range(1, 6), k)]
+            best = min(_price([order[a:b] for a, b in s], starts, end, cost) for s in spans
+                       if cap is None or all(b - a <= cap for a, b in s))
+            assert _price(got, starts, end, cost) == best

@@ -312,6 +312,47 @@ def test_a_padded_batch_patches_each_pair_as_alone(case):
         torch.testing.assert_close(together[b], alone[0], rtol=0, atol=TOL)  # last KEEP
 
 
+def test_continuing_the_corrupted_run_equals_patching_the_whole_pass(case):
+    """patch_continued (the corrupted run recorded once, rows run from their first restored
+    column and the site's layer) gives the logits of `patch` over the whole pass: each
+    column set alone and all together, every site kind, layer 0 included; an empty set is
+    the corrupted run. Families whose pass cannot be continued are refused in one line."""
+    from vislens.experiments.batching import repeat_batch
+    from vislens.interventions import patch_continued
+    from vislens.interventions.continuation import record
+
+    vlm = case["vlm"]
+    L = vlm.num_layers
+    prefixes = None if case["prefixes"] is None else case["prefixes"][:1]
+    clean = vlm.prepare(case["clean_images"][:1], case["prompts"][:1], prefixes)
+    corrupt = vlm.prepare(case["corrupt_images"][:1], case["prompts"][:1], prefixes)
+    sites = [Site("residual", 0), Site("residual", L // 2), Site("attn", 1 % L),
+             Site("mlp", L - 1)]
+    source = record_sites(vlm, clean, sites, logits_to_keep=1)
+    rec = record(vlm, corrupt, residual_layers=range(1, L))
+    if not rec.reusable:
+        with pytest.raises(ValueError, match="cannot be continued"):
+            patch_continued(vlm, source, corrupt, rec, sites[0], [[0]])
+        return
+    S = corrupt.seq_len
+    image = corrupt.token_map.image_positions(0)
+    sets = [image[::3], np.array([S - 1]), np.arange(corrupt.token_map.image_end(0) + 1, S),
+            image[-2:], np.zeros(0, dtype=np.int64)]
+    feats = vlm.image_embeddings(corrupt)
+    for site in sites:
+        batch = repeat_batch(corrupt, len(sets))
+        with patch(vlm, source.select([0] * len(sets)), batch, [site], sets,
+                   injected=False), torch.no_grad():
+            want = vlm.forward(batch, image_features=feats * len(sets), logits_to_keep=1).logits
+        together = patch_continued(vlm, source, corrupt, rec, site, sets)
+        torch.testing.assert_close(together, want, rtol=0, atol=TOL)
+        for i, cols in enumerate(sets):
+            alone = patch_continued(vlm, source, corrupt, rec, site, [cols])
+            torch.testing.assert_close(alone[0], want[i], rtol=0, atol=TOL)
+        torch.testing.assert_close(want[-1], rec.logits[0], rtol=0, atol=TOL)  # nothing
+        assert float((want[:-1] - rec.logits).abs().max()) > 1e-4, site  # some set restores
+
+
 def _first_read_by_none_before(batch, b: int) -> int:
     """The first column of row b that no earlier column reads: after the image, and after
     a prefix-LM's bidirectional prefix (token_type_ids 0) where the family has one."""

@@ -19,3 +19,19 @@ def test_readme_api_example_runs_and_the_object_is_gone():
     ablated = next(line for line in lines if line.startswith("ablated:"))
     assert "'triangle'" in clean  # as the README's comments say
     assert "'star'" in ablated
+    patched = next(line for line in lines if line.startswith("patched:"))
+    assert "'triangle'" in patched  # the diamond scene answers diamond unpatched (below)
+
+
+def test_readme_patch_example_needs_the_patch():
+    """Without the patch the counterfactual scene answers its own shape: the example's
+    'triangle' comes from the restored tokens."""
+    import vislens
+    from vislens.data import shapesworld
+    from vislens.data.counterfactual import counterfactual
+
+    vlm = vislens.load("toy")
+    scene = shapesworld.make_scene(seed=1000, index=1)
+    diamond = counterfactual(scene, 0, "shape").changed.image
+    corrupt = vlm.prepare([diamond], ["what shape is the white object ?"], ["it is a"])
+    assert vlm.decode(vlm.generate(corrupt, max_new_tokens=1)) == ["diamond"]

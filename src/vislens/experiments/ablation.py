@@ -36,7 +36,7 @@ from vislens.data import shapesworld
 from vislens.data.samples import Question, Sample
 from vislens.errors import VislensError
 from vislens.experiments import decoding, funnel
-from vislens.experiments.batching import cut_batch, extend_batch, repeat_batch
+from vislens.experiments.batching import cut_batch, extend_batch, repeat_batch, start_groups
 from vislens.experiments.funnel import Funnel
 from vislens.experiments.prompts import MAX_NEW_TOKENS, answer_span, asked, question
 from vislens.experiments.selection import choose_targets, noise_object
@@ -476,30 +476,6 @@ def _first(feats) -> ImageEmbeddings:
     """The first image's features, with what travels with them."""
     injected = None if getattr(feats, "injected", None) is None else feats.injected[:1]
     return ImageEmbeddings([feats[0]], injected, getattr(feats, "tokens_per_view", None))
-
-
-GROUP_COST = 16  # row-positions a separate LM call is worth (its fixed cost), for grouping
-
-
-def start_groups(starts: list[int], end: int, cost: int = GROUP_COST) -> list[list[int]]:
-    """Rows (indices into `starts`) grouped to run from their group's first start to `end`:
-    the partition of the rows sorted by start that costs least, a group costing its rows x
-    its positions plus `cost` (a row that starts later than its group recomputes clean
-    positions, which is exact)."""
-    order = sorted(range(len(starts)), key=lambda i: starts[i])
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: the first j sorted rows
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):
-            c = best[i] + (j - i) * (end - starts[order[i]]) + cost
-            if c < best[j]:
-                best[j], cut[j] = c, i
-    groups, j = [], n
-    while j:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
 
 
 @torch.no_grad()

@@ -53,3 +53,29 @@ def cut_batch(batch: Batch, length: int) -> Batch:
               for k, v in batch.inputs.items()}
     return Batch(inputs=inputs, token_map=batch.token_map, texts=batch.texts,
                  features=batch.features, family=batch.family)
+
+
+GROUP_COST = 16  # row-positions a separate LM call is worth (its fixed cost), for grouping
+
+
+def start_groups(starts: list[int], end: int, cost: int = GROUP_COST,
+                 max_rows: int | None = None) -> list[list[int]]:
+    """Rows (indices into `starts`) grouped to run from their group's first start to `end`:
+    the partition of the rows sorted by start that costs least, a group costing its rows x
+    its positions plus `cost` (a row that starts later than its group recomputes positions
+    the intervention leaves alone, which is exact), each group of at most `max_rows` rows
+    (memory)."""
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows) if max_rows else 0, j):
+            c = best[i] + (j - i) * (end - starts[order[i]]) + cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]

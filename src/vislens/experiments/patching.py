@@ -61,16 +61,18 @@ from vislens.data import counterfactual as cf
 from vislens.data.samples import Question, Sample
 from vislens.errors import VislensError
 from vislens.experiments import funnel as funnel_steps
-from vislens.experiments.batching import repeat_batch
+from vislens.experiments.batching import repeat_batch, start_groups
 from vislens.experiments.knockout import question_columns
 from vislens.experiments.prompts import asked
 from vislens.experiments.selection import choose_targets, noise_object
 from vislens.experiments.stats import bootstrap_ci, bootstrap_columns
+from vislens.interventions.continuation import Recorded, record, refused
 from vislens.interventions.patch import (
     KINDS,
     attribution,
     logit_difference,
     patch,
+    patch_continued,
     record_sites,
     restored_share,
     site_grid,
@@ -340,9 +342,81 @@ def _unit(vlm, out: RunDir, item: tuple[Sample, int], config: PatchConfig, layer
         out.add(row)
 
 
-@torch.no_grad()
-def _last_logits(vlm, batch, feats=None) -> torch.Tensor:
-    return vlm.forward(batch, image_features=feats, logits_to_keep=1).logits[:, -1].float()
+@dataclass
+class Corrupted:
+    """The corrupted run of one pair and the clean activations to patch into it.
+
+    Where the family allows (continuation.record is reusable), the corrupted pass is
+    recorded once and each patch runs only from its site's layer and its first restored
+    column (patch_continued); elsewhere every patch is a whole pass (patch). Both give the
+    same numbers (tests/test_patching.py checks patch_continued against patch)."""
+
+    vlm: Any
+    source: Any  # record_sites of the clean batch
+    batch: Any  # the corrupted one-row Batch
+    feats: Any  # its image features (one vision pass)
+    recorded: Recorded | None
+    metric: Any
+    chunk: int
+
+    @classmethod
+    def of(cls, vlm, source, batch, layers: list[int], chunk: int) -> Corrupted:
+        """Its one vision pass and, where the family allows, its recording (the residual
+        entering each of `layers` kept)."""
+        feats = vlm.image_embeddings(batch)
+        recorded = None
+        if not refused(vlm):
+            rec = record(vlm, batch, feats, residual_layers=layers)
+            recorded = rec if rec.reusable else None
+        return cls(vlm, source, batch, feats, recorded, None, chunk)
+
+    @torch.no_grad()
+    def last_logits(self) -> torch.Tensor:
+        if self.recorded is not None:
+            return self.recorded.logits[:, -1].float()
+        return self.vlm.forward(self.batch, image_features=self.feats,
+                                logits_to_keep=1).logits[:, -1].float()
+
+    def lds(self, kind: str, layer: int, sets: list) -> torch.Tensor:
+        """The metric with each column set alone of the clean run restored at (kind, layer)."""
+        out = torch.empty(len(sets), dtype=torch.float64)
+        for rows, logits in self._passes(kind, layer, sets):
+            out[rows] = self.metric(logits.float()).double().cpu()
+        return out
+
+    def logits(self, kind: str, layer: int, sets: list) -> torch.Tensor:
+        """[len(sets), vocab] last-position logits (float32), each column set alone of the
+        clean run restored at (kind, layer)."""
+        parts = list(self._passes(kind, layer, sets))
+        out = torch.empty(len(sets), parts[0][1].shape[-1])
+        for rows, logits in parts:
+            out[rows] = logits[:, -1].float().cpu()
+        return out
+
+    @torch.no_grad()
+    def _passes(self, kind: str, layer: int, sets: list):
+        """(row indices, logits) of each pass the sets take: chunks of whole passes, or rows
+        grouped by their first restored column, continued from the recording."""
+        if self.recorded is None:
+            chunks = [list(range(a, min(a + self.chunk, len(sets))))
+                      for a in range(0, len(sets), self.chunk)]
+        else:
+            end = self.batch.seq_len
+            chunks = start_groups([int(np.min(c)) if len(c) else end - 1 for c in sets], end,
+                                  max_rows=self.chunk)
+        for rows in chunks:
+            part = [sets[i] for i in rows]
+            if self.recorded is not None:
+                logits = patch_continued(self.vlm, self.source, self.batch, self.recorded,
+                                         (kind, layer), part)
+            else:
+                batch = repeat_batch(self.batch, len(part))
+                injected = True if self.vlm.family.deepstack else None
+                with patch(self.vlm, self.source.select([0] * len(part)), batch,
+                           [(kind, layer)], part, injected=injected):
+                    logits = self.vlm.forward(batch, image_features=self.feats * len(part),
+                                              logits_to_keep=1).logits
+            yield rows, logits
 
 
 def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: list[int],
@@ -365,13 +439,14 @@ def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: lis
     source = record_sites(vlm, clean, site_grid(kinds, sorted(set(layers) | set(token_layers))),
                           logits_to_keep=1)
     clean_logits = source.logits[:, -1].float()
-    feats = vlm.image_embeddings(corrupt)
-    corrupt_logits = _last_logits(vlm, corrupt, feats)
+    corrupted = Corrupted.of(vlm, source, corrupt, sorted(set(layers) | set(token_layers)),
+                             config.chunk)
+    corrupt_logits = corrupted.last_logits()
     clean_top, corrupt_top = int(clean_logits[0].argmax()), int(corrupt_logits[0].argmax())
     if foil_id is None:
         foil_id = corrupt_top
     foil_word = pair.foil if pair.foil is not None else vlm.decode(torch.tensor([[foil_id]]))[0]
-    metric = logit_difference(answer_id, foil_id)
+    metric = corrupted.metric = logit_difference(answer_id, foil_id)
     ld_clean, ld_corrupt = float(metric(clean_logits[:, None])), float(
         metric(corrupt_logits[:, None]))
     head.update(paired=True, prompt=q.prompt, answer=q.answer, foil=foil_word.strip(),
@@ -386,30 +461,17 @@ def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: lis
         head["object_positions"] = cols["object"].tolist()
     names = [g for g in cols if not config.groups or g in config.groups]
     rows = [head]
-    many = source.select([0] * len(names))
-    batch = repeat_batch(corrupt, len(names))
     for kind in kinds:
         for layer in layers:
-            lds = _patched(vlm, many, batch, feats, [(kind, layer)], [cols[g] for g in names],
-                           metric)
+            lds = corrupted.lds(kind, layer, [cols[g] for g in names])
             shares = restored_share(lds, ld_clean, ld_corrupt)
             for g, ld, share in zip(names, lds.tolist(), shares.tolist()):
                 rows.append(_row(**base, kind=kind, layer=layer, group=g, ld=ld, share=share,
                                  n_positions=len(cols[g])))
     if token_layers:
-        rows += token_rows(vlm, base, clean, corrupt, source, feats, metric, token_layers,
-                           cols.get("object"), config, ld_clean, ld_corrupt)
+        rows += token_rows(vlm, base, clean, corrupted, token_layers, cols.get("object"),
+                           config, ld_clean, ld_corrupt)
     return rows
-
-
-@torch.no_grad()
-def _patched(vlm, source, batch, feats, sites, positions, metric) -> torch.Tensor:
-    """LD of every row of `batch` (a repeated corrupted sample) with its own columns of the
-    clean run restored at `sites`."""
-    injected = True if vlm.family.deepstack else None
-    with patch(vlm, source, batch, sites, positions, injected=injected):
-        logits = vlm.forward(batch, image_features=feats * batch.size, logits_to_keep=1).logits
-    return metric(logits.float()).double().cpu()
 
 
 def evenly(n: int, at_most: int) -> np.ndarray:
@@ -418,7 +480,7 @@ def evenly(n: int, at_most: int) -> np.ndarray:
         np.unique(np.linspace(0, n - 1, at_most).round().astype(np.int64))
 
 
-def token_rows(vlm, base: dict, clean, corrupt, source, feats, metric, token_layers,
+def token_rows(vlm, base: dict, clean, corrupted: Corrupted, token_layers: list[int],
                obj: np.ndarray | None, config: PatchConfig, ld_clean: float, ld_corrupt: float
                ) -> list[dict]:
     """Attribution vs exact patching of each image token, per site kind and token layer:
@@ -426,10 +488,12 @@ def token_rows(vlm, base: dict, clean, corrupt, source, feats, metric, token_lay
     token alone on `exact_tokens` evenly spaced ones (NaN on the others)."""
     from scipy.stats import spearmanr
 
-    every = corrupt.token_map.image_positions(0)
+    every = corrupted.batch.token_map.image_positions(0)
     chosen = evenly(len(every), config.exact_tokens)
     image = every[chosen]
-    att = attribution(vlm, source, corrupt, metric, layers=token_layers, kinds=config.kinds)
+    att = attribution(vlm, corrupted.source, corrupted.batch, corrupted.metric,
+                      layers=token_layers,
+                      kinds=config.kinds)
     gap = ld_clean - ld_corrupt
     k = int(len(obj)) if obj is not None and len(obj) else TOP_K_DEFAULT
     k = min(k, len(image))
@@ -442,19 +506,17 @@ def token_rows(vlm, base: dict, clean, corrupt, source, feats, metric, token_lay
             estimate = att.effects[kind][0, i].double().numpy()[every] / gap
             top = every[np.argsort(-estimate, kind="stable")[:k]]
             sets = [[c] for c in image] + [top]  # each token alone, then the top k together
-            lds = []
-            for start in range(0, len(sets), config.chunk):
-                part = sets[start:start + config.chunk]
-                lds.append(_patched(vlm, source.select([0] * len(part)),
-                                    repeat_batch(corrupt, len(part)), feats,
-                                    [(kind, layer)], part, metric))
-            shares = restored_share(torch.cat(lds), ld_clean, ld_corrupt).numpy()
+            shares = restored_share(corrupted.lds(kind, layer, sets), ld_clean,
+                                    ld_corrupt).numpy()
             exact = np.full(len(every), np.nan)
             exact[chosen] = shares[:-1]
             top_exact = set(image[np.argsort(-shares[:-1], kind="stable")[:k]].tolist())
             top_estimate = set(image[np.argsort(-estimate[chosen], kind="stable")[:k]].tolist())
-            rho = float(spearmanr(estimate[chosen], shares[:-1]).statistic) \
-                if len(image) > 1 else float("nan")
+            # undefined (NaN, left out of the means) where either side is constant, e.g.
+            # a last-layer MLP, which no later column reads
+            varies = len(image) > 1 and np.ptp(estimate[chosen]) > 0 and np.ptp(shares[:-1]) > 0
+            rho = float(spearmanr(estimate[chosen], shares[:-1]).statistic) if varies \
+                else float("nan")
             rows.append(_row(**base, kind="token", layer=layer, group=kind,
                              positions=every.tolist(), boxes=boxes, tiles=tiles,
                              exact=exact.tolist(), estimate=estimate.tolist(), spearman=rho,

@@ -13,6 +13,7 @@ from vislens.interventions.patch import (
     attribution,
     logit_difference,
     patch,
+    patch_continued,
     record_sites,
     restored_share,
     site_grid,
@@ -21,5 +22,6 @@ from vislens.interventions.reference import mean_image_embedding, mean_injected_
 
 __all__ = ["LAST", "Activations", "Attribution", "Captured", "LayoutMismatch", "Site", "ablate",
            "attach", "attribution", "capture", "knockout", "logit_difference",
-           "mean_image_embedding", "mean_injected_features", "patch", "record_sites",
+           "mean_image_embedding", "mean_injected_features", "patch", "patch_continued",
+           "record_sites",
            "residual_streams", "restored_share", "set_inner", "site_grid", "start_at_layer"]

@@ -52,6 +52,7 @@ import torch
 from vislens.errors import VislensError
 from vislens.interventions.ablate import past_length
 from vislens.interventions.capture import capture
+from vislens.interventions.continuation import Recorded, advance
 
 KINDS = ("residual", "attn", "mlp")
 
@@ -413,6 +414,70 @@ def _wrap_injection(lm, source: Activations, cols: list[torch.Tensor], first: in
             lm._deepstack_process = original
 
     return unwrap
+
+
+# ---- continuing the corrupted run -------------------------------------------------------------
+@torch.no_grad()
+def patch_continued(vlm, source: Activations, target, corrupted: Recorded, site,
+                    positions: Sequence, keep: int = 1) -> torch.Tensor:
+    """Logits [n, keep, vocab] of n rows, row b the one-row run `target` with `site` restored
+    at its own columns positions[b]: what `patch` over a repeated `target` gives, computed
+    only where the restore can change anything.
+
+    Restoring layer l at columns c.. leaves every layer below l and every column before the
+    first restored one p as in the corrupted run (no column reads a later one), so the
+    rows continue `corrupted` (`continuation.record` of `target`, with the residual
+    entering `site.layer` kept unless the layer is 0) from position p and layer l: the
+    corrupted residual entering l at p.., the clean activation put back at the restored
+    columns. Families whose recorded pass cannot be continued (`corrupted.reusable` false:
+    bidirectional image blocks, a prefix LM, DeepStack, sliding windows) take `patch`.
+    source: `record_sites` of the clean batch (one row, or n matched to the rows).
+    """
+    (site,) = _sites(vlm, [site])
+    if not corrupted.reusable:
+        raise ValueError(f"the corrupted pass cannot be continued ({corrupted.why_not}); "
+                         "use patch() over the whole pass")
+    if site.layer >= vlm.num_layers:
+        raise ValueError("the residual after the last layer is patched by patch(), not "
+                         "continued")
+    check_layout(source.layouts, layouts(target))
+    if target.size != 1:
+        raise ValueError(f"patch_continued continues a one-row run, got {target.size} rows")
+    n, S = len(positions), corrupted.seq_len
+    cols = _columns(positions, n, S)
+    clean = source[site]
+    if clean.shape[0] not in (1, n):
+        raise ValueError(f"the clean activations have {clean.shape[0]} rows for {n} rows")
+    p = min([int(c.min()) for c in cols if c.numel()], default=S - 1)
+    layer = site.layer
+    if layer and layer not in corrupted.residual:
+        raise ValueError(f"record the corrupted run with residual_layers including {layer}")
+    base = corrupted.embeds if layer == 0 else corrupted.residual[layer]
+    hidden = base[:, p:].expand(n, -1, -1).clone()
+
+    def put(values: torch.Tensor) -> torch.Tensor:
+        """values [n, S - p, hidden] with the clean columns of every row restored."""
+        values = values.clone()
+        for b, c in enumerate(cols):
+            if c.numel():
+                row = clean[b if clean.shape[0] == n else 0]
+                values[b, (c - p).to(values.device)] = \
+                    row[c.to(row.device)].to(values.device, values.dtype)
+        return values
+
+    hook = None
+    if site.kind == "residual":
+        hidden = put(hidden)
+    else:
+        hook = _module(vlm, site).register_forward_hook(
+            lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o),
+            prepend=True)
+    try:
+        return advance(vlm, corrupted.rows(n, p), hidden, layer=layer, keep=keep,
+                       **corrupted.after(p))
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 # ---- metrics ---------------------------------------------------------------------------------
