@@ -260,7 +260,8 @@ def targets(res: dict) -> list[str]:
     speed = each["median"] / ko["median"]
     row("knockout sweep >= 2x faster than one full forward per condition", ko, each, speed,
         speed >= 2)
-    for prefix, label in (("ablation", "ablation sweep"), ("knockout", "knockout sweep")):
+    for prefix, label in (("ablation", "ablation sweep"), ("knockout", "knockout sweep"),
+                          ("activation patching", "activation patching sweep")):
         ours, _ = get(prefix, "vislens")
         nn, _ = get(prefix, "nnsight")
         speed = nn["median"] / ours["median"]

@@ -33,19 +33,26 @@ the chance and ceiling lines, there is no other reference. A share can leave [0,
 token map: object (tokens whose box meets the union of both targets' masks, or the
 noised mask), object+1 (dilated by one token), rest-of-image (image minus object+1),
 last image row, question words (knockout.question_columns) and the answer position.
-A family without a token layout runs the question / answer-position groups only.
+A family without a token layout runs the question / answer-position groups only (by
+positions; `groups` naming a pixel group there is refused in one line).
 
-Every group of one (kind, layer) is a row of one corrupted batch (repeat_batch): one
-`patch` context per (kind, layer), each row restoring its own columns.
+Computation (`Corrupted`): every group of one (kind, layer) is a row restoring its own
+columns. Where the family's pass can be continued (continuation.record), the corrupted
+pass is recorded once and rows run only from the site's layer and their first restored
+column, grouped by that column (patch_continued, batching.start_groups); elsewhere
+(Gemma 3, PaliGemma, Qwen3-VL) each row is a whole pass of one repeated batch (patch).
+Both give the same numbers.
 
-Per image token, at `token_layers`: attribution patching of the residual (one backward
-pass for all tokens, patch.attribution) against exact patching of each image token alone
-(one token per row); kept per pair and layer: Spearman rank correlation over image
-tokens, the overlap of the top k by each (k = object tokens, 5 without a layout or
-object token), and the share restored by patching the top k by attribution together.
-Exact patching costs one forward per token and layer: an image of more than
-`exact_tokens` tokens (any-res families give thousands) is compared on that many tokens
-evenly spaced in token order (the top k by attribution still chosen among all of them).
+Per image token, at `token_layers`, for every site kind: attribution patching (one
+backward pass for every token, patch.attribution) against exact patching of each image
+token alone (one token per row); kept per pair, kind and layer: Spearman rank
+correlation over image tokens, the overlap of the top k by each (k = object tokens, 5
+without a layout or object token), and the share restored by patching the top k by
+attribution together. Exact patching costs one row per token and layer: an image of more
+than `exact_tokens` tokens (any-res families give thousands) is patched alone on that
+many tokens evenly spaced in token order (NaN on the others; attribution still covers
+all, and the top k by attribution is chosen among all). The first `maps` kept pairs are
+drawn: a PNG per pair (maps/) and an interactive viewer (viewer/, render.patch_viewer).
 """
 
 from __future__ import annotations
@@ -125,7 +132,7 @@ class PatchConfig:
     area: tuple[float, float] | None = None
     seed: int = 0  # the noise corruption's seed
     maps: int = 3  # per-token maps drawn for the first N kept pairs
-    chunk: int = 64  # rows per forward pass of the one-token-per-row exact patching
+    chunk: int = 64  # at most this many rows (column sets) per forward pass
     exact_tokens: int = 256  # at most this many image tokens patched one at a time
 
     def validate(self) -> None:
@@ -492,8 +499,7 @@ def token_rows(vlm, base: dict, clean, corrupted: Corrupted, token_layers: list[
     chosen = evenly(len(every), config.exact_tokens)
     image = every[chosen]
     att = attribution(vlm, corrupted.source, corrupted.batch, corrupted.metric,
-                      layers=token_layers,
-                      kinds=config.kinds)
+                      layers=token_layers, kinds=config.kinds)
     gap = ld_clean - ld_corrupt
     k = int(len(obj)) if obj is not None and len(obj) else TOP_K_DEFAULT
     k = min(k, len(image))
