@@ -350,6 +350,8 @@ def test_continuing_the_corrupted_run_equals_patching_the_whole_pass(case):
             alone = patch_continued(vlm, source, corrupt, rec, site, [cols])
             torch.testing.assert_close(alone[0], want[i], rtol=0, atol=TOL)
         torch.testing.assert_close(want[-1], rec.logits[0], rtol=0, atol=TOL)  # nothing
+    with pytest.raises(ValueError, match="keep=2 reaches before column"):
+        patch_continued(vlm, source, corrupt, rec, sites[0], [[S - 1]], keep=2)
         assert float((want[:-1] - rec.logits).abs().max()) > 1e-4, site  # some set restores
 
 

@@ -62,9 +62,8 @@ def patch(
         from vislens.experiments import patching
 
         config = patching.PatchConfig(corrupt=corrupt, kinds=names(kinds), groups=names(groups),
-                                      layers=layers,
-                                      token_layers=token_layers, seed=seed, maps=maps,
-                                      exact_tokens=exact_tokens)
+                                      layers=layers, token_layers=token_layers, seed=seed,
+                                      maps=maps, exact_tokens=exact_tokens)
         config.validate()
         if config.corrupt != "noise" and data.partition(":")[0].lower() != "shapesworld":
             raise ValueError(f"--corrupt {corrupt} redraws ShapesWorld scenes exactly; use "

@@ -449,6 +449,10 @@ def patch_continued(vlm, source: Activations, target, corrupted: Recorded, site,
     if clean.shape[0] not in (1, n):
         raise ValueError(f"the clean activations have {clean.shape[0]} rows for {n} rows")
     p = min([int(c.min()) for c in cols if c.numel()], default=S - 1)
+    if keep > S - p:
+        raise ValueError(f"keep={keep} reaches before column {p}, the first restored one: "
+                         "those logits are the corrupted run's (keep at most "
+                         f"{S - p} here)")
     layer = site.layer
     if layer and layer not in corrupted.residual:
         raise ValueError(f"record the corrupted run with residual_layers including {layer}")
