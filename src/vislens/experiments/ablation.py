@@ -52,6 +52,7 @@ from vislens.interventions.continuation import (
     refused,
 )
 from vislens.interventions.reference import overlap
+from vislens.models.tokenmap import options_need_layout
 from vislens.models.vlm import ImageEmbeddings
 from vislens.render.plots import grouped_bars
 from vislens.runs.handle import ModelHandle
@@ -152,10 +153,8 @@ def _check_layout(spec, conditions) -> None:
     and a condition asked for by name that needs pixels is one clear line."""
     bad = [c for c in conditions or () if needs_layout(c)]
     if not spec.geometric and bad:
-        raise VislensError(f"ablation conditions {', '.join(bad)} map the object's mask to "
-                           f"image tokens, which needs a token layout; vislens has none for "
-                           f"{spec.model_type!r}: leave out --conditions (register and "
-                           "random-K run) or add a family module")
+        raise options_need_layout(spec.model_type, f"ablation conditions {', '.join(bad)}",
+                                  "leave out --conditions (register and random-K run)")
 
 
 def _jsonable(config: dict) -> dict:

@@ -50,7 +50,6 @@ import numpy as np
 import torch
 
 from vislens.data.samples import Sample
-from vislens.errors import VislensError
 from vislens.experiments import funnel
 from vislens.experiments.batching import extend_batch, repeat_batch
 from vislens.experiments.decoding import greedy, plain_greedy
@@ -60,6 +59,7 @@ from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import layer_windows, wilson_ci
 from vislens.interventions import LAST, knockout, start_at_layer
 from vislens.interventions.continuation import Recorded, advance, extend, record, refused
+from vislens.models.tokenmap import options_need_layout
 from vislens.render.plots import heatmap
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
@@ -284,10 +284,8 @@ def run(vlm: ModelHandle, samples: list[Sample], config: KnockoutConfig, out: Ru
     config.validate()
     bad = [c for c in config.conditions if c not in LAYOUT_FREE]
     if not vlm.family.geometric and bad:
-        raise VislensError(f"knockout conditions {', '.join(bad)} map the object's mask to "
-                           f"image tokens, which needs a token layout; vislens has none for "
-                           f"{vlm.family.model_type!r}: run --conditions "
-                           f"{','.join(LAYOUT_FREE)} or add a family module")
+        raise options_need_layout(vlm.family.model_type, f"knockout conditions {', '.join(bad)}",
+                                  f"run --conditions {','.join(LAYOUT_FREE)}")
     ex = executor(vlm)  # this process, or a vislens.runs.ray_pool.RayPool: one unit per sample
     windows = config.layer_windows(ex.info.num_layers)
     targets = choose_targets(samples, config.area)

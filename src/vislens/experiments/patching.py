@@ -84,6 +84,7 @@ from vislens.interventions.patch import (
     restored_share,
     site_grid,
 )
+from vislens.models.tokenmap import options_need_layout
 from vislens.render.plots import heatmap, save_figure
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
@@ -237,10 +238,9 @@ def check_groups(vlm: ModelHandle, wanted: tuple[str, ...]) -> None:
     group asked for by name that needs pixels is one clear line, before any work."""
     bad = [g for g in wanted if g not in LAYOUT_FREE_GROUPS]
     if bad and not vlm.family.geometric:
-        raise VislensError(f"patch groups {', '.join(bad)} map the object's mask to image "
-                           f"tokens, which needs a token layout; vislens has none for "
-                           f"{vlm.model_type!r}: leave out --groups (question and "
-                           "answer-position run, by positions) or add a family module")
+        raise options_need_layout(vlm.model_type, f"patch groups {', '.join(bad)}",
+                                  "leave out --groups (question and answer-position run, by "
+                                  "positions)")
 
 
 def groups(vlm, batch, pair: Pair) -> dict[str, np.ndarray]:

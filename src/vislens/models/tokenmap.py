@@ -25,6 +25,17 @@ def no_layout(family: str, what: str):
                         "knockout and ablation of token positions) and `vislens surface` work")
 
 
+def options_need_layout(family: str, options: str, instead: str):
+    """The error of experiment options that map the object's mask to image tokens (e.g.
+    "knockout conditions object->last") on a family without a layout, saying what runs
+    there instead."""
+    from vislens.errors import VislensError
+
+    return VislensError(f"{options} map the object's mask to image tokens, which needs a "
+                        f"token layout; vislens has none for {family!r}: {instead} or add a "
+                        "family module")
+
+
 @dataclass
 class ImageTokenMap:
     """One row per image patch token; newline tokens are kept apart (`newline_*`)."""
