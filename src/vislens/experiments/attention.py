@@ -43,6 +43,7 @@ from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import Rate, bootstrap_columns, rate
 from vislens.interventions import capture
 from vislens.render.attention_viewer import AttentionMaps, render_attention_viewer
+from vislens.render.html import write_page
 from vislens.render.plots import layer_curves
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
@@ -266,11 +267,7 @@ def write_viewers(vlm: ModelHandle, chosen, run_dir: Path) -> list[ViewerPage]:
         maps = load_maps(src)
         title = f"attention: {sample.id} ({maps.target}, {getattr(vlm, 'name', '')})"
         page = render_attention_viewer(sample.image, maps, title=title)
-        path = run_dir / "viewer" / f"{src.stem}.html"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(page)
-        tmp.replace(path)
+        path = write_page(run_dir / "viewer" / f"{src.stem}.html", page)
         pages.append({"path": str(path), "sample": sample.id, "target": maps.target,
                       "prompt": maps.prompt, "query_token": maps.query_token,
                       "answer": maps.answer})

@@ -49,6 +49,7 @@ from vislens.experiments.funnel import Funnel
 from vislens.experiments.selection import choose_targets
 from vislens.experiments.stats import wilson_ci
 from vislens.interventions import capture
+from vislens.render.html import write_page
 from vislens.render.plots import layer_curves
 from vislens.render.viewer import LensToken, render_viewer
 from vislens.runs.handle import ModelHandle
@@ -247,11 +248,7 @@ def _write_viewer(vlm, sample, inst, tm, b, positions, cells, cover, ids, probs,
     page = render_viewer(sample.image, toks, title=f"logit lens: {sample.id} "
                          f"({inst.name}, {vlm.name})",
                          object_words=head_words(inst.name, synonyms=False))
-    viewer_dir.mkdir(parents=True, exist_ok=True)
-    path = viewer_dir / f"{sample.id}.html"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_page(viewer_dir / f"{sample.id}.html", page)
 
 
 def _decode(vlm, residual: torch.Tensor, cls: torch.Tensor, top_k: int) -> tuple:

@@ -85,6 +85,7 @@ from vislens.interventions.patch import (
     site_grid,
 )
 from vislens.models.tokenmap import options_need_layout
+from vislens.render.html import write_page
 from vislens.render.plots import heatmap, save_figure
 from vislens.runs.handle import ModelHandle
 from vislens.runs.local import executor
@@ -699,8 +700,6 @@ def _write_viewers(run_dir: RunDir, samples: list[Sample], config: PatchConfig,
 
     targets = dict(zip([s.id for s in samples], choose_targets(samples, config.area),
                        strict=True))
-    folder = run_dir.path / "viewer"
-    folder.mkdir(exist_ok=True)
     paths = []
     for pair, d in drawn.items():
         sample, head, at = d["sample"], d["pair"], d["tokens"]
@@ -725,9 +724,5 @@ def _write_viewers(run_dir: RunDir, samples: list[Sample], config: PatchConfig,
             sample.image, corrupt, np.asarray(at[0]["boxes"], dtype=float).reshape(-1, 4),
             at[0]["tiles"], positions, [p in obj for p in positions], effects, tables,
             title=f"causal tracing: {pair} ({sample.instances[targets[pair]].name})", lead=lead)
-        path = folder / f"{pair}.html"
-        tmp = path.with_suffix(".html.tmp")
-        tmp.write_text(html, encoding="utf-8")
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(write_page(run_dir.path / "viewer" / f"{pair}.html", html))
     return paths

@@ -8,6 +8,7 @@ import html
 import io
 import string
 from importlib import resources
+from pathlib import Path
 
 from PIL import Image
 
@@ -21,6 +22,16 @@ def image_data_uri(image: Image.Image, fmt: str = "PNG") -> str:
 def png_file_data_uri(path) -> str:
     with open(path, "rb") as f:
         return f"data:image/png;base64,{base64.b64encode(f.read()).decode()}"
+
+
+def write_page(path: Path, page: str) -> Path:
+    """Write an HTML page whole or not at all (a temporary file renamed over it), its folder
+    made first: a run cut off leaves no half page for a browser to open."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def esc(value: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vislens.experiments.study import StudyRun
+from vislens.render.html import write_page
 from vislens.render.page import Section, render_page
 from vislens.report.sections import (
     ablation_section,
@@ -39,9 +40,6 @@ def write_study_report(run: StudyRun, out: Path) -> dict:
         timing_section(run.seconds),
     ]
     page = render_page(f"vislens study: {run.model}", run.facts, sections)
-    report = Path(out) / "report.html"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text(page)
-    tmp.replace(report)
+    report = write_page(Path(out) / "report.html", page)
     return {"report": str(report), "seconds": run.seconds, "sections": [s.key for s in sections],
             "summaries": run.headlines()}
