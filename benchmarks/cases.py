@@ -25,6 +25,16 @@ from vislens.models.vlm import Batch
 TOP_K = 5
 
 
+def fresh_copy(batch: Batch) -> Batch:
+    """The prepared batch without cached image features (so a method pays its vision pass)."""
+    return Batch(inputs=dict(batch.inputs), token_map=batch.token_map, texts=list(batch.texts))
+
+
+def repeat_inputs(inputs: dict, n: int) -> dict:
+    """Model inputs repeated over n rows (rivals get no vision reuse: that is the point)."""
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+
+
 @dataclass
 class Context:
     """One sample prepared once; every method starts from a fresh copy of its batch."""
@@ -39,17 +49,14 @@ class Context:
     windows: list = field(default_factory=list)
 
     def fresh(self) -> Batch:
-        """The prepared batch without cached image features (so a method pays its vision pass)."""
-        b = self.batch
-        return Batch(inputs=dict(b.inputs), token_map=b.token_map, texts=list(b.texts))
+        return fresh_copy(self.batch)
 
     @property
     def positions(self) -> np.ndarray:
         return self.batch.token_map.image_positions(0)
 
     def inputs(self, n: int = 1) -> dict:
-        """Model inputs repeated over n rows (rivals get no vision reuse: that is the point)."""
-        return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.batch.inputs.items()}
+        return repeat_inputs(self.batch.inputs, n)
 
 
 @contextmanager
@@ -392,14 +399,6 @@ def patch_setup(ctx: Context) -> tuple[Batch, list[np.ndarray]]:
     return corrupt, sets
 
 
-def _copy(batch: Batch) -> Batch:
-    return Batch(inputs=dict(batch.inputs), token_map=batch.token_map, texts=list(batch.texts))
-
-
-def _repeat(inputs: dict, n: int) -> dict:
-    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
-
-
 @torch.no_grad()
 def _patch_sweep(ctx: Context, corrupt: Batch, sets, continued: bool) -> torch.Tensor:
     from vislens.experiments.patching import Corrupted
@@ -408,7 +407,7 @@ def _patch_sweep(ctx: Context, corrupt: Batch, sets, continued: bool) -> torch.T
     vlm = ctx.vlm
     layers = list(range(vlm.num_layers))
     source = record_sites(vlm, ctx.fresh(), site_grid("residual", layers), logits_to_keep=1)
-    one = _copy(corrupt)
+    one = fresh_copy(corrupt)
     if continued:
         run = Corrupted.of(vlm, source, one, layers, chunk=64)
     else:
@@ -440,7 +439,7 @@ def patch_nnsight(ctx: Context, corrupt: Batch, sets) -> torch.Tensor:
     with nn.trace(**corrupt.inputs, use_cache=False, logits_to_keep=1):
         nn.output.logits.save()
     for i, layer in enumerate(layers):
-        with nn.trace(**_repeat(corrupt.inputs, n), use_cache=False, logits_to_keep=1):
+        with nn.trace(**repeat_inputs(corrupt.inputs, n), use_cache=False, logits_to_keep=1):
             x = layer.input
             for row, s in enumerate(sets):
                 cols = torch.as_tensor(s)
@@ -459,7 +458,7 @@ def patch_tl(ctx: Context, corrupt: Batch, sets) -> torch.Tensor:
                                  names_filter=lambda name: name in names)
     c = corrupt.inputs
     tl(c["input_ids"], pixel_values=c["pixel_values"], attention_mask=c["attention_mask"])
-    rows = _repeat(c, n)
+    rows = repeat_inputs(c, n)
     out = []
     for name in names:
         def hook(resid, hook, name=name):
