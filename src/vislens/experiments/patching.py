@@ -444,11 +444,10 @@ def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: lis
     clean = vlm.prepare([pair.clean], [q.prompt], [pair.prefix])
     corrupt = vlm.prepare([pair.corrupt], [q.prompt], [pair.prefix])
     kinds = list(config.kinds)
-    source = record_sites(vlm, clean, site_grid(kinds, sorted(set(layers) | set(token_layers))),
-                          logits_to_keep=1)
+    needed = sorted(set(layers) | set(token_layers))
+    source = record_sites(vlm, clean, site_grid(kinds, needed), logits_to_keep=1)
     clean_logits = source.logits[:, -1].float()
-    corrupted = Corrupted.of(vlm, source, corrupt, sorted(set(layers) | set(token_layers)),
-                             config.chunk)
+    corrupted = Corrupted.of(vlm, source, corrupt, needed, config.chunk)
     corrupt_logits = corrupted.last_logits()
     clean_top, corrupt_top = int(clean_logits[0].argmax()), int(corrupt_logits[0].argmax())
     if foil_id is None:
@@ -477,8 +476,8 @@ def pair_rows(vlm, sample: Sample, target: int, config: PatchConfig, layers: lis
                 rows.append(_row(**base, kind=kind, layer=layer, group=g, ld=ld, share=share,
                                  n_positions=len(cols[g])))
     if token_layers:
-        rows += token_rows(vlm, base, clean, corrupted, token_layers, cols.get("object"),
-                           config, ld_clean, ld_corrupt)
+        rows += token_rows(base, corrupted, token_layers, cols.get("object"), config,
+                           ld_clean, ld_corrupt)
     return rows
 
 
@@ -488,7 +487,7 @@ def evenly(n: int, at_most: int) -> np.ndarray:
         np.unique(np.linspace(0, n - 1, at_most).round().astype(np.int64))
 
 
-def token_rows(vlm, base: dict, clean, corrupted: Corrupted, token_layers: list[int],
+def token_rows(base: dict, corrupted: Corrupted, token_layers: list[int],
                obj: np.ndarray | None, config: PatchConfig, ld_clean: float, ld_corrupt: float
                ) -> list[dict]:
     """Attribution vs exact patching of each image token, per site kind and token layer:
@@ -499,12 +498,12 @@ def token_rows(vlm, base: dict, clean, corrupted: Corrupted, token_layers: list[
     every = corrupted.batch.token_map.image_positions(0)
     chosen = evenly(len(every), config.exact_tokens)
     image = every[chosen]
-    att = attribution(vlm, corrupted.source, corrupted.batch, corrupted.metric,
+    att = attribution(corrupted.vlm, corrupted.source, corrupted.batch, corrupted.metric,
                       layers=token_layers, kinds=config.kinds)
     gap = ld_clean - ld_corrupt
     k = int(len(obj)) if obj is not None and len(obj) else TOP_K_DEFAULT
     k = min(k, len(image))
-    tm = clean.token_map
+    tm = corrupted.batch.token_map  # the clean run's layout too (check_layout)
     boxes = tm.boxes(every, 0).astype(float).ravel().tolist() if tm.geometric else None
     tiles = tm.cells(every, 0)[:, 0].tolist() if tm.geometric else None
     rows = []
